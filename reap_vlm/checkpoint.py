@@ -1,0 +1,187 @@
+"""Reading a checkpoint folder without building the model: config, keys, tensors, and model loading."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import ReapError
+from .families import KeyRole, ModelFamily, family_for_config
+from .fsutil import read_json
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder: config.json plus safetensors shards (indexed or single)."""
+
+    path: Path
+
+    def __post_init__(self):
+        self.path = Path(self.path)
+        if not (self.path / "config.json").is_file():
+            raise ReapError(f"{self.path} is not a checkpoint folder (no config.json); "
+                            "point REAP_MODEL_PATH / --model at the model's folder")
+
+    @cached_property
+    def config(self) -> dict:
+        return read_json(self.path / "config.json", "config.json")
+
+    @cached_property
+    def family(self) -> ModelFamily:
+        return family_for_config(self.config)
+
+    @cached_property
+    def weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ReapError(f"{index} has no weight_map; regenerate the index or re-download the model")
+            missing = sorted({s for s in weight_map.values() if not (self.path / s).is_file()})
+            if missing:
+                raise ReapError(f"{self.path}: shard(s) {', '.join(missing[:3])} named in {INDEX_NAME} are missing; "
+                                "the download is incomplete")
+            return weight_map
+        if (self.path / SINGLE_NAME).is_file():
+            with safe_open(self.path / SINGLE_NAME, "pt") as f:
+                return {k: SINGLE_NAME for k in f.keys()}
+        raise ReapError(f"{self.path} has no {INDEX_NAME} or {SINGLE_NAME}; only safetensors checkpoints are supported")
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    @property
+    def quantization(self) -> str | None:
+        q = self.config.get("quantization_config") or self.family.text_config(self.config).get("quantization_config")
+        return None if not q else str(q.get("quant_method", "unknown"))
+
+    @property
+    def num_experts(self) -> int:
+        return self.family.num_experts(self.config)
+
+    @property
+    def top_k(self) -> int:
+        return self.family.top_k(self.config)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.family.moe_layers(self.config)
+
+    @cached_property
+    def has_per_expert_keys(self) -> bool:
+        return any(self.family.classify(k).role is KeyRole.PER_EXPERT for k in self.weight_map)
+
+    def keys_by_shard(self) -> dict[str, list[str]]:
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for key, shard in self.weight_map.items():
+            by_shard[shard].append(key)
+        return by_shard
+
+    def read(self, keys: Iterable[str], device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, tensor) for ``keys``, opening each shard once."""
+        wanted: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            wanted[self.weight_map[key]].append(key)
+        for shard, shard_keys in wanted.items():
+            with safe_open(self.path / shard, "pt", device=device) as f:
+                for key in shard_keys:
+                    yield key, f.get_tensor(key)
+
+
+def memory_state_dict(ckpt: Checkpoint, keys: Iterable[str] | None = None,
+                      dtype: torch.dtype | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors under their in-memory names and layouts: fused tensors transposed where the disk
+    layout differs, per-expert tensors fused.  Only unquantized weights are handled here."""
+    family = ckpt.family
+    sizes = family.sizes(ckpt.config)
+    out: dict[str, torch.Tensor] = {}
+    per_expert: dict[str, dict[int, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    for key, tensor in ckpt.read(keys if keys is not None else ckpt.weight_map, device):
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        info = family.classify(key)
+        if info.role is KeyRole.FUSED_EXPERTS:
+            layout = family.fused_layout(info.name)
+            out[key] = layout.to_memory(tensor, sizes, key) if layout else tensor
+        elif info.role is KeyRole.PER_EXPERT:
+            proj, _, suffix = info.name.rpartition(".")
+            if suffix != "weight":
+                raise ReapError(f"{key}: quantized per-expert tensors need dequantization, which this loader "
+                                f"does not do for quantization {ckpt.quantization!r}")
+            per_expert[info.prefix][info.expert][proj] = tensor
+        else:
+            out[key] = tensor
+    for prefix, experts in per_expert.items():
+        ordered = [experts[e] for e in sorted(experts)]
+        if sorted(experts) != list(range(len(experts))):
+            raise ReapError(f"{prefix}: expert ids {sorted(experts)[:5]}... are not contiguous from 0")
+        for fused_name, projections in family.fused_sources().items():
+            if all(p in ordered[0] for p in projections):
+                out[f"{prefix}.{fused_name}"] = family.fuse_per_expert(fused_name, ordered)
+    return out
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ReapError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return name
+
+
+def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The whole model in eval mode: transformers' own loader for the standard fused layout, our
+    assembling loader (per-expert keys fused) otherwise, since transformers 5 cannot load those."""
+    from transformers import AutoModelForImageTextToText
+
+    ckpt = Checkpoint(Path(path))
+    family = ckpt.family
+    if ckpt.quantization:
+        raise ReapError(f"{path} is quantized ({ckpt.quantization}); quantized checkpoints are not supported "
+                        "by the whole-model loader yet")
+    if not ckpt.has_per_expert_keys:
+        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, device_map=device)
+        return model.eval()
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    state = memory_state_dict(ckpt, dtype=dtype, device=device)
+    if config.tie_word_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ReapError(f"{path}: checkpoint does not match {family.name} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval()
+
+
+def load_processor(path: Path | str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ReapError(f"cannot load the processor/tokenizer from {path} ({str(exc).splitlines()[0]}); "
+                        "the folder needs tokenizer and preprocessor files") from None
+
+

@@ -1,0 +1,29 @@
+"""What every entry point shares: one-line errors, exit codes, warnings without tracebacks."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from .errors import ReapError
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main``; a ReapError becomes ``error: ...`` on stderr and its exit code (2 for configuration)."""
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warning
+    try:
+        return main(argv)
+    except ReapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = previous

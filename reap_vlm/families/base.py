@@ -1,0 +1,212 @@
+"""What a model family is, as data: where its MoE layers, routers and experts live.
+
+A family has two faces:
+
+* the checkpoint face (``classify`` a safetensors key; ``ExpertTensorLayout`` for the
+  fused tensors; config keys), used by the pruner and the loader, which never build the model;
+* the runtime face (find MoE blocks in a loaded transformers model, read what the router
+  returned, compute expert outputs), used by scoring.
+
+Adding Qwen3-MoE, GLM-4.5V or Kimi-VL means writing one more ``ModelFamily`` value and,
+where the experts compute differently, overriding ``expert_outputs``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+from ..errors import ReapError
+
+
+class KeyRole(Enum):
+    FUSED_EXPERTS = "fused_experts"  # one tensor holds every expert of a layer, expert on dim 0
+    PER_EXPERT = "per_expert"  # one tensor per expert: ...experts.{e}.<proj>.<suffix>
+    ROUTER = "router"  # one row per expert on dim 0 (router weight, score bias)
+    OTHER = "other"  # copied unchanged
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    role: KeyRole
+    layer: int | None = None
+    expert: int | None = None
+    name: str | None = None  # fused tensor name, per-expert "<proj>.<suffix>", or router param
+    prefix: str | None = None  # everything before the expert index / tensor name
+
+
+@dataclass(frozen=True)
+class ExpertTensorLayout:
+    """A fused expert tensor: its name under ``experts.`` and how disk and memory differ.
+
+    ``memory`` and ``disk`` name the dims after the expert dim, e.g. ("2I", "H") in memory
+    and ("H", "2I") on disk.  When they differ the tensor is transposed on load (dims 1, 2),
+    which is only decidable because sizes are checked against the config.
+    """
+
+    name: str
+    memory: tuple[str, str]
+    disk: tuple[str, str]
+
+    def shapes(self, sizes: dict[str, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        return tuple(sizes[d] for d in self.memory), tuple(sizes[d] for d in self.disk)
+
+    def to_memory(self, tensor: torch.Tensor, sizes: dict[str, int], key: str) -> torch.Tensor:
+        memory, disk = self.shapes(sizes)
+        if tuple(tensor.shape[1:]) == memory:
+            return tensor
+        if tuple(tensor.shape[1:]) == disk:
+            return tensor.transpose(1, 2)
+        raise ReapError(f"{key}: shape {tuple(tensor.shape)} fits neither [E, {memory}] nor [E, {disk}]; "
+                        "the checkpoint does not match its config.json")
+
+    def to_disk(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.transpose(1, 2).contiguous() if self.memory != self.disk else tensor
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    layer_prefix: str  # regex of a decoder layer's checkpoint key prefix, with (?P<layer>\d+)
+    module_layer_regex: str = r"(?:^|\.)layers\.(?P<layer>\d+)\."  # same, for module names at run time
+    moe_module: str = "mlp"
+    router_module: str = "gate"
+    experts_module: str = "experts"
+    text_config_key: str | None = "text_config"
+    expert_count_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
+    top_k_key: str = "num_experts_per_tok"
+    fused: tuple[ExpertTensorLayout, ...] = ()
+    projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+    # ------------------------------------------------------------------ config face
+
+    def text_config(self, config: dict) -> dict:
+        if self.text_config_key and self.text_config_key in config:
+            return config[self.text_config_key]
+        return config
+
+    def num_experts(self, config: dict) -> int:
+        text = self.text_config(config)
+        for key in self.expert_count_keys:
+            if key in text:
+                return int(text[key])
+        raise ReapError(f"config.json has no expert count ({' / '.join(self.expert_count_keys)}); "
+                        f"is this a {self.name} MoE checkpoint?")
+
+    def top_k(self, config: dict) -> int:
+        return int(self.text_config(config)[self.top_k_key])
+
+    def num_layers(self, config: dict) -> int:
+        return int(self.text_config(config)["num_hidden_layers"])
+
+    def moe_layers(self, config: dict) -> list[int]:
+        text = self.text_config(config)
+        skip = set(text.get("mlp_only_layers") or [])
+        step = int(text.get("decoder_sparse_step", 1) or 1)
+        if self.num_experts(config) <= 0:
+            return []
+        return [i for i in range(self.num_layers(config)) if i not in skip and (i + 1) % step == 0]
+
+    def sizes(self, config: dict) -> dict[str, int]:
+        text = self.text_config(config)
+        inter = int(text["moe_intermediate_size"])
+        return {"H": int(text["hidden_size"]), "I": inter, "2I": 2 * inter}
+
+    def set_num_experts(self, config: dict, count: int) -> list[str]:
+        """Write ``count`` under every expert-count key the config already has; return the keys."""
+        text = self.text_config(config)
+        keys = [k for k in self.expert_count_keys if k in text]
+        for key in keys:
+            text[key] = count
+        return keys
+
+    # ------------------------------------------------------------------ checkpoint face
+
+    def _patterns(self):
+        layer = self.layer_prefix + re.escape(self.moe_module) + r"\."
+        experts = layer + re.escape(self.experts_module)
+        return (
+            re.compile(rf"^(?P<prefix>{experts})\.(?P<expert>\d+)\.(?P<name>.+)$"),
+            re.compile(rf"^(?P<prefix>{experts})\.(?P<name>[^.]+)$"),
+            re.compile(rf"^(?P<prefix>{layer}{re.escape(self.router_module)})\.(?P<name>[^.]+)$"),
+        )
+
+    def classify(self, key: str) -> KeyInfo:
+        per_expert, fused, router = self._patterns()
+        if m := per_expert.match(key):
+            return KeyInfo(KeyRole.PER_EXPERT, int(m["layer"]), int(m["expert"]), m["name"], m["prefix"])
+        if m := fused.match(key):
+            return KeyInfo(KeyRole.FUSED_EXPERTS, int(m["layer"]), None, m["name"], m["prefix"])
+        if m := router.match(key):
+            return KeyInfo(KeyRole.ROUTER, int(m["layer"]), None, m["name"], m["prefix"])
+        if re.search(rf"(^|\.){re.escape(self.experts_module)}\.\d+\.", key):
+            raise ReapError(f"checkpoint key {key!r} carries an expert index but matches no {self.name} rule; "
+                            "refusing to copy it unpruned (is this the right model family?)")
+        return KeyInfo(KeyRole.OTHER)
+
+    def fused_layout(self, name: str) -> ExpertTensorLayout | None:
+        return next((f for f in self.fused if f.name == name), None)
+
+    def to_checkpoint_layout(self, state: dict[str, torch.Tensor], per_expert: bool) -> dict[str, torch.Tensor]:
+        """In-memory state dict -> on-disk keys: fused (official layout) or one tensor per expert."""
+        out = {}
+        for key, tensor in state.items():
+            info = self.classify(key)
+            if info.role is not KeyRole.FUSED_EXPERTS:
+                out[key] = tensor
+            elif not per_expert:
+                out[key] = self.fused_layout(info.name).to_disk(tensor)
+            else:
+                for expert, tensors in enumerate(self.split_fused(info.name, tensor)):
+                    for proj, weight in tensors.items():
+                        out[f"{info.prefix}.{expert}.{proj}.weight"] = weight.contiguous()
+        return out
+
+    def split_fused(self, name: str, tensor: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """In-memory fused tensor -> per expert {proj: Linear weight [out, in]}."""
+        raise NotImplementedError
+
+    def fuse_per_expert(self, name: str, per_expert: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Per expert {proj: Linear weight} -> in-memory fused tensor ``name``."""
+        raise NotImplementedError
+
+    def fused_sources(self) -> dict[str, tuple[str, ...]]:
+        """Which per-expert projections make up each fused tensor."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ runtime face
+
+    def moe_blocks(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+        """(layer index, MoE block) for every sparse layer of a loaded model, in order."""
+        pattern = re.compile(self.module_layer_regex + re.escape(self.moe_module) + "$")
+        for name, module in model.named_modules():
+            m = pattern.search(name)
+            if m and hasattr(module, self.router_module) and hasattr(module, self.experts_module):
+                yield int(m["layer"]), module
+
+    def router_of(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_module)
+
+    def experts_of(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.experts_module)
+
+    def router_logits(self, router_output) -> torch.Tensor:
+        """Router logits [T, E] from what the router module returned."""
+        return router_output[0]
+
+    def routed_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden [T, H], top-k ids [T, k], applied gate weights [T, k]) from the experts' call."""
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        values = list(args) + [kwargs[n] for n in names[len(args):]]
+        return values[0], values[1], values[2]
+
+    def expert_outputs(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """E_j(x) before gate weighting, for experts ``expert_ids`` on every row of x: [n, T, H]."""
+        raise NotImplementedError

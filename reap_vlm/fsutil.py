@@ -1,0 +1,70 @@
+"""Writes that never leave a half-finished result looking complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import ReapError
+
+
+@contextmanager
+def atomic_output_dir(path: Path, force: bool = False, source: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``path`` only when the block succeeds.
+
+    An existing ``path`` is refused unless ``force``; ``source`` (an input folder) may never be
+    the output.  On failure the temporary folder is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    if source is not None and path.resolve() == Path(source).resolve():
+        raise ReapError(f"output folder {path} is the source folder; choose another output (the source is never written)")
+    if path.exists() and not force:
+        raise ReapError(f"output {path} already exists; pass --force to replace it or choose another folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, trash / "old")
+            os.replace(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ReapError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ReapError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix or regenerate it") from None

@@ -1,0 +1,92 @@
+"""reap.py's work: calibration -> scores -> kept experts -> reap_metadata.json."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .calibration import load_calibration
+from .checkpoint import Checkpoint, load_model, load_processor, resolve_device, resolve_dtype
+from .engine import STATE_NAME, ResumeState, fingerprint, run_batches
+from .errors import ReapError
+from .metadata import METHODOLOGY, REAP_VERSION, write_heatmap, write_metadata
+from .scoring import METRICS_BY_MODE, ExpertStats, ReapObserver
+from .selection import num_to_keep, select_experts
+from .settings import Settings
+
+
+def check_criterion(settings: Settings) -> None:
+    if settings.criterion not in METRICS_BY_MODE[settings.scoring_mode]:
+        raise ReapError(f"--criterion {settings.criterion} needs expert outputs that --mode "
+                        f"{settings.scoring_mode} does not compute; use one of "
+                        f"{', '.join(METRICS_BY_MODE[settings.scoring_mode])}")
+
+
+def run_reap(settings: Settings, stop_after: int | None = None) -> dict:
+    t0 = time.perf_counter()
+    check_criterion(settings)
+    ckpt = Checkpoint(settings.model_path)
+    family = ckpt.family
+    keep = num_to_keep(ckpt.num_experts, settings.prune_ratio, settings.keep_multiple, ckpt.top_k)
+    calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
+                             settings.skip_bad_samples)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    processor = load_processor(ckpt.path)
+    model = load_model(ckpt.path, dtype=dtype, device=device)
+    t_load = time.perf_counter()
+
+    moe_layers = ckpt.moe_layers
+    found = [layer for layer, _ in family.moe_blocks(model)]
+    if found != moe_layers:
+        raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {moe_layers}")
+    stats = ExpertStats.empty(moe_layers, ckpt.num_experts, device)
+    observer = ReapObserver(family, stats, settings.scoring_mode)
+    resume = None
+    if settings.resume:
+        key = fingerprint(config=ckpt.config, calibration=calib.digest,
+                          samples=[s.index for s in calib.samples], mode=settings.scoring_mode,
+                          batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
+                          max_pixels=settings.max_pixels, seed=settings.seed, dtype=str(dtype),
+                          model=str(Path(ckpt.path).resolve()))
+        resume = ResumeState(Path(settings.output_path) / STATE_NAME, key)
+    run = run_batches(model, processor, calib.samples, observer, batch_size=settings.batch_size,
+                      max_seq_len=settings.max_seq_len, max_pixels=settings.max_pixels, resume=resume,
+                      checkpoint_every=settings.checkpoint_every, device=device, stop_after=stop_after)
+    t_score = time.perf_counter()
+
+    metrics = stats.metrics(settings.scoring_mode)
+    kept = select_experts(metrics, moe_layers, settings.criterion, keep)
+    n_tokens, n_image = stats.n_tokens, stats.n_image_tokens
+    metadata = {
+        "reap_version": REAP_VERSION,
+        "methodology": METHODOLOGY,
+        "model_path": str(ckpt.path),
+        "model_type": ckpt.config.get("model_type"),
+        "num_experts": ckpt.num_experts,
+        "top_k": ckpt.top_k,
+        "moe_layers": moe_layers,
+        "scoring_mode": settings.scoring_mode,
+        "criterion": settings.criterion,
+        "prune_ratio": settings.prune_ratio,
+        "keep_multiple": settings.keep_multiple,
+        "num_experts_to_keep": keep,
+        "num_samples": len(calib.samples),
+        "num_skipped_samples": len(calib.skipped),
+        "skipped_samples": calib.skipped,
+        "calibration_path": str(calib.path),
+        "num_tokens": {"total": n_tokens, "text": n_tokens - n_image, "image": n_image},
+        "dtype": str(dtype).removeprefix("torch."),
+        "experts_to_keep": {str(layer): ids for layer, ids in kept.items()},
+        "mean_scores": metrics[settings.criterion],
+        "metrics": metrics,
+        "run": run,
+        "timings": {"load": t_load - t0, "scoring": t_score - t_load, "total": time.perf_counter() - t0},
+    }
+    if stop_after is not None and run["resumed_from"] + stop_after < run["batches"]:
+        return metadata  # simulated kill: state saved, nothing final written
+    out = Path(settings.output_path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_metadata(out, metadata)
+    write_heatmap(out / "reap_heatmap.png", metrics[settings.criterion], moe_layers, kept, settings.criterion)
+    return metadata

@@ -1,0 +1,277 @@
+"""REAP saliency (arXiv 2510.13999) and the router statistics beside it.
+
+For MoE layer l and expert j, over the valid (non-padding) calibration tokens x:
+
+    reap_j        = sum_{x routed to j} g_j(x) * ||E_j(x)||_2  /  count_j      (0 if never routed)
+    ean_j         = sum_{x routed to j}          ||E_j(x)||_2  /  count_j
+    frequency_j   = count_j                        weighted_frequency_j = sum_{x routed to j} g_j(x)
+    reap_dense_j  = sum_{all x} p_j(x) * ||E_j(x)||_2 / n_tokens              (full mode only)
+    soft_frequency_j = sum_{all x} p_j(x)
+
+g_j(x) is the gate weight the model applies (for Qwen3-VL: softmax over all experts, top-k,
+renormalised), taken from the experts' own call, p_j(x) the full softmax, and E_j(x) the
+expert's output before gate weighting, computed in the model's dtype.  ``reap_image`` /
+``reap_text`` restrict reap to image-placeholder / other tokens.  Sums are float64.
+
+This module is the one place that formula lives: ``LayerStats.observe`` adds a batch,
+``LayerStats.metrics`` divides.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .families import ModelFamily
+
+SCORING_MODES = ("full", "routed", "router")
+
+_SUMS = (
+    "count", "weighted_frequency", "reap_sum", "ean_sum", "soft_frequency", "reap_dense_sum",
+    "count_image", "reap_image_sum", "count_text", "reap_text_sum",
+)
+
+METRICS_BY_MODE = {
+    "router": ("frequency", "weighted_frequency", "soft_frequency", "frequency_image", "frequency_text"),
+    "routed": ("reap", "ean", "frequency", "weighted_frequency", "soft_frequency", "reap_image", "reap_text",
+               "frequency_image", "frequency_text"),
+    "full": ("reap", "ean", "frequency", "weighted_frequency", "soft_frequency", "reap_dense", "reap_image",
+             "reap_text", "frequency_image", "frequency_text"),
+}
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor | float) -> torch.Tensor:
+    den = torch.as_tensor(den, dtype=torch.float64, device=num.device)
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+
+
+@dataclass
+class LayerStats:
+    """float64 sums for one MoE layer; ``observe`` adds a batch, ``metrics`` gives the scores."""
+
+    num_experts: int
+    device: torch.device | str = "cpu"
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    n_tokens: int = 0
+    n_image_tokens: int = 0
+
+    def __post_init__(self):
+        if not self.sums:
+            self.sums = {k: torch.zeros(self.num_experts, dtype=torch.float64, device=self.device) for k in _SUMS}
+
+    def _add(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+        self.sums[name].index_add_(0, ids.reshape(-1), values.reshape(-1).to(torch.float64))
+
+    def observe(self, *, router_logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                valid: torch.Tensor, image: torch.Tensor, routed_norms: torch.Tensor | None = None,
+                all_norms: torch.Tensor | None = None) -> None:
+        """Add one batch.  Rows are tokens; only rows where ``valid`` is set count.
+
+        routed_norms[t, i] = ||E_{topk_ids[t, i]}(x_t)||; all_norms[t, j] = ||E_j(x_t)|| (full mode).
+        """
+        device = self.sums["count"].device
+        valid = valid.to(device)
+        ids = topk_ids.to(device)[valid]
+        gates = topk_weights.to(device)[valid].to(torch.float64)
+        is_image = image.to(device)[valid]
+        ones = torch.ones_like(gates)
+        self.n_tokens += int(valid.sum())
+        self.n_image_tokens += int(is_image.sum())
+        self._add("count", ids, ones)
+        self._add("weighted_frequency", ids, gates)
+        image_rows = is_image[:, None].expand_as(ids)
+        self._add("count_image", ids[image_rows], ones[image_rows])
+        self._add("count_text", ids[~image_rows], ones[~image_rows])
+        probs = torch.softmax(router_logits.to(device)[valid].float(), dim=-1).to(torch.float64)
+        self.sums["soft_frequency"] += probs.sum(dim=0)
+        if all_norms is not None:
+            all_norms = all_norms.to(device)[valid].to(torch.float64)
+            self.sums["reap_dense_sum"] += (probs * all_norms).sum(dim=0)
+            if routed_norms is None:
+                routed_norms = torch.gather(all_norms, 1, ids)
+        if routed_norms is None:
+            return
+        norms = routed_norms.to(device).to(torch.float64)
+        if norms.shape[0] != ids.shape[0]:
+            norms = norms[valid]
+        saliency = gates * norms
+        self._add("reap_sum", ids, saliency)
+        self._add("ean_sum", ids, norms)
+        self._add("reap_image_sum", ids[image_rows], saliency[image_rows])
+        self._add("reap_text_sum", ids[~image_rows], saliency[~image_rows])
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        s = self.sums
+        return {
+            "reap": _ratio(s["reap_sum"], s["count"]),
+            "ean": _ratio(s["ean_sum"], s["count"]),
+            "frequency": s["count"].clone(),
+            "weighted_frequency": s["weighted_frequency"].clone(),
+            "soft_frequency": s["soft_frequency"].clone(),
+            "reap_dense": _ratio(s["reap_dense_sum"], float(self.n_tokens)),
+            "reap_image": _ratio(s["reap_image_sum"], s["count_image"]),
+            "reap_text": _ratio(s["reap_text_sum"], s["count_text"]),
+            "frequency_image": s["count_image"].clone(),
+            "frequency_text": s["count_text"].clone(),
+        }
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "n_tokens": self.n_tokens,
+                "n_image_tokens": self.n_image_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.sums["count"].device
+        self.sums = {k: v.to(device, torch.float64) for k, v in state["sums"].items()}
+        self.n_tokens = int(state["n_tokens"])
+        self.n_image_tokens = int(state["n_image_tokens"])
+
+
+@dataclass
+class ExpertStats:
+    """LayerStats for every MoE layer of a model, keyed by decoder-layer index."""
+
+    layers: dict[int, LayerStats]
+
+    @classmethod
+    def empty(cls, moe_layers: list[int], num_experts: int, device="cpu") -> ExpertStats:
+        return cls({layer: LayerStats(num_experts, device) for layer in moe_layers})
+
+    def metrics(self, mode: str) -> dict[str, list[list[float]]]:
+        per_layer = {layer: stats.metrics() for layer, stats in sorted(self.layers.items())}
+        return {name: [per_layer[layer][name].tolist() for layer in sorted(per_layer)]
+                for name in METRICS_BY_MODE[mode]}
+
+    @property
+    def n_tokens(self) -> int:
+        return next(iter(self.layers.values())).n_tokens if self.layers else 0
+
+    @property
+    def n_image_tokens(self) -> int:
+        return next(iter(self.layers.values())).n_image_tokens if self.layers else 0
+
+    def state_dict(self) -> dict:
+        return {str(k): v.state_dict() for k, v in self.layers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            self.layers[int(key)].load_state_dict(value)
+
+
+# ----------------------------------------------------------------------------------------------- expert norms
+
+
+def all_expert_norms(family: ModelFamily, experts: nn.Module, x: torch.Tensor,
+                     chunk_budget_bytes: int) -> torch.Tensor:
+    """||E_j(x_t)|| for every token t and expert j: [T, E], in token chunks bounded by the budget."""
+    num_experts = experts.num_experts
+    ids = torch.arange(num_experts, device=x.device)
+    per_token = num_experts * 3 * _activation_width(experts) * x.element_size()
+    chunk = max(1, chunk_budget_bytes // max(per_token, 1))
+    out = torch.empty(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        y = family.expert_outputs(experts, x[start:start + chunk], ids)  # [E, t, H]
+        out[start:start + chunk] = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).T
+    return out
+
+
+def _activation_width(experts: nn.Module) -> int:
+    """Largest per-token activation width of an expert (2I or H), for memory sizing."""
+    shapes = [p.shape for p in experts.parameters() if p.dim() == 3]
+    return max((max(s[1], s[2]) for s in shapes), default=1)
+
+
+def routed_expert_norms(family: ModelFamily, experts: nn.Module, x: torch.Tensor,
+                        topk_ids: torch.Tensor) -> torch.Tensor:
+    """||E_j(x_t)|| for the routed pairs only: [T, k], matching ``topk_ids``."""
+    norms = torch.zeros(topk_ids.shape, dtype=torch.float32, device=x.device)
+    for expert in torch.unique(topk_ids).tolist():
+        token, slot = torch.where(topk_ids == expert)
+        ids = torch.tensor([expert], device=x.device)
+        y = family.expert_outputs(experts, x[token], ids)[0]
+        norms[token, slot] = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
+    return norms
+
+
+# ----------------------------------------------------------------------------------------------- hooks
+
+
+@dataclass
+class TokenMasks:
+    """Which rows of the flattened [B*S] token stream are counted, and which are image tokens."""
+
+    valid: torch.Tensor
+    image: torch.Tensor
+
+
+class ReapObserver:
+    """Hooks on every MoE block: the router's logits and the experts' call feed ``ExpertStats``.
+
+    The model runs its own forward (mRoPE, deepstack, the experts' own kernels); the hooks only
+    read.  Call ``set_masks`` before each forward.
+    """
+
+    def __init__(self, family: ModelFamily, stats: ExpertStats, mode: str, chunk_budget_bytes: int = 256 << 20):
+        self.family, self.stats, self.mode = family, stats, mode
+        self.chunk_budget_bytes = chunk_budget_bytes
+        self.masks: TokenMasks | None = None
+        self._logits: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def set_masks(self, attention_mask: torch.Tensor, image_mask: torch.Tensor) -> None:
+        self.masks = TokenMasks(attention_mask.reshape(-1).bool(), image_mask.reshape(-1).bool())
+
+    def attach(self, blocks) -> ReapObserver:
+        for layer, block in blocks:
+            if layer not in self.stats.layers:
+                continue
+            router, experts = self.family.router_of(block), self.family.experts_of(block)
+            self._handles.append(router.register_forward_hook(self._router_hook(layer)))
+            self._handles.append(experts.register_forward_pre_hook(self._experts_hook(layer, experts),
+                                                                   with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def attached(self, blocks):
+        self.attach(blocks)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def _router_hook(self, layer: int):
+        def hook(module, args, output):
+            self._logits[layer] = self.family.router_logits(output).detach()
+
+        return hook
+
+    def _experts_hook(self, layer: int, experts: nn.Module):
+        def hook(module, args, kwargs):
+            hidden, topk_ids, topk_weights = self.family.routed_call(args, kwargs)
+            self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach())
+
+        return hook
+
+    @torch.no_grad()
+    def observe(self, layer: int, experts: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> None:
+        masks = self.masks
+        if masks is None or masks.valid.numel() != hidden.shape[0]:
+            raise RuntimeError("ReapObserver.set_masks must be called with the batch's masks before the forward")
+        logits = self._logits.pop(layer)
+        valid = masks.valid.to(hidden.device)
+        routed = all_norms = None
+        if self.mode == "full":
+            all_norms = torch.zeros(hidden.shape[0], logits.shape[-1], dtype=torch.float32, device=hidden.device)
+            all_norms[valid] = all_expert_norms(self.family, experts, hidden[valid], self.chunk_budget_bytes)
+        elif self.mode == "routed":
+            routed = routed_expert_norms(self.family, experts, hidden[valid], topk_ids[valid])
+        self.stats.layers[layer].observe(router_logits=logits, topk_ids=topk_ids, topk_weights=topk_weights,
+                                         valid=valid, image=masks.image, routed_norms=routed, all_norms=all_norms)
