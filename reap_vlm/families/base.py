@@ -201,6 +201,13 @@ class ModelFamily:
         """Router logits [T, E] from what the router module returned."""
         return router_output[0]
 
+    def route(self, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate weights [T, k], expert ids [T, k]) from logits, as the model's router computes them."""
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(router_logits.dtype), ids
+
     def routed_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden [T, H], top-k ids [T, k], applied gate weights [T, k]) from the experts' call."""
         names = ("hidden_states", "top_k_index", "top_k_weights")
