@@ -369,3 +369,24 @@ def build_calibration_set(path: str | Path, num_images: int = 6, seed: int = 0, 
         (folder / "chat.jsonl").write_text("".join(json.dumps(item) + "\n" for item in chat_items))
         (folder / "text.json").write_text(json.dumps(texts, indent=2))
     return path
+
+
+def build_demo(folder: str | Path) -> tuple[Path, Path]:
+    """``folder``/model and ``folder``/calibration, built once and reused (the demo's inputs)."""
+    folder = Path(folder)
+    model, calib = folder / "model", folder / "calibration"
+    if not (model / "config.json").is_file():
+        build_tiny_checkpoint(model, force=model.exists())
+    if not (calib / "calibration_data.json").is_file():
+        build_calibration_set(calib, force=calib.exists())
+    return model, calib
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the tiny offline demo model and calibration set.")
+    parser.add_argument("folder", nargs="?", default="demo", help="where model/ and calibration/ go (default: demo)")
+    args = parser.parse_args()
+    model_dir, calib_dir = build_demo(args.folder)
+    print(f"model        {model_dir}\ncalibration  {calib_dir / 'calibration_data.json'}")
