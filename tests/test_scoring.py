@@ -1,0 +1,200 @@
+"""REAP scores against an independent brute-force computation, routed = full, selection, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reap_vlm.calibration import encode_sample, load_calibration
+from reap_vlm.checkpoint import load_model, load_processor
+from reap_vlm.errors import ReapError
+from reap_vlm.score_job import run_reap
+from reap_vlm.selection import num_to_keep, select_experts
+from reap_vlm.settings import Settings
+
+RTOL = 1e-5
+
+
+def _settings(model, calib_file, out, **kw) -> Settings:
+    base = dict(model_path=Path(model), calibration_path=Path(calib_file), output_path=Path(out), device="cpu",
+                dtype="float32", prune_ratio=0.25, max_samples=100, resume=False)
+    base.update(kw)
+    return Settings(**base)
+
+
+def brute_force(model_path: Path, calib_file: Path, max_seq_len: int = 2048) -> dict[str, np.ndarray]:
+    """Every metric from first principles: one sample at a time (no padding), the MoE block's input
+    captured by a hook on the block itself, routing and expert MLPs recomputed in float64."""
+    model = load_model(model_path)
+    processor = load_processor(model_path)
+    text = model.config.text_config
+    E, k = text.num_experts, text.num_experts_per_tok
+    layers = model.model.language_model.layers
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].detach()))
+             for i, layer in enumerate(layers)]
+    sums = {name: np.zeros((len(layers), E)) for name in
+            ("count", "g", "gn", "n", "p", "pn", "count_img", "gn_img", "count_txt", "gn_txt")}
+    n_tokens = 0
+    torch.set_grad_enabled(False)
+    for sample in load_calibration(calib_file, 100).samples:
+        enc = encode_sample(processor, sample, max_seq_len)
+        inputs = {"input_ids": enc.input_ids[None], "attention_mask": torch.ones_like(enc.input_ids)[None]}
+        if enc.pixel_values is not None:
+            inputs.update(pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw,
+                          mm_token_type_ids=enc.mm_token_type_ids[None])
+        with torch.no_grad():
+            model(**inputs)
+        is_image = (enc.input_ids == model.config.image_token_id).numpy()
+        n_tokens += enc.input_ids.numel()
+        for li, layer in enumerate(layers):
+            x = captured[li][0].double()  # [S, H]
+            router = layer.mlp.gate.weight.double()
+            gate_up = layer.mlp.experts.gate_up_proj.double()
+            down = layer.mlp.experts.down_proj.double()
+            probs = torch.softmax(x @ router.T, dim=-1)
+            for t in range(x.shape[0]):
+                top = torch.topk(probs[t], k)
+                gates = top.values / top.values.sum()
+                for j in range(E):
+                    g_u = gate_up[j] @ x[t]
+                    out = down[j] @ (F.silu(g_u[: g_u.numel() // 2]) * g_u[g_u.numel() // 2:])
+                    norm = float(out.norm())
+                    sums["p"][li, j] += float(probs[t, j])
+                    sums["pn"][li, j] += float(probs[t, j]) * norm
+                    if j in top.indices.tolist():
+                        g = float(gates[top.indices.tolist().index(j)])
+                        sums["count"][li, j] += 1
+                        sums["g"][li, j] += g
+                        sums["gn"][li, j] += g * norm
+                        sums["n"][li, j] += norm
+                        tag = "img" if is_image[t] else "txt"
+                        sums[f"count_{tag}"][li, j] += 1
+                        sums[f"gn_{tag}"][li, j] += g * norm
+    for h in hooks:
+        h.remove()
+    torch.set_grad_enabled(True)
+
+    def div(a, b):
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    return {
+        "reap": div(sums["gn"], sums["count"]),
+        "ean": div(sums["n"], sums["count"]),
+        "frequency": sums["count"],
+        "weighted_frequency": sums["g"],
+        "soft_frequency": sums["p"],
+        "reap_dense": sums["pn"] / n_tokens,
+        "reap_image": div(sums["gn_img"], sums["count_img"]),
+        "reap_text": div(sums["gn_txt"], sums["count_txt"]),
+        "frequency_image": sums["count_img"],
+        "frequency_text": sums["count_txt"],
+        "n_tokens": n_tokens,
+        "n_image": sum(sums["count_img"][0]) / k,
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, calibration):
+    return brute_force(tiny_model, calibration / "calibration_data.json")
+
+
+@pytest.mark.parametrize("mode,batch_size", [("full", 1), ("full", 3), ("routed", 1), ("routed", 4)])
+def test_every_metric_matches_brute_force(tiny_model, calibration, reference, tmp_path, mode, batch_size):
+    meta = run_reap(_settings(tiny_model, calibration / "calibration_data.json", tmp_path, scoring_mode=mode,
+                              batch_size=batch_size))
+    metrics = meta["metrics"]
+    assert reference["frequency"].sum() > 0 and reference["frequency_image"].sum() > 0
+    for name, values in metrics.items():
+        np.testing.assert_allclose(np.array(values), reference[name], rtol=RTOL, atol=1e-9, err_msg=name)
+    assert meta["num_tokens"]["total"] == reference["n_tokens"]
+    assert meta["num_tokens"]["image"] == reference["n_image"] > 0
+    assert ("reap_dense" in metrics) == (mode == "full")
+
+
+def test_scores_are_well_separated(reference):
+    reap = reference["reap"]
+    assert all(len(np.unique(np.round(row, 6))) == row.size for row in reap)
+
+
+def test_router_mode_gives_router_statistics_only(tiny_model, calibration, reference, tmp_path):
+    meta = run_reap(_settings(tiny_model, calibration / "calibration_data.json", tmp_path, scoring_mode="router",
+                              criterion="frequency", batch_size=2))
+    assert set(meta["metrics"]) == {"frequency", "weighted_frequency", "soft_frequency", "frequency_image",
+                                    "frequency_text"}
+    for name, values in meta["metrics"].items():
+        np.testing.assert_allclose(np.array(values), reference[name], rtol=RTOL, atol=1e-9, err_msg=name)
+
+
+def test_router_mode_refuses_a_criterion_it_cannot_compute(tiny_model, calibration, tmp_path):
+    with pytest.raises(ReapError, match="--criterion reap needs expert outputs"):
+        run_reap(_settings(tiny_model, calibration / "calibration_data.json", tmp_path, scoring_mode="router"))
+
+
+def test_kept_experts_are_top_k_by_criterion_and_metadata_is_complete(tiny_model, calibration, reference, tmp_path):
+    run_reap(_settings(tiny_model, calibration / "calibration_data.json", tmp_path, criterion="ean",
+                       prune_ratio=0.4))
+    meta = json.loads((tmp_path / "reap_metadata.json").read_text())
+    keep = 12 - int(12 * 0.4)
+    assert meta["num_experts_to_keep"] == keep == 8
+    for position, layer in enumerate(meta["moe_layers"]):
+        expected = sorted(np.argsort(-reference["ean"][position], kind="stable")[:keep].tolist())
+        assert meta["experts_to_keep"][str(layer)] == expected
+    for key in ("reap_version", "methodology", "model_path", "model_type", "num_experts", "top_k", "moe_layers",
+                "scoring_mode", "criterion", "prune_ratio", "num_experts_to_keep", "num_samples", "num_tokens",
+                "experts_to_keep", "mean_scores", "metrics", "timings"):
+        assert key in meta, key
+    assert meta["mean_scores"] == meta["metrics"]["ean"]
+    assert (tmp_path / "reap_heatmap.png").stat().st_size > 1000
+
+
+def test_text_only_calibration_counts_no_image_tokens(tiny_model, calibration, tmp_path):
+    meta = run_reap(_settings(tiny_model, calibration / "text.json", tmp_path, batch_size=3))
+    assert meta["num_tokens"]["image"] == 0 and meta["num_tokens"]["text"] == meta["num_tokens"]["total"] > 0
+    assert sum(map(sum, meta["metrics"]["frequency_image"])) == 0
+    assert meta["metrics"]["reap_text"] == meta["metrics"]["reap"]
+
+
+def test_chat_format_runs(tiny_model, calibration, tmp_path):
+    meta = run_reap(_settings(tiny_model, calibration / "chat.jsonl", tmp_path, batch_size=2, scoring_mode="routed"))
+    assert meta["num_samples"] == 7 and meta["num_tokens"]["image"] > 0
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, calibration, tmp_path):
+    calib = calibration / "calibration_data.json"
+    whole = run_reap(_settings(tiny_model, calib, tmp_path / "whole", batch_size=2))
+    resumable = _settings(tiny_model, calib, tmp_path / "killed", batch_size=2, resume=True, checkpoint_every=1)
+    partial = run_reap(resumable, stop_after=2)
+    assert partial["run"]["resumed_from"] == 0 and not (tmp_path / "killed" / "reap_metadata.json").exists()
+    resumed = run_reap(resumable)
+    assert resumed["run"]["resumed_from"] == 2
+    assert resumed["metrics"] == whole["metrics"]  # bitwise: same batches, same float64 sums
+    assert resumed["experts_to_keep"] == whole["experts_to_keep"]
+    # A different input (another batch size) must not reuse the state.
+    other = run_reap(_settings(tiny_model, calib, tmp_path / "killed", batch_size=3, resume=True))
+    assert other["run"]["resumed_from"] == 0
+
+
+def test_num_to_keep():
+    assert num_to_keep(128, 0.40, 1, 8) == 77
+    assert num_to_keep(128, 0.40, 8, 8) == 80
+    assert num_to_keep(12, 0.25, 1, 4) == 9
+    with pytest.raises(ReapError, match="fewer than the 8"):
+        num_to_keep(128, 0.95, 1, 8)
+    with pytest.raises(ReapError, match="removes no expert"):
+        num_to_keep(128, 0.0, 1, 8)
+    with pytest.raises(ReapError, match="removes no expert"):
+        num_to_keep(12, 0.25, 12, 4)
+
+
+def test_ties_broken_by_reap_dense_then_frequency_then_id():
+    metrics = {"reap": [[1.0, 1.0, 1.0, 0.5]], "reap_dense": [[0.1, 0.2, 0.2, 0.9]], "frequency": [[5, 3, 4, 9]]}
+    assert select_experts(metrics, [0], "reap", 2) == {0: [1, 2]}
+    metrics["frequency"] = [[5, 4, 4, 9]]
+    assert select_experts(metrics, [0], "reap", 2) == {0: [1, 2]}
+    assert select_experts(metrics, [0], "reap", 1) == {0: [1]}
