@@ -146,9 +146,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu", spread: bool = False):
     """The whole model in eval mode: transformers' own loader for the standard fused layout, our
-    assembling loader (per-expert keys fused) otherwise, since transformers 5 cannot load those."""
+    assembling loader (per-expert keys fused) otherwise, since transformers 5 cannot load those.
+    ``spread``: on ``cuda`` with several GPUs, spread the layers over them (accelerate device_map)."""
     from transformers import AutoModelForImageTextToText
 
     ckpt = Checkpoint(Path(path))
@@ -157,7 +158,8 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
         raise ReapError(f"{path} is quantized ({ckpt.quantization}); quantized checkpoints are not supported "
                         "by the whole-model loader yet")
     if not ckpt.has_per_expert_keys:
-        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, device_map=device)
+        device_map = "auto" if spread and device == "cuda" and torch.cuda.device_count() > 1 else device
+        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, device_map=device_map)
         return model.eval()
     from accelerate import init_empty_weights
     from transformers import AutoConfig

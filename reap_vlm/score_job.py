@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .calibration import load_calibration
 from .checkpoint import Checkpoint, load_model, load_processor, resolve_device, resolve_dtype
+from .distributed import DistContext
 from .engine import STATE_NAME, ResumeState, fingerprint, run_batches
 from .errors import ReapError
 from .metadata import METHODOLOGY, REAP_VERSION, write_heatmap, write_metadata
@@ -23,6 +24,17 @@ def check_criterion(settings: Settings) -> None:
 
 
 def run_reap(settings: Settings, stop_after: int | None = None) -> dict:
+    """Score, select, and (on rank 0) write reap_metadata.json + heatmap; return the metadata."""
+    dist = DistContext.from_env()
+    device = dist.device(resolve_device(settings.device))
+    dist.start(device)
+    try:
+        return _run_reap(settings, dist, device, stop_after)
+    finally:
+        dist.stop()
+
+
+def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: int | None) -> dict:
     t0 = time.perf_counter()
     check_criterion(settings)
     ckpt = Checkpoint(settings.model_path)
@@ -30,10 +42,9 @@ def run_reap(settings: Settings, stop_after: int | None = None) -> dict:
     keep = num_to_keep(ckpt.num_experts, settings.prune_ratio, settings.keep_multiple, ckpt.top_k)
     calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
                              settings.skip_bad_samples)
-    device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
-    model = load_model(ckpt.path, dtype=dtype, device=device)
+    model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
     t_load = time.perf_counter()
 
     moe_layers = ckpt.moe_layers
@@ -48,11 +59,14 @@ def run_reap(settings: Settings, stop_after: int | None = None) -> dict:
                           samples=[s.index for s in calib.samples], mode=settings.scoring_mode,
                           batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                           max_pixels=settings.max_pixels, seed=settings.seed, dtype=str(dtype),
-                          model=str(Path(ckpt.path).resolve()))
-        resume = ResumeState(Path(settings.output_path) / STATE_NAME, key)
-    run = run_batches(model, processor, calib.samples, observer, batch_size=settings.batch_size,
+                          model=str(Path(ckpt.path).resolve()), rank=dist.rank, world_size=dist.world_size)
+        name = STATE_NAME if not dist.enabled else f"reap_state.rank{dist.rank}-of-{dist.world_size}.pt"
+        resume = ResumeState(Path(settings.output_path) / name, key)
+    my_samples = dist.my_samples(calib.samples, settings.batch_size)
+    run = run_batches(model, processor, my_samples, observer, batch_size=settings.batch_size,
                       max_seq_len=settings.max_seq_len, max_pixels=settings.max_pixels, resume=resume,
                       checkpoint_every=settings.checkpoint_every, device=device, stop_after=stop_after)
+    dist.all_reduce(stats)
     t_score = time.perf_counter()
 
     metrics = stats.metrics(settings.scoring_mode)
@@ -80,11 +94,13 @@ def run_reap(settings: Settings, stop_after: int | None = None) -> dict:
         "experts_to_keep": {str(layer): ids for layer, ids in kept.items()},
         "mean_scores": metrics[settings.criterion],
         "metrics": metrics,
-        "run": run,
+        "run": {**run, "world_size": dist.world_size},
         "timings": {"load": t_load - t0, "scoring": t_score - t_load, "total": time.perf_counter() - t0},
     }
     if stop_after is not None and run["resumed_from"] + stop_after < run["batches"]:
         return metadata  # simulated kill: state saved, nothing final written
+    if not dist.is_main:
+        return metadata
     out = Path(settings.output_path)
     out.mkdir(parents=True, exist_ok=True)
     write_metadata(out, metadata)

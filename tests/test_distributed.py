@@ -1,0 +1,61 @@
+"""torchrun data parallel on the gloo backend (CPU): 2 ranks give the 1-rank result."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reap_vlm.distributed import DistContext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reap(args: list[str], nproc: int, out: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REAP_")}
+    env.update(OMP_NUM_THREADS="1", REAP_DEVICE="cpu", REAP_DTYPE="float32")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                "--master-addr=127.0.0.1", f"--master-port={_free_port()}"] if nproc > 1 else [sys.executable]
+    result = subprocess.run([*launcher, str(ROOT / "reap.py"), *args, "--output", str(out)], capture_output=True,
+                            text=True, env=env, cwd=out.parent, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "reap_metadata.json").read_text()), result
+
+
+def test_batches_are_shared_round_robin_and_disjoint():
+    samples = list(range(11))
+    shares = [DistContext(r, 3).my_samples(samples, 2) for r in range(3)]
+    assert shares == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10]]
+    assert sorted(sum(shares, [])) == samples
+
+
+@pytest.mark.parametrize("mode", ["full"])
+def test_two_gloo_ranks_equal_one_rank(tiny_model, calibration, tmp_path, mode):
+    args = ["--model", str(tiny_model), "--calibration", str(calibration / "calibration_data.json"),
+            "--batch-size", "2", "--mode", mode, "--prune-ratio", "0.25", "--checkpoint-every", "1"]
+    single, _ = _reap(args, 1, tmp_path / "one")
+    double, run = _reap(args, 2, tmp_path / "two")
+    assert double["run"]["world_size"] == 2
+    assert double["num_tokens"] == single["num_tokens"]
+    for name, values in single["metrics"].items():
+        np.testing.assert_allclose(np.array(double["metrics"][name]), np.array(values), rtol=1e-12, err_msg=name)
+    assert double["experts_to_keep"] == single["experts_to_keep"]
+    # every rank kept its own resume file
+    assert sorted(p.name for p in (tmp_path / "two").glob("reap_state.rank*")) == [
+        "reap_state.rank0-of-2.pt", "reap_state.rank1-of-2.pt"]
+    # a rerun resumes on every rank and reproduces the result
+    again, _ = _reap(args, 2, tmp_path / "two")
+    assert again["run"]["resumed_from"] == again["run"]["batches"]
+    assert again["metrics"] == double["metrics"]
