@@ -23,7 +23,8 @@ def atomic_output_dir(path: Path, force: bool = False, source: Path | None = Non
     """
     path = Path(path)
     if source is not None and path.resolve() == Path(source).resolve():
-        raise ReapError(f"output folder {path} is the source folder; choose another output (the source is never written)")
+        raise ReapError(f"output folder {path} is the source folder; choose another output "
+                        "(the source is never written)")
     if path.exists() and not force:
         raise ReapError(f"output {path} already exists; pass --force to replace it or choose another folder")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,4 +68,5 @@ def read_json(path: Path, what: str) -> Any:
     except FileNotFoundError:
         raise ReapError(f"{what} not found: {path}") from None
     except json.JSONDecodeError as exc:
-        raise ReapError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix or regenerate it") from None
+        raise ReapError(f"{what} {path} is not valid JSON (line {exc.lineno}: {exc.msg}); "
+                        "fix or regenerate it") from None

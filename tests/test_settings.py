@@ -89,7 +89,8 @@ BAD_VALUES = [
 def test_every_option_has_a_validation_case():
     # Paths without a parse rule beyond non-empty: one representative each is enough.
     covered = {name for name, _, _ in BAD_VALUES}
-    path_like = {"model_path", "pruned_output_path", "metadata_path", "calibration_path", "reference_path", "test_output_path"}
+    path_like = {"model_path", "pruned_output_path", "metadata_path", "calibration_path", "reference_path",
+                 "test_output_path"}
     assert set(OPTIONS) - covered <= path_like
 
 
