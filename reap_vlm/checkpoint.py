@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from safetensors import safe_open
 from .errors import ReapError
 from .families import KeyRole, ModelFamily, family_for_config
 from .fsutil import read_json
+from .quant import QuantFormat, detect_format
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -66,6 +66,11 @@ class Checkpoint:
         q = self.config.get("quantization_config") or self.family.text_config(self.config).get("quantization_config")
         return None if not q else str(q.get("quant_method", "unknown"))
 
+    @cached_property
+    def quant_format(self) -> QuantFormat | None:
+        """How the weights are quantized (None: plain); a ReapError for formats we cannot read."""
+        return detect_format(self.config)
+
     @property
     def num_experts(self) -> int:
         return self.family.num_experts(self.config)
@@ -102,14 +107,22 @@ class Checkpoint:
 def memory_state_dict(ckpt: Checkpoint, keys: Iterable[str] | None = None,
                       dtype: torch.dtype | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Tensors under their in-memory names and layouts: fused tensors transposed where the disk
-    layout differs, per-expert tensors fused.  Only unquantized weights are handled here."""
+    layout differs, per-expert tensors fused.  Quantized Linears (see ``reap_vlm.quant``) are
+    dequantized on ``device`` and returned as ``<module>.weight`` (float32 when ``dtype`` is None);
+    asking for any of a quantized module's tensors (or for its ``.weight``) reads all of them."""
     family = ckpt.family
     sizes = family.sizes(ckpt.config)
+    quant = ckpt.quant_format
+    keys = list(keys if keys is not None else ckpt.weight_map)
+    modules: dict[str, dict[str, str]] = {}
+    if quant is not None:
+        keys, modules = quant.split_keys(keys, ckpt.weight_map)
+    owner = {key: (module, suffix) for module, owned in modules.items() for suffix, key in owned.items()}
+    pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     out: dict[str, torch.Tensor] = {}
     per_expert: dict[str, dict[int, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
-    for key, tensor in ckpt.read(keys if keys is not None else ckpt.weight_map, device):
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+
+    def place(key: str, tensor: torch.Tensor) -> None:
         info = family.classify(key)
         if info.role is KeyRole.FUSED_EXPERTS:
             layout = family.fused_layout(info.name)
@@ -122,6 +135,17 @@ def memory_state_dict(ckpt: Checkpoint, keys: Iterable[str] | None = None,
             per_expert[info.prefix][info.expert][proj] = tensor
         else:
             out[key] = tensor
+
+    for key, tensor in ckpt.read([*keys, *owner], device):
+        if key in owner:  # a quantized Linear's tensor: dequantize once the module is complete
+            module, suffix = owner[key]
+            pending[module][suffix] = tensor
+            if len(pending[module]) == len(modules[module]):
+                place(f"{module}.weight", quant.dequantize(pending.pop(module), device, dtype, module))
+            continue
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        place(key, tensor)
     for prefix, experts in per_expert.items():
         ordered = [experts[e] for e in sorted(experts)]
         if sorted(experts) != list(range(len(experts))):
@@ -148,16 +172,15 @@ def resolve_device(name: str) -> str:
 
 def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu", spread: bool = False):
     """The whole model in eval mode: transformers' own loader for the standard fused layout, our
-    assembling loader (per-expert keys fused) otherwise, since transformers 5 cannot load those.
+    assembling loader (per-expert keys fused, quantized weights dequantized) otherwise, since
+    transformers 5 cannot load those.
     ``spread``: on ``cuda`` with several GPUs, spread the layers over them (accelerate device_map)."""
     from transformers import AutoModelForImageTextToText
 
     ckpt = Checkpoint(Path(path))
     family = ckpt.family
-    if ckpt.quantization:
-        raise ReapError(f"{path} is quantized ({ckpt.quantization}); quantized checkpoints are not supported "
-                        "by the whole-model loader yet")
-    if not ckpt.has_per_expert_keys:
+    quant = ckpt.quant_format  # a ReapError here for quantizations we cannot dequantize
+    if not ckpt.has_per_expert_keys and quant is None:
         device_map = "auto" if spread and device == "cuda" and torch.cuda.device_count() > 1 else device
         model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, device_map=device_map)
         return model.eval()
@@ -165,6 +188,10 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path))
+    if quant is not None:  # the weights are dequantized below: build the plain model
+        for cfg in (config, getattr(config, "text_config", None)):
+            if cfg is not None and hasattr(cfg, "quantization_config"):
+                delattr(cfg, "quantization_config")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     state = memory_state_dict(ckpt, dtype=dtype, device=device)
