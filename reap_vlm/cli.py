@@ -23,7 +23,8 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        print("interrupted: no output was left half-written; rerun the same command "
+              "(reap.py continues from its saved state)", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = previous

@@ -14,6 +14,12 @@ from typing import Any
 from .errors import ReapError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output_dir(path: Path, force: bool = False, source: Path | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to ``path`` only when the block succeeds.
@@ -29,6 +35,7 @@ def atomic_output_dir(path: Path, force: bool = False, source: Path | None = Non
         raise ReapError(f"output {path} already exists; pass --force to replace it or choose another folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is shared like any folder
     try:
         yield tmp
         if path.exists():
@@ -47,6 +54,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

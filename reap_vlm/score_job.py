@@ -17,6 +17,8 @@ from .settings import Settings
 
 
 def check_criterion(settings: Settings) -> None:
+    if settings.scoring_mode == "router" and not settings.explicitly_set("criterion"):
+        settings.criterion = "frequency"  # the default (reap) needs expert outputs router mode does not compute
     if settings.criterion not in METRICS_BY_MODE[settings.scoring_mode]:
         raise ReapError(f"--criterion {settings.criterion} needs expert outputs that --mode "
                         f"{settings.scoring_mode} does not compute; use one of "

@@ -37,6 +37,8 @@ CRITERIA = (
     "soft_frequency",
     "reap_image",
     "reap_text",
+    "frequency_image",
+    "frequency_text",
 )
 
 # Seed-era variables that no longer do anything, and what replaced them.
@@ -158,7 +160,7 @@ OPTIONS: dict[str, Option] = {
         Option("keep_multiple", "--keep-multiple", "REAP_KEEP_MULTIPLE", _int(1), 1,
                "round the kept count up to a multiple of N (e.g. the expert-parallel size)"),
         Option("criterion", "--criterion", "REAP_CRITERION", _choice(CRITERIA), "reap",
-               "metric that ranks experts"),
+               "metric that ranks experts (router mode: frequency unless set)"),
         Option("scoring_mode", "--mode", "REAP_SCORING_MODE", _choice(SCORING_MODES), "full",
                "full: every expert on every token; routed: routed pairs only; router: router statistics only"),
         Option("max_samples", "--max-samples", "REAP_MAX_SAMPLES", _int(1), 300,

@@ -132,8 +132,13 @@ def test_router_mode_gives_router_statistics_only(tiny_model, calibration, refer
 
 
 def test_router_mode_refuses_a_criterion_it_cannot_compute(tiny_model, calibration, tmp_path):
+    settings = _settings(tiny_model, calibration / "calibration_data.json", tmp_path, scoring_mode="router",
+                         sources={"criterion": "flag"})
     with pytest.raises(ReapError, match="--criterion reap needs expert outputs"):
-        run_reap(_settings(tiny_model, calibration / "calibration_data.json", tmp_path, scoring_mode="router"))
+        run_reap(settings)
+    defaulted = run_reap(_settings(tiny_model, calibration / "calibration_data.json", tmp_path / "d",
+                                   scoring_mode="router"))
+    assert defaulted["criterion"] == "frequency"
 
 
 def test_kept_experts_are_top_k_by_criterion_and_metadata_is_complete(tiny_model, calibration, reference, tmp_path):

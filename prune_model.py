@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Write a pruned copy of a Qwen3-VL-MoE checkpoint that keeps only the experts chosen in reap_metadata.json.
+
+The metadata's experts_to_keep is used as is, unless --prune-ratio, --criterion or --keep-multiple is given
+(flag, environment or .env): then the selection is recomputed from the metrics the metadata stores.
+The source model is --model / REAP_MODEL_PATH, else the model_path recorded in the metadata."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from reap_vlm.cli import run_main
+from reap_vlm.settings import parse_settings, require_dir
+
+OPTIONS = ("model_path", "pruned_output_path", "output_path", "metadata_path", "prune_ratio", "keep_multiple",
+           "criterion", "force", "verify")
+# --output is this script's product (the pruned checkpoint); reap.py's folder is the input here.
+FLAGS = {"pruned_output_path": "--output", "output_path": "--reap-output"}
+
+
+def main(argv=None) -> int:
+    settings = parse_settings(__doc__, OPTIONS, argv, flags=FLAGS)
+    if settings.model_path is not None:
+        require_dir(settings, "model_path", must_contain="config.json")
+    from reap_vlm.pruning import prune_from_settings
+
+    start = time.perf_counter()
+    record, output = prune_from_settings(settings)
+    seconds = time.perf_counter() - start
+    counts = record["tensors"]
+    lines = [
+        "",
+        "pruning summary",
+        f"source           {record['source_path']}",
+        f"experts          kept {record['num_experts']} of {record['source_num_experts']} in each of "
+        f"{len(record['moe_layers'])} MoE layers",
+        "tensors          " + ", ".join(f"{n} {action}" for action, n in counts.items()),
+        f"written          {output} ({record['bytes_written'] / 1e9:.2f} GB in {seconds:.1f}s)",
+    ]
+    if "verify" in record:
+        lines.append(f"verify           {record['verify']['tensors_checked']} tensors ok, forward "
+                     f"{record['verify']['forward']}")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,559 @@
+"""The streaming pruner: exact equivalence with masked routing, every layout and quantization suffix, config and
+index rewriting, safety (source untouched, atomic output, refusals) and prune_model.py end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from reap_vlm import pruning
+from reap_vlm.checkpoint import INDEX_NAME, Checkpoint, load_model
+from reap_vlm.errors import ReapError
+from reap_vlm.families import QWEN3_VL_MOE
+from reap_vlm.metadata import METADATA_NAME
+from reap_vlm.pruning import (
+    PRUNING_RECORD,
+    json_value_spans,
+    prune_checkpoint,
+    prune_config_text,
+    rewrite_module_names,
+)
+from reap_vlm.selection import select_experts
+from reap_vlm.surgery import masked_routing
+
+ROOT = Path(__file__).resolve().parents[1]
+# 7 of 12 per layer, a different non-contiguous set in every layer.
+KEEP = {
+    0: [0, 2, 3, 5, 7, 9, 11],
+    1: [1, 2, 4, 6, 8, 10, 11],
+    2: [0, 1, 4, 5, 6, 9, 10],
+    3: [2, 3, 5, 6, 8, 10, 11],
+}
+K = 7
+PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Hash and mtime of every file: the source must come out of pruning exactly as it went in."""
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in Checkpoint(folder).shards:
+        with safe_open(folder / shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def raw(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def pruned_fused(tiny_model, tmp_path_factory) -> Path:
+    before = snapshot(tiny_model)
+    out = tmp_path_factory.mktemp("pruned") / "fused"
+    prune_checkpoint(tiny_model, out, KEEP, verify=True, progress=False)
+    assert snapshot(tiny_model) == before, "the source was modified"
+    return out
+
+
+@pytest.fixture(scope="module")
+def pruned_per_expert(tiny_model_per_expert, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pruned") / "per-expert"
+    prune_checkpoint(tiny_model_per_expert, out, KEEP, verify=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model, calibration):
+    """Processor inputs for a text prompt and an image+text prompt."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(tiny_model))
+
+    def encode(content, images=None):
+        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        return dict(processor(text=[text], images=images, return_tensors="pt"))
+
+    image = Image.open(calibration / "images/00000.png").convert("RGB")
+    return {
+        "text": encode([{"type": "text", "text": "Find the bounding box of the red square."}]),
+        "image": encode([{"type": "image"}, {"type": "text", "text": "Locate the blue circle."}], [image]),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_model, prompts):
+    """The original model's logits with routing masked to KEEP (what a pruned model must reproduce), and
+    unmasked (to show pruning changed something)."""
+    original = load_model(tiny_model)
+    with torch.no_grad():
+        unmasked = {name: original(**inputs).logits for name, inputs in prompts.items()}
+        with masked_routing(original, QWEN3_VL_MOE, KEEP):
+            masked = {name: original(**inputs).logits for name, inputs in prompts.items()}
+    return masked, unmasked
+
+
+def assert_same_logits(model, prompts, reference_logits):
+    masked, unmasked = reference_logits
+    with torch.no_grad():
+        for name, inputs in prompts.items():
+            logits = model(**inputs).logits
+            assert logits.dtype == torch.float32
+            assert torch.allclose(logits, masked[name], atol=1e-5, rtol=0), name
+            assert not torch.allclose(logits, unmasked[name], atol=1e-3), f"{name}: pruning changed nothing"
+
+
+# ----------------------------------------------------------------------------------------------- (1) exactness
+
+def test_fused_pruned_model_equals_masked_original(pruned_fused, prompts, reference_logits):
+    assert "image_grid_thw" in prompts["image"]
+    assert_same_logits(load_model(pruned_fused), prompts, reference_logits)
+
+
+def test_fused_pruned_model_loads_with_transformers(pruned_fused, prompts, reference_logits):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(pruned_fused), dtype=torch.float32).eval()
+    assert model.config.text_config.num_experts == K
+    block = model.model.language_model.layers[0].mlp
+    assert block.gate.weight.shape[0] == K and block.experts.gate_up_proj.shape[0] == K
+    assert_same_logits(model, prompts, reference_logits)
+
+
+def test_fused_tensors_hold_the_kept_experts_in_order(tiny_model, pruned_fused):
+    source, pruned = read_tensors(tiny_model), read_tensors(pruned_fused)
+    for layer, kept in KEEP.items():
+        prefix = f"model.language_model.layers.{layer}.mlp"
+        for key in (f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj", f"{prefix}.gate.weight"):
+            assert torch.equal(pruned[key], source[key][kept]), key
+    assert set(pruned) == set(source)
+    others = [k for k in source if ".mlp." not in k]
+    assert others and all(torch.equal(pruned[k], source[k]) for k in others)
+    record = json.loads((pruned_fused / PRUNING_RECORD).read_text())
+    assert record["tensors"] == {"copied": len(source) - 12, "sliced": 12, "renumbered": 0, "dropped": 0}
+    assert record["experts_to_keep"] == {str(layer): ids for layer, ids in KEEP.items()}
+    assert record["id_map"]["1"] == {str(old): new for new, old in enumerate(KEEP[1])}
+    assert record["source_path"] == str(tiny_model.resolve())
+    assert (record["source_num_experts"], record["num_experts"], record["moe_layers"]) == (12, K, [0, 1, 2, 3])
+    assert record["config_keys_updated"] == ["text_config.num_experts"]
+    assert record["bytes_written"] == sum((pruned_fused / s).stat().st_size for s in Checkpoint(pruned_fused).shards)
+    assert record["verify"]["forward"] == "ok"
+    assert record["verify"]["source_keys"] == {"copied": len(source) - 12, "sliced": 12}
+
+
+# ----------------------------------------------------------------------------------------------- (2) per-expert
+
+def test_per_expert_ids_renumbered_and_equivalent(tiny_model_per_expert, pruned_per_expert, prompts,
+                                                  reference_logits):
+    source, pruned = read_tensors(tiny_model_per_expert), read_tensors(pruned_per_expert)
+    for layer, kept in KEEP.items():
+        prefix = f"model.language_model.layers.{layer}.mlp.experts"
+        ids = {int(k[len(prefix) + 1:].split(".")[0]) for k in pruned if k.startswith(prefix + ".")}
+        assert ids == set(range(K))
+        for new, old in enumerate(kept):
+            for proj in PROJS:
+                assert torch.equal(pruned[f"{prefix}.{new}.{proj}.weight"], source[f"{prefix}.{old}.{proj}.weight"])
+    record = json.loads((pruned_per_expert / PRUNING_RECORD).read_text())
+    assert record["tensors"]["renumbered"] == 4 * K * 3 and record["tensors"]["dropped"] == 4 * 5 * 3
+    assert_same_logits(load_model(pruned_per_expert), prompts, reference_logits)
+
+
+# ----------------------------------------------------------------------------------------------- (3) quantized
+
+QUANT_SUFFIXES = {
+    "awq": {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16},
+    "fp8": {"weight": torch.float8_e4m3fn, "weight_scale_inv": torch.float32},
+    "compressed-tensors": {"weight_packed": torch.int32, "weight_scale": torch.bfloat16,
+                           "weight_zero_point": torch.int8, "weight_shape": torch.int64},
+}
+QUANT_CONFIGS = {
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True,
+            "modules_to_not_convert": ["visual", "mlp.gate", "model.language_model.layers.1.mlp.experts.6",
+                                       "layers.2.mlp.experts.3.down_proj", "layers.2.mlp.experts.9.up_proj"]},
+    "fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+            "modules_to_not_convert": ["lm_head", "model.language_model.layers.0.mlp.gate",
+                                       "model.language_model.layers.0.mlp.experts.1.gate_proj",
+                                       "model.language_model.layers.0.mlp.experts.2.up_proj"]},
+    "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                           "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4}}},
+                           "ignore": ["lm_head", "model.visual.blocks.0.attn.qkv",
+                                      "model.language_model.layers.3.mlp.gate",
+                                      "model.language_model.layers.3.mlp.experts.0.down_proj",
+                                      "model.language_model.layers.3.mlp.experts.11.down_proj"]},
+}
+REWRITTEN = {
+    "awq": ["visual", "mlp.gate", "model.language_model.layers.1.mlp.experts.3", "layers.2.mlp.experts.5.up_proj"],
+    "fp8": ["lm_head", "model.language_model.layers.0.mlp.gate",
+            "model.language_model.layers.0.mlp.experts.1.up_proj"],
+    "compressed-tensors": ["lm_head", "model.visual.blocks.0.attn.qkv", "model.language_model.layers.3.mlp.gate",
+                           "model.language_model.layers.3.mlp.experts.6.down_proj"],
+}
+QUANT_LIST = {"awq": "modules_to_not_convert", "fp8": "modules_to_not_convert", "compressed-tensors": "ignore"}
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Random bytes reinterpreted as ``dtype``: every tensor's contents are distinct."""
+    nbytes = torch.empty((), dtype=dtype).element_size() * int(torch.tensor(shape).prod())
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator).view(dtype).reshape(shape)
+
+
+def write_quantized_checkpoint(folder: Path, tiny_model: Path, method: str) -> Path:
+    """A per-expert checkpoint with ``method``'s tensor suffixes, router, and a few non-expert tensors."""
+    folder.mkdir()
+    config = json.loads((tiny_model / "config.json").read_text())
+    config["quantization_config"] = QUANT_CONFIGS[method]
+    if method == "fp8":  # some exports repeat it under text_config
+        config["text_config"]["quantization_config"] = QUANT_CONFIGS[method]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    generator = torch.Generator().manual_seed(7)
+    shards: list[dict[str, torch.Tensor]] = [{}, {}]
+    shards[0]["model.language_model.embed_tokens.weight"] = torch.randn(16, 64, generator=generator)
+    shards[1]["model.visual.blocks.0.attn.qkv.weight"] = torch.randn(96, 32, generator=generator)
+    for layer in range(4):
+        mlp = f"model.language_model.layers.{layer}.mlp"
+        shard = shards[layer // 2]
+        shard[f"{mlp}.gate.weight"] = torch.randn(12, 64, generator=generator)
+        for expert in range(12):
+            for proj in PROJS:
+                for suffix, dtype in QUANT_SUFFIXES[method].items():
+                    shape = (2,) if suffix == "weight_shape" else (6, 8)
+                    shard[f"{mlp}.experts.{expert}.{proj}.{suffix}"] = random_tensor(dtype, shape, generator)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-00002.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt", "producer": f"test-{method}"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return folder
+
+
+@pytest.mark.parametrize("method", sorted(QUANT_SUFFIXES))
+def test_quantized_suffixes_follow_their_expert(tiny_model, tmp_path, method):
+    source = write_quantized_checkpoint(tmp_path / "src", tiny_model, method)
+    before = snapshot(source)
+    record = prune_checkpoint(source, tmp_path / "out", KEEP, verify=True, progress=False)
+    assert snapshot(source) == before
+    src, out = read_tensors(source), read_tensors(tmp_path / "out")
+    suffixes = QUANT_SUFFIXES[method]
+    for layer, kept in KEEP.items():
+        experts = f"model.language_model.layers.{layer}.mlp.experts"
+        for new, old in enumerate(kept):
+            for proj in PROJS:
+                for suffix, dtype in suffixes.items():
+                    tensor = out[f"{experts}.{new}.{proj}.{suffix}"]
+                    assert tensor.dtype == dtype
+                    assert raw(tensor) == raw(src[f"{experts}.{old}.{proj}.{suffix}"])
+        assert not [k for k in out if k.startswith(f"{experts}.{K}.")]
+        router = f"model.language_model.layers.{layer}.mlp.gate.weight"
+        assert torch.equal(out[router], src[router][kept])
+    assert len(out) == 2 + 4 + 4 * K * 3 * len(suffixes)
+    assert record["tensors"]["dropped"] == 4 * 5 * 3 * len(suffixes)
+    assert record["verify"]["forward"].startswith("skipped (quantized")
+
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    list_key = QUANT_LIST[method]
+    assert config["quantization_config"][list_key] == REWRITTEN[method]
+    untouched = {k: v for k, v in config["quantization_config"].items() if k != list_key}
+    assert untouched == {k: v for k, v in QUANT_CONFIGS[method].items() if k != list_key}
+    expected_keys = ["text_config.num_experts", f"quantization_config.{list_key}"]
+    if method == "fp8":
+        assert config["text_config"]["quantization_config"][list_key] == REWRITTEN[method]
+        expected_keys.append(f"text_config.quantization_config.{list_key}")
+    assert record["config_keys_updated"] == expected_keys
+    for shard in Checkpoint(tmp_path / "out").shards:
+        with safe_open(tmp_path / "out" / shard, "pt") as f:
+            assert f.metadata() == {"format": "pt", "producer": f"test-{method}"}
+
+
+def test_module_names_without_a_layer_are_refused():
+    id_map = {0: {0: 0, 3: 1}}
+    assert rewrite_module_names(["lm_head", "re:.*mlp.gate$", "shared_experts.3"], QWEN3_VL_MOE, id_map) == [
+        "lm_head", "re:.*mlp.gate$", "shared_experts.3"]
+    for name in ("mlp.experts.3.down_proj", r"re:.*experts\.3\..*"):
+        with pytest.raises(ReapError, match="an expert by index in a form this pruner cannot remap"):
+            rewrite_module_names([name], QWEN3_VL_MOE, id_map)
+
+
+# ----------------------------------------------------------------------------------------------- (4) files
+
+def test_config_diff_is_only_the_expert_count(tiny_model, pruned_fused):
+    source = (tiny_model / "config.json").read_text()
+    assert source.count('"num_experts": 12') == 1
+    assert (pruned_fused / "config.json").read_text() == source.replace('"num_experts": 12', f'"num_experts": {K}')
+
+
+def test_config_edit_in_place_keeps_layout_and_other_keys():
+    text = ('{\n  "vision_config": {"num_experts": 12},\n  "text_config": {\n    "num_local_experts":12,'
+            '  "num_experts": 12 ,\n    "quantization_config": {"ignore": [\n        "lm_head",\n'
+            '        "model.language_model.layers.0.mlp.experts.3.up_proj",\n'
+            '        "model.language_model.layers.0.mlp.experts.4.up_proj"\n      ]}\n  },\n'
+            '  "num_experts": 12\n}\n')
+    new, keys = prune_config_text(text, QWEN3_VL_MOE, 2, {0: {0: 0, 3: 1}})
+    assert keys == ["text_config.num_experts", "text_config.num_local_experts",
+                    "text_config.quantization_config.ignore"]
+    assert new == text.replace('"num_local_experts":12', '"num_local_experts":2').replace(
+        '"num_experts": 12 ,', '"num_experts": 2 ,').replace(
+        'experts.3.up_proj",\n        "model.language_model.layers.0.mlp.experts.4.up_proj"',
+        'experts.1.up_proj"')
+    assert json_value_spans(text, ("vision_config", "num_experts")) == [(text.index("12"), text.index("12") + 2)]
+
+
+def test_index_rebuilt_and_files_carried_over(tiny_model, pruned_fused):
+    index = json.loads((pruned_fused / INDEX_NAME).read_text())
+    tensors = {}
+    for shard in Checkpoint(pruned_fused).shards:
+        with safe_open(pruned_fused / shard, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            tensors.update({k: (shard, f.get_tensor(k)) for k in f.keys()})
+    assert index["weight_map"] == {k: shard for k, (shard, _) in tensors.items()}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for _, t in tensors.values())
+    source_index = json.loads((tiny_model / INDEX_NAME).read_text())
+    assert set(index["weight_map"].values()) == set(source_index["weight_map"].values())  # same shard names
+    assert all(source_index["weight_map"][k] == s for k, s in index["weight_map"].items())  # same partition
+    for path in tiny_model.iterdir():
+        if path.suffix != ".safetensors" and path.name not in (INDEX_NAME, "config.json"):
+            assert (pruned_fused / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_extra_files_carried_stale_and_hidden_ones_not(tiny_model, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_model, source)
+    (source / "chat_template.jinja").write_text("{{ messages }}")
+    (source / "notes.txt").write_text("anything else")
+    (source / "extra").mkdir()
+    (source / "extra" / "info.txt").write_text("kept")
+    (source / "extra" / "stray.safetensors").write_bytes(b"unpruned")
+    (source / "consolidated.safetensors").write_bytes(b"unpruned, not indexed")
+    (source / ".cache").mkdir()
+    (source / METADATA_NAME).write_text("{}")
+    index = json.loads((source / INDEX_NAME).read_text())
+    index["metadata"]["total_parameters"] = 10**6
+    (source / INDEX_NAME).write_text(json.dumps(index))
+    config_crlf = (source / "config.json").read_bytes().replace(b"\n", b"\r\n")  # Windows-edited
+    (source / "config.json").write_bytes(config_crlf)
+    metadata = tmp_path / "meta.json"
+    metadata.write_text('{"new": true}')
+
+    prune_checkpoint(source, tmp_path / "out", KEEP, reap_metadata_path=metadata, progress=False)
+    out = tmp_path / "out"
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert (out / "notes.txt").is_file() and (out / "extra" / "info.txt").is_file()
+    assert not (out / "extra" / "stray.safetensors").exists() and not (out / "consolidated.safetensors").exists()
+    assert not (out / ".cache").exists()
+    assert (out / METADATA_NAME).read_text() == '{"new": true}'
+    assert (out / "config.json").read_bytes() == config_crlf.replace(b'"num_experts": 12', b'"num_experts": 7')
+    experts = [t for k, t in read_tensors(source).items() if k.startswith("model.language_model.") and ".mlp." in k]
+    removed = sum(t.numel() for t in experts) * 5 // 12
+    assert json.loads((out / INDEX_NAME).read_text())["metadata"]["total_parameters"] == 10**6 - removed
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # not the 0700 of a temporary folder
+
+
+def test_single_file_checkpoint_without_index(tiny_model, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_model, source, ignore=shutil.ignore_patterns("*.safetensors", INDEX_NAME))
+    save_file(read_tensors(tiny_model), str(source / "model.safetensors"), metadata={"format": "pt"})
+    record = prune_checkpoint(source, tmp_path / "out", KEEP, verify=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
+    assert not (tmp_path / "out" / INDEX_NAME).exists() and record["verify"]["forward"] == "ok"
+
+
+def test_shard_left_empty_is_dropped_and_names_renumbered(tiny_model_per_expert, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_model_per_expert, source, ignore=shutil.ignore_patterns("*.safetensors", INDEX_NAME))
+    tensors = read_tensors(tiny_model_per_expert)
+    dropped = [f"model.language_model.layers.0.mlp.experts.{e}." for e in range(12) if e not in KEEP[0]]
+    middle = {k: t for k, t in tensors.items() if k.startswith(tuple(dropped))}
+    rest = [k for k in tensors if k not in middle]
+    shards = [{k: tensors[k] for k in rest[:100]}, middle, {k: tensors[k] for k in rest[100:]}]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        save_file(shard, str(source / f"model-{i:05d}-of-00003.safetensors"), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, f"model-{i:05d}-of-00003.safetensors"))
+    (source / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+
+    prune_checkpoint(source, tmp_path / "out", KEEP, verify=True, progress=False)
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert set(json.loads((tmp_path / "out" / INDEX_NAME).read_text())["weight_map"].values()) == set(names)
+
+
+# ----------------------------------------------------------------------------------------------- (5) safety
+
+def test_existing_output_refused_unless_force(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ReapError, match="already exists; pass --force"):
+        prune_checkpoint(tiny_model, out, KEEP, progress=False)
+    assert (out / "old.txt").is_file()
+    prune_checkpoint(tiny_model, out, KEEP, force=True, progress=False)
+    assert not (out / "old.txt").exists() and (out / PRUNING_RECORD).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_output_overlapping_source_refused(tiny_model, tmp_path):
+    for output, message in ((tiny_model, "is the source folder"), (tiny_model / "pruned", "inside the source"),
+                            (tiny_model.parent, "contains the source")):
+        with pytest.raises(ReapError, match=message):
+            prune_checkpoint(tiny_model, output, KEEP, force=True, progress=False)
+
+
+@pytest.mark.parametrize("keep, message", [
+    ({0: KEEP[0], 1: KEEP[1], 2: KEEP[2]}, r"layers differ from the model's MoE layers \(missing \[3\]"),
+    ({**KEEP, 4: KEEP[0]}, r"not MoE \[4\]"),
+    ({**KEEP, 2: [0, 1, 2, 3, 4, 5, 12]}, r"layer 2 names expert ids \[12\] outside 0..11"),
+    ({**KEEP, 1: [1, 1, 4, 6, 8, 10, 11]}, r"layer 1 lists expert ids \[1\] more than once"),
+    ({**KEEP, 3: [2, 3, 5, 6, 8, 10]}, r"uneven counts across layers \(\[6, 7\]\)"),
+    ({layer: ids[:3] for layer, ids in KEEP.items()}, r"keeps 3 experts per layer, fewer than the 4"),
+])
+def test_metadata_that_does_not_fit_is_refused(tiny_model, tmp_path, keep, message):
+    with pytest.raises(ReapError, match=message):
+        prune_checkpoint(tiny_model, tmp_path / "out", keep, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_expert_indexed_key_refused(tiny_model, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_model, source)
+    shard = Checkpoint(source).shards[0]
+    with safe_open(source / shard, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.visual.blocks.0.mlp.experts.3.weight"] = torch.zeros(2)
+    save_file(tensors, str(source / shard), metadata={"format": "pt"})
+    index = json.loads((source / INDEX_NAME).read_text())
+    index["weight_map"]["model.visual.blocks.0.mlp.experts.3.weight"] = shard
+    (source / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(ReapError, match="carries an expert index but matches no"):
+        prune_checkpoint(source, tmp_path / "out", KEEP, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_midway_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    real = pruning.write_shard
+    calls = []
+
+    def failing(source, out, shard, advance):
+        calls.append(shard.name)
+        if len(calls) == 2:
+            raise RuntimeError("disk vanished")
+        return real(source, out, shard, advance)
+
+    monkeypatch.setattr(pruning, "write_shard", failing)
+    before = snapshot(tiny_model)
+    with pytest.raises(RuntimeError, match="disk vanished"):
+        prune_checkpoint(tiny_model, tmp_path / "out", KEEP, progress=False)
+    assert len(calls) == 2 and not list(tmp_path.iterdir())
+    assert snapshot(tiny_model) == before
+
+
+def test_not_enough_disk_space_refused(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(pruning.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    with pytest.raises(ReapError, match="not enough disk space .* free some space or choose another --output"):
+        prune_checkpoint(tiny_model, tmp_path / "out", KEEP, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_verify_catches_wrong_counts_shapes_and_bytes(tiny_model, pruned_fused, tmp_path):
+    with pytest.raises(ReapError, match="verify: pruned config says 7 experts"):
+        pruning.verify_pruned(Checkpoint(tiny_model), pruned_fused, {layer: ids[:6] for layer, ids in KEEP.items()})
+    broken = tmp_path / "broken"
+    shutil.copytree(pruned_fused, broken)
+    key = "model.language_model.layers.2.mlp.experts.down_proj"
+    shard = broken / Checkpoint(broken).weight_map[key]
+    tensor = pruning.read_header(shard).tensors[key]
+    with open(shard, "r+b") as f:  # flip the first bytes of expert 0's slab
+        f.seek(tensor.begin)
+        f.write(bytes(255 - b for b in f.read(8))[::-1])
+    with pytest.raises(ReapError, match=f"verify: {key} in .* differs from the source bytes"):
+        pruning.verify_pruned(Checkpoint(tiny_model), broken, KEEP)
+    with safe_open(shard, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[key] = torch.cat([tensors[key], tensors[key][:1]])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ReapError, match=f"verify: {key} has shape \\[8, "):
+        pruning.verify_pruned(Checkpoint(tiny_model), broken, KEEP)
+
+
+# ----------------------------------------------------------------------------------------------- (6) CLI
+
+def clean_env() -> dict[str, str]:
+    """No REAP_* from the developer's shell; the subprocesses run in tmp_path, away from any .env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REAP_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_reap_then_prune_model_end_to_end(tiny_model, calibration, tmp_path):
+    reap_out, out = tmp_path / "reap", tmp_path / "pruned"
+    done = run_script("reap.py", "--model", str(tiny_model), "--calibration",
+                      str(calibration / "calibration_data.json"), "--output", str(reap_out), "--mode", "router",
+                      "--criterion", "frequency", "--prune-ratio", "0.25", "--device", "cpu", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    metadata = json.loads((reap_out / METADATA_NAME).read_text())
+
+    # Defaults: <--reap-output>/reap_metadata.json, the model recorded there, its selection as is.
+    done = run_script("prune_model.py", "--reap-output", str(reap_out), "--output", str(out), "--verify", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "kept 9 of 12" in done.stdout and "forward ok" in done.stdout
+    record = json.loads((out / PRUNING_RECORD).read_text())
+    assert record["experts_to_keep"] == metadata["experts_to_keep"] and record["num_experts"] == 9
+    assert record["source_path"] == str(tiny_model.resolve()) and record["verify"]["forward"] == "ok"
+    assert json.loads((out / METADATA_NAME).read_text()) == metadata
+
+    done = run_script("prune_model.py", "--reap-output", str(reap_out), "--output", str(out), cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.startswith("error: output") and "--force" in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+    # An explicit ratio and criterion recompute the selection from the stored metrics.
+    done = run_script("prune_model.py", "--model", str(tiny_model), "--metadata", str(reap_out / METADATA_NAME),
+                      "--output", str(out), "--prune-ratio", "0.5", "--criterion", "weighted_frequency", "--force",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / PRUNING_RECORD).read_text())
+    expected = select_experts(metadata["metrics"], metadata["moe_layers"], "weighted_frequency", 6)
+    assert expected != {int(k): v[:6] for k, v in metadata["experts_to_keep"].items()}
+    assert record["num_experts"] == 6 and record["experts_to_keep"] == {str(k): v for k, v in expected.items()}
+
+
+def test_prune_model_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from prune_model import main  # conftest puts the repository root on sys.path
+    from reap_vlm.cli import run_main
+
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.startswith("REAP_")]:
+        monkeypatch.delenv(name)
+    assert run_main(main, ["--metadata", str(tmp_path / "missing.json"), "--output", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no REAP metadata at") and "--metadata" in err and err.count("\n") == 1
+    assert run_main(main, ["--prune-ratio", "1.5"]) == 2
+    assert capsys.readouterr().err.startswith("error: --prune-ratio / REAP_PRUNE_RATIO='1.5' is not valid")
+    (tmp_path / "meta.json").write_text(json.dumps({"moe_layers": [0], "experts_to_keep": {"0": [0]},
+                                                    "num_experts": 12, "model_path": str(tmp_path / "gone")}))
+    assert run_main(main, ["--metadata", str(tmp_path / "meta.json")]) == 1
+    assert "is not a checkpoint folder; pass --model" in capsys.readouterr().err
