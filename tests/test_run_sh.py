@@ -1,0 +1,488 @@
+"""run.sh: mode selection (fake docker), native runs (fake python), the venv stamp, demo, clean; and the static
+shape of Dockerfile / docker-compose.yml. Fast: no network, no real venv, no Docker engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SH = ROOT / "run.sh"
+BASH = shutil.which("bash")
+
+pytestmark = pytest.mark.skipif(BASH is None or not RUN_SH.is_file(), reason="needs bash and run.sh")
+
+# A fake program: logs {"prog", "argv", "env"} as one JSON line to $FAKE_LOG, then behaves as $FAKE_* says.
+FAKE = textwrap.dedent(
+    """\
+    #!{python}
+    import json, os, sys
+    prog = os.path.basename(sys.argv[0])
+    args = sys.argv[1:]
+    env = {{k: v for k, v in os.environ.items() if k.startswith(("REAP_", "HF_"))}}
+    with open(os.environ["FAKE_LOG"], "a") as log:
+        log.write(json.dumps({{"prog": prog, "argv": args, "env": env}}) + "\\n")
+    if prog == "docker":
+        if args[:1] == ["info"]:
+            sys.exit(int(os.environ.get("FAKE_DOCKER_INFO_RC", "0")))
+        if args[:2] == ["compose", "version"]:
+            print(os.environ.get("FAKE_COMPOSE_VERSION", "2.30.3"))
+            sys.exit(0)
+        sys.exit(int(os.environ.get("FAKE_DOCKER_RC", "0")))
+    if prog in ("python", "python3"):
+        if args[:2] == ["-m", "venv"]:  # python3 -m venv DIR: make DIR/bin/python a fake too
+            bindir = os.path.join(args[2], "bin")
+            os.makedirs(bindir)
+            with open(__file__) as me, open(os.path.join(bindir, "python"), "w") as out:
+                out.write(me.read())
+            os.chmod(os.path.join(bindir, "python"), 0o755)
+            sys.exit(0)
+        if args[:1] == ["-c"]:  # version checks
+            sys.exit(int(os.environ.get("FAKE_PY_TOO_OLD", "0")))
+        if args[:1] == ["--version"]:
+            print("Python 3.11.7")
+            sys.exit(0)
+        if args[:2] == ["-m", "reap_vlm.fixtures"]:
+            os.makedirs("demo/model", exist_ok=True)
+            os.makedirs("demo/calibration", exist_ok=True)
+            open("demo/model/config.json", "w").close()
+            open("demo/calibration/calibration_data.json", "w").close()
+        if args[:1] and args[0] == os.environ.get("FAKE_PY_FAIL_ON"):
+            sys.exit(3)
+    sys.exit(0)
+    """
+).format(python=sys.executable)
+
+
+class Sandbox:
+    """A copy of run.sh (plus stub scripts) in a temporary folder, with fake programs on PATH."""
+
+    def __init__(self, tmp_path: Path):
+        self.root = tmp_path / "repo"
+        self.root.mkdir()
+        shutil.copy2(RUN_SH, self.root / "run.sh")
+        for name in ("reap.py", "prune_model.py", "test_pruned_model.py"):
+            (self.root / name).write_text("# stub\n")
+        (self.root / "requirements.txt").write_text("torch==2.11.0\n")
+        (self.root / "requirements-dev.txt").write_text("-r requirements.txt\npytest>=8\n")
+        (self.root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+        self.fakebin = tmp_path / "fakebin"
+        self.fakebin.mkdir()
+        self.log = tmp_path / "calls.jsonl"
+        self.fake_python = self.add_fake("python")
+        # Only the basic tools from the system, so that no real docker / nvidia-smi / python3 is found.
+        self.sysbin = tmp_path / "sysbin"
+        self.sysbin.mkdir()
+        for tool in ("bash", "env", "cat", "cut", "sort", "mkdir", "rm", "find", "id", "timeout", "sha256sum",
+                     "dirname", "tr", "grep", "printf"):
+            found = shutil.which(tool)
+            if found:
+                (self.sysbin / tool).symlink_to(found)
+
+    def add_fake(self, name: str) -> Path:
+        path = self.fakebin / name
+        path.write_text(FAKE)
+        path.chmod(0o755)
+        return path
+
+    def remove_fake(self, name: str) -> None:
+        (self.fakebin / name).unlink()
+
+    def run(self, *args: str, engine: bool | None = True, native_python: bool = True, **env: str):
+        """engine: True (docker info ok), False (docker info fails), None (no docker at all)."""
+        if engine is None:
+            if (self.fakebin / "docker").exists():
+                self.remove_fake("docker")
+        elif not (self.fakebin / "docker").exists():
+            self.add_fake("docker")
+        base = {
+            "PATH": f"{self.fakebin}:{self.sysbin}",
+            "HOME": str(self.root),
+            "FAKE_LOG": str(self.log),
+            "FAKE_DOCKER_INFO_RC": "0" if engine else "1",
+            "LC_ALL": "C",
+        }
+        if native_python:
+            base["REAP_PYTHON"] = str(self.fake_python)
+        base.update(env)
+        if self.log.exists():
+            self.log.unlink()
+        return subprocess.run([BASH, str(self.root / "run.sh"), *args], cwd=self.root, env=base,
+                              capture_output=True, text=True, timeout=60)
+
+    def calls(self, prog: str | None = None) -> list[dict]:
+        if not self.log.exists():
+            return []
+        rows = [json.loads(line) for line in self.log.read_text().splitlines()]
+        return [r for r in rows if prog is None or r["prog"] == prog]
+
+    def compose_calls(self) -> list[list[str]]:
+        return [c["argv"] for c in self.calls("docker") if c["argv"][:1] == ["compose"]
+                and c["argv"][1:2] != ["version"]]
+
+
+@pytest.fixture
+def box(tmp_path) -> Sandbox:
+    sandbox = Sandbox(tmp_path)
+    sandbox.add_fake("nvidia-smi")  # a GPU host unless a test removes it
+    return sandbox
+
+
+# ------------------------------------------------------------------------------------------------ mode selection
+
+
+def test_engine_up_runs_in_container(box):
+    result = box.run("reap", "--foo", "bar")
+    assert result.returncode == 0, result.stderr
+    assert box.compose_calls() == [["compose", "run", "--rm", "reap", "python", "reap.py", "--foo", "bar"]]
+    assert box.calls("python") == []
+
+
+@pytest.mark.parametrize(("command", "script"), [("prune", "prune_model.py"), ("test", "test_pruned_model.py")])
+def test_engine_up_other_scripts(box, command, script):
+    result = box.run(command, "--model", "a b")
+    assert result.returncode == 0, result.stderr
+    assert box.compose_calls() == [["compose", "run", "--rm", "reap", "python", script, "--model", "a b"]]
+
+
+def test_container_exit_code_propagates(box):
+    result = box.run("reap", FAKE_DOCKER_RC="7")
+    assert result.returncode == 7
+
+
+def test_container_gets_reap_variables_but_not_launcher_ones(box):
+    result = box.run("reap", REAP_PRUNE_RATIO="0.3", HF_TOKEN="t", REAP_DATA_DIR="data", REAP_UID="1234",
+                     OTHER="x")
+    assert result.returncode == 0, result.stderr
+    (call,) = box.compose_calls()
+    assert call[:3] == ["compose", "run", "--rm"]
+    assert call[call.index("reap"):] == ["reap", "python", "reap.py"]
+    forwarded = [call[i + 1] for i, arg in enumerate(call) if arg == "-e"]
+    assert forwarded == ["HF_TOKEN", "REAP_PRUNE_RATIO"]
+    (docker_env,) = [c["env"] for c in box.calls("docker") if c["argv"][:2] == ["compose", "run"]]
+    assert docker_env["REAP_UID"] == "1234" and docker_env["REAP_GID"] == str(os.getgid())
+    assert (box.root / "output").is_dir() and (box.root / "data").is_dir()
+
+
+@pytest.mark.parametrize("engine", [False, None], ids=["docker-info-fails", "no-docker"])
+def test_no_engine_runs_natively(box, engine):
+    result = box.run("reap", "--foo", "bar", engine=engine)
+    assert result.returncode == 0, result.stderr
+    assert [c["argv"] for c in box.calls("python")] == [["reap.py", "--foo", "bar"]]
+    assert box.compose_calls() == []
+
+
+def test_native_exit_code_propagates(box):
+    result = box.run("prune", engine=False, FAKE_PY_FAIL_ON="prune_model.py")
+    assert result.returncode == 3
+
+
+def test_runtime_native_overrides_engine(box):
+    result = box.run("reap", "-x", REAP_RUNTIME="native")
+    assert result.returncode == 0, result.stderr
+    assert [c["argv"] for c in box.calls("python")] == [["reap.py", "-x"]]
+    assert box.calls("docker") == []
+
+
+@pytest.mark.parametrize("line", ["REAP_RUNTIME='native'", "export REAP_RUNTIME=native  # no container"])
+def test_runtime_native_from_dotenv(box, line):
+    (box.root / ".env").write_text(f"# comment\nREAP_RUNTIME=docker\n{line}\nREAP_MODEL_PATH=a path with spaces\n")
+    result = box.run("reap")
+    assert result.returncode == 0, result.stderr
+    assert box.calls("docker") == [] and len(box.calls("python")) == 1
+    assert box.run("reap", REAP_RUNTIME="auto").returncode == 0  # the environment beats .env
+    assert len(box.compose_calls()) == 1
+
+
+def test_runtime_docker_without_engine_fails(box):
+    result = box.run("reap", engine=False, REAP_RUNTIME="docker")
+    assert result.returncode == 1
+    assert "Docker engine" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert box.calls("python") == []
+
+
+def test_invalid_runtime(box):
+    result = box.run("reap", REAP_RUNTIME="podman")
+    assert result.returncode == 1 and "REAP_RUNTIME=podman" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["build", "shell"])
+def test_container_only_commands_need_engine(box, command):
+    result = box.run(command, engine=False)
+    assert result.returncode == 1
+    assert "needs a Docker engine" in result.stderr
+
+
+def test_container_commands(box):
+    assert box.run("build", "--no-cache").returncode == 0
+    assert box.compose_calls() == [["compose", "build", "--no-cache"]]
+    assert box.run("shell").returncode == 0
+    assert box.compose_calls() == [["compose", "run", "--rm", "reap", "bash"]]
+    assert box.run("selftest", "-k", "x").returncode == 0
+    assert box.compose_calls() == [["compose", "run", "--rm", "reap", "python", "-m", "pytest", "-q", "-p",
+                                    "no:cacheprovider", "-k", "x"]]
+    assert box.run("gpu").returncode == 0
+    assert box.compose_calls() == [["compose", "run", "--rm", "reap", "nvidia-smi"]]
+
+
+def test_host_without_gpu_uses_cpu_service(box):
+    box.remove_fake("nvidia-smi")
+    result = box.run("reap")
+    assert result.returncode == 0, result.stderr
+    assert box.compose_calls() == [["compose", "run", "--rm", "reap-cpu", "python", "reap.py"]]
+    assert "reap-cpu" in result.stderr
+    box.add_fake("nvidia-smi")
+    assert box.run("reap", REAP_GPU_COUNT="0").returncode == 0
+    assert box.compose_calls() == [["compose", "run", "--rm", "reap-cpu", "python", "reap.py"]]
+
+
+def test_missing_or_old_compose_plugin(box):
+    result = box.run("reap", FAKE_COMPOSE_VERSION="2.20.2")
+    assert result.returncode == 1 and "2.24" in result.stderr
+    assert box.compose_calls() == []
+    assert box.run("reap", FAKE_COMPOSE_VERSION="v2.24.0").returncode == 0
+
+
+def test_gpu_natively(box):
+    assert box.run("gpu", "-L", engine=False).returncode == 0
+    assert [c["argv"] for c in box.calls("nvidia-smi")] == [["-L"]]
+    box.remove_fake("nvidia-smi")
+    result = box.run("gpu", engine=False)
+    assert result.returncode == 1 and "nvidia-smi" in result.stderr
+
+
+def test_selftest_natively(box):
+    result = box.run("selftest", "-x", engine=False)
+    assert result.returncode == 0, result.stderr
+    assert [c["argv"] for c in box.calls("python")] == [["-m", "pytest", "-q", "-x"]]
+    assert box.run("selftest", engine=False, FAKE_PY_FAIL_ON="-m").returncode == 3
+
+
+def test_missing_env_file(box):
+    result = box.run("reap", engine=False, REAP_ENV_FILE="nope.env")
+    assert result.returncode == 1 and "nope.env" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ help, usage
+
+
+def test_help(box):
+    result = box.run("help")
+    assert result.returncode == 0
+    for word in ("reap", "prune", "test", "full", "demo", "selftest", "shell", "build", "gpu", "clean",
+                 "REAP_RUNTIME", "REAP_PYTHON", "REAP_MODEL_PATH"):
+        assert word in result.stdout
+    assert box.calls() == []  # help asks nothing of Docker
+
+
+@pytest.mark.parametrize("args", [["frobnicate"], []], ids=["unknown", "none"])
+def test_unknown_command(box, args):
+    result = box.run(*args)
+    assert result.returncode == 2
+    assert "usage: ./run.sh" in result.stderr
+    assert box.calls() == []
+
+
+# ------------------------------------------------------------------------------------------------ full, demo
+
+
+def test_full_runs_three_stages_and_stops_at_first_failure(box):
+    result = box.run("full", engine=False)
+    assert result.returncode == 0, result.stderr
+    assert [c["argv"] for c in box.calls("python")] == [["reap.py"], ["prune_model.py"], ["test_pruned_model.py"]]
+    result = box.run("full", engine=False, FAKE_PY_FAIL_ON="prune_model.py")
+    assert result.returncode == 3
+    assert [c["argv"] for c in box.calls("python")] == [["reap.py"], ["prune_model.py"]]
+    assert box.run("full", "--x", engine=False).returncode == 2
+
+
+def test_full_in_container(box):
+    assert box.run("full").returncode == 0
+    assert [call[4:] for call in box.compose_calls()] == [["python", "reap.py"], ["python", "prune_model.py"],
+                                                          ["python", "test_pruned_model.py"]]
+
+
+def test_demo_runs_every_stage_that_exists(box):
+    (box.root / ".env").write_text("REAP_METADATA_PATH=/elsewhere/reap_metadata.json\n")
+    result = box.run("demo", engine=False, REAP_KEEP_MULTIPLE="8")
+    assert result.returncode == 0, result.stderr
+    calls = box.calls("python")
+    assert [c["argv"] for c in calls] == [["-m", "reap_vlm.fixtures", "demo"], ["reap.py"],
+                                          ["prune_model.py", "--force", "--verify"], ["test_pruned_model.py"]]
+    env = calls[1]["env"]
+    assert env["REAP_ENV_FILE"] == "demo/demo.env" and env["HF_HUB_OFFLINE"] == "1"
+    assert "REAP_KEEP_MULTIPLE" not in env  # the shell's settings do not leak into the demo
+    settings = dict(line.split("=", 1) for line in (box.root / "demo/demo.env").read_text().splitlines()
+                    if line and not line.startswith("#"))
+    assert settings["REAP_MODEL_PATH"] == "demo/model"
+    assert settings["REAP_CALIBRATION_PATH"] == "demo/calibration/calibration_data.json"
+    assert settings["REAP_OUTPUT_PATH"] == "demo/output/reap"
+    assert settings["REAP_PRUNED_OUTPUT_PATH"] == "demo/output/pruned-model"
+    assert settings["REAP_TEST_OUTPUT_PATH"] == "demo/output/test-report"
+    assert settings["REAP_DEVICE"] == "cpu"
+    assert 12 - int(12 * float(settings["REAP_PRUNE_RATIO"])) >= 4  # the tiny model: 12 experts, top-4
+    assert "REAP_METADATA_PATH" not in settings
+    assert "demo/output/pruned-model" in result.stdout and "skipped" not in result.stdout
+    # A rerun reuses the model and calibration set.
+    assert box.run("demo", engine=False).returncode == 0
+    assert [c["argv"][0] for c in box.calls("python")] == ["reap.py", "prune_model.py", "test_pruned_model.py"]
+
+
+def test_demo_skips_missing_stages(box):
+    (box.root / "test_pruned_model.py").unlink()
+    result = box.run("demo", engine=False)
+    assert result.returncode == 0, result.stderr
+    assert [c["argv"][0] for c in box.calls("python")] == ["-m", "reap.py", "prune_model.py"]
+    assert "test (test_pruned_model.py not found)" in result.stdout
+    (box.root / "prune_model.py").unlink()
+    result = box.run("demo", engine=False)
+    assert result.returncode == 0, result.stderr
+    assert [c["argv"][0] for c in box.calls("python")] == ["reap.py"]
+    assert "prune (prune_model.py not found)" in result.stdout
+
+
+def test_demo_in_container(box):
+    result = box.run("demo", REAP_BATCH_SIZE="4")
+    assert result.returncode == 0, result.stderr
+    calls = box.compose_calls()
+    assert [c[c.index("reap") + 1:] for c in calls] == [
+        ["python", "-m", "reap_vlm.fixtures", "demo"], ["python", "reap.py"],
+        ["python", "prune_model.py", "--force", "--verify"], ["python", "test_pruned_model.py"]]
+    assert all("REAP_BATCH_SIZE" not in c and "HF_HUB_OFFLINE" in c for c in calls)
+    run_env = [c["env"] for c in box.calls("docker") if c["argv"][:2] == ["compose", "run"]]
+    assert all(env["REAP_ENV_FILE"] == "demo/demo.env" for env in run_env)  # compose's env_file
+
+
+def test_demo_stage_failure_stops(box):
+    result = box.run("demo", engine=False, FAKE_PY_FAIL_ON="reap.py")
+    assert result.returncode == 3
+    assert [c["argv"][0] for c in box.calls("python")] == ["-m", "reap.py"]
+
+
+# ------------------------------------------------------------------------------------------------ native .venv
+
+
+def test_venv_created_once_and_reinstalled_when_requirements_change(box):
+    box.add_fake("python3")
+    first = box.run("reap", engine=False, native_python=False)
+    assert first.returncode == 0, first.stderr
+    assert [c["argv"][:2] for c in box.calls("python3")][-1] == ["-m", "venv"]
+    venv_calls = [c["argv"] for c in box.calls("python")]
+    assert venv_calls == [["-m", "pip", "install", "--disable-pip-version-check", "-r", "requirements-dev.txt",
+                           "-e", "."], ["reap.py"]]
+    assert (box.root / ".venv/.reap-requirements.sha256").is_file()
+
+    second = box.run("reap", engine=False, native_python=False)
+    assert second.returncode == 0, second.stderr
+    assert box.calls("python3") == []
+    assert [c["argv"] for c in box.calls("python")] == [["reap.py"]]
+
+    (box.root / "requirements.txt").write_text("torch==2.11.0\nnumpy\n")
+    third = box.run("reap", engine=False, native_python=False)
+    assert [c["argv"][:3] for c in box.calls("python")] == [["-m", "pip", "install"], ["reap.py"]]
+    assert third.returncode == 0
+
+
+def test_existing_venv_without_stamp_gets_installed(box):
+    bindir = box.root / ".venv/bin"
+    bindir.mkdir(parents=True)
+    shutil.copy2(box.fake_python, bindir / "python")
+    result = box.run("reap", engine=False, native_python=False)
+    assert result.returncode == 0, result.stderr
+    assert [c["argv"][:3] for c in box.calls("python")] == [["-m", "pip", "install"], ["reap.py"]]
+
+
+def test_failed_install_leaves_no_stamp(box):
+    bindir = box.root / ".venv/bin"
+    bindir.mkdir(parents=True)
+    shutil.copy2(box.fake_python, bindir / "python")
+    result = box.run("reap", engine=False, native_python=False, FAKE_PY_FAIL_ON="-m")
+    assert result.returncode == 1 and "rerun" in result.stderr
+    assert not (box.root / ".venv/.reap-requirements.sha256").exists()
+    assert [c["argv"][0] for c in box.calls("python")] == ["-m"]  # reap.py never ran
+
+
+def test_old_python_refused(box):
+    box.add_fake("python3")
+    result = box.run("reap", engine=False, native_python=False, FAKE_PY_TOO_OLD="1")
+    assert result.returncode == 1 and "3.10" in result.stderr
+    assert not (box.root / ".venv").exists()
+
+
+def test_reap_python_must_exist(box):
+    result = box.run("reap", engine=False, REAP_PYTHON="/nonexistent/python")
+    assert result.returncode == 1 and "REAP_PYTHON" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ clean
+
+
+def test_clean(box):
+    for folder in ("output/reap", "demo/output/reap", "demo/model", ".pytest_cache", "reap_vlm/__pycache__",
+                   ".venv/bin", "data/models", ".venv/lib/__pycache__"):
+        (box.root / folder).mkdir(parents=True)
+    result = box.run("clean")
+    assert result.returncode == 0, result.stderr
+    gone = ("output", "demo/output", ".pytest_cache", "reap_vlm/__pycache__")
+    assert not any((box.root / g).exists() for g in gone)
+    assert all((box.root / k).exists() for k in ("demo/model", ".venv/bin", "data/models", ".venv/lib/__pycache__"))
+    assert box.calls() == []
+    assert box.run("clean", "--all").returncode == 0
+    assert not (box.root / ".venv").exists() and not (box.root / "demo").exists()
+    assert (box.root / "data/models").is_dir()
+    assert box.run("clean", "--everything").returncode == 2
+
+
+# ------------------------------------------------------------------------------------------------ static config
+
+
+def _compose() -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_service():
+    compose = _compose()
+    service = compose["services"]["reap"]
+    assert service["image"] == "reap-vlm" and service["working_dir"] == "/app"
+    assert service["build"]["dockerfile"] == "Dockerfile"
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == "${REAP_GPU_COUNT:-all}"
+    assert service["env_file"] == [{"path": "${REAP_ENV_FILE:-.env}", "required": False}]
+    assert "${REAP_DATA_DIR:-./data}:/app/data" in service["volumes"]
+    assert "./output:/app/output" in service["volumes"]
+    assert any(v.startswith("hf-cache:") for v in service["volumes"]) and "hf-cache" in compose["volumes"]
+    assert service["ulimits"]["memlock"] == -1 and service["shm_size"]
+    assert "network_mode" not in service
+    cpu = compose["services"]["reap-cpu"]
+    assert "deploy" not in cpu and cpu["volumes"] == service["volumes"] and cpu["profiles"] == ["cpu"]
+
+
+def test_dockerfile_and_compose_agree():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(.*)$", dockerfile, flags=re.M))
+    build_args = _compose()["services"]["reap"]["build"]["args"]
+    for name, value in build_args.items():
+        default = re.fullmatch(r"\$\{REAP_\w+:-(.*)\}", value).group(1)
+        assert args[name].strip('"') == default, name
+    assert args["INSTALL_FLASH_ATTN"] == "0" and args["INSTALL_VLLM"] == "0"
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in dockerfile
+    assert "HEALTHCHECK" not in dockerfile and "HF_HUB_OFFLINE=" not in dockerfile
+    users = re.findall(r"^USER (\S+)", dockerfile, flags=re.M)
+    assert users and users[-1] not in ("root", "0", "0:0")
+    # Requirements are installed before the code is copied (layer caching).
+    assert dockerfile.index("COPY requirements.txt requirements-dev.txt") < dockerfile.index("COPY . /app")
+
+
+def test_dockerignore_keeps_data_out():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", ".env", "data", "output", "demo", "cache", "**/__pycache__"):
+        assert entry in ignored
