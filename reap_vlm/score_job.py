@@ -10,6 +10,7 @@ from .checkpoint import Checkpoint, load_model, load_processor, resolve_device, 
 from .distributed import DistContext
 from .engine import STATE_NAME, ResumeState, fingerprint, run_batches
 from .errors import ReapError
+from .layerwise import choose_engine, run_layerwise
 from .metadata import METHODOLOGY, REAP_VERSION, write_heatmap, write_metadata
 from .scoring import METRICS_BY_MODE, ExpertStats, ReapObserver
 from .selection import num_to_keep, select_experts
@@ -46,13 +47,16 @@ def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: in
                              settings.skip_bad_samples)
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
-    model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
+    engine = choose_engine(ckpt, device, settings.engine)
+    model = None
+    if engine == "model":
+        model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
+        found = [layer for layer, _ in family.moe_blocks(model)]
+        if found != ckpt.moe_layers:
+            raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {ckpt.moe_layers}")
     t_load = time.perf_counter()
 
     moe_layers = ckpt.moe_layers
-    found = [layer for layer, _ in family.moe_blocks(model)]
-    if found != moe_layers:
-        raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {moe_layers}")
     stats = ExpertStats.empty(moe_layers, ckpt.num_experts, device)
     observer = ReapObserver(family, stats, settings.scoring_mode)
     resume = None
@@ -65,9 +69,12 @@ def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: in
         name = STATE_NAME if not dist.enabled else f"reap_state.rank{dist.rank}-of-{dist.world_size}.pt"
         resume = ResumeState(Path(settings.output_path) / name, key)
     my_samples = dist.my_samples(calib.samples, settings.batch_size)
-    run = run_batches(model, processor, my_samples, observer, batch_size=settings.batch_size,
-                      max_seq_len=settings.max_seq_len, max_pixels=settings.max_pixels, resume=resume,
-                      checkpoint_every=settings.checkpoint_every, device=device, stop_after=stop_after)
+    common = dict(batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, max_pixels=settings.max_pixels,
+                  resume=resume, checkpoint_every=settings.checkpoint_every, device=device, stop_after=stop_after)
+    if engine == "model":
+        run = run_batches(model, processor, my_samples, observer, **common)
+    else:
+        run = run_layerwise(ckpt, processor, my_samples, observer, dtype=dtype, **common)
     dist.all_reduce(stats)
     t_score = time.perf_counter()
 
@@ -96,7 +103,7 @@ def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: in
         "experts_to_keep": {str(layer): ids for layer, ids in kept.items()},
         "mean_scores": metrics[settings.criterion],
         "metrics": metrics,
-        "run": {**run, "world_size": dist.world_size},
+        "run": {**run, "engine": engine, "world_size": dist.world_size},
         "timings": {"load": t_load - t0, "scoring": t_score - t_load, "total": time.perf_counter() - t0},
     }
     if stop_after is not None and run["resumed_from"] + stop_after < run["batches"]:

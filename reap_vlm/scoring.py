@@ -43,6 +43,15 @@ METRICS_BY_MODE = {
 }
 
 
+def _full_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[n_valid, ...] -> [T, ...] with zeros at the invalid rows; [T, ...] unchanged."""
+    if values.shape[0] == valid.shape[0]:
+        return values
+    out = values.new_zeros((valid.shape[0], *values.shape[1:]))
+    out[valid] = values
+    return out
+
+
 def _ratio(num: torch.Tensor, den: torch.Tensor | float) -> torch.Tensor:
     den = torch.as_tensor(den, dtype=torch.float64, device=num.device)
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
@@ -67,41 +76,51 @@ class LayerStats:
 
     def observe(self, *, router_logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 valid: torch.Tensor, image: torch.Tensor, routed_norms: torch.Tensor | None = None,
-                all_norms: torch.Tensor | None = None) -> None:
+                all_norms: torch.Tensor | None = None, n_valid: int | None = None,
+                n_image: int | None = None) -> None:
         """Add one batch.  Rows are tokens; only rows where ``valid`` is set count.
 
-        routed_norms[t, i] = ||E_{topk_ids[t, i]}(x_t)||; all_norms[t, j] = ||E_j(x_t)|| (full mode).
+        routed_norms[t, i] = ||E_{topk_ids[t, i]}(x_t)||; all_norms[t, j] = ||E_j(x_t)|| (full mode);
+        either may hold every row or only the valid ones.  ``n_valid`` / ``n_image`` (the counts of
+        valid and valid image rows), when given, spare a device sync.
+
+        Rows are masked with ``torch.where`` rather than selected, so no step waits on the device
+        (adding exact zeros leaves float64 sums as they were).
         """
         device = self.sums["count"].device
-        valid = valid.to(device)
-        ids = topk_ids.to(device)[valid]
-        gates = topk_weights.to(device)[valid].to(torch.float64)
-        is_image = image.to(device)[valid]
-        ones = torch.ones_like(gates)
-        self.n_tokens += int(valid.sum())
-        self.n_image_tokens += int(is_image.sum())
+        f64 = torch.float64
+        valid = valid.to(device).reshape(-1).bool()
+        image = image.to(device).reshape(-1).bool() & valid
+        text = valid & ~image
+        ids = topk_ids.to(device)
+        rows = valid[:, None]
+        zero = torch.zeros((), dtype=f64, device=device)
+        ones = rows.expand_as(ids).to(f64)
+        image_w = image[:, None].expand_as(ids).to(f64)
+        text_w = text[:, None].expand_as(ids).to(f64)
+        gates = torch.where(rows, topk_weights.to(device, f64), zero)
         self._add("count", ids, ones)
         self._add("weighted_frequency", ids, gates)
-        image_rows = is_image[:, None].expand_as(ids)
-        self._add("count_image", ids[image_rows], ones[image_rows])
-        self._add("count_text", ids[~image_rows], ones[~image_rows])
-        probs = torch.softmax(router_logits.to(device)[valid].float(), dim=-1).to(torch.float64)
+        self._add("count_image", ids, image_w)
+        self._add("count_text", ids, text_w)
+        probs = torch.softmax(router_logits.to(device).float(), dim=-1).to(f64)
+        probs = torch.where(rows, probs, zero)
         self.sums["soft_frequency"] += probs.sum(dim=0)
         if all_norms is not None:
-            all_norms = all_norms.to(device)[valid].to(torch.float64)
+            all_norms = _full_rows(all_norms.to(device, f64), valid)
+            all_norms = torch.where(rows, all_norms, zero)
             self.sums["reap_dense_sum"] += (probs * all_norms).sum(dim=0)
             if routed_norms is None:
                 routed_norms = torch.gather(all_norms, 1, ids)
-        if routed_norms is None:
-            return
-        norms = routed_norms.to(device).to(torch.float64)
-        if norms.shape[0] != ids.shape[0]:
-            norms = norms[valid]
-        saliency = gates * norms
-        self._add("reap_sum", ids, saliency)
-        self._add("ean_sum", ids, norms)
-        self._add("reap_image_sum", ids[image_rows], saliency[image_rows])
-        self._add("reap_text_sum", ids[~image_rows], saliency[~image_rows])
+        if routed_norms is not None:
+            norms = torch.where(rows, _full_rows(routed_norms.to(device, f64), valid), zero)
+            saliency = gates * norms
+            self._add("reap_sum", ids, saliency)
+            self._add("ean_sum", ids, norms)
+            self._add("reap_image_sum", ids, saliency * image_w)
+            self._add("reap_text_sum", ids, saliency * text_w)
+        self.n_tokens += int(valid.sum()) if n_valid is None else int(n_valid)
+        self.n_image_tokens += int(image.sum()) if n_image is None else int(n_image)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         s = self.sums
@@ -162,18 +181,57 @@ class ExpertStats:
 
 # ----------------------------------------------------------------------------------------------- expert norms
 
+_MIN_CHUNK = 128  # tokens: below this the batched matmuls lose efficiency
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Memory a new allocation can get: on CUDA the driver's free memory plus PyTorch's cached, unused
+    blocks; on the CPU the kernel's MemAvailable (psutil if /proc is missing)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def full_chunk_tokens(family: ModelFamily, experts: nn.Module, x: torch.Tensor,
+                      chunk_budget_bytes: int | None = None) -> int:
+    """Tokens per chunk of ``all_expert_norms``: the budget (default: half of the free memory on
+    CUDA, capped at 16 GiB; 512 MiB on the CPU) over the working memory per token."""
+    if chunk_budget_bytes is None:
+        if x.device.type == "cuda":
+            chunk_budget_bytes = min(free_memory_bytes(x.device) // 2, 16 << 30)
+        else:
+            chunk_budget_bytes = 512 << 20
+    per_token = max(family.full_bytes_per_token(experts, x.dtype), 1)
+    chunk = max(1, chunk_budget_bytes // per_token)
+    if chunk >= 2 * _MIN_CHUNK:
+        chunk -= chunk % _MIN_CHUNK
+    return int(chunk)
+
 
 def all_expert_norms(family: ModelFamily, experts: nn.Module, x: torch.Tensor,
-                     chunk_budget_bytes: int) -> torch.Tensor:
-    """||E_j(x_t)|| for every token t and expert j: [T, E], in token chunks bounded by the budget."""
+                     chunk_budget_bytes: int | None = None) -> torch.Tensor:
+    """||E_j(x_t)|| for every token t and expert j: [T, E] float32, E_j computed in x's dtype.
+
+    All experts at once with batched matmuls (``family.all_expert_norms``), over token chunks
+    sized from free memory (``chunk_budget_bytes`` overrides)."""
     num_experts = experts.num_experts
-    ids = torch.arange(num_experts, device=x.device)
-    per_token = num_experts * 3 * _activation_width(experts) * x.element_size()
-    chunk = max(1, chunk_budget_bytes // max(per_token, 1))
     out = torch.empty(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0:
+        return out
+    chunk = full_chunk_tokens(family, experts, x, chunk_budget_bytes)
     for start in range(0, x.shape[0], chunk):
-        y = family.expert_outputs(experts, x[start:start + chunk], ids)  # [E, t, H]
-        out[start:start + chunk] = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).T
+        out[start:start + chunk] = family.all_expert_norms(experts, x[start:start + chunk])
     return out
 
 
@@ -185,7 +243,16 @@ def _activation_width(experts: nn.Module) -> int:
 
 def routed_expert_norms(family: ModelFamily, experts: nn.Module, x: torch.Tensor,
                         topk_ids: torch.Tensor) -> torch.Tensor:
-    """||E_j(x_t)|| for the routed pairs only: [T, k], matching ``topk_ids``."""
+    """||E_j(x_t)|| for the routed pairs only: [T, k], matching ``topk_ids``.
+
+    Through the family's routed forward where it has one (grouped or batched matmuls, as the
+    experts are configured), else one expert at a time."""
+    if topk_ids.numel() == 0:
+        return torch.zeros(topk_ids.shape, dtype=torch.float32, device=x.device)
+    weights = torch.ones(topk_ids.shape, dtype=x.dtype, device=x.device)
+    result = family.routed_forward(experts, x, topk_ids, weights)
+    if result is not None:
+        return result[1]
     norms = torch.zeros(topk_ids.shape, dtype=torch.float32, device=x.device)
     for expert in torch.unique(topk_ids).tolist():
         token, slot = torch.where(topk_ids == expert)
@@ -204,24 +271,46 @@ class TokenMasks:
 
     valid: torch.Tensor
     image: torch.Tensor
+    n_valid: int | None = None  # counts, when known, spare a device sync per layer
+    n_image: int | None = None
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor, image_mask: torch.Tensor) -> TokenMasks:
+        valid = attention_mask.reshape(-1).bool()
+        image = image_mask.reshape(-1).bool()
+        return cls(valid, image, int(valid.sum()), int((image & valid).sum()))
 
 
 class ReapObserver:
     """Hooks on every MoE block: the router's logits and the experts' call feed ``ExpertStats``.
 
-    The model runs its own forward (mRoPE, deepstack, the experts' own kernels); the hooks only
-    read.  Call ``set_masks`` before each forward.
+    The model runs its own forward (mRoPE, deepstack, the experts' own kernels).  Modes:
+
+    * router / full: a forward pre-hook on the experts reads (hidden, top-k ids, gate weights); full
+      mode then runs every expert on the valid tokens (``all_expert_norms``).
+    * routed: the experts module's forward is replaced (instance attribute, removed on detach) by
+      ``family.routed_forward``, the same computation as the module's own forward (same ops, same
+      result) that also returns ||E_j(x)|| of each routed pair, so REAP costs about one forward.
+      Where the family cannot reproduce the module's forward, a pre-hook computes the norms apart.
+
+    Call ``set_masks`` (or ``use_masks``) before each forward.
     """
 
-    def __init__(self, family: ModelFamily, stats: ExpertStats, mode: str, chunk_budget_bytes: int = 256 << 20):
+    def __init__(self, family: ModelFamily, stats: ExpertStats, mode: str, chunk_budget_bytes: int | None = None,
+                 fused_routed: bool = True):
         self.family, self.stats, self.mode = family, stats, mode
         self.chunk_budget_bytes = chunk_budget_bytes
+        self.fused_routed = fused_routed
         self.masks: TokenMasks | None = None
         self._logits: dict[int, torch.Tensor] = {}
         self._handles: list = []
+        self._patched: list[nn.Module] = []
 
     def set_masks(self, attention_mask: torch.Tensor, image_mask: torch.Tensor) -> None:
-        self.masks = TokenMasks(attention_mask.reshape(-1).bool(), image_mask.reshape(-1).bool())
+        self.masks = TokenMasks.of(attention_mask, image_mask)
+
+    def use_masks(self, masks: TokenMasks) -> None:
+        self.masks = masks
 
     def attach(self, blocks) -> ReapObserver:
         for layer, block in blocks:
@@ -229,14 +318,21 @@ class ReapObserver:
                 continue
             router, experts = self.family.router_of(block), self.family.experts_of(block)
             self._handles.append(router.register_forward_hook(self._router_hook(layer)))
-            self._handles.append(experts.register_forward_pre_hook(self._experts_hook(layer, experts),
-                                                                   with_kwargs=True))
+            if self.mode == "routed" and self.fused_routed and "forward" not in vars(experts):
+                experts.forward = self._routed_forward(layer, experts)
+                self._patched.append(experts)
+            else:
+                self._handles.append(experts.register_forward_pre_hook(self._experts_hook(layer, experts),
+                                                                       with_kwargs=True))
         return self
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for experts in self._patched:
+            vars(experts).pop("forward", None)
+        self._patched.clear()
 
     @contextmanager
     def attached(self, blocks):
@@ -259,9 +355,25 @@ class ReapObserver:
 
         return hook
 
+    def _routed_forward(self, layer: int, experts: nn.Module):
+        own_forward = type(experts).forward
+
+        def forward(*args, **kwargs):
+            hidden, topk_ids, topk_weights = self.family.routed_call(args, kwargs)
+            result = self.family.routed_forward(experts, hidden, topk_ids, topk_weights)
+            if result is None:  # the family cannot reproduce this forward: norms computed apart
+                self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach())
+                return own_forward(experts, *args, **kwargs)
+            out, norms = result
+            self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach(),
+                         routed_norms=norms.detach())
+            return out
+
+        return forward
+
     @torch.no_grad()
     def observe(self, layer: int, experts: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor) -> None:
+                topk_weights: torch.Tensor, routed_norms: torch.Tensor | None = None) -> None:
         masks = self.masks
         if masks is None or masks.valid.numel() != hidden.shape[0]:
             raise RuntimeError("ReapObserver.set_masks must be called with the batch's masks before the forward")
@@ -269,9 +381,11 @@ class ReapObserver:
         valid = masks.valid.to(hidden.device)
         routed = all_norms = None
         if self.mode == "full":
-            all_norms = torch.zeros(hidden.shape[0], logits.shape[-1], dtype=torch.float32, device=hidden.device)
-            all_norms[valid] = all_expert_norms(self.family, experts, hidden[valid], self.chunk_budget_bytes)
+            all_norms = all_expert_norms(self.family, experts, hidden[valid], self.chunk_budget_bytes)
         elif self.mode == "routed":
-            routed = routed_expert_norms(self.family, experts, hidden[valid], topk_ids[valid])
+            routed = routed_norms
+            if routed is None:
+                routed = routed_expert_norms(self.family, experts, hidden[valid], topk_ids[valid])
         self.stats.layers[layer].observe(router_logits=logits, topk_ids=topk_ids, topk_weights=topk_weights,
-                                         valid=valid, image=masks.image, routed_norms=routed, all_norms=all_norms)
+                                         valid=valid, image=masks.image, routed_norms=routed, all_norms=all_norms,
+                                         n_valid=masks.n_valid, n_image=masks.n_image)

@@ -18,16 +18,11 @@ from safetensors.torch import save_file
 
 from reap_vlm import pruning
 from reap_vlm.checkpoint import INDEX_NAME, Checkpoint, load_model
+from reap_vlm.config_edit import json_value_spans, prune_config_text, rewrite_module_names
 from reap_vlm.errors import ReapError
 from reap_vlm.families import QWEN3_VL_MOE
 from reap_vlm.metadata import METADATA_NAME
-from reap_vlm.pruning import (
-    PRUNING_RECORD,
-    json_value_spans,
-    prune_checkpoint,
-    prune_config_text,
-    rewrite_module_names,
-)
+from reap_vlm.pruning import PRUNING_RECORD, prune_checkpoint
 from reap_vlm.selection import select_experts
 from reap_vlm.surgery import masked_routing
 

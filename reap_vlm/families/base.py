@@ -217,3 +217,69 @@ class ModelFamily:
     def expert_outputs(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """E_j(x) before gate weighting, for experts ``expert_ids`` on every row of x: [n, T, H]."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ layer-wise face
+    # Used by ``reap_vlm.layerwise``: the model is a skeleton on the meta device and one decoder layer
+    # at a time gets real weights.  Defaults follow transformers 5's Qwen-VL naming.
+
+    def layer_of_key(self, key: str) -> int | None:
+        """Decoder-layer index of a checkpoint key, or None for keys outside the decoder layers."""
+        m = re.match(self.layer_prefix, key)
+        return int(m["layer"]) if m else None
+
+    def keys_by_layer(self, keys) -> dict[int, list[str]]:
+        """Checkpoint keys grouped by decoder layer (keys outside the layers are left out)."""
+        out: dict[int, list[str]] = {}
+        for key in keys:
+            layer = self.layer_of_key(key)
+            if layer is not None:
+                out.setdefault(layer, []).append(key)
+        return out
+
+    def prelayer_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint/module name prefixes of what runs before decoder layer 0: token embeddings and the
+        vision tower (its deepstack mergers included)."""
+        return ("model.visual.", "model.language_model.embed_tokens.")
+
+    def prelayer_keys(self, keys) -> list[str]:
+        prefixes = self.prelayer_prefixes()
+        return [k for k in keys if k.startswith(prefixes)]
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (owner of ``layers``, ``rotary_emb`` and, for Qwen3-VL, ``_deepstack_process``)."""
+        inner = getattr(model, "model", model)
+        return getattr(inner, "language_model", inner)
+
+    def multimodal_model(self, model: nn.Module) -> nn.Module:
+        """The module whose forward takes (input_ids, pixel_values, ...) and calls the text model."""
+        return getattr(model, "model", model)
+
+    def after_decoder_layer(self, text_model: nn.Module, layer: int, hidden: torch.Tensor,
+                            text_inputs: dict) -> torch.Tensor:
+        """What the text model's forward does to the hidden states right after decoder layer ``layer``,
+        given the keyword arguments the text model was called with.  Qwen3-VL: deepstack, the visual
+        features of vision layer ``deepstack_visual_indexes[layer]`` added at the visual positions,
+        through the model's own ``_deepstack_process``."""
+        embeds = text_inputs.get("deepstack_visual_embeds")
+        if embeds is not None and layer < len(embeds):
+            hidden = text_model._deepstack_process(hidden, text_inputs["visual_pos_masks"], embeds[layer])
+        return hidden
+
+    # ------------------------------------------------------------------ fast scoring face
+
+    def all_expert_norms(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """||E_j(x_t)|| for every row t of x and every expert j: [T, E] float32 (E_j in x's dtype)."""
+        ids = torch.arange(experts.num_experts, device=x.device)
+        return torch.linalg.vector_norm(self.expert_outputs(experts, x, ids), dim=-1, dtype=torch.float32).T
+
+    def full_bytes_per_token(self, experts: nn.Module, dtype: torch.dtype) -> int:
+        """Peak working memory per token of ``all_expert_norms`` (for chunk sizing)."""
+        shapes = [p.shape for p in experts.parameters() if p.dim() == 3]
+        width = 2 * sum(max(s[1], s[2]) for s in shapes)  # every projection's output, twice over: generous
+        return experts.num_experts * (width * torch.finfo(dtype).bits // 8 + 8)
+
+    def routed_forward(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The experts' forward that also returns ||E_j(x)|| of every routed pair ([T, k] float32),
+        computed once; None where the family cannot reproduce the module's own forward."""
+        return None

@@ -37,6 +37,54 @@ class FusedGateUpFamily(ModelFamily):
         gate, up = h.chunk(2, dim=-1)
         return torch.matmul(experts.act_fn(gate) * up, experts.down_proj[expert_ids].transpose(1, 2))
 
+    # -------------------------------------------------------------- fast scoring (reap_vlm.scoring)
+
+    def all_expert_norms(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row, [T, E] float32: two batched matmuls over all experts (no weight
+        gather), or on CUDA in 16-bit the fused Triton kernels (``reap_vlm.triton_experts``: the
+        [E, T, 2I] and [E, T, H] intermediates never reach memory) where they time faster."""
+        from .. import triton_experts
+
+        if triton_experts.available(experts, x):
+            return triton_experts.fastest(experts, x, self._all_expert_norms_bmm)
+        return self._all_expert_norms_bmm(experts, x)
+
+    def _all_expert_norms_bmm(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
+        num = gate_up.shape[0]
+        h = torch.bmm(x.unsqueeze(0).expand(num, -1, -1), gate_up.transpose(1, 2))  # [E, T, 2I]
+        if hasattr(experts, "_apply_gate"):
+            act = experts._apply_gate(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = experts.act_fn(gate) * up
+        del h
+        y = torch.bmm(act, down.transpose(1, 2))  # [E, T, H]
+        del act
+        return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).T
+
+    def full_bytes_per_token(self, experts: nn.Module, dtype: torch.dtype) -> int:
+        num, two_i, hidden = experts.gate_up_proj.shape
+        # gate_up output + activation (+ its temporary) or activation + down output, plus the float32 norms
+        width = max(two_i + two_i // 2 * 2, two_i // 2 + hidden)
+        return num * (width * torch.finfo(dtype).bits // 8 + 8)
+
+    def routed_forward(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor):
+        """The experts' own forward (the implementation its config names) plus the routed pairs' norms."""
+        impl = getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
+        if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
+            return None
+        if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
+            return None
+        if impl == "grouped_mm":
+            return _routed_grouped(experts, hidden, top_k_index, top_k_weights)
+        if impl == "batched_mm":
+            return _routed_batched(experts, hidden, top_k_index, top_k_weights)
+        if impl == "eager":
+            return _routed_eager(experts, hidden, top_k_index, top_k_weights)
+        return None
+
 
 _FUSED = (
     ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("H", "2I")),
@@ -50,3 +98,92 @@ QWEN3_VL_MOE = FusedGateUpFamily(
     layer_prefix=r"model\.language_model\.layers\.(?P<layer>\d+)\.",
     fused=_FUSED,
 )
+
+
+# ----------------------------------------------------------------------------------------------- fast scoring
+# Added for reap_vlm.scoring's fast paths.  ``_routed_*`` reproduce transformers 5's experts forwards
+# (integrations/moe.py: eager, batched_mm, grouped_mm) op for op, so the output is the model's own, and
+# keep the per-pair expert outputs' norms on the way (||E_j(x)||, before gate weighting).
+
+
+def _gate(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:
+    if hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(proj)
+    gate, up = proj.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def _routed_grouped(experts, hidden_states, top_k_index, top_k_weights):
+    from transformers.integrations.moe import _grouped_linear
+
+    device = hidden_states.device
+    num_experts = experts.num_experts
+    num_top_k = top_k_index.size(-1)
+    num_tokens = hidden_states.size(0)
+    hidden_dim = hidden_states.size(-1)
+    sample_weights = top_k_weights.reshape(-1)
+    expert_ids = top_k_index.reshape(-1)
+    expert_ids_g, perm = torch.sort(expert_ids)
+    selected_hidden_states_g = hidden_states[perm // num_top_k]
+    sample_weights_g = sample_weights[perm]
+    histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
+    tokens_per_expert = torch.histc(histc_input, bins=num_experts, min=0, max=num_experts - 1)
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    sentinel_mask = (expert_ids_g >= num_experts).unsqueeze(-1)
+    expert_ids_g.clamp_(max=num_experts - 1)
+    selected_hidden_states_g.masked_fill_(sentinel_mask, 0.0)
+    proj_out = _grouped_linear(selected_hidden_states_g, experts.gate_up_proj, offsets, bias=None,
+                               is_transposed=False)
+    proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
+    proj_out = _gate(experts, proj_out)
+    proj_out = _grouped_linear(proj_out, experts.down_proj, offsets, bias=None, is_transposed=False)
+    proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
+    norms_g = torch.linalg.vector_norm(proj_out, dim=-1, dtype=torch.float32)  # the one addition
+    weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=device)
+    weighted_out = weighted_out[inv_perm]
+    final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+    return final_hidden_states.to(hidden_states.dtype), norms_g[inv_perm].view(num_tokens, num_top_k)
+
+
+def _routed_batched(experts, hidden_states, top_k_index, top_k_weights):
+    from transformers.integrations.moe import _batched_linear
+
+    num_top_k = top_k_index.size(-1)
+    num_tokens = hidden_states.size(0)
+    hidden_dim = hidden_states.size(-1)
+    selected_hidden_states = hidden_states.repeat_interleave(num_top_k, dim=0)
+    sample_weights = top_k_weights.reshape(-1)
+    expert_ids = top_k_index.reshape(-1).clamp(0, experts.num_experts - 1)
+    proj_out = _batched_linear(selected_hidden_states, experts.gate_up_proj[expert_ids], bias=None,
+                               is_transposed=False)
+    proj_out = _gate(experts, proj_out)
+    proj_out = _batched_linear(proj_out, experts.down_proj[expert_ids], bias=None, is_transposed=False)
+    norms = torch.linalg.vector_norm(proj_out, dim=-1, dtype=torch.float32)
+    weighted_out = proj_out * sample_weights.unsqueeze(-1)
+    final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+    return final_hidden_states.to(hidden_states.dtype), norms.view(num_tokens, num_top_k)
+
+
+def _routed_eager(experts, hidden_states, top_k_index, top_k_weights):
+    final_hidden_states = torch.zeros_like(hidden_states)
+    norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden_states.device)
+    with torch.no_grad():
+        expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=experts.num_experts)
+        expert_mask = expert_mask.permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == experts.num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        gate, up = nn.functional.linear(current_state, experts.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+        current_hidden_states = experts.act_fn(gate) * up
+        current_hidden_states = nn.functional.linear(current_hidden_states, experts.down_proj[expert_idx])
+        norms[token_idx, top_k_pos] = torch.linalg.vector_norm(current_hidden_states, dim=-1, dtype=torch.float32)
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states, norms
+

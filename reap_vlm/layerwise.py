@@ -1,0 +1,582 @@
+"""Layer-wise REAP scoring: models larger than GPU and CPU memory, one decoder layer at a time.
+
+The model is a skeleton on the meta device (config through transformers' ``AutoConfig``, modules
+through ``AutoModelForImageTextToText.from_config`` under ``accelerate.init_empty_weights``).  For a
+group of calibration batches (as many as fit: their hidden states on the GPU when they fit, else in
+pinned host memory):
+
+1. the token embeddings and the vision tower get real weights and the model's own multimodal
+   forward runs up to the first decoder layer, where a pre-hook captures exactly what the text
+   model hands every decoder layer (hidden states, causal mask, mRoPE position embeddings, text
+   position ids) and what it keeps for after the layers (visual position mask, deepstack
+   features); then those weights are dropped;
+2. decoder layer ``i`` of the skeleton (transformers' own ``Qwen3VLMoeTextDecoderLayer``) gets its
+   weights from the safetensors (only that layer's keys, through ``checkpoint.memory_state_dict``,
+   so dequantization and layout conversion are the loader's), every batch of the group passes
+   through it with the ``ReapObserver`` hooks on, the family's ``after_decoder_layer`` adds the
+   deepstack features after the layers that take them (the text model's own ``_deepstack_process``),
+   and the weights are dropped.  The next layer is read on a background thread meanwhile.
+
+The sums are saved (``engine.ResumeState``) after each group, with the number of batches done; a
+rerun continues with the next group.  Same batches, same hooks, same kernels as the whole-model
+forward: the scores are the whole-model engine's (tests/test_layerwise.py checks it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import batches, num_batches
+from .checkpoint import Checkpoint, memory_state_dict
+from .engine import ResumeState, visual_token_mask
+from .errors import ReapError
+from .scoring import ReapObserver, TokenMasks, free_memory_bytes
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "model", "layerwise")
+AUTO_MEMORY_FRACTION = 0.85  # auto: layer-wise when the model needs more than this share of free memory
+PREFETCH_MODES = ("host", "device")
+STORAGE_MODES = ("auto", "device", "host")
+_COPY_CHUNK_BYTES = 256 << 20
+_GiB = 1 << 30
+
+
+# ----------------------------------------------------------------------------------------------- engine choice
+
+
+def _quant_bits(config: dict, text: dict) -> int:
+    q = config.get("quantization_config") or text.get("quantization_config") or {}
+    if "bits" in q:
+        return int(q["bits"])
+    if str(q.get("quant_method", "")).lower() == "fp8":
+        return 8
+    for group in (q.get("config_groups") or {}).values():
+        weights = (group or {}).get("weights") or {}
+        if "num_bits" in weights:
+            return int(weights["num_bits"])
+    return 4
+
+
+def model_bytes(ckpt: Checkpoint) -> int:
+    """Memory the whole model takes once loaded: the shards' size, scaled up for quantized weights
+    (dequantized to 16 bits; an upper bound, since norms and the vision tower stay as stored)."""
+    total = sum((ckpt.path / shard).stat().st_size for shard in ckpt.shards)
+    if ckpt.quantization:
+        total = total * 16 // max(_quant_bits(ckpt.config, ckpt.family.text_config(ckpt.config)), 1)
+    return int(total)
+
+
+def choose_engine(ckpt: Checkpoint, device: str, requested: str, *, free_bytes: int | None = None) -> str:
+    """"model" (whole model in memory, ``engine.run_batches``) or "layerwise" (``run_layerwise``).
+
+    ``requested`` "model" / "layerwise" is returned as is; "auto" picks layer-wise when the model's
+    bytes exceed 85% of the free memory of ``device`` (GPU memory on cuda, available RAM on cpu;
+    ``free_bytes`` overrides the measurement)."""
+    if requested not in ENGINES:
+        raise ReapError(f"--engine {requested!r} is not one of {', '.join(ENGINES)}")
+    if requested != "auto":
+        return requested
+    if free_bytes is None:
+        free_bytes = free_memory_bytes(device)
+    return "layerwise" if model_bytes(ckpt) > AUTO_MEMORY_FRACTION * free_bytes else "model"
+
+
+# ----------------------------------------------------------------------------------------------- tensors
+
+
+def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], obj):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _tree_map(fn, v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tree_map(fn, v) for v in obj)
+    return obj
+
+
+def _tree_tensors(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tree_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tree_tensors(v)
+
+
+def _nbytes(obj) -> int:
+    seen, total = set(), 0
+    for t in _tree_tensors(obj):
+        key = (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A contiguous copy of ``t`` on ``device``.  A transposed view (the loader's layout conversion)
+    goes over as it lies in memory, a slice of dim 0 at a time, and is transposed there, so the copy
+    needs one extra slice of memory, not one extra tensor."""
+    if device.type != "cuda":
+        return t.to(device).contiguous()
+    if t.is_contiguous() or t.dim() < 2:
+        return t.to(device, non_blocking=True).contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, device=device)
+    rows = max(1, _COPY_CHUNK_BYTES // max(1, t[0].numel() * t.element_size()))
+    for start in range(0, t.shape[0], rows):
+        out[start:start + rows].copy_(t[start:start + rows].to(device, non_blocking=True))
+    return out
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    try:
+        return t.pin_memory()
+    except RuntimeError:  # no pinned memory to be had: pageable copies still work, more slowly
+        return t
+
+
+def _release(module: nn.Module) -> None:
+    """Turn the module's parameters back into meta tensors (frees their memory)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _buffers_to(module: nn.Module, device: torch.device) -> None:
+    for sub in module.modules():
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.device.type != "meta" and b.device != device:
+                sub._buffers[name] = b.to(device)
+
+
+def _meta_params(module: nn.Module) -> list[str]:
+    return [name for name, p in module.named_parameters() if p.device.type == "meta"]
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class BatchState:
+    """One batch between decoder layers: what the text model gives every decoder layer, what it
+    keeps for after the layers (deepstack), and the observer's token masks."""
+
+    hidden: torch.Tensor  # [B, S, H]
+    layer_kwargs: dict  # attention_mask, position_ids, position_embeddings, ... as the layers get them
+    text_inputs: dict  # visual_pos_masks, deepstack_visual_embeds, ...
+    masks: TokenMasks
+    tokens: int
+
+    def nbytes(self) -> int:
+        return _nbytes([self.hidden, self.layer_kwargs, self.text_inputs])
+
+    def to(self, device: torch.device | str, pin: bool = False) -> BatchState:
+        device = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if device.type == "cpu":
+                t = t.to("cpu")
+                return _pin(t) if pin else t
+            return t.to(device, non_blocking=True)
+
+        return BatchState(move(self.hidden), _tree_map(move, self.layer_kwargs), _tree_map(move, self.text_inputs),
+                          self.masks, self.tokens)
+
+
+class _Reached(Exception):
+    """Raised by the pre-hook on decoder layer 0: the pre-layer part of the forward is done."""
+
+
+_TEXT_INPUTS_CONSUMED = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values",
+                         "use_cache")
+
+
+def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+    """The whole model on the meta device (buffers, e.g. rotary frequencies, real on the CPU)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(str(ckpt.path))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+@dataclass
+class LoadStats:
+    layers: int = 0
+    bytes: int = 0
+    read_seconds: float = 0.0  # background: safetensors read (memory_state_dict)
+    pin_seconds: float = 0.0  # background: pinning / copy to the device (prefetch "device")
+    copy_seconds: float = 0.0  # main thread: host -> device copies on the critical path
+    wait_seconds: float = 0.0  # main thread: waiting for the background read
+
+
+class LayerLoader:
+    """Reads decoder layers' tensors (``memory_state_dict``) in the background, one layer ahead, in two
+    stages on two threads: the disk read, then pinning (or the copy to the device), so the disk never
+    waits for a memcpy.
+
+    prefetch "host": into pinned host memory; ``take`` copies to the device, so the device holds one
+    layer at a time (host memory: up to three layers in flight).  "device": straight onto the device
+    on a side stream (two layers on the device, no copy on the critical path).  Quantized
+    checkpoints always use "device": the loader dequantizes on the device it is given.
+    """
+
+    def __init__(self, ckpt: Checkpoint, keys: dict[int, list[str]], device: torch.device, dtype: torch.dtype,
+                 prefetch: str = "host"):
+        if prefetch not in PREFETCH_MODES:
+            raise ReapError(f"prefetch {prefetch!r} is not one of {', '.join(PREFETCH_MODES)}")
+        self.ckpt, self.keys, self.device, self.dtype = ckpt, keys, device, dtype
+        cuda = device.type == "cuda"
+        self.prefetch = "device" if cuda and (prefetch == "device" or ckpt.quantization) else "host"
+        self.stream = torch.cuda.Stream(device) if cuda and self.prefetch == "device" else None
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="reap-layer-read")
+        self.finisher = ThreadPoolExecutor(1, thread_name_prefix="reap-layer-pin")
+        self.futures: dict[int, Future] = {}
+        self.stats = LoadStats()
+
+    def request(self, layer: int) -> None:
+        if layer in self.keys and layer not in self.futures:
+            read = self.reader.submit(self._read, layer)
+            self.futures[layer] = self.finisher.submit(self._finish, read)
+
+    def _read(self, layer: int) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        keys = self.keys[layer]
+        if self.stream is not None and self.ckpt.quantization:
+            with torch.cuda.stream(self.stream):  # dequantized where it will be used
+                state = memory_state_dict(self.ckpt, keys, self.dtype, str(self.device))
+                state = {k: v.contiguous() for k, v in state.items()}
+        else:
+            state = memory_state_dict(self.ckpt, keys, self.dtype, "cpu")
+        self.stats.read_seconds += time.perf_counter() - t0
+        return state
+
+    def _finish(self, read: Future):
+        state = read.result()
+        t0 = time.perf_counter()
+        event = None
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                state = {k: v if v.is_cuda else _to_device(_pin(v), self.device)
+                         for k, v in state.items()}
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        elif self.device.type == "cuda":
+            state = {k: _pin(v) for k, v in state.items()}
+        else:
+            state = {k: v.contiguous() for k, v in state.items()}
+        self.stats.pin_seconds += time.perf_counter() - t0
+        return state, event
+
+    def take(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer ``layer``'s tensors on the device (in-memory names and layouts, contiguous)."""
+        self.request(layer)
+        t0 = time.perf_counter()
+        state, event = self.futures.pop(layer).result()
+        t1 = time.perf_counter()
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in state.values():
+                t.record_stream(current)
+        elif self.device.type == "cuda":
+            state = {k: _to_device(v, self.device) for k, v in state.items()}
+            torch.cuda.current_stream(self.device).synchronize()  # the layer's compute waits for it anyway
+        self.stats.wait_seconds += t1 - t0
+        self.stats.copy_seconds += time.perf_counter() - t1
+        self.stats.layers += 1
+        self.stats.bytes += sum(t.numel() * t.element_size() for t in state.values())
+        return state
+
+    def close(self) -> None:
+        for future in self.futures.values():
+            future.cancel()
+        self.finisher.shutdown(wait=True)
+        self.reader.shutdown(wait=True)
+        self.futures.clear()
+
+
+class LayerwiseModel:
+    """The meta skeleton plus what it takes to give one part of it real weights at a time."""
+
+    def __init__(self, ckpt: Checkpoint, device: str | torch.device, dtype: torch.dtype,
+                 model: nn.Module | None = None):
+        self.ckpt, self.family = ckpt, ckpt.family
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = model if model is not None else build_skeleton(ckpt, dtype)
+        self.text = self.family.text_model(self.model)
+        self.multimodal = self.family.multimodal_model(self.model)
+        self.layers = self.text.layers
+        names = {id(m): n for n, m in self.model.named_modules()}
+        self.layer_prefix = {i: names[id(layer)] + "." for i, layer in enumerate(self.layers)}
+        self.layer_keys = self.family.keys_by_layer(ckpt.weight_map)
+        if sorted(self.layer_keys) != list(range(len(self.layers))):
+            raise ReapError(f"{ckpt.path}: checkpoint has decoder layers {sorted(self.layer_keys)[:5]}..., the "
+                            f"config {len(self.layers)}")
+        for i, keys in self.layer_keys.items():
+            if not all(k.startswith(self.layer_prefix[i]) for k in keys):
+                raise ReapError(f"{ckpt.path}: layer {i}'s keys do not sit under {self.layer_prefix[i]!r}")
+        self.prelayer_keys = self.family.prelayer_keys(ckpt.weight_map)
+        self.after_layer = self.family.after_decoder_layer
+        _buffers_to(self.model, self.device)
+
+    # -------------------------------------------------------------- sizes
+
+    def layer_bytes(self, layer: int) -> int:
+        """Bytes of one layer's weights in ``dtype`` (from the safetensors headers; quantized weights
+        counted dequantized)."""
+        from safetensors import safe_open
+
+        by_shard: dict[str, list[str]] = {}
+        for key in self.layer_keys[layer]:
+            by_shard.setdefault(self.ckpt.weight_map[key], []).append(key)
+        item = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
+        packed = {"I32": 8, "U32": 8, "I8": 2, "U8": 2}  # 4-bit weights per stored element, dequantized
+        total = 0
+        for shard, keys in by_shard.items():
+            with safe_open(self.ckpt.path / shard, "pt") as f:
+                for key in keys:
+                    view = f.get_slice(key)
+                    numel = 1
+                    for d in view.get_shape():
+                        numel *= d
+                    total += numel * item * (packed.get(view.get_dtype(), 1) if self.ckpt.quantization else 1)
+        return total
+
+    def workspace_bytes(self, tokens: int, mode: str) -> int:
+        """Working memory of one batch of ``tokens`` tokens through one decoder layer (an estimate)."""
+        c = self.text.config
+        h, i = int(c.hidden_size), int(getattr(c, "moe_intermediate_size", 0) or c.intermediate_size)
+        k, e = int(getattr(c, "num_experts_per_tok", 1) or 1), int(getattr(c, "num_experts", 1) or 1)
+        hd = int(getattr(c, "head_dim", None) or h // c.num_attention_heads)
+        qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
+        item = torch.finfo(self.dtype).bits // 8
+        per_token = item * (k * (2 * h + 3 * i) + 8 * h + 2 * qkv) + 4 * 4 * e
+        ws = tokens * per_token
+        if mode == "full":
+            ws += min(4 * _GiB, tokens * e * (3 * i + h) * item)
+        return ws
+
+    # -------------------------------------------------------------- pre-layer stage
+
+    def load_prelayer(self) -> None:
+        state = memory_state_dict(self.ckpt, self.prelayer_keys, self.dtype, "cpu")
+        state = {k: _to_device(v, self.device) for k, v in state.items()}
+        _, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
+        if unexpected:
+            raise ReapError(f"{self.ckpt.path}: unexpected pre-layer tensors {unexpected[:3]}")
+        missing = [n for n in _meta_params(self.model) if n.startswith(self.family.prelayer_prefixes())]
+        if missing:
+            raise ReapError(f"{self.ckpt.path}: the checkpoint lacks {missing[:3]} (embeddings / vision tower)")
+
+    def release_prelayer(self) -> None:
+        prefixes = self.family.prelayer_prefixes()
+        for name, module in self.model.named_modules():
+            if (name + ".").startswith(prefixes):
+                _release(module)
+
+    def capture(self, batch: dict[str, torch.Tensor]) -> BatchState:
+        """Run the model's own forward up to decoder layer 0 and keep what the layers get."""
+        caught: dict = {}
+
+        def text_hook(module, args, kwargs):
+            caught["text"] = kwargs
+
+        def layer_hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            caught["layer"] = kwargs
+            raise _Reached
+
+        handles = [self.text.register_forward_pre_hook(text_hook, with_kwargs=True),
+                   self.layers[0].register_forward_pre_hook(layer_hook, with_kwargs=True)]
+        try:
+            self.multimodal(**batch, use_cache=False)
+        except _Reached:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "hidden" not in caught:
+            raise ReapError("the model's forward never reached decoder layer 0")
+        text_inputs = {k: v for k, v in caught.get("text", {}).items() if k not in _TEXT_INPUTS_CONSUMED}
+        masks = TokenMasks.of(batch["attention_mask"], visual_token_mask(batch["input_ids"], self.model.config))
+        return BatchState(caught["hidden"], caught["layer"], text_inputs, masks, int(masks.n_valid))
+
+    # -------------------------------------------------------------- decoder layers
+
+    def run_layers(self, group: list[BatchState], observer: ReapObserver, loader: LayerLoader, last_layer: int,
+                   on_host: bool, desc: str = "layers", on_layer: Callable[[int], None] | None = None) -> None:
+        """Every batch of ``group`` through decoder layers 0..last_layer, one layer in memory at a time.
+        ``on_layer(i)`` is called once layer i is done and dropped (the benchmark's probe)."""
+        bar = tqdm(total=last_layer + 1, desc=desc, unit="layer", dynamic_ncols=True, leave=False)
+        for i in range(last_layer + 1):
+            if i < last_layer:
+                loader.request(i + 1)  # queued behind layer i's read: the disk never waits for the GPU
+            state = loader.take(i)
+            layer = self.layers[i]
+            prefix = self.layer_prefix[i]
+            missing, unexpected = layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()},
+                                                        strict=False, assign=True)
+            del state
+            if missing or unexpected:
+                raise ReapError(f"decoder layer {i}: checkpoint tensors do not match the model "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            for b in group:
+                s = b.to(self.device) if on_host else b
+                observer.use_masks(s.masks)
+                hidden = layer(s.hidden, **s.layer_kwargs)
+                hidden = self.after_layer(self.text, i, hidden, s.text_inputs)
+                if on_host:
+                    b.hidden.copy_(hidden, non_blocking=True)
+                else:
+                    b.hidden = hidden
+                del s, hidden
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            _release(layer)
+            bar.update(1)
+            if on_layer is not None:
+                on_layer(i)
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class _Budget:
+    device_bytes: int
+    host_bytes: int
+    notes: dict = field(default_factory=dict)
+
+
+def _budget(lw: LayerwiseModel, mode: str, batch_tokens: int, prefetch: str, max_group_bytes: int | None,
+            layer_bytes: int) -> _Budget:
+    host_free = free_memory_bytes("cpu")
+    host = int(host_free * 0.6) - 3 * layer_bytes
+    if lw.device.type != "cuda":
+        dev = host
+    else:
+        resident = layer_bytes * (2 if prefetch == "device" else 1)
+        dev = int((free_memory_bytes(lw.device) - resident - lw.workspace_bytes(batch_tokens, mode) - _GiB) * 0.9)
+    if max_group_bytes is not None:
+        dev, host = min(dev, max_group_bytes), min(host, max_group_bytes)
+    return _Budget(max(dev, 0), max(host, 0))
+
+
+def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, *, batch_size: int,
+                  max_seq_len: int, max_pixels: int, resume: ResumeState | None, checkpoint_every: int,
+                  device: str, dtype: torch.dtype, stop_after: int | None = None, prefetch: str = "host",
+                  storage: str = "auto", max_group_bytes: int | None = None,
+                  model: LayerwiseModel | None = None) -> dict:
+    """Score ``samples`` layer by layer; same meaning and return value as ``engine.run_batches``.
+
+    The sums are saved after every group of batches (``checkpoint_every`` is accepted for the same
+    call shape; a group is the unit of progress here).  ``stop_after`` ends the run after that many
+    batches (the group is cut there).  ``prefetch``: "host" (next layer read into pinned host memory;
+    the GPU holds one layer) or "device" (read onto the GPU on a side stream; two layers).
+    ``storage``: where the group's hidden states live, "auto" (GPU while they fit, else pinned host
+    memory), "device" or "host".  ``max_group_bytes`` caps a group (tests use it).
+    """
+    if storage not in STORAGE_MODES:
+        raise ReapError(f"storage {storage!r} is not one of {', '.join(STORAGE_MODES)}")
+    t_start = time.perf_counter()
+    total = num_batches(samples, batch_size)
+    done = resume.load(observer.stats) if resume else 0
+    lw = model or LayerwiseModel(ckpt, device, dtype)
+    moe_layers = sorted(observer.stats.layers)
+    found = [layer for layer, _ in observer.family.moe_blocks(lw.model)]
+    if not set(moe_layers) <= set(found):
+        raise ReapError(f"the model has MoE blocks at layers {found}, but the scores expect {moe_layers}")
+    last_layer = moe_layers[-1] if moe_layers else -1
+    cuda = lw.device.type == "cuda"
+    result = {"batches": total, "resumed_from": done, "tokens_this_run": 0, "seconds": 0.0,
+              "engine": "layerwise", "groups": 0}
+    if done >= total or last_layer < 0:
+        result["seconds"] = time.perf_counter() - t_start
+        return result
+    loader = LayerLoader(ckpt, lw.layer_keys, lw.device, dtype, prefetch)
+    layer_bytes = max(lw.layer_bytes(i) for i in range(last_layer + 1))
+    remaining = samples[done * batch_size:]
+    it = iter(batches(processor, remaining, batch_size, max_seq_len, max_pixels))
+    completed, tokens = done, 0
+    try:
+        with observer.attached(observer.family.moe_blocks(lw.model)), torch.inference_mode():
+            while completed < total and (stop_after is None or completed - done < stop_after):
+                limit = total - completed if stop_after is None else min(total - completed,
+                                                                         done + stop_after - completed)
+                loader.request(0)
+                group, on_host = _form_group(lw, it, limit, observer.mode, batch_size * max_seq_len,
+                                             loader.prefetch, storage, max_group_bytes, layer_bytes)
+                first = completed + 1
+                lw.run_layers(group, observer, loader, last_layer, on_host,
+                              desc=f"REAP layer-wise, batches {first}-{completed + len(group)}/{total}")
+                completed += len(group)
+                tokens += sum(b.tokens for b in group)
+                result["groups"] += 1
+                del group
+                if resume:
+                    resume.save(observer.stats, completed)
+                if cuda:
+                    torch.cuda.empty_cache()
+    finally:
+        loader.close()
+        lw.release_prelayer()
+    result.update(tokens_this_run=tokens, seconds=time.perf_counter() - t_start)
+    result["load"] = {"layers": loader.stats.layers, "bytes": loader.stats.bytes,
+                      "read_seconds": round(loader.stats.read_seconds, 3),
+                      "pin_seconds": round(loader.stats.pin_seconds, 3),
+                      "copy_seconds": round(loader.stats.copy_seconds, 3),
+                      "wait_seconds": round(loader.stats.wait_seconds, 3)}
+    return result
+
+
+def _form_group(lw: LayerwiseModel, it, limit: int, mode: str, batch_tokens: int, prefetch: str, storage: str,
+                max_group_bytes: int | None, layer_bytes: int) -> tuple[list[BatchState], bool]:
+    """Run the pre-layer stage for as many batches as fit; returns them and whether they sit on the host."""
+    cuda = lw.device.type == "cuda"
+    lw.load_prelayer()
+    try:
+        budget = _budget(lw, mode, batch_tokens, prefetch, max_group_bytes, layer_bytes)
+        on_host = cuda and storage == "host"  # on the CPU "host" and "device" are one memory
+        group: list[BatchState] = []
+        used = largest = 0
+        while len(group) < limit:
+            batch = next(it, None)
+            if batch is None:
+                break
+            state = lw.capture({k: v.to(lw.device) for k, v in batch.items()})
+            if on_host and cuda:
+                state = state.to("cpu", pin=True)
+            group.append(state)
+            size = state.nbytes()
+            used, largest = used + size, max(largest, size)
+            if not on_host and used + largest > budget.device_bytes:
+                if cuda and storage == "auto" and budget.host_bytes > budget.device_bytes + largest:
+                    group = [b.to("cpu", pin=True) for b in group]
+                    on_host = True
+                else:
+                    break
+            if on_host and used + largest > budget.host_bytes:
+                break
+        if cuda and on_host:
+            torch.cuda.current_stream(lw.device).synchronize()
+    finally:
+        lw.release_prelayer()
+    return group, on_host

@@ -1,0 +1,237 @@
+"""Fused Triton kernels for the full mode's all-experts norms (CUDA, bf16/fp16, SiLU-gated fused experts).
+
+For every expert e and token t:  ||E_e(x_t)|| = || down_e( silu(x_t G_e^T) * (x_t U_e^T) ) ||, with
+gate_up_proj [E, 2I, H] (G_e = rows :I, U_e = rows I:) and down_proj [E, H, I], every intermediate
+rounded to the model's dtype exactly where transformers' own experts round it (the matmul outputs, the
+activation, the product), norms accumulated in float32.
+
+* ``_gate_up_act``: per (expert, token tile, intermediate tile) two accumulators (gate rows and up
+  rows of the same columns); the epilogue writes the activation act[e, t, :] straight away, so the
+  [E, T, 2I] matmul output never reaches memory.
+* ``_down_sq``: per (expert, token tile, hidden tile) the down projection; the epilogue rounds to the
+  dtype, squares and sums the tile's columns into partial[e, tile, t]; the [E, T, H] output never
+  reaches memory.  The partial sums are added by PyTorch (deterministic order).
+
+Used by ``FusedGateUpFamily.all_expert_norms`` through ``fastest``: the first call of a process is
+checked against the PyTorch bmm path (the reference), and per expert shape both are timed once on
+a real chunk and the faster is kept (on an H100 the kernels win at the 30B-A3B shape, cuBLAS at
+235B-A22B's).  REAP_FULL_KERNEL=triton / torch forces one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+_state = {"checked": False, "broken": None}  # process-wide: first use is checked against the PyTorch path
+_choice: dict[tuple, str] = {}  # per expert shape, dtype, device: "triton" or "bmm", whichever timed faster
+_MIN_TIMED_ROWS = 1024  # below this a timing says little; such calls take the kernels, undecided
+
+try:  # pragma: no cover - depends on the installation
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def available(experts, x: torch.Tensor) -> bool:
+    """Whether the fused kernels apply: CUDA, 16-bit floats, SiLU-gated fused experts, contiguous weights,
+    Triton importable, and not turned off with REAP_FULL_KERNEL=torch."""
+    if triton is None or _state["broken"] or os.environ.get("REAP_FULL_KERNEL", "auto") == "torch":
+        return False
+    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if gate_up is None or down is None or gate_up.dtype != x.dtype or down.dtype != x.dtype:
+        return False
+    if not (gate_up.is_contiguous() and down.is_contiguous()):
+        return False
+    config = getattr(experts, "config", None)
+    if getattr(config, "hidden_act", None) not in ("silu", "swish"):
+        return False
+    if getattr(experts, "has_bias", False) or not getattr(experts, "is_concatenated", True):
+        return False
+    if getattr(experts, "is_transposed", False):
+        return False
+    gate = getattr(type(experts), "_apply_gate", None)
+    if gate is not None:  # transformers' default gate (silu(gate) * up) is the one fused here
+        from transformers.integrations.moe import _default_apply_gate
+
+        if gate is not _default_apply_gate:
+            return False
+    return True
+
+
+if triton is not None:
+
+    def _configs(wide: bool):
+        configs = [
+            triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        ]
+        if wide:  # one accumulator: room for 128 x 256 tiles
+            configs.append(triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3))
+        return configs
+
+    @triton.jit
+    def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % group) % size_m)
+        pid_n = (pid % group) // size_m
+        return pid_m, pid_n
+
+    @triton.autotune(configs=_configs(False), key=["H", "INTER", "T_BUCKET"])
+    @triton.jit
+    def _gate_up_act(x_ptr, w_ptr, act_ptr, T, H, INTER, stride_xt, T_BUCKET,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        e = tl.program_id(1).to(tl.int64)
+        num_m = tl.cdiv(T, BM)
+        num_n = tl.cdiv(INTER, BN)
+        pid_m, pid_n = _tile(pid, num_m, num_n, GROUP_M)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :]
+        w_base = w_ptr + e * (2 * INTER * H)
+        g_ptrs = w_base + offs_n[None, :] * H + offs_k[:, None]  # [BK, BN] of G_e^T
+        u_ptrs = g_ptrs + INTER * H
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        m_ok = offs_m[:, None] < T
+        n_ok = offs_n[None, :] < INTER
+        for k in range(0, tl.cdiv(H, BK)):
+            k_left = H - k * BK
+            x = tl.load(x_ptrs, mask=m_ok & (offs_k[None, :] < k_left), other=0.0)
+            wg = tl.load(g_ptrs, mask=(offs_k[:, None] < k_left) & n_ok, other=0.0)
+            wu = tl.load(u_ptrs, mask=(offs_k[:, None] < k_left) & n_ok, other=0.0)
+            acc_g = tl.dot(x, wg, acc_g)
+            acc_u = tl.dot(x, wu, acc_u)
+            x_ptrs += BK
+            g_ptrs += BK
+            u_ptrs += BK
+        dt = act_ptr.dtype.element_ty
+        g = acc_g.to(dt).to(tl.float32)
+        u = acc_u.to(dt).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        a = (s * u).to(dt)
+        out = act_ptr + e * T * INTER + offs_m[:, None] * INTER + offs_n[None, :]
+        tl.store(out, a, mask=m_ok & n_ok)
+
+    @triton.autotune(configs=_configs(True), key=["H", "INTER", "T_BUCKET"])
+    @triton.jit
+    def _down_sq(act_ptr, w_ptr, part_ptr, T, H, INTER, part_tiles, T_BUCKET,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        e = tl.program_id(1).to(tl.int64)
+        num_m = tl.cdiv(T, BM)
+        num_n = tl.cdiv(H, BN)
+        pid_m, pid_n = _tile(pid, num_m, num_n, GROUP_M)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK)
+        a_ptrs = act_ptr + e * T * INTER + offs_m[:, None] * INTER + offs_k[None, :]
+        w_ptrs = w_ptr + e * (H * INTER) + offs_n[None, :] * INTER + offs_k[:, None]  # [BK, BN] of D_e^T
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        m_ok = offs_m[:, None] < T
+        n_ok = offs_n[None, :] < H
+        for k in range(0, tl.cdiv(INTER, BK)):
+            k_left = INTER - k * BK
+            a = tl.load(a_ptrs, mask=m_ok & (offs_k[None, :] < k_left), other=0.0)
+            w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & n_ok, other=0.0)
+            acc = tl.dot(a, w, acc)
+            a_ptrs += BK
+            w_ptrs += BK
+        y = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
+        y = tl.where(n_ok, y, 0.0)
+        sq = tl.sum(y * y, axis=1)
+        tl.store(part_ptr + (e * part_tiles + pid_n) * T + offs_m, sq, mask=offs_m < T)
+
+
+def all_expert_norms(experts, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """[T, E] float32 norms of every expert's output on every row of x (see the module doc).
+    ``config`` (BM, BN, BK, GROUP_M, num_warps, num_stages) skips autotuning (tests, the interpreter)."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    num, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    tokens = x.shape[0]
+    x = x.contiguous()
+    act = torch.empty(num, tokens, inter, dtype=x.dtype, device=x.device)
+
+    def grid_act(m):
+        return (triton.cdiv(tokens, m["BM"]) * triton.cdiv(inter, m["BN"]), num)
+
+    up_kernel, down_kernel, meta = _gate_up_act, _down_sq, {}
+    if config is not None:
+        up_kernel, down_kernel, meta = _gate_up_act.fn, _down_sq.fn, dict(config)
+    bucket = max(tokens, 1).bit_length()  # autotuned once per power-of-two token count
+    up_kernel[grid_act](x, gate_up, act, tokens, hidden, inter, x.stride(0), bucket, **meta)
+    max_tiles = triton.cdiv(hidden, 64)  # the smallest BN among the configs
+    part = torch.zeros(num, max_tiles, tokens, dtype=torch.float32, device=x.device)
+
+    def grid_down(m):
+        return (triton.cdiv(tokens, m["BM"]) * triton.cdiv(hidden, m["BN"]), num)
+
+    down_kernel[grid_down](act, down, part, tokens, hidden, inter, max_tiles, bucket, **meta)
+    # Only the tiles of the config that ran: autotuning also ran configs with narrower tiles, whose
+    # extra partial sums are still in the buffer.
+    width = meta["BN"] if config is not None else _down_sq.best_config.kwargs["BN"]
+    return part[:, :triton.cdiv(hidden, width)].sum(dim=1).sqrt_().T
+
+
+def checked_norms(experts, x: torch.Tensor, reference) -> torch.Tensor | None:
+    """``all_expert_norms``, the first call of the process checked against ``reference(experts, x)`` (the
+    PyTorch path) on a few rows; None (and the kernels off for good) when they fail or disagree."""
+    try:
+        if not _state["checked"]:
+            probe = x[:64]
+            got, ref = all_expert_norms(experts, probe), reference(experts, probe)
+            err = float(((got - ref).abs() / ref.abs().clamp(min=1e-30)).max())
+            _state["checked"] = True
+            if not err <= 2e-2:  # bf16 rounding of the intermediates lands far below this
+                raise RuntimeError(f"fused kernels disagree with the PyTorch path (max rel err {err:.2e})")
+        return all_expert_norms(experts, x)
+    except Exception as exc:  # a compiler or driver problem must not stop the scoring
+        _state["broken"] = str(exc)
+        log.warning("fused Triton expert kernels off, using batched matmuls: %s", exc)
+        return None
+
+
+def _seconds(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def fastest(experts, x: torch.Tensor, reference) -> torch.Tensor:
+    """Norms through the fused kernels or ``reference`` (the bmm path), whichever is faster for this
+    expert shape; decided once per shape by timing both on the first chunk of at least 1024 rows."""
+    forced = os.environ.get("REAP_FULL_KERNEL", "auto")
+    key = (tuple(experts.gate_up_proj.shape), x.dtype, str(x.device))
+    choice = "triton" if forced == "triton" else _choice.get(key)
+    if choice == "bmm":
+        return reference(experts, x)
+    out = checked_norms(experts, x, reference)
+    if out is None:
+        return reference(experts, x)
+    if choice is None and x.shape[0] >= _MIN_TIMED_ROWS:
+        try:
+            reference(experts, x)  # warm: cuBLAS picks its kernels for this shape
+            fused = _seconds(lambda: all_expert_norms(experts, x))
+            bmm = _seconds(lambda: reference(experts, x))
+        except Exception as exc:  # e.g. out of memory for the second path: keep the one that ran
+            log.warning("could not time the all-experts paths (%s); keeping the fused kernels", exc)
+            fused, bmm = 0.0, 1.0
+        _choice[key] = "triton" if fused <= bmm else "bmm"
+        log.info("all-experts norms for experts %s: fused kernels %.1f ms, bmm %.1f ms on %d rows: %s",
+                 key[0], fused * 1e3, bmm * 1e3, x.shape[0], _choice[key])
+    return out
