@@ -1,0 +1,120 @@
+"""Prompts for checking a pruned model: drawn from the user's calibration file, or a built-in set.
+
+Half the prompts carry an image (grounding prompts when the item has ``regions``), half are
+text-only, when the source has both.  The built-in set needs no files: text prompts in English
+and Turkish (the user's languages) plus pictures of coloured shapes drawn here, asked about with
+the same grounding templates the calibration loader uses.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .calibration import GROUNDING_TEMPLATES, CalibrationSample, load_calibration
+
+BUILTIN_TEXT_PROMPTS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Explain what a bounding box is in computer vision.",
+    "List three colours and one object of each colour.",
+    "Write a short sentence about the sea.",
+    "What is 12 + 30?",
+    "Resimde ne var? Kisaca anlat.",
+    "Bir sinirlayici kutu nedir?",
+    "Translate to English: Kirmizi kare solda.",
+)
+_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+_SHAPES = ("square", "circle", "triangle")
+
+
+@dataclass
+class EvalPrompt:
+    """One prompt of the check: where it came from and what it asks."""
+
+    id: str  # "calibration:12" (item 12 of the file) or "builtin:text-0"
+    sample: CalibrationSample
+
+    @property
+    def kind(self) -> str:
+        if self.sample.regions:
+            return "grounding"
+        return "image+text" if self.sample.has_image else "text"
+
+    @property
+    def question(self) -> str:
+        """The last user text, for the report."""
+        if self.sample.text is not None:
+            return self.sample.text
+        for message in reversed(self.sample.messages or []):
+            content = message["content"]
+            if isinstance(content, str):
+                return content
+            texts = [p["text"] for p in content if p.get("type") == "text"]
+            if texts:
+                return " ".join(texts)
+        return ""
+
+
+def _interleave(with_image: list, text_only: list, count: int) -> list:
+    """Alternate image and text prompts (image first) until ``count``; one side running out is filled
+    from the other."""
+    chosen = []
+    while len(chosen) < count and (with_image or text_only):
+        for group in (with_image, text_only):
+            if group and len(chosen) < count:
+                chosen.append(group.pop(0))
+    return chosen
+
+
+def calibration_prompts(path: Path, count: int, seed: int) -> tuple[list[EvalPrompt], list[str]]:
+    """``count`` items of the calibration file drawn with ``seed``, half with images; bad items are
+    skipped (their reasons returned), as a check should not stop on one broken calibration line."""
+    calib = load_calibration(path, max_samples=10**9, seed=seed, skip_bad=True)
+    rng = random.Random(f"eval:{seed}")
+    with_image = [s for s in calib.samples if s.has_image]
+    text_only = [s for s in calib.samples if not s.has_image]
+    rng.shuffle(with_image)
+    rng.shuffle(text_only)
+    chosen = _interleave(with_image, text_only, count)
+    return [EvalPrompt(f"calibration:{s.index}", s) for s in chosen], calib.skipped
+
+
+def _draw(rng: random.Random, size: tuple[int, int]):
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    image = Image.new("RGB", size, (245, 245, 240))
+    draw = ImageDraw.Draw(image)
+    color, shape = rng.choice(list(_COLORS)), rng.choice(_SHAPES)
+    x0, y0 = rng.randint(0, width // 2), rng.randint(0, height // 2)
+    x1, y1 = x0 + rng.randint(width // 6, width // 2), y0 + rng.randint(height // 6, height // 2)
+    if shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=_COLORS[color])
+    elif shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=_COLORS[color])
+    else:
+        draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=_COLORS[color])
+    return image, f"{color} {shape}"
+
+
+def builtin_prompts(count: int, seed: int, image_dir: Path) -> list[EvalPrompt]:
+    """Built-in prompts: text prompts and grounding questions about shapes drawn into ``image_dir``."""
+    rng = random.Random(f"builtin:{seed}")
+    n_images = (count + 1) // 2
+    image_dir = Path(image_dir)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    with_image = []
+    for i in range(n_images):
+        image, region = _draw(rng, rng.choice(((256, 256), (320, 240), (240, 320))))
+        path = image_dir / f"builtin-{i}.png"
+        image.save(path)
+        question = rng.choice(GROUNDING_TEMPLATES).format(region=region)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        sample = CalibrationSample(i, "grounding", messages=messages, images=[path], regions=[region])
+        with_image.append(EvalPrompt(f"builtin:image-{i}", sample))
+    texts = list(BUILTIN_TEXT_PROMPTS)
+    rng.shuffle(texts)
+    text_only = [EvalPrompt(f"builtin:text-{i}", CalibrationSample(i, "prompt", messages=[
+        {"role": "user", "content": texts[i % len(texts)]}])) for i in range(count - n_images)]
+    return _interleave(with_image, text_only, count)

@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""Check a pruned Qwen3-VL-MoE checkpoint: faithful to the original (surgery consistency), still answering
+(no degenerate generations), agreement with the original, bounding-box answers; writes test_report.json/.md.
+
+The original is --reference, else --original, else the source named in the pruned folder's
+pruning_record.json, else REAP_MODEL_PATH; --reference none checks the pruned model alone.
+Exit status: 0 every enabled check passed, 1 a check failed (or the run could not complete), 2 bad settings.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from reap_vlm.cli import run_main
+from reap_vlm.eval_options import TEST_FLAGS, TEST_OPTIONS
+from reap_vlm.settings import parse_settings
+
+
+def main(argv=None) -> int:
+    settings = parse_settings(__doc__, TEST_OPTIONS, argv, flags=TEST_FLAGS)
+    from reap_vlm.evaluation import run_test
+
+    outcome = run_test(settings)
+    print(outcome.verdict)
+    print(f"report: {outcome.report_paths[1]}", file=sys.stderr)
+    return 0 if outcome.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
