@@ -17,12 +17,19 @@ OPTIONS = ("model_path", "pruned_output_path", "output_path", "metadata_path", "
            "criterion", "force", "verify")
 # --output is this script's product (the pruned checkpoint); reap.py's folder is the input here.
 FLAGS = {"pruned_output_path": "--output", "output_path": "--reap-output"}
+HELP = {
+    "model_path": "source checkpoint (default: the model_path recorded in the metadata); never written",
+    "output_path": "reap.py's output folder, where reap_metadata.json is looked for",
+    "prune_ratio": "recompute the selection with this ratio (default: the metadata's own selection)",
+    "criterion": "recompute the selection ranking by this metric (default: the metadata's own selection)",
+    "keep_multiple": "recompute the selection rounding K up to a multiple of N",
+}
 
 
 def main(argv=None) -> int:
-    settings = parse_settings(__doc__, OPTIONS, argv, flags=FLAGS)
+    settings = parse_settings(__doc__, OPTIONS, argv, flags=FLAGS, helps=HELP)
     if settings.model_path is not None:
-        require_dir(settings, "model_path", must_contain="config.json")
+        require_dir(settings, "model_path", must_contain="config.json", flags=FLAGS)
     from reap_vlm.pruning import prune_from_settings
 
     start = time.perf_counter()

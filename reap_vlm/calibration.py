@@ -177,7 +177,7 @@ def load_calibration(path: Path, max_samples: int, seed: int = 42, skip_bad: boo
 # ----------------------------------------------------------------------------------------------- encoding
 
 
-def _open_image(path: Path, max_pixels: int):
+def open_image(path: Path, max_pixels: int):
     from PIL import Image
 
     try:
@@ -233,7 +233,7 @@ def _truncate(enc: EncodedSample, max_len: int, vision_start_id: int, merge: int
 
 def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int = 0) -> EncodedSample:
     text = render_text(processor, sample)
-    images = [_open_image(p, max_pixels) for p in sample.images] or None
+    images = [open_image(p, max_pixels) for p in sample.images] or None
     out = processor(text=[text], images=images, return_tensors="pt")
     enc = EncodedSample(
         out["input_ids"][0],

@@ -9,6 +9,10 @@ TEST_OPTIONS = ("pruned_output_path", "reference_path", "model_path", "calibrati
                 "seed", "max_pixels")
 # --model is the pruned model here; the original is --reference (or --original, REAP_MODEL_PATH).
 TEST_FLAGS = {"pruned_output_path": "--model", "model_path": "--original", "test_output_path": "--output"}
+TEST_HELP = {
+    "pruned_output_path": "pruned checkpoint folder to check",
+    "model_path": "original model, used when --reference is not given and the pruning record names none",
+}
 NO_REFERENCE = "none"  # --reference none: check the pruned model alone
 
 

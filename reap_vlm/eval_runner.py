@@ -239,7 +239,7 @@ def vllm_generate(path: Path, samples: list[CalibrationSample], *, max_new_token
     transformers pass that computes logits).  Only used with --backend vllm."""
     from vllm import LLM, SamplingParams
 
-    from .calibration import _open_image, render_text
+    from .calibration import open_image, render_text
 
     processor = load_processor(path)
     tokenizer = processor.tokenizer
@@ -251,7 +251,7 @@ def vllm_generate(path: Path, samples: list[CalibrationSample], *, max_new_token
     for sample in samples:
         request = {"prompt": render_text(processor, sample)}
         if sample.images:
-            request["multi_modal_data"] = {"image": [_open_image(p, max_pixels) for p in sample.images]}
+            request["multi_modal_data"] = {"image": [open_image(p, max_pixels) for p in sample.images]}
         requests.append(request)
     most_images = max([len(s.images) for s in samples] + [1])
     llm = LLM(model=str(path), dtype=str(dtype).removeprefix("torch."), seed=seed, enforce_eager=True,

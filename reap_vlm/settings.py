@@ -254,9 +254,10 @@ def _describe_default(option: Option) -> str:
 
 
 def build_parser(description: str, names: Sequence[str], flags: dict[str, str] | None = None,
-                 epilog: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser for the options ``names``; ``flags`` renames flags for this script."""
-    flags = flags or {}
+                 epilog: str | None = None, helps: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser for the options ``names``; ``flags`` / ``helps`` rename flags and reword help
+    for this script."""
+    flags, helps = flags or {}, helps or {}
     parser = argparse.ArgumentParser(
         description=description,
         epilog=epilog or "Precedence: flag > environment > .env file (REAP_ENV_FILE names another) > default.",
@@ -265,7 +266,7 @@ def build_parser(description: str, names: Sequence[str], flags: dict[str, str] |
     for name in names:
         option = OPTIONS[name]
         flag = flags.get(name, option.flag)
-        text = f"{option.help} [env {option.env}; default: {_describe_default(option)}]"
+        text = f"{helps.get(name, option.help)} [env {option.env}; default: {_describe_default(option)}]"
         if option.is_switch:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -317,30 +318,35 @@ def resolve(names: Sequence[str], cli_values: dict[str, Any], flags: dict[str, s
 
 
 def parse_settings(description: str, names: Sequence[str], argv: Sequence[str] | None = None,
-                   flags: dict[str, str] | None = None, environ: dict[str, str] | None = None) -> Settings:
-    parser = build_parser(description, names, flags)
+                   flags: dict[str, str] | None = None, environ: dict[str, str] | None = None,
+                   helps: dict[str, str] | None = None) -> Settings:
+    parser = build_parser(description, names, flags, helps=helps)
     args = parser.parse_args(argv)
     return resolve(names, vars(args), flags, environ)
 
 
-def require_dir(settings: Settings, name: str, must_contain: str | None = None, hint: str = "") -> Path:
-    """The folder option ``name``, which must exist (and hold ``must_contain``)."""
+def _required(settings: Settings, name: str, flags: dict[str, str] | None, hint: str) -> tuple[str, Path]:
     option = OPTIONS[name]
+    where = f"{(flags or {}).get(name, option.flag)} / {option.env}"
     value = getattr(settings, name)
     if value is None:
-        raise ConfigError(f"{option.flag} / {option.env} is required: {option.help}{hint}")
+        raise ConfigError(f"{where} is required: {option.help}{hint}")
+    return where, value
+
+
+def require_dir(settings: Settings, name: str, must_contain: str | None = None, hint: str = "",
+                flags: dict[str, str] | None = None) -> Path:
+    """The folder option ``name``, which must exist (and hold ``must_contain``)."""
+    where, value = _required(settings, name, flags, hint)
     if not value.is_dir():
-        raise ConfigError(f"{option.flag} / {option.env}={value}: no such folder{hint}")
+        raise ConfigError(f"{where}={value}: no such folder{hint}")
     if must_contain and not (value / must_contain).is_file():
-        raise ConfigError(f"{option.flag} / {option.env}={value}: folder has no {must_contain}{hint}")
+        raise ConfigError(f"{where}={value}: folder has no {must_contain}{hint}")
     return value
 
 
-def require_file(settings: Settings, name: str, hint: str = "") -> Path:
-    option = OPTIONS[name]
-    value = getattr(settings, name)
-    if value is None:
-        raise ConfigError(f"{option.flag} / {option.env} is required: {option.help}{hint}")
+def require_file(settings: Settings, name: str, hint: str = "", flags: dict[str, str] | None = None) -> Path:
+    where, value = _required(settings, name, flags, hint)
     if not value.is_file():
-        raise ConfigError(f"{option.flag} / {option.env}={value}: no such file{hint}")
+        raise ConfigError(f"{where}={value}: no such file{hint}")
     return value
