@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -183,7 +185,7 @@ def test_all_expert_norms_brute_force(experts_case, budget):
 def test_layerwise_reads_quantized_checkpoints(fixture_root, calibration):
     """Quantized per-expert checkpoints (which the layer-wise engine dequantizes one layer at a time through
     ``memory_state_dict``) score like the whole model on their dequantized reference."""
-    quant_fixtures = pytest.importorskip("reap_vlm.quant_fixtures")
+    quant_fixtures = importlib.import_module("reap_vlm.quant_fixtures")
     quantized, reference = quant_fixtures.build_quantized_checkpoint(
         fixture_root / "lw-fp8", "fp8", fixture_root / "lw-fp8-reference")
     assert choose_engine(Checkpoint(quantized), "cpu", "auto", free_bytes=1 << 50) == "model"

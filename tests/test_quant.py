@@ -7,6 +7,7 @@ REAP scores, pruning) must then agree with the reference.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import tempfile
@@ -190,7 +191,7 @@ def test_load_model_refuses_an_unsupported_quantization(tiny_model_per_expert, q
 
 
 def test_packing_matches_compressed_tensors():
-    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    helpers = importlib.import_module("compressed_tensors.compressors.pack_quantized.helpers")
     generator = torch.Generator().manual_seed(0)
     for bits in (2, 4, 8):
         offset = 1 << (bits - 1)
@@ -205,7 +206,7 @@ def test_packing_matches_compressed_tensors():
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_pack_quantized_matches_compressed_tensors(symmetric):
-    pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    importlib.import_module("compressed_tensors.compressors.pack_quantized.base")
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -226,7 +227,7 @@ def test_pack_quantized_matches_compressed_tensors(symmetric):
 
 
 def test_awq_matches_compressed_tensors_autoawq_converter():
-    pytest.importorskip("compressed_tensors.entrypoints.convert.converters.autoawq")
+    importlib.import_module("compressed_tensors.entrypoints.convert.converters.autoawq")
     from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize
@@ -241,7 +242,7 @@ def test_awq_matches_compressed_tensors_autoawq_converter():
 
 
 def test_fp8_matches_compressed_tensors_block_dequantizer():
-    pytest.importorskip("compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer")
+    importlib.import_module("compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer")
     from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
 
     tensors, expected = quantize_fp8_block(_weight(48, 80), BLOCK)
@@ -253,7 +254,7 @@ def test_fp8_matches_compressed_tensors_block_dequantizer():
 
 def test_checkpoints_match_compressed_tensors_dequantizers(quantized):
     """The library's own whole-checkpoint converters turn our quantized fixture into our reference."""
-    pytest.importorskip("compressed_tensors.entrypoints.convert.converters.ct_dequantizer")
+    importlib.import_module("compressed_tensors.entrypoints.convert.converters.ct_dequantizer")
     from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
     from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
     from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
@@ -292,7 +293,7 @@ def test_asymmetric_pack_quantized_checkpoint(tiny_model_per_expert, quant_root)
     assert any(k.endswith(".weight_zero_point") for k in Checkpoint(q_path).weight_map)
     got, expected = memory_state_dict(Checkpoint(q_path)), memory_state_dict(Checkpoint(ref_path))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
-    dequantizer = pytest.importorskip("compressed_tensors.entrypoints.convert.converters.ct_dequantizer")
+    dequantizer = importlib.import_module("compressed_tensors.entrypoints.convert.converters.ct_dequantizer")
     library = dequantizer.CompressedTensorsDequantizer(q_path, dtype=torch.float32).process(_tensors(q_path))
     reference = _tensors(ref_path)
     quantized_modules = set(Checkpoint(q_path).quant_format.quantized_modules(Checkpoint(q_path).weight_map))
@@ -391,7 +392,7 @@ def test_reap_scores_equal_the_reference(quantized, calibration, tmp_path):
 
 
 def test_pruned_quantized_checkpoint_dequantizes_to_the_pruned_reference(quantized, tmp_path):
-    pruning = pytest.importorskip("reap_vlm.pruning")
+    pruning = importlib.import_module("reap_vlm.pruning")
     _, q_path, ref_path = quantized
     source = Checkpoint(q_path)
     keep = {layer: sorted({(layer * 5 + i * 7) % source.num_experts for i in range(6)})

@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "run.sh"
 BASH = shutil.which("bash")
 
-pytestmark = pytest.mark.skipif(BASH is None or not RUN_SH.is_file(), reason="needs bash and run.sh")
 
 # A fake program: logs {"prog", "argv", "env"} as one JSON line to $FAKE_LOG, then behaves as $FAKE_* says.
 FAKE = textwrap.dedent(
