@@ -9,6 +9,7 @@ order, and rank 0 alone writes the outputs.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,12 @@ class DistContext:
         return self.rank == 0
 
     def device(self, device: str) -> str:
-        """Each rank's own GPU under torchrun (cuda -> cuda:LOCAL_RANK)."""
-        if self.enabled and device == "cuda":
+        """Each rank's own GPU under torchrun: cuda and cuda:N both become cuda:LOCAL_RANK, since a fixed
+        cuda:N would put every rank on one GPU."""
+        if self.enabled and device.startswith("cuda"):
+            if device != "cuda":
+                warnings.warn(f"--device {device} is replaced by cuda:{self.local_rank} under torchrun "
+                              "(one GPU per rank)", stacklevel=2)
             return f"cuda:{self.local_rank}"
         return device
 
@@ -50,8 +55,13 @@ class DistContext:
         if self.enabled and not self.is_main:
             os.environ["TQDM_DISABLE"] = "1"  # one progress bar, rank 0's
 
-    def stop(self) -> None:
+    def stop(self, ok: bool = True) -> None:
+        """Leave the process group.  After a success every rank first waits for the others (rank 0 is
+        still writing), since tearing gloo down under a peer aborts the process; after a failure it
+        does not wait, so a failing rank cannot hang the rest (torchrun ends them)."""
         if self.enabled and dist.is_initialized():
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()
 
     def my_batches(self, num_batches: int) -> list[int]:
@@ -79,11 +89,3 @@ class DistContext:
                 layer_stats.sums[name] = flat[i * size:(i + 1) * size].clone()
             layer_stats.n_tokens, layer_stats.n_image_tokens = (int(v) for v in flat[-2:].tolist())
 
-    def sum_int(self, value: int) -> int:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        return int(t.item())

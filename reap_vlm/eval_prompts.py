@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .calibration import GROUNDING_TEMPLATES, CalibrationSample, load_calibration
+from .fixtures import draw_shapes
 
 BUILTIN_TEXT_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
@@ -24,8 +25,6 @@ BUILTIN_TEXT_PROMPTS = (
     "Bir sinirlayici kutu nedir?",
     "Translate to English: Kirmizi kare solda.",
 )
-_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
-_SHAPES = ("square", "circle", "triangle")
 
 
 @dataclass
@@ -80,24 +79,6 @@ def calibration_prompts(path: Path, count: int, seed: int) -> tuple[list[EvalPro
     return [EvalPrompt(f"calibration:{s.index}", s) for s in chosen], calib.skipped
 
 
-def _draw(rng: random.Random, size: tuple[int, int]):
-    from PIL import Image, ImageDraw
-
-    width, height = size
-    image = Image.new("RGB", size, (245, 245, 240))
-    draw = ImageDraw.Draw(image)
-    color, shape = rng.choice(list(_COLORS)), rng.choice(_SHAPES)
-    x0, y0 = rng.randint(0, width // 2), rng.randint(0, height // 2)
-    x1, y1 = x0 + rng.randint(width // 6, width // 2), y0 + rng.randint(height // 6, height // 2)
-    if shape == "square":
-        draw.rectangle([x0, y0, x1, y1], fill=_COLORS[color])
-    elif shape == "circle":
-        draw.ellipse([x0, y0, x1, y1], fill=_COLORS[color])
-    else:
-        draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=_COLORS[color])
-    return image, f"{color} {shape}"
-
-
 def builtin_prompts(count: int, seed: int, image_dir: Path) -> list[EvalPrompt]:
     """Built-in prompts: text prompts and grounding questions about shapes drawn into ``image_dir``."""
     rng = random.Random(f"builtin:{seed}")
@@ -106,7 +87,8 @@ def builtin_prompts(count: int, seed: int, image_dir: Path) -> list[EvalPrompt]:
     image_dir.mkdir(parents=True, exist_ok=True)
     with_image = []
     for i in range(n_images):
-        image, region = _draw(rng, rng.choice(((256, 256), (320, 240), (240, 320))))
+        image, (region,) = draw_shapes(rng, rng.choice(((256, 256), (320, 240), (240, 320))), count=1,
+                                       background=(245, 245, 240))
         path = image_dir / f"builtin-{i}.png"
         image.save(path)
         question = rng.choice(GROUNDING_TEMPLATES).format(region=region)

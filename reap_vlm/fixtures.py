@@ -308,29 +308,30 @@ def build_tiny_checkpoint(path: str | Path, spec: FixtureSpec | None = None, for
 
 # ----------------------------------------------------------------------------------------------- calibration
 
-_COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
-_SHAPES = ("square", "circle", "triangle")
+SHAPE_COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "triangle")
 _IMAGE_SIZES = ((64, 64), (96, 64), (64, 128), (128, 96))
 
 
-def _draw_image(rng: random.Random, size: tuple[int, int]):
+def draw_shapes(rng: random.Random, size: tuple[int, int], count: int = 2, background=None):
+    """A picture of ``count`` coloured shapes; returns it with the shapes' names ("red circle", ...)."""
     from PIL import Image, ImageDraw
 
     width, height = size
-    image = Image.new("RGB", size, (rng.randint(200, 255),) * 3)
+    image = Image.new("RGB", size, background or (rng.randint(200, 255),) * 3)
     draw = ImageDraw.Draw(image)
     regions = []
-    for _ in range(2):
-        color = rng.choice(list(_COLORS))
-        shape = rng.choice(_SHAPES)
+    for _ in range(count):
+        color, shape = rng.choice(list(SHAPE_COLORS)), rng.choice(SHAPES)
         x0, y0 = rng.randint(0, width // 2), rng.randint(0, height // 2)
-        x1, y1 = x0 + rng.randint(12, width // 2), y0 + rng.randint(12, height // 2)
+        x1 = x0 + rng.randint(max(12, width // 6), width // 2)
+        y1 = y0 + rng.randint(max(12, height // 6), height // 2)
         if shape == "square":
-            draw.rectangle([x0, y0, x1, y1], fill=_COLORS[color])
+            draw.rectangle([x0, y0, x1, y1], fill=SHAPE_COLORS[color])
         elif shape == "circle":
-            draw.ellipse([x0, y0, x1, y1], fill=_COLORS[color])
+            draw.ellipse([x0, y0, x1, y1], fill=SHAPE_COLORS[color])
         else:
-            draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=_COLORS[color])
+            draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=SHAPE_COLORS[color])
         regions.append(f"{color} {shape}")
     return image, regions
 
@@ -347,7 +348,7 @@ def build_calibration_set(path: str | Path, num_images: int = 6, seed: int = 0, 
         (folder / "images").mkdir()
         user_items, chat_items = [], []
         for i in range(num_images):
-            image, regions = _draw_image(rng, _IMAGE_SIZES[i % len(_IMAGE_SIZES)])
+            image, regions = draw_shapes(rng, _IMAGE_SIZES[i % len(_IMAGE_SIZES)])
             rel = f"images/{i:05d}.png"
             image.save(folder / rel)
             user_items.append({"id": i, "image": rel, "original_id": f"img-{i}", "regions": regions})

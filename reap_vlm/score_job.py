@@ -32,9 +32,12 @@ def run_reap(settings: Settings, stop_after: int | None = None) -> dict:
     device = dist.device(resolve_device(settings.device))
     dist.start(device)
     try:
-        return _run_reap(settings, dist, device, stop_after)
-    finally:
-        dist.stop()
+        metadata = _run_reap(settings, dist, device, stop_after)
+    except BaseException:
+        dist.stop(ok=False)
+        raise
+    dist.stop()
+    return metadata
 
 
 def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: int | None) -> dict:
