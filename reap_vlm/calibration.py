@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,18 +232,69 @@ def _truncate(enc: EncodedSample, max_len: int, vision_start_id: int, merge: int
     return EncodedSample(ids[:cut], pixel_values, grid_thw, mm)
 
 
-def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int = 0) -> EncodedSample:
-    text = render_text(processor, sample)
-    images = [open_image(p, max_pixels) for p in sample.images] or None
-    out = processor(text=[text], images=images, return_tensors="pt")
-    enc = EncodedSample(
+def _encode(processor, text: str, images: list) -> EncodedSample:
+    out = processor(text=[text], images=images or None, return_tensors="pt")
+    return EncodedSample(
         out["input_ids"][0],
         out.get("pixel_values"),
         out.get("image_grid_thw"),
         out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else None,
     )
-    start_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    return _truncate(enc, max_seq_len, start_id, processor.image_processor.merge_size)
+
+
+def _image_tokens(enc: EncodedSample, merge: int) -> int:
+    return 0 if enc.image_grid_thw is None else int(enc.image_grid_thw.prod(dim=1).sum()) // (merge * merge)
+
+
+def _shrink_to_fit(processor, text: str, images: list, enc: EncodedSample, max_seq_len: int) -> EncodedSample:
+    """Re-encode with smaller images so the sample fits ``max_seq_len`` with its text whole: large photos
+    would otherwise push the question (and the image itself) out of the sample."""
+    from PIL import Image
+
+    proc = processor.image_processor
+    merge, unit = proc.merge_size, (proc.patch_size * proc.merge_size) ** 2  # pixels per image token
+    text_tokens = enc.input_ids.numel() - _image_tokens(enc, merge)
+    per_image = (max_seq_len - text_tokens) // len(images)
+    if per_image < 1:
+        return enc
+    cap = per_image * unit
+    for _ in range(6):  # the processor rounds sizes to whole patches: tighten until it fits
+        smaller = []
+        for image in images:
+            if image.width * image.height > cap:
+                scale = math.sqrt(cap / (image.width * image.height))
+                image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                                     Image.Resampling.BICUBIC)
+            smaller.append(image)
+        shrunk = _encode(processor, text, smaller)
+        if shrunk.input_ids.numel() <= max_seq_len:
+            return shrunk
+        cap = int(cap * 0.8)
+    return enc
+
+
+def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int = 0) -> EncodedSample:
+    """Token ids (and pixels) of one sample within ``max_seq_len``: images too large for the budget are
+    scaled down to fit; failing that, the text is cut and an image the cut would split is dropped."""
+    text = render_text(processor, sample)
+    images = [open_image(p, max_pixels) for p in sample.images]
+    enc = _encode(processor, text, images)
+    merge = processor.image_processor.merge_size
+    before = _image_tokens(enc, merge)
+    if images and enc.input_ids.numel() > max_seq_len:
+        enc = _shrink_to_fit(processor, text, images, enc, max_seq_len)
+    start_id = getattr(processor, "vision_start_token_id", None)
+    if start_id is None:
+        start_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    fitted = _truncate(enc, max_seq_len, start_id, merge)
+    after = _image_tokens(fitted, merge)
+    if after < before:
+        what = "dropped" if after == 0 or (fitted.image_grid_thw is not None and
+                                           len(fitted.image_grid_thw) < len(images)) else "scaled down"
+        warnings.warn(f"calibration item {sample.index}: image {what} to fit REAP_MAX_SEQ_LEN={max_seq_len} "
+                      f"({before} -> {after} image tokens); raise REAP_MAX_SEQ_LEN or set REAP_MAX_PIXELS",
+                      stacklevel=2)
+    return fitted
 
 
 def collate(encoded: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:

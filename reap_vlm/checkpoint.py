@@ -196,7 +196,7 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     state = memory_state_dict(ckpt, dtype=dtype, device=device)
     if config.tie_word_embeddings and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+        state["lm_head.weight"] = state[family.embedding_key]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ReapError(f"{path}: checkpoint does not match {family.name} "

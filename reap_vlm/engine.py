@@ -24,6 +24,16 @@ def fingerprint(**parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def files_signature(paths) -> list:
+    """(name, size, mtime) of files whose content changes the batches (images, processor files), cheap
+    enough for hundreds of images; a rewritten file under the same name changes it."""
+    out = []
+    for path in sorted({Path(p) for p in paths}):
+        stat = path.stat() if path.is_file() else None
+        out.append((str(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None))
+    return out
+
+
 @dataclass
 class ResumeState:
     path: Path
@@ -73,9 +83,8 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
     start = time.perf_counter()
     bar = tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True)
     with observer.attached(observer.family.moe_blocks(model)), torch.inference_mode():
-        for i, batch in enumerate(batches(processor, samples, batch_size, max_seq_len, max_pixels)):
-            if i < done:
-                continue
+        remaining = samples[done * batch_size:]  # batches already summed are not even encoded again
+        for i, batch in enumerate(batches(processor, remaining, batch_size, max_seq_len, max_pixels), start=done):
             batch = {k: v.to(device) for k, v in batch.items()}
             observer.set_masks(batch["attention_mask"], visual_token_mask(batch["input_ids"], model.config))
             base(**batch, use_cache=False)

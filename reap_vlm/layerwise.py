@@ -39,10 +39,10 @@ from .checkpoint import Checkpoint, memory_state_dict
 from .engine import ResumeState, visual_token_mask
 from .errors import ReapError
 from .scoring import ReapObserver, TokenMasks, free_memory_bytes
+from .settings import ENGINES
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "model", "layerwise")
 AUTO_MEMORY_FRACTION = 0.85  # auto: layer-wise when the model needs more than this share of free memory
 PREFETCH_MODES = ("host", "device")
 STORAGE_MODES = ("auto", "device", "host")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 from .calibration import load_calibration
 from .checkpoint import Checkpoint, load_model, load_processor, resolve_device, resolve_dtype
 from .distributed import DistContext
-from .engine import STATE_NAME, ResumeState, fingerprint, run_batches
+from .engine import STATE_NAME, ResumeState, files_signature, fingerprint, run_batches
 from .errors import ReapError
 from .layerwise import choose_engine, run_layerwise
 from .metadata import METHODOLOGY, REAP_VERSION, write_heatmap, write_metadata
@@ -64,8 +65,11 @@ def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: in
     observer = ReapObserver(family, stats, settings.scoring_mode)
     resume = None
     if settings.resume:
-        key = fingerprint(config=ckpt.config, calibration=calib.digest,
-                          samples=[s.index for s in calib.samples], mode=settings.scoring_mode,
+        inputs = [p for sample in calib.samples for p in sample.images] + [
+            p for p in Path(ckpt.path).iterdir() if p.suffix in (".json", ".jinja", ".txt")
+            and not p.name.startswith("model.safetensors")]
+        key = fingerprint(config=ckpt.config, calibration=calib.digest, files=files_signature(inputs),
+                          version=REAP_VERSION, samples=[s.index for s in calib.samples], mode=settings.scoring_mode,
                           batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                           max_pixels=settings.max_pixels, seed=settings.seed, dtype=str(dtype),
                           model=str(Path(ckpt.path).resolve()), rank=dist.rank, world_size=dist.world_size)
@@ -82,6 +86,10 @@ def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: in
     t_score = time.perf_counter()
 
     metrics = stats.metrics(settings.scoring_mode)
+    bad = [name for name, rows in metrics.items() if not all(math.isfinite(v) for row in rows for v in row)]
+    if bad:
+        raise ReapError(f"non-finite scores ({', '.join(bad)}): expert outputs overflowed in {dtype}; "
+                        "rerun with --dtype bfloat16 or float32")
     kept = select_experts(metrics, moe_layers, settings.criterion, keep)
     n_tokens, n_image = stats.n_tokens, stats.n_image_tokens
     metadata = {
@@ -101,6 +109,7 @@ def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: in
         "num_skipped_samples": len(calib.skipped),
         "skipped_samples": calib.skipped,
         "calibration_path": str(calib.path),
+        "calibration_samples": [s.index for s in calib.samples],
         "num_tokens": {"total": n_tokens, "text": n_tokens - n_image, "image": n_image},
         "dtype": str(dtype).removeprefix("torch."),
         "experts_to_keep": {str(layer): ids for layer, ids in kept.items()},

@@ -27,8 +27,6 @@ from torch import nn
 
 from .families import ModelFamily
 
-SCORING_MODES = ("full", "routed", "router")
-
 _SUMS = (
     "count", "weighted_frequency", "reap_sum", "ean_sum", "soft_frequency", "reap_dense_sum",
     "count_image", "reap_image_sum", "count_text", "reap_text_sum",
@@ -234,11 +232,6 @@ def all_expert_norms(family: ModelFamily, experts: nn.Module, x: torch.Tensor,
         out[start:start + chunk] = family.all_expert_norms(experts, x[start:start + chunk])
     return out
 
-
-def _activation_width(experts: nn.Module) -> int:
-    """Largest per-token activation width of an expert (2I or H), for memory sizing."""
-    shapes = [p.shape for p in experts.parameters() if p.dim() == 3]
-    return max((max(s[1], s[2]) for s in shapes), default=1)
 
 
 def routed_expert_norms(family: ModelFamily, experts: nn.Module, x: torch.Tensor,

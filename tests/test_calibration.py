@@ -99,3 +99,19 @@ def test_collate_pads_right_with_zero_attention(tiny_model, calibration):
     lengths = [e.input_ids.numel() for e in encoded]
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["image_grid_thw"].shape[0] == sum(e.image_grid_thw is not None for e in encoded)
+
+
+def test_image_too_large_for_the_budget_is_scaled_down_and_the_question_kept(tiny_model, calibration):
+    processor = load_processor(tiny_model)
+    sample = load_calibration(calibration / "chat.jsonl", 100).samples[3]  # a 128x96 image: 12 tokens
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    full = encode_sample(processor, sample, 4096)
+    n_full = int((full.input_ids == image_id).sum())
+    limit = full.input_ids.numel() - 4
+    with pytest.warns(UserWarning, match=r"item 3: image scaled down to fit REAP_MAX_SEQ_LEN"):
+        fitted = encode_sample(processor, sample, limit)
+    n_fitted = int((fitted.input_ids == image_id).sum())
+    assert 0 < n_fitted <= n_full - 4 and fitted.input_ids.numel() <= limit
+    tail = full.input_ids[-10:]  # the question and the generation prompt after the image survive whole
+    assert torch.equal(fitted.input_ids[-10:], tail)
+    assert fitted.pixel_values.shape[0] == int(fitted.image_grid_thw.prod())

@@ -203,3 +203,19 @@ def test_ties_broken_by_reap_dense_then_frequency_then_id():
     metrics["frequency"] = [[5, 4, 4, 9]]
     assert select_experts(metrics, [0], "reap", 2) == {0: [1, 2]}
     assert select_experts(metrics, [0], "reap", 1) == {0: [1]}
+
+
+def test_resume_state_is_not_reused_when_an_image_changes(tiny_model, calibration, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    calib = shutil.copytree(calibration, tmp_path / "calib")
+    settings = _settings(tiny_model, calib / "calibration_data.json", tmp_path / "out", resume=True)
+    first = run_reap(settings)
+    assert first["calibration_samples"] == list(range(8))
+    assert run_reap(settings)["run"]["resumed_from"] == first["run"]["batches"]  # same inputs: reused
+    Image.new("RGB", (96, 64), (10, 200, 10)).save(calib / "images" / "00001.png")  # same name, new pixels
+    again = run_reap(settings)
+    assert again["run"]["resumed_from"] == 0
+    assert again["metrics"]["reap"] != first["metrics"]["reap"]

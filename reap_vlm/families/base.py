@@ -84,6 +84,7 @@ class ModelFamily:
     top_k_key: str = "num_experts_per_tok"
     fused: tuple[ExpertTensorLayout, ...] = ()
     projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    embedding_key: str = "model.embed_tokens.weight"  # lm_head's source when tie_word_embeddings
 
     # ------------------------------------------------------------------ config face
 

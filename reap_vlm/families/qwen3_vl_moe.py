@@ -96,6 +96,7 @@ QWEN3_VL_MOE = FusedGateUpFamily(
     model_types=("qwen3_vl_moe",),
     architectures=("Qwen3VLMoeForConditionalGeneration",),
     layer_prefix=r"model\.language_model\.layers\.(?P<layer>\d+)\.",
+    embedding_key="model.language_model.embed_tokens.weight",
     fused=_FUSED,
 )
 
