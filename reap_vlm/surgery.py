@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .families import ModelFamily
@@ -23,14 +22,11 @@ def masked_routing(model: nn.Module, family: ModelFamily, experts_to_keep: dict[
     handles = []
     for layer, block in family.moe_blocks(model):
         router = family.router_of(block)
-        mask = torch.full((router.weight.shape[0],), float("-inf"), device=router.weight.device)
-        mask[torch.as_tensor(experts_to_keep[layer], device=mask.device)] = 0.0
+        bias = torch.full((family.num_router_rows(router),), float("-inf"), device=router.weight.device)
+        bias[torch.as_tensor(experts_to_keep[layer], device=bias.device)] = 0.0
 
-        def hook(module, args, output, mask=mask):
-            hidden = args[0].reshape(-1, module.weight.shape[1])
-            logits = F.linear(hidden, module.weight) + mask.to(module.weight.dtype)
-            weights, ids = family.route(logits, module.top_k)
-            return logits, weights, ids
+        def hook(module, args, output, bias=bias):
+            return family.router_forward(module, args[0], logit_bias=bias)
 
         handles.append(router.register_forward_hook(hook))
     try:

@@ -209,6 +209,19 @@ class ModelFamily:
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(router_logits.dtype), ids
 
+    def num_router_rows(self, router: nn.Module) -> int:
+        return router.weight.shape[0]
+
+    def router_forward(self, router: nn.Module, hidden: torch.Tensor,
+                       logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, gate weights, expert ids) as ``router`` returns them, with ``logit_bias`` (e.g. -inf for
+        pruned experts) added to the logits before routing."""
+        logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
+        if logit_bias is not None:
+            logits = logits + logit_bias.to(logits.dtype)
+        weights, ids = self.route(logits, router.top_k)
+        return logits, weights, ids
+
     def routed_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden [T, H], top-k ids [T, k], applied gate weights [T, k]) from the experts' call."""
         names = ("hidden_states", "top_k_index", "top_k_weights")
