@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Write a pruned copy of a Qwen3-VL-MoE checkpoint that keeps only the experts chosen in reap_metadata.json.
 
-The metadata's experts_to_keep is used as is, unless --prune-ratio, --criterion or --keep-multiple is given
-(flag, environment or .env): then the selection is recomputed from the metrics the metadata stores.
+The metadata's experts_to_keep is used as is, unless a prune ratio, criterion or keep multiple set by flag,
+environment or .env differs from what the metadata recorded: then the selection is recomputed from the metrics
+the metadata stores (a line says so, and pruning_record.json records it).
 The source model is --model / REAP_MODEL_PATH, else the model_path recorded in the metadata."""
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ FLAGS = {"pruned_output_path": "--output", "output_path": "--reap-output"}
 HELP = {
     "model_path": "source checkpoint (default: the model_path recorded in the metadata); never written",
     "output_path": "reap.py's output folder, where reap_metadata.json is looked for",
-    "prune_ratio": "recompute the selection with this ratio (default: the metadata's own selection)",
-    "criterion": "recompute the selection ranking by this metric (default: the metadata's own selection)",
-    "keep_multiple": "recompute the selection rounding K up to a multiple of N",
+    "prune_ratio": "recompute the selection with this ratio when it differs from the metadata's",
+    "criterion": "recompute the selection ranking by this metric when it differs from the metadata's",
+    "keep_multiple": "recompute the selection rounding K up to a multiple of N when it differs from the metadata's",
 }
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
         "pruning summary",
         f"source           {record['source_path']}",
         f"experts          kept {record['num_experts']} of {record['source_num_experts']} in each of "
-        f"{len(record['moe_layers'])} MoE layers",
+        f"{len(record['moe_layers'])} MoE layers (selection: {record.get('selection', {}).get('source', 'metadata')})",
         "tensors          " + ", ".join(f"{n} {action}" for action, n in counts.items()),
         f"written          {output} ({record['bytes_written'] / 1e9:.2f} GB in {seconds:.1f}s)",
     ]

@@ -9,6 +9,7 @@ the same grounding templates the calibration loader uses.
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class EvalPrompt:
 
     id: str  # "calibration:12" (item 12 of the file) or "builtin:text-0"
     sample: CalibrationSample
+    also_calibration: bool = False  # the item was one of the samples the experts were scored on
 
     @property
     def kind(self) -> str:
@@ -66,17 +68,30 @@ def _interleave(with_image: list, text_only: list, count: int) -> list:
     return chosen
 
 
-def calibration_prompts(path: Path, count: int, seed: int) -> tuple[list[EvalPrompt], list[str]]:
+def calibration_prompts(path: Path, count: int, seed: int,
+                        scored: Collection[int] = ()) -> tuple[list[EvalPrompt], list[str]]:
     """``count`` items of the calibration file drawn with ``seed``, half with images; bad items are
-    skipped (their reasons returned), as a check should not stop on one broken calibration line."""
+    skipped (their reasons returned), as a check should not stop on one broken calibration line.
+
+    ``scored`` are the indices of items the experts were scored on: prompts are drawn from the other
+    items first, and only when too few remain are scored ones added (marked ``also_calibration``)."""
     calib = load_calibration(path, max_samples=10**9, seed=seed, skip_bad=True)
     rng = random.Random(f"eval:{seed}")
-    with_image = [s for s in calib.samples if s.has_image]
-    text_only = [s for s in calib.samples if not s.has_image]
-    rng.shuffle(with_image)
-    rng.shuffle(text_only)
-    chosen = _interleave(with_image, text_only, count)
-    return [EvalPrompt(f"calibration:{s.index}", s) for s in chosen], calib.skipped
+    scored = set(scored)
+    held_out = [s for s in calib.samples if s.index not in scored]
+    used = [s for s in calib.samples if s.index in scored]
+    groups = []
+    for samples in (held_out, used):
+        with_image = [s for s in samples if s.has_image]
+        text_only = [s for s in samples if not s.has_image]
+        rng.shuffle(with_image)
+        rng.shuffle(text_only)
+        groups.append((with_image, text_only))
+    chosen = _interleave(*groups[0], count)
+    fill = _interleave(*groups[1], count - len(chosen))
+    prompts = [EvalPrompt(f"calibration:{s.index}", s) for s in chosen]
+    prompts += [EvalPrompt(f"calibration:{s.index}", s, also_calibration=True) for s in fill]
+    return prompts, calib.skipped
 
 
 def builtin_prompts(count: int, seed: int, image_dir: Path) -> list[EvalPrompt]:

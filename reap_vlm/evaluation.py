@@ -6,7 +6,9 @@ Checks (each on or off by what is available; exit 0 only when every enabled one 
    -inf (kept ids from pruning_record.json, else reap_metadata.json): every MoE block replayed
    on identical inputs, and the final logits, within the dtype's tolerances (``eval_compare``);
    a failure names the layer and the part (router rows, experts, or non-expert weights).
-2. generation: greedy outputs on held-out prompts are not degenerate (``eval_degenerate``).
+2. generation: greedy outputs on held-out prompts are not degenerate (``eval_degenerate``); prompts
+   from --calibration skip the items reap.py scored (reap_metadata.json's calibration_samples), and
+   any that had to be reused are counted in the verdict.
    With the original, an output the original also degenerates on does not count (random or
    weak models degenerate by themselves); without it, every degenerate output fails.
 3. tokenizer (with the original): the pruned folder's processor encodes prompts identically.
@@ -20,6 +22,7 @@ bbox pictures.  One model is loaded at a time: the original, then the pruned one
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -280,12 +283,64 @@ def run_pruned(path: Path, prompts: list[EvalPrompt], settings: Settings, device
     return result
 
 
-def choose_prompts(settings: Settings, output: Path, notes: list[str]) -> tuple[list[EvalPrompt], str]:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not here: compare the paths
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def scored_calibration(pruned_path: Path | None, calibration: Path) -> tuple[set[int] | None, str | None]:
+    """Which items of ``calibration`` the experts were scored on, from the pruned folder's reap_metadata.json
+    (copied there by prune_model.py): a set (empty when reap.py read another file), or None with the reason
+    when that cannot be told."""
+    path = None if pruned_path is None else Path(pruned_path) / METADATA_NAME
+    if path is None or not path.is_file():
+        return None, (f"the pruned folder has no {METADATA_NAME}, so whether prompts from {calibration} were "
+                      "among the scored calibration samples is unknown")
+    try:
+        raw = read_json(path, METADATA_NAME)
+    except ReapError as exc:
+        return None, f"{exc}; whether the prompts were among the scored calibration samples is unknown"
+    recorded = raw.get("calibration_path") if isinstance(raw, dict) else None
+    if not recorded:
+        return None, (f"{METADATA_NAME} does not name the calibration file it was scored on; prompts from "
+                      f"{calibration} may repeat scored samples")
+    if not _same_file(Path(recorded), Path(calibration)):
+        return set(), None
+    samples = raw.get("calibration_samples")
+    if not isinstance(samples, list):
+        return None, (f"{calibration} is the file the experts were scored on, and {METADATA_NAME} does not list "
+                      "which of its items were used (calibration_samples; rerun reap.py to record it): prompts may "
+                      "repeat scored samples")
+    return {int(i) for i in samples}, None
+
+
+def choose_prompts(settings: Settings, output: Path, notes: list[str],
+                   pruned_path: Path | None = None) -> tuple[list[EvalPrompt], str]:
+    """The prompts of the check and a phrase saying where they came from.  Prompts from --calibration
+    avoid the items the experts were scored on (named in the pruned folder's reap_metadata.json); when too
+    few others remain, scored ones fill in, marked ``also_calibration`` and said so in ``notes``."""
     if settings.calibration_path is not None:
-        prompts, skipped = calibration_prompts(settings.calibration_path, settings.num_prompts, settings.seed)
+        calibration = settings.calibration_path
+        scored, unknown = scored_calibration(pruned_path, calibration)
+        prompts, skipped = calibration_prompts(calibration, settings.num_prompts, settings.seed, scored or ())
         if skipped:
             notes.append(f"{len(skipped)} calibration items skipped (e.g. {skipped[0]})")
-        source = f"{len(prompts)} drawn from {settings.calibration_path} (seed {settings.seed})"
+        source = f"{len(prompts)} drawn from {calibration} (seed {settings.seed})"
+        overlap = sum(1 for p in prompts if p.also_calibration)
+        if unknown:
+            notes.append(unknown)
+            source += ", held out from scoring: unknown"
+        elif scored:
+            source += f", avoiding the {len(scored)} items scored by reap.py"
+            if overlap:
+                notes.append(f"{overlap} of {len(prompts)} prompts were also calibration samples: {calibration} has "
+                             f"only {len(prompts) - overlap} usable items reap.py did not score; for a held-out "
+                             "check, pass a --calibration file (or more items) the experts were not scored on")
+                source += f" ({overlap} of {len(prompts)} also calibration samples)"
+        else:
+            source += ", not the file the experts were scored on"
     else:
         prompts = builtin_prompts(settings.num_prompts, settings.seed, output / PROMPT_IMAGE_DIR)
         source = f"{len(prompts)} built-in (text, and shapes drawn into {PROMPT_IMAGE_DIR}/)"
@@ -425,7 +480,7 @@ def run_test(settings: Settings) -> Outcome:
     torch.manual_seed(settings.seed)
     out = Path(settings.test_output_path)
     out.mkdir(parents=True, exist_ok=True)
-    prompts, prompts_source = choose_prompts(settings, out, inputs.notes)
+    prompts, prompts_source = choose_prompts(settings, out, inputs.notes, inputs.pruned.path)
     for note in inputs.notes:
         _log(f"note: {note}")
 
@@ -466,7 +521,8 @@ def run_test(settings: Settings) -> Outcome:
                "pruned": {"text": gen.text, "raw": gen.raw, "tokens": len(gen.token_ids), "ended": gen.ended,
                           "degenerate": str(bad) if bad else None},
                "original": None, "degenerate_fails": bad is not None, "exact_match": None, "tokenizer_match":
-               pruned.same_tokens[i], "surgery": None, "agreement": None, "bbox": boxes[i]}
+               pruned.same_tokens[i], "surgery": None, "agreement": None, "bbox": boxes[i],
+               "also_calibration": prompt.also_calibration}
         if original is not None:
             theirs = original.generations[i]
             their_bad = original.degenerate(theirs)
@@ -516,6 +572,10 @@ def run_test(settings: Settings) -> Outcome:
     ) if c is not None]
     if any(c.name == "min_top1_agreement" and c.status == "pass" for c in checks):
         metrics = [m for m in metrics if not m.startswith("top-1 agreement")]
+    overlap = sum(1 for p in prompts if p.also_calibration)
+    if overlap:  # not a held-out check for those prompts: the verdict must not hide it
+        summary["also_calibration_samples"] = f"{overlap}/{len(prompts)}"
+        metrics.append(f"{overlap} of {len(prompts)} prompts were also calibration samples")
 
     passed = not any(c.failed for c in checks)
     line = verdict(checks, metrics)

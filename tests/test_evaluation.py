@@ -43,6 +43,7 @@ from reap_vlm.evaluation import (
     _generation_check,
     _threshold_check,
     bbox_summary,
+    choose_prompts,
     find_reference,
     resolve_inputs,
 )
@@ -308,6 +309,61 @@ def test_calibration_prompts_mix_images_and_text(calibration):
     assert len(many) == 8  # every item, when fewer than asked
 
 
+def test_calibration_prompts_avoid_scored_items(calibration):
+    """Items 0-5 carry images, 6-7 are text; 0-3 and 6 were scored."""
+    path = calibration / "calibration_data.json"
+    scored = {0, 1, 2, 3, 6}
+    prompts, _ = calibration_prompts(path, 3, seed=1, scored=scored)
+    assert sorted(p.sample.index for p in prompts) == [4, 5, 7] and not any(p.also_calibration for p in prompts)
+    assert [p.sample.has_image for p in prompts] == [True, False, True]
+    prompts, _ = calibration_prompts(path, 5, seed=1, scored=scored)  # only 3 held out: 2 scored ones fill in
+    assert sorted(p.sample.index for p in prompts[:3]) == [4, 5, 7]
+    assert [p.also_calibration for p in prompts] == [False, False, False, True, True]
+    assert all(p.sample.index in scored for p in prompts[3:])
+    plain, _ = calibration_prompts(path, 4, seed=1)
+    assert [p.id for p in plain] == [p.id for p in calibration_prompts(path, 4, seed=1, scored=())[0]]
+
+
+def write_reap_metadata(folder: Path, **fields) -> Path:
+    """A pruned folder's reap_metadata.json, written by hand (what reap.py records, as prune_model.py copies it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"moe_layers": [0, 1, 2, 3], "num_experts": 12, "prune_ratio": 0.33, "criterion": "reap",
+                "experts_to_keep": {str(layer): ids for layer, ids in KEEP.items()}, **fields}
+    (folder / METADATA_NAME).write_text(json.dumps(metadata))
+    return folder
+
+
+def test_prompts_are_held_out_from_the_scored_calibration_samples(calibration, tmp_path):
+    path = calibration / "calibration_data.json"
+    relative = os.path.relpath(path, tmp_path)  # the same file, spelled differently than reap.py recorded it
+    settings = settings_for(["--calibration", relative, "--num-prompts", "4"])
+
+    def choose(**fields):
+        notes: list[str] = []
+        pruned = write_reap_metadata(tmp_path / "pruned", **fields) if fields else tmp_path / "bare"
+        prompts, source = choose_prompts(settings, tmp_path / "report", notes, pruned)
+        return prompts, source, notes
+
+    # 6 of 8 items scored: the 2 others first, then 2 scored ones, said so.
+    prompts, source, notes = choose(calibration_path=str(path), calibration_samples=[0, 1, 2, 3, 4, 5])
+    assert sorted(p.sample.index for p in prompts if not p.also_calibration) == [6, 7]
+    assert sum(p.also_calibration for p in prompts) == 2
+    assert len(notes) == 1 and notes[0].startswith("2 of 4 prompts were also calibration samples")
+    assert "avoiding the 6 items scored by reap.py (2 of 4 also calibration samples)" in source
+    # Enough unscored items: none of the prompts was scored.
+    prompts, source, notes = choose(calibration_path=str(path), calibration_samples=[0, 2, 6])
+    assert not notes and not {p.sample.index for p in prompts} & {0, 2, 6} and len(prompts) == 4
+    assert not any(p.also_calibration for p in prompts)
+    # Scored on another file: every item of this one is held out.
+    prompts, source, notes = choose(calibration_path=str(tmp_path / "other.json"), calibration_samples=[0, 1])
+    assert not notes and not any(p.also_calibration for p in prompts) and "not the file" in source
+    # The same file, but which items were scored is not recorded (older metadata), or no metadata at all.
+    for fields, says in (({"calibration_path": str(path)}, "does not list which of its items"),
+                         ({}, f"has no {METADATA_NAME}")):
+        prompts, source, notes = choose(**fields)
+        assert len(prompts) == 4 and len(notes) == 1 and says in notes[0] and "unknown" in source
+
+
 def test_builtin_prompts_draw_their_images(tmp_path):
     prompts = builtin_prompts(5, seed=0, image_dir=tmp_path / "imgs")
     assert [p.kind for p in prompts] == ["grounding", "text", "grounding", "text", "grounding"]
@@ -448,6 +504,22 @@ def test_a_correctly_pruned_model_passes(pruned_models, calibration, tmp_path, c
     md = (report_dir / "test_report.md").read_text()
     assert "| surgery | PASS |" in md and md.count("| calibration:") == 4
     assert not list(report_dir.glob(".*"))  # atomic writes leave no temporary files
+
+
+def test_reused_calibration_samples_are_named_in_the_verdict(pruned_models, calibration, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    shutil.copytree(pruned_models["good"], pruned)
+    path = calibration / "calibration_data.json"
+    write_reap_metadata(pruned, calibration_path=str(path), calibration_samples=[0, 1, 2, 3, 4, 5, 6])
+    code, out, err = run(["--model", str(pruned), "--calibration", str(path), "--output", str(tmp_path / "r"),
+                          *FAST], capsys)
+    assert code == 0, out + err
+    assert out.startswith("PASS: ") and out.rstrip().endswith("1 of 2 prompts were also calibration samples")
+    report = json.loads((tmp_path / "r" / "test_report.json").read_text())
+    assert [(r["id"], r["also_calibration"]) for r in report["prompts"]][0] == ("calibration:7", False)
+    assert report["prompts"][1]["also_calibration"] and report["summary"]["also_calibration_samples"] == "1/2"
+    assert any(n.startswith("1 of 2 prompts were also calibration samples") for n in report["notes"])
+    assert "- also calibration samples: 1/2" in (tmp_path / "r" / "test_report.md").read_text()
 
 
 def test_scrambled_router_rows_fail_the_surgery_check(pruned_models, calibration, tmp_path, capsys):

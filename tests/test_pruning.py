@@ -398,13 +398,83 @@ def test_shard_left_empty_is_dropped_and_names_renumbered(tiny_model_per_expert,
 def test_existing_output_refused_unless_force(tiny_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("old")
     with pytest.raises(ReapError, match="already exists; pass --force"):
         prune_checkpoint(tiny_model, out, KEEP, progress=False)
-    assert (out / "old.txt").is_file()
-    prune_checkpoint(tiny_model, out, KEEP, force=True, progress=False)
-    assert not (out / "old.txt").exists() and (out / PRUNING_RECORD).is_file()
+    prune_checkpoint(tiny_model, out, KEEP, force=True, progress=False)  # an empty folder may be replaced
+    assert (out / PRUNING_RECORD).is_file()
+    (out / "notes.txt").write_text("mine")
+    prune_checkpoint(tiny_model, out, KEEP, force=True, progress=False)  # so may an earlier pruned output
+    assert not (out / "notes.txt").exists() and (out / PRUNING_RECORD).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("make", ["folder", "file"])
+def test_force_refuses_to_replace_what_prune_model_did_not_write(tiny_model, tmp_path, make):
+    out = tmp_path / "out"
+    if make == "folder":
+        (out / "reap").mkdir(parents=True)
+        (out / "reap" / "results.json").write_text("{}")
+    else:
+        out.write_text("data")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ReapError) as caught:
+        prune_checkpoint(tiny_model, out, KEEP, force=True, progress=False)
+    message = str(caught.value)
+    assert message.startswith("--force replaces only an empty folder or an earlier prune_model.py output")
+    assert str(out) in message and "choose a new or empty --output" in message and "\n" not in message
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_output_holding_reap_results_refused(tiny_model, tmp_path):
+    """`prune_model.py --output output --force` must not wipe output/reap (or the metadata being read)."""
+    reap_out = tmp_path / "output" / "reap"
+    reap_out.mkdir(parents=True)
+    metadata = reap_out / METADATA_NAME
+    metadata.write_text("{}")
+    (tmp_path / "output" / PRUNING_RECORD).write_text("{}")  # even beside a record: the REAP results win
+    cases = [(tmp_path / "output", r"contains the REAP metadata being read"),
+             (reap_out, r"is the reap.py output folder")]
+    for output, message in cases:
+        with pytest.raises(ReapError, match=message + ".*choose another --output"):
+            prune_checkpoint(tiny_model, output, KEEP, force=True, progress=False, reap_output=reap_out,
+                             reap_metadata_path=metadata if output != reap_out else None)
+    with pytest.raises(ReapError, match="contains the reap.py output folder"):
+        prune_checkpoint(tiny_model, tmp_path, KEEP, force=True, progress=False, reap_output=reap_out)
+    assert metadata.read_text() == "{}" and (tmp_path / "output" / PRUNING_RECORD).is_file()
+
+
+def make_stale(tmp_path: Path) -> list[Path]:
+    """What a SIGKILLed run leaves: fsutil.atomic_output_dir's hidden temporary siblings."""
+    partial, old = tmp_path / ".out.partial-k1ll3d", tmp_path / ".out.old-x9"
+    (partial / "sub").mkdir(parents=True)
+    (partial / "model-00001-of-00003.safetensors").write_bytes(b"\0" * 3_000_000)
+    (partial / "sub" / "x").write_bytes(b"\0" * 1_000_000)
+    (old / "old").mkdir(parents=True)
+    (old / "old" / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    (tmp_path / ".other.partial-1").mkdir()  # another output's: not counted
+    return [partial, old]
+
+
+def test_stale_temporary_folders_are_reported(tiny_model, tmp_path):
+    stale = make_stale(tmp_path)
+    with pytest.warns(UserWarning) as caught:
+        prune_checkpoint(tiny_model, tmp_path / "out", KEEP, progress=False)
+    messages = [str(w.message) for w in caught if "stale" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert messages[0].startswith(f"2 stale temporary folders (0.01 GB) beside {tmp_path / 'out'}, left by an "
+                                  "interrupted prune_model.py run")  # 6 MB
+    assert f"rm -rf {tmp_path}/.out.old-* {tmp_path}/.out.partial-*" in messages[0]
+    assert all(p.is_dir() for p in stale)  # reported, never deleted behind the user's back
+    assert (tmp_path / "out" / PRUNING_RECORD).is_file()
+
+
+def test_not_enough_disk_space_names_stale_temporary_folders(tiny_model, tmp_path, monkeypatch):
+    make_stale(tmp_path)
+    monkeypatch.setattr(pruning.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    with pytest.warns(UserWarning, match="2 stale temporary folders"), \
+            pytest.raises(ReapError, match=r"not enough disk space .*; 2 stale temporary folders \(0.01 GB\) .*rm -rf"):
+        prune_checkpoint(tiny_model, tmp_path / "out", KEEP, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_overlapping_source_refused(tiny_model, tmp_path):
@@ -552,3 +622,122 @@ def test_prune_model_errors_are_one_line(tmp_path, capsys, monkeypatch):
                                                     "num_experts": 12, "model_path": str(tmp_path / "gone")}))
     assert run_main(main, ["--metadata", str(tmp_path / "meta.json")]) == 1
     assert "is not a checkpoint folder; pass --model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- (7) selection
+
+def hand_metadata(tiny_model: Path, folder: Path) -> tuple[Path, dict]:
+    """reap_metadata.json as reap.py writes it for 0.5 by reap (6 of 12 kept), from before keep_multiple was
+    recorded, and with an experts_to_keep that recomputing would not give: which selection was used shows."""
+    generator = torch.Generator().manual_seed(0)
+    metrics = {name: torch.rand(4, 12, generator=generator, dtype=torch.float64).tolist()
+               for name in ("reap", "frequency", "weighted_frequency")}
+    keep = {str(layer): ids[:6] for layer, ids in KEEP.items()}
+    assert keep != {str(k): v for k, v in select_experts(metrics, [0, 1, 2, 3], "reap", 6).items()}
+    metadata = {"model_path": str(tiny_model), "num_experts": 12, "top_k": 4, "moe_layers": [0, 1, 2, 3],
+                "scoring_mode": "full", "criterion": "reap", "prune_ratio": 0.5, "num_experts_to_keep": 6,
+                "experts_to_keep": keep, "mean_scores": metrics["reap"], "metrics": metrics,
+                "calibration_samples": [0, 2]}
+    folder.mkdir(parents=True)
+    path = folder / METADATA_NAME
+    path.write_text(json.dumps(metadata))
+    return path, metadata
+
+
+@pytest.fixture
+def prune_cli(tmp_path, monkeypatch, capsys):
+    """prune_model.py in this process, run in tmp_path with the given .env text and environment variables."""
+    from prune_model import main
+    from reap_vlm.cli import run_main
+
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.startswith("REAP_")]:
+        monkeypatch.delenv(name)
+
+    def call(*argv: str, dotenv: str = "", **environ: str) -> tuple[int, str, str, dict, dict]:
+        (tmp_path / ".env").write_text(dotenv)
+        with monkeypatch.context() as m:
+            for name, value in environ.items():
+                m.setenv(name, value)
+            code = run_main(main, list(argv))
+        out, err = capsys.readouterr()
+        pruned = tmp_path / "pruned"
+        record = json.loads((pruned / PRUNING_RECORD).read_text()) if code == 0 else {}
+        copied = json.loads((pruned / METADATA_NAME).read_text()) if code == 0 else {}
+        return code, out, err, record, copied
+
+    return call
+
+
+def test_settings_that_repeat_the_metadata_keep_its_selection(tiny_model, tmp_path, prune_cli):
+    path, metadata = hand_metadata(tiny_model, tmp_path / "reap")
+    # A .env copied from .env.example repeats what reap.py was run with: not a request to recompute.
+    code, out, err, record, copied = prune_cli("--metadata", str(path), "--output", "pruned",
+                                               dotenv="REAP_PRUNE_RATIO=0.50\nREAP_CRITERION=reap\n"
+                                                      "REAP_KEEP_MULTIPLE=1\n")
+    assert code == 0, err
+    assert "recomputing" not in out + err
+    assert record["experts_to_keep"] == metadata["experts_to_keep"]
+    assert record["selection"] == {"source": "metadata", "prune_ratio": 0.5, "criterion": "reap",
+                                   "keep_multiple": 1, "num_experts_to_keep": 6}
+    assert copied == metadata
+    # Nor is a flag or a variable that equals the recorded value.
+    code, out, err, record, copied = prune_cli("--metadata", str(path), "--output", "pruned", "--force",
+                                               "--prune-ratio", "0.5", REAP_CRITERION="reap")
+    assert code == 0, err
+    assert "recomputing" not in out + err and record["selection"]["source"] == "metadata"
+    assert record["experts_to_keep"] == metadata["experts_to_keep"] and copied == metadata
+
+
+def test_a_different_ratio_in_env_file_recomputes_and_says_so(tiny_model, tmp_path, prune_cli):
+    path, metadata = hand_metadata(tiny_model, tmp_path / "reap")
+    code, out, err, record, copied = prune_cli("--metadata", str(path), "--output", "pruned",
+                                               dotenv="REAP_PRUNE_RATIO=0.40\n")
+    assert code == 0, err
+    assert out.splitlines()[0] == ("recomputing the selection: prune ratio 0.4 (REAP_PRUNE_RATIO in .env) differs "
+                                   "from the metadata's 0.5")
+    expected = {str(k): v for k, v in select_experts(metadata["metrics"], [0, 1, 2, 3], "reap", 8).items()}
+    assert record["experts_to_keep"] == expected and record["num_experts"] == 8
+    assert record["selection"] == {"source": "recomputed", "prune_ratio": 0.4, "criterion": "reap",
+                                   "keep_multiple": 1, "num_experts_to_keep": 8, "why": out.splitlines()[0]}
+    # The metadata beside the checkpoint describes what was kept, keeps the measurements, and says what changed.
+    assert copied["experts_to_keep"] == expected and copied["num_experts_to_keep"] == 8
+    assert (copied["prune_ratio"], copied["criterion"], copied["keep_multiple"]) == (0.4, "reap", 1)
+    assert copied["metrics"] == metadata["metrics"] and copied["mean_scores"] == metadata["mean_scores"]
+    assert copied["calibration_samples"] == [0, 2]
+    assert copied["selection_recomputed"]["reap_selection"] == {"prune_ratio": 0.5, "criterion": "reap",
+                                                                "keep_multiple": 1, "num_experts_to_keep": 6}
+    assert json.loads(path.read_text()) == metadata  # the input is not touched
+
+
+def test_a_flag_recomputes_the_selection(tiny_model, tmp_path, prune_cli):
+    path, metadata = hand_metadata(tiny_model, tmp_path / "reap")
+    code, out, err, record, copied = prune_cli("--metadata", str(path), "--output", "pruned", "--criterion",
+                                               "frequency", dotenv="REAP_PRUNE_RATIO=0.5\n", REAP_KEEP_MULTIPLE="4")
+    assert code == 0, err
+    assert out.splitlines()[0] == ("recomputing the selection: criterion frequency (--criterion) differs from the "
+                                   "metadata's reap; keep multiple 4 (REAP_KEEP_MULTIPLE in the environment) "
+                                   "differs from the metadata's 1")
+    expected = {str(k): v for k, v in select_experts(metadata["metrics"], [0, 1, 2, 3], "frequency", 8).items()}
+    assert record["experts_to_keep"] == expected and record["num_experts"] == 8  # 6 rounded up to a multiple of 4
+    assert record["selection"]["source"] == "recomputed"
+    assert (record["selection"]["criterion"], record["selection"]["keep_multiple"]) == ("frequency", 4)
+    assert copied["experts_to_keep"] == expected and copied["criterion"] == "frequency"
+    assert copied["mean_scores"] == metadata["metrics"]["frequency"]
+
+
+def test_prune_model_refuses_to_wipe_reap_results(tiny_model, tmp_path, prune_cli):
+    """The scenario `prune_model.py --output output --force`, with reap.py's results in output/reap."""
+    path, _ = hand_metadata(tiny_model, tmp_path / "output" / "reap")
+    code, out, err, _, _ = prune_cli("--output", "output", "--force", dotenv="REAP_OUTPUT_PATH=output/reap\n")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("error: output folder output contains the REAP metadata being read")
+    code, out, err, _, _ = prune_cli("--metadata", str(path), "--output", "output", "--force",
+                                     REAP_OUTPUT_PATH=str(tmp_path / "output" / "reap"))
+    assert code == 1 and "contains the REAP metadata being read" in err
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(path, tmp_path / "elsewhere" / METADATA_NAME)
+    code, out, err, _, _ = prune_cli("--metadata", str(tmp_path / "elsewhere" / METADATA_NAME), "--output", "output",
+                                     "--force", REAP_OUTPUT_PATH="output/reap")
+    assert code == 1 and "contains the reap.py output folder" in err
+    assert path.is_file()
