@@ -2,7 +2,8 @@
 #
 # reap-vlm: REAP expert scoring and pruning of Qwen3-VL-MoE models on NVIDIA GPUs.
 #   ./run.sh build            (docker compose build; REAP_* variables there set the build args below)
-#   docker build -t reap-vlm .
+#   docker build -t reap-vlm .   (without SOURCE_HASH, which run.sh computes: it then warns that it cannot tell
+#                                 whether the image holds the checkout's code)
 #
 # torch 2.11 from PyPI is built for CUDA 13.0 and carries its own CUDA libraries (cuBLAS, cuDNN, NCCL, ...),
 # so the base image only adds NVIDIA's container hooks and needs a host driver >= 580. For an older driver
@@ -111,8 +112,13 @@ WORKDIR /app
 COPY . /app
 RUN pip install --no-cache-dir --no-deps -e /app
 
+# The code is baked in, so the image goes stale when the checkout changes: run.sh labels it with a hash of the
+# checkout (SOURCE_HASH, from ./run.sh build) and warns when that no longer matches. Declared after the last RUN,
+# so that a new value changes only this label.
+ARG SOURCE_HASH=""
 LABEL org.opencontainers.image.title="reap-vlm" \
       org.opencontainers.image.description="REAP expert pruning for Qwen3-VL-MoE vision-language models" \
-      org.opencontainers.image.licenses="MIT"
+      org.opencontainers.image.licenses="MIT" \
+      org.reap-vlm.source-sha256="${SOURCE_HASH}"
 USER ${USER_UID}:${USER_GID}
 CMD ["bash"]

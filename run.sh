@@ -8,11 +8,18 @@ cd "$ROOT"
 
 # Read by run.sh and docker-compose.yml themselves; never passed into the container.
 LAUNCHER_VARS=" REAP_RUNTIME REAP_PYTHON REAP_ENV_FILE REAP_DATA_DIR REAP_GPU_COUNT REAP_UID REAP_GID"
-LAUNCHER_VARS+=" REAP_BASE_IMAGE REAP_DEVEL_IMAGE REAP_TORCH_INDEX_URL REAP_INSTALL_FLASH_ATTN REAP_INSTALL_VLLM "
+LAUNCHER_VARS+=" REAP_BASE_IMAGE REAP_DEVEL_IMAGE REAP_TORCH_INDEX_URL REAP_INSTALL_FLASH_ATTN REAP_INSTALL_VLLM"
+LAUNCHER_VARS+=" REAP_SOURCE_HASH "
+# docker-compose.yml's own ${...} settings that run.sh reads (REAP_UID/REAP_GID, REAP_ENV_FILE, REAP_SOURCE_HASH
+# are handled apart).
+COMPOSE_VARS=(REAP_DATA_DIR REAP_GPU_COUNT REAP_BASE_IMAGE REAP_DEVEL_IMAGE REAP_TORCH_INDEX_URL
+    REAP_INSTALL_FLASH_ATTN REAP_INSTALL_VLLM)
 # Passed into the container when set, besides every other REAP_* variable.
 PASSED_VARS=" HF_TOKEN HF_ENDPOINT HF_HUB_OFFLINE TRANSFORMERS_OFFLINE "
 COMPOSE_MIN_MINOR=24  # Compose 2.24: env_file entries with `required: false`
 STAMP=.venv/.reap-requirements.sha256
+IMAGE=reap-vlm                           # docker-compose.yml's image
+SOURCE_LABEL=org.reap-vlm.source-sha256  # the Dockerfile's label: source_hash of the checkout it was built from
 
 usage() {
     cat <<'EOF'
@@ -28,7 +35,8 @@ Pipeline (ARGS go to the script; `./run.sh reap --help` lists its flags):
   selftest   the test suite                python -m pytest -q ARGS
 
 Container:
-  build      build the image               docker compose build ARGS
+  build      build the image               docker compose build ARGS (again after a git pull: the image
+                                           holds the code; run.sh warns when it differs from this checkout)
   shell      a shell in the container      docker compose run --rm reap bash
   gpu        nvidia-smi (in the container with Docker, on the host otherwise)
 
@@ -44,14 +52,15 @@ pyproject.toml change. Paths are relative to this folder in both modes (the cont
   REAP_PYTHON=/path/python     natively, use this interpreter as it is instead of .venv
   REAP_DATA_DIR=DIR            host folder mounted at /app/data (default ./data); ./output is /app/output
   REAP_GPU_COUNT=N|all         GPUs given to the container (default all; 0: the CPU-only service)
-These may also be set in .env. Build args: REAP_BASE_IMAGE, REAP_TORCH_INDEX_URL (older drivers),
-REAP_INSTALL_FLASH_ATTN=1, REAP_INSTALL_VLLM=1 (see Dockerfile).
+These may also be set in .env (or REAP_ENV_FILE; Compose gets what run.sh read there).
+Build args (see Dockerfile): REAP_BASE_IMAGE, REAP_TORCH_INDEX_URL (older drivers), REAP_INSTALL_FLASH_ATTN=1,
+REAP_INSTALL_VLLM=1.
 
 Settings: flag > environment > .env (REAP_ENV_FILE names another file) > default, e.g.
   REAP_MODEL_PATH  REAP_CALIBRATION_PATH  REAP_OUTPUT_PATH  REAP_PRUNED_OUTPUT_PATH
   REAP_TEST_OUTPUT_PATH  REAP_PRUNE_RATIO  REAP_SCORING_MODE  REAP_MAX_SAMPLES  REAP_BATCH_SIZE
   REAP_DEVICE  REAP_ENGINE        (all of them: .env.example)
-In the container every REAP_* variable set in your shell is passed in, and .env is read whole.
+In the container every REAP_* variable set in your shell is passed in, and .env (REAP_ENV_FILE) is read whole.
 EOF
 }
 
@@ -71,9 +80,11 @@ is_launcher_var() {
 }
 
 # launcher_setting NAME: from the environment, else from the .env file (the last NAME=... line), else empty.
-# Only run.sh's own variables are read this way; the Python code reads .env itself.
+# Only run.sh's own variables are read this way; the Python code reads .env itself. Read as Compose and
+# python-dotenv read it: 'single' or "double" quotes, a ` # comment` after the value, ${VAR} and ${VAR:-default}
+# from the environment (not inside single quotes).
 launcher_setting() {
-    local name=$1 file=${REAP_ENV_FILE:-.env} line value=""
+    local name=$1 file=${REAP_ENV_FILE:-.env} line value="" quote="" out="" ref
     if [[ -n ${!name+set} ]]; then
         printf '%s' "${!name}"
         return 0
@@ -86,11 +97,22 @@ launcher_setting() {
             value=${line#*=}
         fi
     done <"$file"
-    if [[ $value == \"*\" || $value == \'*\' ]]; then
-        value=${value:1:${#value}-2}
+    value=${value#"${value%%[![:space:]]*}"}
+    if [[ $value == \"*\"* || $value == \'*\'* ]]; then
+        quote=${value:0:1}
+        value=${value:1}
+        value=${value%%"$quote"*}
     else
         value=${value%%[[:space:]]#*}
         value=${value%"${value##*[![:space:]]}"}
+    fi
+    if [[ $quote != "'" ]]; then
+        while [[ $value =~ \$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\} ]]; do
+            ref=${BASH_REMATCH[1]}
+            out+=${value%%"${BASH_REMATCH[0]}"*}${!ref:-${BASH_REMATCH[3]}}
+            value=${value#*"${BASH_REMATCH[0]}"}
+        done
+        value=$out$value
     fi
     printf '%s' "$value"
 }
@@ -148,16 +170,83 @@ check_compose() {
     fi
 }
 
+# compose ARGS...: docker compose ARGS. Compose fills docker-compose.yml's ${...} from the environment, else from
+# ./.env; with REAP_ENV_FILE set it reads that file instead (--env-file), as launcher_setting does.
+compose() {
+    local global=()
+    [[ -z ${REAP_ENV_FILE:-} ]] || global=(--env-file "$REAP_ENV_FILE")
+    docker compose ${global[@]+"${global[@]}"} "$@"
+}
+
+# export_compose_settings: Compose's settings exported as run.sh reads them, so that the folder run.sh makes and
+# the GPUs it counts are the ones Compose mounts and reserves (also for the demo, which changes REAP_ENV_FILE);
+# REAP_SOURCE_HASH labels any image Compose builds (`./run.sh build`, or `compose run` when there is none).
+export_compose_settings() {
+    local name value
+    for name in "${COMPOSE_VARS[@]}"; do
+        value=$(launcher_setting "$name")
+        [[ -z $value ]] || export "$name=$value"
+    done
+    REAP_SOURCE_HASH=$(source_hash)
+    export REAP_SOURCE_HASH
+}
+
+# source_hash: a hash of the files `docker compose build` copies into the image: this folder less what
+# .dockerignore leaves out, its patterns read as find -path patterns (close enough to tell changed code or
+# requirements; a folder it leaves out is never read).
+source_hash() {
+    local pattern rest skip=(-path ./.git) keep=(-false) match file files=()
+    if [[ -f .dockerignore ]]; then
+        while IFS= read -r pattern || [[ -n $pattern ]]; do
+            pattern=${pattern%$'\r'}
+            pattern=${pattern#"${pattern%%[![:space:]]*}"}
+            pattern=${pattern%"${pattern##*[![:space:]]}"}
+            [[ -n $pattern && $pattern != "#"* ]] || continue
+            rest=${pattern#!}
+            rest=${rest#/}
+            rest=${rest#./}
+            rest=${rest%/}
+            [[ -n $rest ]] || continue
+            match=(-o -path "./${rest#"**/"}")
+            [[ $rest != "**/"* ]] || match+=(-o -path "*/${rest#"**/"}")
+            if [[ $pattern == "!"* ]]; then
+                keep+=("${match[@]}")
+            else
+                skip+=("${match[@]}")
+            fi
+        done <.dockerignore
+    fi
+    while IFS= read -r -d '' file; do
+        files+=("$file")
+    done < <(find . \( "${skip[@]}" \) ! \( "${keep[@]}" \) -prune -o -type f -print0 2>/dev/null | LC_ALL=C sort -z)
+    if ((${#files[@]})); then
+        sha256 "${files[@]}" 2>/dev/null || true
+    fi | file_hash
+}
+
+# check_image: one line on stderr when the image (which holds the code: COPY . /app) was built from another
+# checkout than this one. No image yet: Compose builds it, labelled, before it runs.
+check_image() {
+    local built
+    built=$(docker image inspect --format "{{ index .Config.Labels \"$SOURCE_LABEL\" }}" "$IMAGE" 2>/dev/null) \
+        || return 0
+    if [[ -z $built || $built == "<no value>" ]]; then
+        echo "run.sh: warning: the image $IMAGE has no $SOURCE_LABEL label (built without ./run.sh build), so it may hold older code than this checkout: run ./run.sh build" >&2
+    elif [[ $built != "$REAP_SOURCE_HASH" ]]; then
+        echo "run.sh: warning: the image $IMAGE holds other code than this checkout (code or requirements changed since it was built): run ./run.sh build" >&2
+    fi
+}
+
 prepare_container() {
-    local data_dir dir
+    local dir
     check_compose
+    export_compose_settings
     # The container runs as the calling user, so what it writes to ./output is yours.
     REAP_UID=$(launcher_setting REAP_UID)
     REAP_GID=$(launcher_setting REAP_GID)
     export REAP_UID="${REAP_UID:-$(id -u)}" REAP_GID="${REAP_GID:-$(id -g)}"
     # Bind-mount sources made here, not by the Docker daemon (which would make them root's).
-    data_dir=$(launcher_setting REAP_DATA_DIR)
-    for dir in output demo "${data_dir:-data}"; do
+    for dir in output demo "${REAP_DATA_DIR:-data}"; do
         [[ -d $dir ]] || mkdir -p "$dir"
     done
 }
@@ -183,19 +272,24 @@ in_container() {
             forward+=(-e "$name")
         fi
     done < <(compgen -e | LC_ALL=C sort)
-    docker compose run --rm ${forward[@]+"${forward[@]}"} "$SERVICE" "$@"
+    compose run --rm ${forward[@]+"${forward[@]}"} "$SERVICE" "$@"
 }
 
 # ------------------------------------------------------------------------------------------------ native
 
-file_hash() {
+# sha256 [FILE...]: sha256sum's lines for the FILEs (for stdin without any); shasum or cksum where it is missing.
+sha256() {
     if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum | cut -d' ' -f1
+        sha256sum "$@"
     elif command -v shasum >/dev/null 2>&1; then
-        shasum -a 256 | cut -d' ' -f1
+        shasum -a 256 "$@"
     else
-        cksum | cut -d' ' -f1
+        cksum "$@"
     fi
+}
+
+file_hash() {
+    sha256 | cut -d' ' -f1
 }
 
 requirements_hash() {
@@ -395,7 +489,9 @@ main() {
         case "$cmd" in
             build)
                 check_compose
-                exec docker compose build "$@"
+                export_compose_settings
+                compose build "$@"
+                return
                 ;;
             gpu)
                 prepare_container
@@ -405,6 +501,7 @@ main() {
         esac
         prepare_container
         choose_service
+        check_image
         echo "run.sh: running in the container (docker compose run --rm $SERVICE)" >&2
         case "$cmd" in
             shell)

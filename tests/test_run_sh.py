@@ -20,6 +20,8 @@ BASH = shutil.which("bash")
 
 
 # A fake program: logs {"prog", "argv", "env"} as one JSON line to $FAKE_LOG, then behaves as $FAKE_* says.
+# The fake docker keeps one image: $FAKE_IMAGE holds its source label (no file: no image); `compose build` makes it,
+# and so does `compose run` when there is none, both labelled with the REAP_SOURCE_HASH they are given.
 FAKE = textwrap.dedent(
     """\
     #!{python}
@@ -30,11 +32,24 @@ FAKE = textwrap.dedent(
     with open(os.environ["FAKE_LOG"], "a") as log:
         log.write(json.dumps({{"prog": prog, "argv": args, "env": env}}) + "\\n")
     if prog == "docker":
+        image = os.environ["FAKE_IMAGE"]
         if args[:1] == ["info"]:
             sys.exit(int(os.environ.get("FAKE_DOCKER_INFO_RC", "0")))
         if args[:2] == ["compose", "version"]:
             print(os.environ.get("FAKE_COMPOSE_VERSION", "2.30.3"))
             sys.exit(0)
+        if args[:2] == ["image", "inspect"]:
+            if not os.path.exists(image):
+                sys.exit(1)
+            with open(image) as label:
+                print(label.read())
+            sys.exit(0)
+        sub = args[1:]
+        while sub[:1] == ["--env-file"]:
+            sub = sub[2:]
+        if args[:1] == ["compose"] and (sub[:1] == ["build"] or sub[:1] == ["run"] and not os.path.exists(image)):
+            with open(image, "w") as label:
+                label.write(os.environ.get("REAP_SOURCE_HASH", ""))
         sys.exit(int(os.environ.get("FAKE_DOCKER_RC", "0")))
     if prog in ("python", "python3"):
         if args[:2] == ["-m", "venv"]:  # python3 -m venv DIR: make DIR/bin/python a fake too
@@ -68,6 +83,7 @@ class Sandbox:
         self.root = tmp_path / "repo"
         self.root.mkdir()
         shutil.copy2(RUN_SH, self.root / "run.sh")
+        shutil.copy2(ROOT / ".dockerignore", self.root / ".dockerignore")
         for name in ("reap.py", "prune_model.py", "test_pruned_model.py"):
             (self.root / name).write_text("# stub\n")
         (self.root / "requirements.txt").write_text("torch==2.11.0\n")
@@ -76,6 +92,7 @@ class Sandbox:
         self.fakebin = tmp_path / "fakebin"
         self.fakebin.mkdir()
         self.log = tmp_path / "calls.jsonl"
+        self.image = tmp_path / "image-label"
         self.fake_python = self.add_fake("python")
         # Only the basic tools from the system, so that no real docker / nvidia-smi / python3 is found.
         self.sysbin = tmp_path / "sysbin"
@@ -106,6 +123,7 @@ class Sandbox:
             "PATH": f"{self.fakebin}:{self.sysbin}",
             "HOME": str(self.root),
             "FAKE_LOG": str(self.log),
+            "FAKE_IMAGE": str(self.image),
             "FAKE_DOCKER_INFO_RC": "0" if engine else "1",
             "LC_ALL": "C",
         }
@@ -126,6 +144,12 @@ class Sandbox:
     def compose_calls(self) -> list[list[str]]:
         return [c["argv"] for c in self.calls("docker") if c["argv"][:1] == ["compose"]
                 and c["argv"][1:2] != ["version"]]
+
+    def compose_env(self, subcommand: str = "run") -> dict:
+        """The REAP_*/HF_* environment of the only `docker compose [--env-file F] SUBCOMMAND` call."""
+        (env,) = [c["env"] for c in self.calls("docker")
+                  if c["argv"][:1] == ["compose"] and subcommand in c["argv"][1:4]]
+        return env
 
 
 @pytest.fixture
@@ -268,6 +292,156 @@ def test_selftest_natively(box):
 def test_missing_env_file(box):
     result = box.run("reap", engine=False, REAP_ENV_FILE="nope.env")
     assert result.returncode == 1 and "nope.env" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ Compose's settings
+
+
+def test_compose_settings_come_from_reap_env_file(box, tmp_path):
+    """docker-compose.yml's ${REAP_DATA_DIR} / ${REAP_GPU_COUNT} follow REAP_ENV_FILE as run.sh does, not ./.env."""
+    mounted = tmp_path / "mnt" / "m"
+    (box.root / ".env").write_text("REAP_DATA_DIR=from-dotenv\nREAP_GPU_COUNT=0\nREAP_BASE_IMAGE=dotenv-base\n")
+    (box.root / "prod.env").write_text(f"REAP_DATA_DIR={mounted}\nREAP_GPU_COUNT=2\nREAP_MODEL_PATH=data/m\n")
+    result = box.run("reap", REAP_ENV_FILE="prod.env")
+    assert result.returncode == 0, result.stderr
+    # --env-file: Compose reads prod.env, not ./.env, for whatever the environment leaves unset (REAP_BASE_IMAGE
+    # here: its default, as for run.sh); its env_file (${REAP_ENV_FILE:-.env}) gives the container prod.env.
+    assert box.compose_calls() == [["compose", "--env-file", "prod.env", "run", "--rm", "reap", "python", "reap.py"]]
+    env = box.compose_env()
+    assert env["REAP_DATA_DIR"] == str(mounted) and env["REAP_GPU_COUNT"] == "2"
+    assert env["REAP_ENV_FILE"] == "prod.env" and "REAP_BASE_IMAGE" not in env
+    assert mounted.is_dir() and not (box.root / "from-dotenv").exists()
+
+
+def test_compose_settings_unset_in_reap_env_file_take_the_default(box):
+    (box.root / ".env").write_text("REAP_DATA_DIR=from-dotenv\n")
+    (box.root / "prod.env").write_text("REAP_MODEL_PATH=data/m\n")
+    result = box.run("reap", REAP_ENV_FILE="prod.env")
+    assert result.returncode == 0, result.stderr
+    (call,) = box.compose_calls()
+    assert call[:3] == ["compose", "--env-file", "prod.env"]
+    assert "REAP_DATA_DIR" not in box.compose_env()
+    assert (box.root / "data").is_dir() and not (box.root / "from-dotenv").exists()
+
+
+@pytest.mark.parametrize(("line", "folder"), [
+    ("REAP_DATA_DIR='my data'  # quoted", "my data"),
+    ('REAP_DATA_DIR="${HOME}/my data"', "my data"),  # HOME is the sandbox
+    ("REAP_DATA_DIR=${NOT_SET:-fallback}/d # comment", "fallback/d"),
+    ("REAP_DATA_DIR='${HOME}'", "${HOME}"),  # single quotes: literal, as for Compose and python-dotenv
+])
+def test_compose_settings_from_dotenv_and_environment(box, line, folder):
+    """run.sh reads .env as Compose would, and hands Compose what it read: the folder it makes is the one mounted."""
+    (box.root / ".env").write_text(f"{line}\nREAP_GPU_COUNT=1 # one\n")
+    result = box.run("reap", REAP_GPU_COUNT="3")
+    assert result.returncode == 0, result.stderr
+    assert box.compose_calls() == [["compose", "run", "--rm", "reap", "python", "reap.py"]]  # Compose reads .env
+    env = box.compose_env()
+    assert env["REAP_GPU_COUNT"] == "3"  # the environment beats .env
+    made = box.root / folder
+    assert made.is_dir() and Path(box.root, env["REAP_DATA_DIR"]) == made
+
+
+def test_build_args_from_reap_env_file(box):
+    (box.root / "prod.env").write_text("REAP_BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04\nREAP_INSTALL_VLLM=1\n")
+    result = box.run("build", "--pull", REAP_ENV_FILE="prod.env")
+    assert result.returncode == 0, result.stderr
+    assert box.compose_calls() == [["compose", "--env-file", "prod.env", "build", "--pull"]]
+    env = box.compose_env("build")
+    assert env["REAP_BASE_IMAGE"] == "nvidia/cuda:12.8.1-base-ubuntu24.04" and env["REAP_INSTALL_VLLM"] == "1"
+    assert re.fullmatch(r"[0-9a-f]{64}", env["REAP_SOURCE_HASH"])
+
+
+def test_build_failure_propagates(box):
+    assert box.run("build", FAKE_DOCKER_RC="5").returncode == 5
+
+
+def test_demo_in_container_keeps_the_launcher_settings(box):
+    """The demo swaps REAP_ENV_FILE for demo/demo.env; Compose still mounts and counts what run.sh used."""
+    (box.root / ".env").write_text("REAP_GPU_COUNT=0\nREAP_DATA_DIR=models-here\n")
+    result = box.run("demo")
+    assert result.returncode == 0, result.stderr
+    calls = box.compose_calls()
+    assert all(c[:4] == ["compose", "--env-file", "demo/demo.env", "run"] and "reap-cpu" in c for c in calls)
+    run_env = [c["env"] for c in box.calls("docker") if c["argv"][:1] == ["compose"] and "run" in c["argv"]]
+    assert run_env and all(e["REAP_GPU_COUNT"] == "0" and e["REAP_DATA_DIR"] == "models-here" for e in run_env)
+
+
+# ------------------------------------------------------------------------------------------------ image staleness
+
+
+def _warnings(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if "warning" in line]
+
+
+def test_image_built_by_run_sh_is_current(box):
+    assert box.run("build").returncode == 0
+    label = box.image.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", label)
+    result = box.run("reap")
+    assert result.returncode == 0, result.stderr
+    assert _warnings(result) == []
+    assert box.compose_env()["REAP_SOURCE_HASH"] == label
+    assert ["image", "inspect"] == [c["argv"][:2] for c in box.calls("docker") if c["argv"][0] == "image"][0]
+
+
+@pytest.mark.parametrize("change", ["reap.py", "reap_vlm/new_module.py", "requirements.txt", ".env.example"])
+def test_stale_image_warns(box, change):
+    assert box.run("build").returncode == 0
+    (box.root / change).parent.mkdir(parents=True, exist_ok=True)
+    with open(box.root / change, "a") as f:
+        f.write("# a git pull\n")
+    result = box.run("reap")
+    assert result.returncode == 0, result.stderr
+    (warning,) = _warnings(result)
+    assert "./run.sh build" in warning and "reap-vlm" in warning
+    assert len(box.compose_calls()) == 1  # it still runs
+    # Rebuilt: quiet again.
+    assert box.run("build").returncode == 0
+    assert _warnings(box.run("reap")) == []
+
+
+def test_stale_image_warns_for_every_container_command_but_gpu(box):
+    assert box.run("build").returncode == 0
+    (box.root / "reap.py").write_text("# changed\n")
+    for command in ("prune", "test", "shell", "selftest"):
+        assert len(_warnings(box.run(command))) == 1, command
+    result = box.run("full")
+    assert len(_warnings(result)) == 1 and len(box.compose_calls()) == 3  # once, not per stage
+    assert _warnings(box.run("gpu")) == []
+
+
+def test_files_outside_the_image_do_not_make_it_stale(box):
+    """What .dockerignore leaves out of the image (data, outputs, .env, caches, ...) is not part of its hash."""
+    assert box.run("build").returncode == 0
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith(("#", "!")):
+            continue
+        target = box.root / pattern.replace("**/", "sub/").replace("*", "x")  # data, .env.x, sub/x.pyc, ...
+        if not target.suffix and target.name not in (".env", ".gitignore"):
+            target = target / "file"  # a folder: something inside it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("changed\n")
+    result = box.run("reap")
+    assert result.returncode == 0, result.stderr
+    assert _warnings(result) == []
+
+
+def test_no_image_yet_compose_builds_it_labelled(box):
+    result = box.run("reap")
+    assert result.returncode == 0, result.stderr
+    assert _warnings(result) == []
+    assert box.image.read_text() == box.compose_env()["REAP_SOURCE_HASH"]  # `compose run` built it
+    assert _warnings(box.run("reap")) == []
+
+
+def test_image_without_label_warns(box):
+    box.image.write_text("")  # built by `docker compose build` without run.sh
+    result = box.run("reap")
+    assert result.returncode == 0, result.stderr
+    (warning,) = _warnings(result)
+    assert "./run.sh build" in warning
 
 
 # ------------------------------------------------------------------------------------------------ help, usage
@@ -479,6 +653,17 @@ def test_dockerfile_and_compose_agree():
     assert users and users[-1] not in ("root", "0", "0:0")
     # Requirements are installed before the code is copied (layer caching).
     assert dockerfile.index("COPY requirements.txt requirements-dev.txt") < dockerfile.index("COPY . /app")
+
+
+def test_source_label_shared_by_dockerfile_compose_and_run_sh():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    run_sh = RUN_SH.read_text()
+    label = re.search(r"^SOURCE_LABEL=(\S+)", run_sh, flags=re.M).group(1)
+    assert f'{label}="${{SOURCE_HASH}}"' in dockerfile
+    assert re.search(r"^IMAGE=(\S+)", run_sh, flags=re.M).group(1) == _compose()["services"]["reap"]["image"]
+    assert _compose()["services"]["reap"]["build"]["args"]["SOURCE_HASH"] == "${REAP_SOURCE_HASH:-}"
+    # Declared after the last RUN: a new hash never invalidates a cached layer.
+    assert dockerfile.rindex("\nRUN ") < dockerfile.index("ARG SOURCE_HASH")
 
 
 def test_dockerignore_keeps_data_out():
