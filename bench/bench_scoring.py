@@ -4,7 +4,7 @@ Run on the GPU machine from the repository root:
 
     PYTHONUNBUFFERED=1 python3 bench/bench_scoring.py --out $OUT
 
-(``--small`` runs tiny shapes on the CPU, to debug the script.)  It prints a table and writes the
+(``--small`` / ``--tiny`` runs tiny shapes on the CPU, to debug the script.)  It prints a table and writes the
 numbers to ``<out>/bench_scoring.json``.
 
 Per layer shape (30B-A3B: hidden 2048, 128 experts top-8, moe_intermediate 768; 235B-A22B: hidden 4096,
@@ -26,6 +26,13 @@ gate_up_proj [E, H, 2I]) is written to ``--workdir``, evicted from the page cach
 layer on the GPU): per-layer wall time, disk read GB/s, host->device GB/s, peak GPU memory against one
 layer's weights + activations, host RSS after each layer.  Finally a projection for Qwen3-VL-235B,
 300 samples x 2048 tokens on this GPU.
+
+``--quant awq,fp8`` (any of awq, fp8, compressed-tensors): the same layers are also written as that
+quantized checkpoint (``reap_vlm.quant_fixtures.quantize_checkpoint_by_layer`` on the GPU: per-expert
+quantized Linears plus attention q/k/v/o, router and norms bf16; AWQ group 128, FP8 blocks 128x128) and
+streamed the same way (``--quant-modes``, default routed; the loader dequantizes on the GPU), with the same
+inputs: seconds per layer, GB/s of quantized bytes, peak GPU memory against one bf16 layer + activations,
+the peak of loading one quantized layer alone, and how far the REAP scores are from the bf16 run's.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ from reap_vlm.checkpoint import Checkpoint  # noqa: E402
 from reap_vlm.families import QWEN3_VL_MOE  # noqa: E402
 from reap_vlm.layerwise import BatchState, LayerLoader, LayerwiseModel  # noqa: E402
 from reap_vlm.scoring import ExpertStats, ReapObserver, TokenMasks, all_expert_norms  # noqa: E402
+
+QUANT_FORMATS = ("awq", "fp8", "compressed-tensors")
+QUANT_DISK_SHARE = {"awq": 0.3, "fp8": 0.55, "compressed-tensors": 0.3}  # of the bf16 bytes, generously
 
 SHAPES = {
     "30b": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
@@ -457,71 +467,176 @@ def bench_layerwise(name: str, shape: dict, layers: int, modes, args, device, dt
     log(f"\n== layer-wise {name}: {layers} layers, {written / 1e9:.1f} GB written at {res['write_gbps']:.2f} GB/s; "
         f"raw read {res['raw_read_gbps']:.2f} GB/s")
     ckpt = Checkpoint(folder)
-    cfg_shape = text_config(shape, layers)
-    batch, seq = max(1, args.lw_tokens // args.seq // args.lw_batches), args.seq
+    quant_modes = [m for m in args.quant_modes.split("+") if m] if args.quant else []
+    modes = list(modes) + [m for m in quant_modes if m not in modes]  # the bf16 run each quantized one is held to
+    stats_of = {}
     for entry in modes:
-        mode, _, prefetch = entry.partition("@")
-        prefetch = prefetch or args.prefetch
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        lw = LayerwiseModel(ckpt, device, dtype)
-        group = []
-        with torch.inference_mode():
-            for _ in range(args.lw_batches):
-                hidden, kwargs = make_inputs(cfg_shape, batch, seq, device, dtype)
-                masks = TokenMasks.of(torch.ones(batch, seq, device=device), torch.zeros(batch, seq, device=device))
-                group.append(BatchState(hidden, kwargs, {}, masks, batch * seq))
-        group_bytes = sum(b.nbytes() for b in group)
-        stats = ExpertStats.empty(list(range(layers)), shape["num_experts"], device)
-        observer = ReapObserver(QWEN3_VL_MOE, stats, mode)
-        loader = LayerLoader(ckpt, lw.layer_keys, lw.device, dtype, prefetch)
-        evict(folder)
-        probe = _Probe()
-
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = probe.mark = time.perf_counter()
-        with observer.attached(QWEN3_VL_MOE.moe_blocks(lw.model)), torch.inference_mode():
-            loader.request(0)
-            lw.run_layers(group, observer, loader, layers - 1, on_host=False, desc=f"{name} {mode}",
-                          on_layer=probe)
-        layer_times, rss = probe.times, probe.rss
-        wall = time.perf_counter() - t0
-        loader.close()
-        peak = torch.cuda.max_memory_allocated(device) - base + group_bytes if device.type == "cuda" else 0
-        layer_bytes = lw.layer_bytes(0)
-        transient = layer_res.get(f"{mode}_peak_bytes", 0) * (batch * seq) / max(layer_res.get("tokens", 1), 1)
-        allowance = layer_bytes + group_bytes + transient
-        tokens = args.lw_batches * batch * seq
-        s = loader.stats
-        r = {
-            "tokens": tokens, "wall_s": wall, "per_layer_s": statistics.median(layer_times),
-            "layer_times_s": layer_times, "tok_s_per_layer": tokens * layers / wall,
-            # safetensors maps lazily: the disk is read while pinning, so both stages count
-            "read_gbps": s.bytes / max(s.read_seconds + s.pin_seconds, 1e-9) / 1e9,
-            "stream_gbps": layer_bytes / statistics.median(layer_times) / 1e9,
-            "h2d_gbps": s.bytes / max(s.copy_seconds, 1e-9) / 1e9,
-            "read_seconds": s.read_seconds, "copy_seconds": s.copy_seconds, "wait_seconds": s.wait_seconds,
-            "pin_seconds": s.pin_seconds,
-            "layer_bytes": layer_bytes, "group_bytes": group_bytes, "peak_gpu_bytes": peak,
-            "one_layer_plus_activations_bytes": allowance, "peak_over_allowance": peak / max(allowance, 1),
-            "rss_after_layer": rss, "rss_growth_bytes": (rss[-1] - rss[0]) if rss else 0,
-        }
-        r["prefetch"] = prefetch
+        r, stats_of[entry] = stream_layers(ckpt, folder, name, entry, layers, shape, args, device, dtype, layer_res)
         res[entry] = r
-        log(f"{entry} (prefetch {prefetch}): {wall:.2f} s for {layers} layers x {tokens} tokens; "
-            f"per layer {r['per_layer_s']:.3f} s; "
-            f"streamed {r['stream_gbps']:.2f} GB/s (loader {r['read_gbps']:.2f}), h2d {r['h2d_gbps']:.1f} GB/s, "
-            f"waited {s.wait_seconds:.2f} s; "
-            f"peak GPU {peak / GiB:.2f} GiB vs layer+activations {allowance / GiB:.2f} GiB "
-            f"({r['peak_over_allowance']:.2f}x); RSS per layer {[round(x / GiB, 2) for x in rss]} GiB")
-        del group, lw, observer, stats
+    bf16_layer_bytes = res[modes[0]]["layer_bytes"]
+    res["quant"] = {}
+    for fmt in args.quant:
+        res["quant"][fmt] = bench_quantized(name, fmt, folder, layers, shape, quant_modes, res, stats_of,
+                                            bf16_layer_bytes, args, device, dtype, layer_res)
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
     return res
+
+
+def stream_layers(ckpt: Checkpoint, folder: Path, name: str, entry: str, layers: int, shape: dict, args, device,
+                  dtype, layer_res: dict, label: str | None = None) -> tuple[dict, ExpertStats]:
+    """One layer-wise pass of the group over every layer of ``ckpt`` (``entry``: mode[@prefetch]); every pass
+    gets the same inputs (seeded), so the scores of two checkpoints can be compared."""
+    mode, _, prefetch = entry.partition("@")
+    prefetch = prefetch or args.prefetch
+    cfg_shape = text_config(shape, layers)
+    batch, seq = max(1, args.lw_tokens // args.seq // args.lw_batches), args.seq
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    lw = LayerwiseModel(ckpt, device, dtype)
+    group = []
+    torch.manual_seed(1234)
+    with torch.inference_mode():
+        for _ in range(args.lw_batches):
+            hidden, kwargs = make_inputs(cfg_shape, batch, seq, device, dtype)
+            masks = TokenMasks.of(torch.ones(batch, seq, device=device), torch.zeros(batch, seq, device=device))
+            group.append(BatchState(hidden, kwargs, {}, masks, batch * seq))
+    group_bytes = sum(b.nbytes() for b in group)
+    stats = ExpertStats.empty(list(range(layers)), shape["num_experts"], device)
+    observer = ReapObserver(QWEN3_VL_MOE, stats, mode)
+    loader = LayerLoader(ckpt, lw.layer_keys, lw.device, dtype, prefetch)
+    evict(folder)
+    probe = _Probe()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = probe.mark = time.perf_counter()
+    with observer.attached(QWEN3_VL_MOE.moe_blocks(lw.model)), torch.inference_mode():
+        loader.request(0)
+        lw.run_layers(group, observer, loader, layers - 1, on_host=False, desc=f"{name} {label or entry}",
+                      on_layer=probe)
+    layer_times, rss = probe.times, probe.rss
+    wall = time.perf_counter() - t0
+    loader.close()
+    peak = torch.cuda.max_memory_allocated(device) - base + group_bytes if device.type == "cuda" else 0
+    layer_bytes = lw.layer_bytes(0)
+    transient = layer_res.get(f"{mode}_peak_bytes", 0) * (batch * seq) / max(layer_res.get("tokens", 1), 1)
+    allowance = layer_bytes + group_bytes + transient
+    tokens = args.lw_batches * batch * seq
+    s = loader.stats
+    r = {
+        "tokens": tokens, "wall_s": wall, "per_layer_s": statistics.median(layer_times),
+        "layer_times_s": layer_times, "tok_s_per_layer": tokens * layers / wall,
+        # safetensors maps lazily: the disk is read while pinning, so both stages count
+        "read_gbps": s.bytes / max(s.read_seconds + s.pin_seconds, 1e-9) / 1e9,
+        "stream_gbps": layer_bytes / statistics.median(layer_times) / 1e9,
+        "h2d_gbps": s.bytes / max(s.copy_seconds, 1e-9) / 1e9,
+        "read_seconds": s.read_seconds, "copy_seconds": s.copy_seconds, "wait_seconds": s.wait_seconds,
+        "pin_seconds": s.pin_seconds,
+        "layer_bytes": layer_bytes, "group_bytes": group_bytes, "peak_gpu_bytes": peak,
+        "one_layer_plus_activations_bytes": allowance, "peak_over_allowance": peak / max(allowance, 1),
+        "rss_after_layer": rss, "rss_growth_bytes": (rss[-1] - rss[0]) if rss else 0,
+        "prefetch": loader.prefetch,
+    }
+    log(f"{label or entry} (prefetch {loader.prefetch}): {wall:.2f} s for {layers} layers x {tokens} tokens; "
+        f"per layer {r['per_layer_s']:.3f} s; "
+        f"streamed {r['stream_gbps']:.2f} GB/s (loader {r['read_gbps']:.2f}), h2d {r['h2d_gbps']:.1f} GB/s, "
+        f"waited {s.wait_seconds:.2f} s; "
+        f"peak GPU {peak / GiB:.2f} GiB vs layer+activations {allowance / GiB:.2f} GiB "
+        f"({r['peak_over_allowance']:.2f}x); RSS per layer {[round(x / GiB, 2) for x in rss]} GiB")
+    del group, lw, observer
+    return r, stats
+
+
+def score_difference(got: ExpertStats, ref: ExpertStats, keep: float = 0.5) -> dict:
+    """How far ``got``'s REAP scores are from ``ref``'s: the largest difference over each layer's largest
+    score, the median per-expert relative difference, and the share of the experts that the top-``keep``
+    selections of the two share."""
+    worst, rel, shared, total = 0.0, [], 0, 0
+    for layer, r in ref.layers.items():
+        a = got.layers[layer].metrics()["reap"].double().cpu()
+        b = r.metrics()["reap"].double().cpu()
+        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)))
+        seen = b > 0
+        rel.append((a - b).abs()[seen] / b[seen])
+        k = max(1, round(len(b) * keep))
+        shared += len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist()))
+        total += k
+    rel = torch.cat(rel) if rel else torch.zeros(1, dtype=torch.float64)
+    return {"reap_max_rel_diff": worst, "reap_median_rel_diff": float(rel.median()),
+            "reap_max_rel_diff_per_expert": float(rel.max()), "keep_set_agreement": shared / max(total, 1)}
+
+
+def quant_options(args) -> dict:
+    return {"group_size": args.quant_group_size, "block": (args.quant_block, args.quant_block)}
+
+
+def bench_quantized(name: str, fmt: str, folder: Path, layers: int, shape: dict, modes: list[str], res: dict,
+                    stats_of: dict, bf16_layer_bytes: int, args, device, dtype, layer_res: dict) -> dict:
+    """The same layers written as a ``fmt`` checkpoint (reap_vlm.quant_fixtures: per-expert quantized Linears
+    and attention q/k/v/o, the rest bf16, as the releases are), then streamed and scored like the bf16 ones."""
+    from reap_vlm.checkpoint import memory_state_dict
+    from reap_vlm.quant_fixtures import quantize_checkpoint_by_layer
+
+    qfolder = Path(args.workdir) / f"synthetic-{name}-{fmt}"
+    if qfolder.exists():
+        shutil.rmtree(qfolder)
+    t0 = time.perf_counter()
+    quantize_checkpoint_by_layer(folder, qfolder, fmt, device=str(device),
+                                 chunk_bytes=(4 if device.type == "cuda" else 1) * GiB, **quant_options(args))
+    quantize_s = time.perf_counter() - t0
+    qckpt = Checkpoint(qfolder)
+    shard_bytes = {s: (qfolder / s).stat().st_size for s in qckpt.shards}
+    per_layer = [sum(shard_bytes[s] for s in {qckpt.weight_map[k] for k in keys})
+                 for _, keys in sorted(qckpt.family.keys_by_layer(qckpt.weight_map).items())]
+    q = {"format": fmt, **{k: list(v) if isinstance(v, tuple) else v for k, v in quant_options(args).items()},
+         "quantize_write_s": quantize_s, "quantize_write_s_per_layer": quantize_s / layers,
+         "quantized_layer_bytes": statistics.median(per_layer), "bf16_layer_bytes": bf16_layer_bytes,
+         "raw_read_gbps": raw_read_gbps(qfolder)}
+    log(f"\n== layer-wise {name} {fmt}: quantized and written in {quantize_s:.1f} s "
+        f"({q['quantize_write_s_per_layer']:.2f} s/layer on {device.type}); "
+        f"{q['quantized_layer_bytes'] / 1e9:.3f} GB per layer on disk "
+        f"({q['quantized_layer_bytes'] / max(res[modes[0]]['layer_bytes'], 1):.2f} x bf16); "
+        f"raw read {q['raw_read_gbps']:.2f} GB/s")
+
+    # Loading one quantized layer alone (memory_state_dict on the device: dequantized straight into the fused
+    # expert tensors): its peak against the bf16 layer it makes.
+    layer0 = qckpt.family.keys_by_layer(qckpt.weight_map)[0]
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        holder = {}
+        q["load_one_layer_peak_bytes"] = peak_of(
+            device, lambda: holder.update(memory_state_dict(qckpt, layer0, dtype, str(device))))
+        q["load_one_layer_state_bytes"] = sum(t.numel() * t.element_size() for t in holder.values())
+        q["load_one_layer_peak_over_layer"] = q["load_one_layer_peak_bytes"] / max(bf16_layer_bytes, 1)
+        del holder
+        log(f"loading one layer on the GPU: peak {q['load_one_layer_peak_bytes'] / GiB:.2f} GiB for a "
+            f"{bf16_layer_bytes / GiB:.2f} GiB bf16 layer ({q['load_one_layer_peak_over_layer']:.2f}x)")
+
+    for entry in modes:
+        r, stats = stream_layers(qckpt, qfolder, name, entry, layers, shape, args, device, dtype, layer_res,
+                                 label=f"{fmt} {entry}")
+        ref = res[entry]
+        r["stream_gbps_quantized"] = q["quantized_layer_bytes"] / r["per_layer_s"] / 1e9
+        r["bf16_layer_plus_activations_bytes"] = ref["one_layer_plus_activations_bytes"]
+        r["peak_over_bf16_allowance"] = r["peak_gpu_bytes"] / max(ref["one_layer_plus_activations_bytes"], 1)
+        r["per_layer_s_bf16"] = ref["per_layer_s"]
+        r.update(score_difference(stats, stats_of[entry]))
+        log(f"{fmt} {entry}: {r['per_layer_s']:.3f} s/layer (bf16 {ref['per_layer_s']:.3f}), streamed "
+            f"{r['stream_gbps_quantized']:.2f} GB/s of quantized bytes; peak GPU {r['peak_gpu_bytes'] / GiB:.2f} GiB "
+            f"= {r['peak_over_bf16_allowance']:.2f} x one bf16 layer + activations; REAP vs bf16: max rel diff "
+            f"{r['reap_max_rel_diff']:.2e} (of the layer's largest), "
+            f"median per expert {r['reap_median_rel_diff']:.2e}, "
+            f"keep-set agreement {r['keep_set_agreement']:.1%}")
+        q[entry] = r
+        del stats
+    if not args.keep:
+        shutil.rmtree(qfolder, ignore_errors=True)
+    return q
 
 
 # ----------------------------------------------------------------------------------------------- projection
@@ -558,7 +673,7 @@ def project(layer_res: dict, lw_res: dict | None, shape: dict, samples: int, seq
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="30b,235b")
+    parser.add_argument("--shapes", default="30b,235b", help='per-layer section shapes ("": skip that section)')
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per timed layer call")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=5)
@@ -574,13 +689,24 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU (debugging)")
+    parser.add_argument("--quant", action="append", default=[],
+                        help="also write the layer-wise layers as a quantized checkpoint and stream + score it: "
+                             f"{', '.join(QUANT_FORMATS)} (comma list or repeated)")
+    parser.add_argument("--quant-modes", default="routed", help="modes run on the quantized checkpoints: mode+...")
+    parser.add_argument("--quant-group-size", type=int, default=128, help="AWQ / compressed-tensors group size")
+    parser.add_argument("--quant-block", type=int, default=128, help="fp8 weight_block_size (square)")
+    parser.add_argument("--small", "--tiny", action="store_true", help="tiny shapes on the CPU (debugging)")
     args = parser.parse_args()
+    args.quant = [f for item in args.quant for f in item.split(",") if f]
+    unknown = [f for f in args.quant if f not in QUANT_FORMATS]
+    if unknown:
+        parser.error(f"--quant {unknown[0]!r} is not one of {', '.join(QUANT_FORMATS)}")
 
     if args.small:
-        args.shapes, args.tokens, args.seq, args.reps = "tiny", 256, 64, 2
+        args.shapes, args.tokens, args.seq, args.reps = "tiny" if args.shapes else "", 256, 64, 2
         args.disk_layers, args.lw_modes = "tiny:3", "tiny:routed+full+routed@device"
         args.lw_tokens, args.baseline_tokens = 512, 256
+        args.quant_group_size, args.quant_block = 16, 32
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = Timer(device)
@@ -595,7 +721,7 @@ def main() -> None:
     log(f"{info}\nlarge bf16 matmul: {peak:.0f} TFLOP/s")
 
     results = {"info": info, "layers": {}, "layerwise": {}, "projection": {}}
-    shapes = args.shapes.split(",")
+    shapes = [x for x in args.shapes.split(",") if x]  # "": no per-layer section (layer-wise only)
     for name in shapes:
         results["layers"][name] = bench_layer(name, SHAPES[name], args, device, dtype, timer, peak)
         json_dump(results, args.out)
@@ -606,6 +732,7 @@ def main() -> None:
         name, n = item.split(":")
         shape = SHAPES[name]
         need = int(n) * 2 * 3 * shape["num_experts"] * shape["hidden_size"] * shape["moe_intermediate_size"] * 1.1
+        need *= 1 + sum(QUANT_DISK_SHARE[f] for f in args.quant)  # the quantized copies sit beside the bf16 one
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(args.workdir).free
         if need > free * 0.8:
@@ -614,9 +741,10 @@ def main() -> None:
         results["layerwise"][name] = bench_layerwise(name, shape, int(n), lw_modes.get(name, "routed").split("+"),
                                                      args, device, dtype, results["layers"].get(name, {}))
         json_dump(results, args.out)
-    big = "235b" if "235b" in results["layers"] else shapes[-1]
-    results["projection"] = project(results["layers"][big], results["layerwise"].get(big),
-                                    SHAPES[big], args.samples, args.seq)
+    big = "235b" if "235b" in results["layers"] else (shapes or [None])[-1]
+    if big is not None:
+        results["projection"] = project(results["layers"][big], results["layerwise"].get(big),
+                                        SHAPES[big], args.samples, args.seq)
     json_dump(results, args.out)
     print_table(results, peak)
 
@@ -664,8 +792,9 @@ def print_table(results: dict, peak: float) -> None:
             ("  mean rel err", "check_full_norms_torch_mean_rel_err", "{:.1e}"),
             ("check: routed norms max rel err vs float64", "check_routed_norms_max_rel_err", "{:.1e}")]
     names = list(results["layers"])
-    log(f"{'per layer':<52}" + "".join(f"{n:>16}" for n in names))
-    for label, key, fmt in rows:
+    if names:
+        log(f"{'per layer':<52}" + "".join(f"{n:>16}" for n in names))
+    for label, key, fmt in rows if names else []:
         cells = []
         for n in names:
             v = results["layers"][n].get(key)
@@ -682,7 +811,7 @@ def print_table(results: dict, peak: float) -> None:
         log(f"\nlayer-wise streaming, {name}: {lw['layers']} layers from disk, {lw['bytes_on_disk'] / 1e9:.1f} GB; "
             f"raw disk read {lw['raw_read_gbps']:.2f} GB/s")
         for mode, r in lw.items():
-            if not isinstance(r, dict):
+            if not isinstance(r, dict) or mode == "quant":
                 continue
             log(f"  {mode} (prefetch {r['prefetch']}) {r['tokens']:,} tokens: {r['per_layer_s']:.3f} s/layer (median), "
                 f"{r['tok_s_per_layer']:,.0f} tok/s/layer; streamed {r['stream_gbps']:.2f} GB/s, "
@@ -690,6 +819,24 @@ def print_table(results: dict, peak: float) -> None:
                 f"{r['peak_over_allowance']:.2f} x (one layer {r['layer_bytes'] / GiB:.2f} + activations "
                 f"{(r['one_layer_plus_activations_bytes'] - r['layer_bytes']) / GiB:.2f} GiB); "
                 f"RSS growth first->last layer {r['rss_growth_bytes'] / GiB:+.2f} GiB")
+        for fmt, q in lw.get("quant", {}).items():
+            log(f"  {fmt} checkpoint of the same layers ({q['quantized_layer_bytes'] / 1e9:.3f} GB/layer on disk = "
+                f"{q['quantized_layer_bytes'] / max(q['bf16_layer_bytes'], 1):.2f} x bf16; quantized + written in "
+                f"{q['quantize_write_s_per_layer']:.2f} s/layer; raw disk read {q['raw_read_gbps']:.2f} GB/s)")
+            if "load_one_layer_peak_bytes" in q:
+                log(f"    loading one layer (dequantized into the fused tensors on the GPU): peak "
+                    f"{q['load_one_layer_peak_bytes'] / GiB:.2f} GiB = {q['load_one_layer_peak_over_layer']:.2f} x "
+                    f"the bf16 layer ({q['bf16_layer_bytes'] / GiB:.2f} GiB)")
+            for mode, r in q.items():
+                if not isinstance(r, dict):
+                    continue
+                log(f"    {mode} (prefetch {r['prefetch']}): {r['per_layer_s']:.3f} s/layer (bf16 "
+                    f"{r['per_layer_s_bf16']:.3f}); streamed {r['stream_gbps_quantized']:.2f} GB/s of quantized "
+                    f"bytes; peak GPU {r['peak_gpu_bytes'] / GiB:.2f} GiB = {r['peak_over_bf16_allowance']:.2f} x "
+                    f"one bf16 layer + activations ({r['bf16_layer_plus_activations_bytes'] / GiB:.2f} GiB); "
+                    f"REAP vs bf16: max rel diff {r['reap_max_rel_diff']:.1e} (of the layer's largest score), "
+                    f"per expert median {r['reap_median_rel_diff']:.1e} / max {r['reap_max_rel_diff_per_expert']:.1e}, "
+                    f"50% keep-set agreement {r['keep_set_agreement']:.0%}")
     p = results.get("projection")
     if p:
         log(f"\nprojection: {p['layers']} layers x {p['tokens']:,} tokens (300 x 2048) at "

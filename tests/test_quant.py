@@ -423,3 +423,173 @@ def test_pruned_quantized_checkpoint_dequantizes_to_the_pruned_reference(quantiz
         assert torch.equal(tensor.view(torch.uint8), before[original].view(torch.uint8)), key
         checked += 1
     assert checked == len(keep) * 6 * 3 * len(source.quant_format.required)
+
+
+# ------------------------------------------------------------------------------------ in-place fusion, peak memory
+
+
+class _LiveTensorBytes:
+    """Bytes of the tensor storages that torch ops create while active, and their peak: every op's outputs go
+    through a TorchDispatchMode, each new storage is counted until the last tensor holding it is freed.  (CPU
+    allocations are invisible to tracemalloc and torch keeps no CPU allocator statistics.)"""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils import _pytree as pytree
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.live = self.peak = 0
+        self.refs: dict[int, list[int]] = {}  # storage data_ptr -> [tensors alive, bytes]
+
+        def drop(ptr: int) -> None:
+            entry = tracker.refs[ptr]
+            entry[0] -= 1
+            if entry[0] == 0:
+                del tracker.refs[ptr]
+                tracker.live -= entry[1]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+                        storage = t.untyped_storage()
+                        entry = tracker.refs.get(storage.data_ptr())
+                        if entry is None:
+                            entry = tracker.refs[storage.data_ptr()] = [0, storage.nbytes()]
+                            tracker.live += entry[1]
+                            tracker.peak = max(tracker.peak, tracker.live)
+                        entry[0] += 1
+                        weakref.finalize(t, drop, storage.data_ptr())
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def _nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+@pytest.fixture(scope="module")
+def wide_quantized(quant_root) -> dict[str, tuple[Path, Path]]:
+    """A moderately sized per-expert checkpoint (32 experts of 256 x 96, two layers) in AWQ and FP8, with references."""
+    from reap_vlm.fixtures import FixtureSpec
+    from reap_vlm.quant_fixtures import build_quantized_checkpoint
+
+    spec = FixtureSpec(hidden_size=256, moe_intermediate_size=96, intermediate_size=512, num_hidden_layers=2,
+                       num_experts=32, num_experts_per_tok=4, vision_depth=1, deepstack_visual_indexes=(),
+                       per_expert=True, num_shards=2)
+    return {fmt: build_quantized_checkpoint(quant_root / f"wide-{fmt}", fmt, quant_root / f"wide-{fmt}-ref", spec,
+                                            group_size=32, block=BLOCK) for fmt in ("awq", "fp8")}
+
+
+@pytest.mark.parametrize("fmt", ["awq", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, None])
+def test_loading_a_quantized_layer_peaks_at_one_copy_of_its_weights(wide_quantized, fmt, dtype):
+    """Each expert is dequantized straight into its slot of the fused tensor: the loader's peak is the layer's
+    weights plus one Linear's temporaries (measured 1.03-1.09x here), where holding the per-expert list and its
+    stack peaked at 2.3x (as the 235B layer did on the H100: 11.5 GB for 5.0 GB)."""
+    q_path, ref_path = wide_quantized[fmt]
+    ckpt = Checkpoint(q_path)
+    keys = [k for k in ckpt.weight_map if k.startswith("model.language_model.layers.1.")]
+    with _LiveTensorBytes() as tracker:
+        state = memory_state_dict(ckpt, keys, dtype)
+    size = _nbytes(state)
+    experts = _nbytes({k: v for k, v in state.items() if ".mlp.experts." in k})
+    assert experts > 0.9 * size and tracker.live == size  # the tracker accounts for exactly what was returned
+    assert tracker.peak <= 1.25 * size, f"peak {tracker.peak / size:.2f}x the layer"
+    ref = Checkpoint(ref_path)
+    expected = memory_state_dict(ref, [k for k in ref.weight_map if k.startswith("model.language_model.layers.1.")],
+                                 dtype)
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_fuse_per_expert_into_equals_the_stack():
+    from reap_vlm.families import QWEN3_VL_MOE as family
+
+    generator = torch.Generator().manual_seed(0)
+    experts = [{p: torch.randn(6, 4, generator=generator) for p in ("gate_proj", "up_proj")}
+               | {"down_proj": torch.randn(4, 6, generator=generator)} for _ in range(5)]
+    for name, sources in family.fused_sources().items():
+        stacked = family.fuse_per_expert(name, experts)
+        out = torch.full(family.fused_shape(name, 5, sources[-1], tuple(experts[0][sources[-1]].shape)), float("nan"))
+        for expert in (3, 0, 4, 1, 2):  # any order, one projection at a time
+            for proj in reversed(sources):
+                family.fuse_per_expert_into(name, out, expert, {proj: experts[expert][proj]})
+        assert torch.equal(out, stacked), name
+        assert torch.equal(family.fused_slot(name, out, slice(1, 3), sources[0]),
+                           torch.stack([e[sources[0]] for e in experts[1:3]]))
+    with pytest.raises(ReapError, match="does not fit"):
+        family.fuse_per_expert_into("down_proj", out, 0, {"down_proj": torch.zeros(4, 7)})
+
+
+def test_an_expert_lacking_a_projection_is_a_clear_error(tiny_model_per_expert):
+    ckpt = Checkpoint(tiny_model_per_expert)
+    keys = [k for k in ckpt.weight_map if k.startswith("model.language_model.layers.0.")
+            and not k.endswith("experts.3.up_proj.weight")]
+    with pytest.raises(ReapError, match=r"experts\.3: no up_proj weight"):
+        memory_state_dict(ckpt, keys)
+    # only one projection asked for: no fused tensor is made of it, as before
+    gate_only = [k for k in ckpt.weight_map if k.startswith("model.language_model.layers.0.mlp.experts.")
+                 and k.endswith("gate_proj.weight")]
+    assert memory_state_dict(ckpt, gate_only) == {}
+
+
+# ------------------------------------------------------------------------------------ full-size quantizers
+
+
+@pytest.mark.parametrize("fmt,symmetric", [("awq", True), ("compressed-tensors", True),
+                                           ("compressed-tensors", False), ("fp8", True)])
+def test_quantizers_batch_over_experts(fmt, symmetric):
+    weights = torch.stack([_weight(48, 80 if fmt == "fp8" else 64, seed=e) for e in range(3)])  # [E, out, in]
+    batched, dequantized = _quantize(fmt, weights, symmetric)
+    for e in range(3):
+        tensors, expected = _quantize(fmt, weights[e], symmetric)
+        assert torch.equal(dequantized[e], expected)
+        for name, tensor in tensors.items():
+            got = batched[name] if name == "weight_shape" else batched[name][e]
+            assert got.dtype == tensor.dtype and torch.equal(got.view(torch.uint8) if got.dtype.itemsize == 1 else got,
+                                                             tensor.view(torch.uint8) if got.dtype.itemsize == 1
+                                                             else tensor), name
+    quantizer = {"awq": lambda w: quantize_awq(w, GROUP, reference=False),
+                 "fp8": lambda w: quantize_fp8_block(w, BLOCK, reference=False),
+                 "compressed-tensors": lambda w: quantize_pack(w, GROUP, symmetric=symmetric, reference=False)}[fmt]
+    tensors, none = quantizer(weights)
+    assert none is None and all(torch.equal(tensors[k].float(), batched[k].float()) for k in batched)
+
+
+def test_quantize_checkpoint_by_layer_writes_what_quantize_checkpoint_writes(quantized, tiny_model_per_expert,
+                                                                            tmp_path):
+    from reap_vlm.quant_fixtures import quantize_checkpoint_by_layer
+
+    fmt, q_path, _ = quantized
+    # small chunks: several batches of experts per fused tensor
+    out = quantize_checkpoint_by_layer(tiny_model_per_expert, tmp_path / fmt, fmt, group_size=GROUP, block=BLOCK,
+                                       chunk_bytes=1 << 17)
+    expected, got = _tensors(q_path), _tensors(out)
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape, key
+        assert torch.equal(got[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    assert json.loads((out / "config.json").read_text()) == json.loads((q_path / "config.json").read_text())
+    layers = Checkpoint(out).family.keys_by_layer(Checkpoint(out).weight_map)
+    assert len(Checkpoint(out).shards) == len(layers) + 1  # one shard per layer, one for the rest
+
+
+def test_quantize_checkpoint_by_layer_from_a_fused_checkpoint(tiny_model, quant_root, tmp_path):
+    from reap_vlm.quant_fixtures import quantize_checkpoint_by_layer
+
+    expected, _ = quantize_checkpoint(tiny_model, quant_root / "fused-awq", "awq", group_size=GROUP)
+    out = quantize_checkpoint_by_layer(tiny_model, tmp_path / "awq", "awq", group_size=GROUP)
+    a, b = _tensors(expected), _tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

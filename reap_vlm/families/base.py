@@ -182,6 +182,30 @@ class ModelFamily:
         """Which per-expert projections make up each fused tensor."""
         raise NotImplementedError
 
+    # Filling a fused tensor in place, one expert's projection at a time (the loader's way: a layer's
+    # per-expert weights are never held twice, as a list and as its stack).  ``fuse_per_expert`` of the
+    # same tensors gives the same result.
+
+    def fused_shape(self, name: str, num_experts: int, proj: str, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the in-memory fused tensor ``name`` of ``num_experts`` experts, given the Linear weight
+        shape [out, in] of one of its source projections ``proj``."""
+        raise NotImplementedError
+
+    def fused_slot(self, name: str, fused: torch.Tensor, expert: int | slice, proj: str) -> torch.Tensor:
+        """The view of fused tensor ``name`` that holds expert ``expert``'s projection ``proj`` (its Linear
+        weight [out, in]); ``expert`` may be a slice (a range of experts: [n, out, in])."""
+        raise NotImplementedError
+
+    def fuse_per_expert_into(self, name: str, out: torch.Tensor, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy expert ``expert``'s projections ``tensors`` (any of ``fused_sources()[name]``) into their slots
+        of the fused tensor ``out`` (allocated with ``fused_shape``)."""
+        for proj, tensor in tensors.items():
+            slot = self.fused_slot(name, out, expert, proj)
+            if slot.shape != tensor.shape:
+                raise ReapError(f"expert {expert} {proj}: shape {tuple(tensor.shape)} does not fit {name}'s "
+                                f"[{', '.join(map(str, slot.shape))}] (experts' projections differ in shape)")
+            slot.copy_(tensor)
+
     # ------------------------------------------------------------------ runtime face
 
     def moe_blocks(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:

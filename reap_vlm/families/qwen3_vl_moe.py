@@ -31,6 +31,18 @@ class FusedGateUpFamily(ModelFamily):
             return torch.stack([torch.cat([e["gate_proj"], e["up_proj"]], dim=0) for e in per_expert])
         return torch.stack([e["down_proj"] for e in per_expert])
 
+    def fused_shape(self, name: str, num_experts: int, proj: str, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        rows, columns = weight_shape
+        return (num_experts, 2 * rows, columns) if name == "gate_up_proj" else (num_experts, rows, columns)
+
+    def fused_slot(self, name: str, fused: torch.Tensor, expert: int | slice, proj: str) -> torch.Tensor:
+        if proj not in self.fused_sources()[name]:
+            raise KeyError(f"{proj} is not a part of {name}")
+        if name == "gate_up_proj":  # gate rows first, as fuse_per_expert concatenates them
+            inter = fused.shape[1] // 2
+            return fused[expert, :inter] if proj == "gate_proj" else fused[expert, inter:]
+        return fused[expert]
+
     def expert_outputs(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         gate_up = experts.gate_up_proj[expert_ids]  # [n, 2I, H]
         h = torch.matmul(x.unsqueeze(0), gate_up.transpose(1, 2))  # [n, T, 2I]
