@@ -232,11 +232,13 @@ def _generations(path: Path, prompts: list[EvalPrompt], settings: Settings, dtyp
                          max_pixels=settings.max_pixels, seed=settings.seed)
 
 
-def run_original(path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
-                 keep: dict[int, list[int]] | None) -> ModelPass:
+def _run_model(label: str, path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
+               per_prompt) -> ModelPass:
+    """Load one model, encode and answer every prompt, and let ``per_prompt(runner, i, enc, gen, result)``
+    add what this model's side of the comparison needs; one model is in memory at a time."""
     start = time.perf_counter()
     generated = _generations(path, prompts, settings, dtype)
-    _log(f"loading the original: {path}")
+    _log(f"loading the {label}: {path}")
     runner = ModelRunner(path, device=device, dtype=dtype, max_pixels=settings.max_pixels)
     result = ModelPass([], [], [], [], degenerate=_judge(runner))
     try:
@@ -245,42 +247,38 @@ def run_original(path: Path, prompts: list[EvalPrompt], settings: Settings, devi
             gen = generated[i] if generated else runner.generate(enc, settings.max_new_tokens)
             result.encodings.append(enc)
             result.generations.append(gen)
-            result.teacher_forced.append(runner.teacher_forced(enc, gen.token_ids))
-            result.masked.append(runner.teacher_forced(enc, gen.token_ids, keep=keep, trace=True) if keep else None)
-            _log(f"  original {i + 1}/{len(prompts)} {prompt.id}: {gen.text[:60]!r}")
+            per_prompt(runner, i, enc, gen, result)
+            _log(f"  {label.split()[0]} {i + 1}/{len(prompts)} {prompt.id}: {gen.text[:60]!r}")
     finally:
         runner.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def run_original(path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
+                 keep: dict[int, list[int]] | None) -> ModelPass:
+    def per_prompt(runner, i, enc, gen, result):
+        result.teacher_forced.append(runner.teacher_forced(enc, gen.token_ids))
+        result.masked.append(runner.teacher_forced(enc, gen.token_ids, keep=keep, trace=True) if keep else None)
+
+    return _run_model("original", path, prompts, settings, device, dtype, per_prompt)
 
 
 def run_pruned(path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
                original: ModelPass | None, trace: bool) -> ModelPass:
-    start = time.perf_counter()
-    generated = _generations(path, prompts, settings, dtype)
-    _log(f"loading the pruned model: {path}")
-    runner = ModelRunner(path, device=device, dtype=dtype, max_pixels=settings.max_pixels)
-    result = ModelPass([], [], [], [], degenerate=_judge(runner))
-    try:
-        for i, prompt in enumerate(prompts):
-            enc = runner.encode(prompt.sample)
-            gen = generated[i] if generated else runner.generate(enc, settings.max_new_tokens)
-            result.encodings.append(enc)
-            result.generations.append(gen)
-            if original is None:
-                result.same_tokens.append(None)
-                result.teacher_forced.append(None)
-            else:  # the original's encoding and continuation: both models see exactly the same tokens
-                result.same_tokens.append(torch.equal(enc.input_ids, original.encodings[i].input_ids))
-                forced = runner.teacher_forced(original.encodings[i], original.generations[i].token_ids, trace=trace)
-                if trace:  # this model's MoE blocks on the original's block inputs
-                    runner.replay(original.masked[i].trace.inputs, forced.trace)
-                result.teacher_forced.append(forced)
-            _log(f"  pruned {i + 1}/{len(prompts)} {prompt.id}: {gen.text[:60]!r}")
-    finally:
-        runner.close()
-    result.seconds = time.perf_counter() - start
-    return result
+    def per_prompt(runner, i, enc, gen, result):
+        if original is None:
+            result.same_tokens.append(None)
+            result.teacher_forced.append(None)
+            return
+        # the original's encoding and continuation: both models see exactly the same tokens
+        result.same_tokens.append(torch.equal(enc.input_ids, original.encodings[i].input_ids))
+        forced = runner.teacher_forced(original.encodings[i], original.generations[i].token_ids, trace=trace)
+        if trace:  # this model's MoE blocks on the original's block inputs
+            runner.replay(original.masked[i].trace.inputs, forced.trace)
+        result.teacher_forced.append(forced)
+
+    return _run_model("pruned model", path, prompts, settings, device, dtype, per_prompt)
 
 
 def _same_file(a: Path, b: Path) -> bool:
