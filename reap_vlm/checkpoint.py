@@ -14,7 +14,7 @@ from safetensors import safe_open
 from .errors import ReapError
 from .families import KeyRole, ModelFamily, family_for_config
 from .fsutil import read_json
-from .quant import QuantFormat, detect_format
+from .quant import QuantFormat, detect_format, quantization_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -63,7 +63,7 @@ class Checkpoint:
 
     @property
     def quantization(self) -> str | None:
-        q = self.config.get("quantization_config") or self.family.text_config(self.config).get("quantization_config")
+        q = quantization_config(self.config)
         return None if not q else str(q.get("quant_method", "unknown"))
 
     @cached_property

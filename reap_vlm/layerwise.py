@@ -38,6 +38,7 @@ from .calibration import batches, num_batches
 from .checkpoint import Checkpoint, memory_state_dict
 from .engine import ResumeState, visual_token_mask
 from .errors import ReapError
+from .quant import quantization_config
 from .scoring import ReapObserver, TokenMasks, free_memory_bytes
 from .settings import ENGINES
 
@@ -53,8 +54,8 @@ _GiB = 1 << 30
 # ----------------------------------------------------------------------------------------------- engine choice
 
 
-def _quant_bits(config: dict, text: dict) -> int:
-    q = config.get("quantization_config") or text.get("quantization_config") or {}
+def _quant_bits(config: dict) -> int:
+    q = quantization_config(config) or {}
     if "bits" in q:
         return int(q["bits"])
     if str(q.get("quant_method", "")).lower() == "fp8":
@@ -71,7 +72,7 @@ def model_bytes(ckpt: Checkpoint) -> int:
     (dequantized to 16 bits; an upper bound, since norms and the vision tower stay as stored)."""
     total = sum((ckpt.path / shard).stat().st_size for shard in ckpt.shards)
     if ckpt.quantization:
-        total = total * 16 // max(_quant_bits(ckpt.config, ckpt.family.text_config(ckpt.config)), 1)
+        total = total * 16 // max(_quant_bits(ckpt.config), 1)
     return int(total)
 
 
