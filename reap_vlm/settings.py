@@ -178,7 +178,7 @@ OPTIONS: dict[str, Option] = {
         Option("engine", "--engine", "REAP_ENGINE", _choice(ENGINES), "auto",
                "model: whole model in memory; layerwise: one decoder layer at a time from disk"),
         Option("checkpoint_every", "--checkpoint-every", "REAP_CHECKPOINT_EVERY", _int(1), 20,
-               "save resumable accumulators every N batches"),
+               "save resumable accumulators every N batches (layerwise: after each group of batches)"),
         Option("resume", "--resume", "REAP_RESUME", _bool, True,
                "continue from saved accumulators when the inputs are the same", is_switch=True),
         Option("skip_bad_samples", "--skip-bad-samples", "REAP_SKIP_BAD_SAMPLES", _bool, False,
