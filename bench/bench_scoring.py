@@ -14,8 +14,10 @@ bf16 weights on the GPU, batches of [B, S] tokens:
 * plain forward (experts "grouped_mm", transformers' default) and with eager experts: tokens/s;
 * REAP routed and full: the same forward with ``ReapObserver`` attached (LayerStats included);
 * the full mode's all-experts computation alone (``all_expert_norms``), its matmuls alone, and the
-  paper-style observer (Python loop over experts on all tokens into an fp32 [E, T, H] buffer);
-  achieved TFLOP/s against a large bf16 matmul timed in the same run;
+  paper-style observer (Python loop over experts on all tokens into an fp32 [E, T, H] buffer), the
+  paper's hook as published (that loop plus its per-expert statistics loop), and the paper's pipeline
+  per layer (``PaperPipeline``: the eager-experts layer forward with that hook, its gc.collect() after
+  every call included, and without it); achieved TFLOP/s against a large bf16 matmul timed in the same run;
 * peak GPU memory of each;
 * checks on the GPU: the routed forward's output is bitwise the experts' own; the norms match a
   float64 brute force.
@@ -30,9 +32,11 @@ layer's weights + activations, host RSS after each layer.  Finally a projection 
 ``--quant awq,fp8`` (any of awq, fp8, compressed-tensors): the same layers are also written as that
 quantized checkpoint (``reap_vlm.quant_fixtures.quantize_checkpoint_by_layer`` on the GPU: per-expert
 quantized Linears plus attention q/k/v/o, router and norms bf16; AWQ group 128, FP8 blocks 128x128) and
-streamed the same way (``--quant-modes``, default routed; the loader dequantizes on the GPU), with the same
-inputs: seconds per layer, GB/s of quantized bytes, peak GPU memory against one bf16 layer + activations,
-the peak of loading one quantized layer alone, and how far the REAP scores are from the bf16 run's.
+streamed the same way (``--quant-modes``, default routed; the loader dequantizes on the GPU: with prefetch
+host from the quantized tensors read ahead into pinned memory, once the previous layer is freed, with
+``@device`` ahead on a side stream), with the same inputs: seconds per layer, GB/s of quantized bytes, peak
+GPU memory against one bf16 layer + activations, the peak of loading one quantized layer alone, how far the
+REAP scores are from the bf16 run's, and whether the two prefetch modes give identical scores.
 """
 
 from __future__ import annotations
@@ -221,6 +225,80 @@ def paper_observer(experts, x, router_logits, topk_ids):
     return reap
 
 
+class PaperPipeline:
+    """The paper's scoring as its pruning script runs it, on one layer: the MoE block's forward with eager
+    experts (the per-expert loop of the transformers release it targets) and its observer as a forward hook
+    on the block, in the pruning-metrics-only setting that script passes.  Written from the published
+    observer's behaviour (CerebrasResearch/reap, src/reap/observer.py): the experts are per-expert MLP
+    modules (separate gate / up / down Linears; views of the fused weights here), every expert runs on all
+    tokens into a zeroed float32 [E, T, H] buffer, the router logits are re-ranked with topk, then one
+    Python loop over experts takes each one's routed rows (norms, router weights, maximum, with the host
+    syncs that implies), the sums go to CPU state, and every call ends with gc.collect()."""
+
+    def __init__(self, layer, collect: bool = True):
+        self.block, self.top_k, self.collect = layer.mlp, layer.mlp.gate.top_k, collect
+        self.experts = [self._expert(layer.mlp.experts, e) for e in range(layer.mlp.experts.num_experts)]
+        self.state: dict = {}
+        self.logits = None
+
+    @staticmethod
+    def _expert(fused, e: int) -> torch.nn.Module:
+        inter = fused.gate_up_proj.shape[1] // 2
+        mlp = torch.nn.Module()
+        for name, weight in (("gate_proj", fused.gate_up_proj[e, :inter]), ("up_proj", fused.gate_up_proj[e, inter:]),
+                             ("down_proj", fused.down_proj[e])):
+            linear = torch.nn.Linear(1, 1, bias=False, device="meta")
+            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+            setattr(mlp, name, linear)
+        act = fused.act_fn
+        mlp.forward = lambda x: mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return mlp
+
+    def attached(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def hooks():
+            handles = [self.block.gate.register_forward_hook(lambda m, a, out: setattr(self, "logits", out[0])),
+                       self.block.register_forward_hook(self._observe)]
+            try:
+                yield self
+            finally:
+                for h in handles:
+                    h.remove()
+        return hooks()
+
+    def _observe(self, module, args, output):
+        flat = args[0].reshape(-1, args[0].shape[-1])
+        num = len(self.experts)
+        buf = torch.zeros(num, *flat.shape, device=flat.device)
+        for e, expert in enumerate(self.experts):
+            buf[e] = expert(flat)
+        ids = torch.topk(self.logits, self.top_k, dim=-1).indices
+        freq = torch.bincount(ids.reshape(-1), minlength=num)
+        probs = torch.softmax(self.logits, dim=1, dtype=torch.float)
+        ean = torch.zeros(num, dtype=torch.float64, device=flat.device)
+        weighted = torch.zeros_like(ean)
+        reap = torch.zeros(num, dtype=torch.float32, device=flat.device)
+        top = self.state.setdefault("max", torch.zeros(num))
+        for e in range(num):
+            rows = (ids == e).any(dim=-1)
+            if not rows.any():
+                continue
+            norms = torch.linalg.norm(buf[e, rows], dim=-1)
+            ean[e] = norms.sum()
+            weighted[e] = (norms * probs[rows, e]).sum()
+            reap[e] = (norms * probs[rows, e]).mean()
+            peak = buf[e, rows].max().cpu()
+            if peak > top[e]:
+                top[e] = peak
+        for name, value in (("freq", freq), ("ean", ean), ("weighted", weighted), ("reap", reap)):
+            self.state[name] = self.state.get(name, 0) + value.cpu()
+        del buf
+        if self.collect:
+            gc.collect()
+
+
 def paper_style_buffer(experts, x):
     buf = torch.zeros(experts.num_experts, x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     for e in range(experts.num_experts):
@@ -350,6 +428,19 @@ def bench_layer(name: str, shape: dict, args, device, dtype, timer, peak_tflops)
             t = timer(lambda: paper_observer(experts, x[:bt], logits, ids), reps=2, warmup=1)
             res["paper_observer_tok_s"] = bt / t
             res["full_vs_paper_observer"] = res["full_norms_tok_s"] / res["paper_observer_tok_s"]
+            # what 5x the loop would take: the loop's achieved rate times five, against the measured peak
+            res["paper_style_5x_needs_peak_share"] = 5 * res["paper_style_tflops"] / peak_tflops
+            cfg._experts_implementation = "eager"
+            with PaperPipeline(layer).attached():
+                res["paper_pipeline_tok_s"] = tokens / timer(run_plain, reps=2, warmup=1)
+                t0 = time.perf_counter()
+                gc.collect()
+                res["gc_collect_ms"] = (time.perf_counter() - t0) * 1e3
+            with PaperPipeline(layer, collect=False).attached():
+                res["paper_pipeline_nogc_tok_s"] = tokens / timer(run_plain, reps=2, warmup=1)
+            cfg._experts_implementation = "grouped_mm"
+            res["full_vs_paper_pipeline"] = res["full_tok_s"] / res["paper_pipeline_tok_s"]
+            res["full_vs_paper_pipeline_nogc"] = res["full_tok_s"] / res["paper_pipeline_nogc_tok_s"]
         log(f"all-experts norms, torch bmm path: {res['full_norms_torch_tok_s']:,.0f} tok/s, "
             f"{res['full_norms_torch_tflops']:.0f} TFLOP/s; REAP full with it {res['full_torch_tok_s']:,.0f} tok/s")
         log(f"all-experts norms: {res['full_norms_tok_s']:,.0f} tok/s, {res['full_norms_tflops']:.0f} TFLOP/s "
@@ -439,16 +530,21 @@ def raw_read_gbps(folder: Path) -> float:
 
 
 class _Probe:
-    """``on_layer`` callback: wall time per layer and host RSS after each."""
+    """``on_layer`` callback: wall time per layer, host RSS after each, and each layer's peak GPU memory
+    (the first layer's includes the one-time choices: kernel autotuning, the full mode's path)."""
 
-    def __init__(self):
-        self.mark, self.times, self.rss = time.perf_counter(), [], []
+    def __init__(self, device):
+        self.device = device
+        self.mark, self.times, self.rss, self.peaks = time.perf_counter(), [], [], []
 
     def __call__(self, layer: int) -> None:
         now = time.perf_counter()
         self.times.append(now - self.mark)
         self.mark = now
         self.rss.append(rss_bytes())
+        if self.device.type == "cuda":
+            self.peaks.append(torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
 
 
 def rss_bytes() -> int:
@@ -507,7 +603,8 @@ def stream_layers(ckpt: Checkpoint, folder: Path, name: str, entry: str, layers:
     observer = ReapObserver(QWEN3_VL_MOE, stats, mode)
     loader = LayerLoader(ckpt, lw.layer_keys, lw.device, dtype, prefetch)
     evict(folder)
-    probe = _Probe()
+    probe = _Probe(device)
+    triton_experts._choice.clear()  # decided inside the run, as in a real one (the first full-mode chunk)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -521,7 +618,8 @@ def stream_layers(ckpt: Checkpoint, folder: Path, name: str, entry: str, layers:
     layer_times, rss = probe.times, probe.rss
     wall = time.perf_counter() - t0
     loader.close()
-    peak = torch.cuda.max_memory_allocated(device) - base + group_bytes if device.type == "cuda" else 0
+    peaks = [p - base + group_bytes for p in probe.peaks]
+    peak = max(peaks, default=0)
     layer_bytes = lw.layer_bytes(0)
     transient = layer_res.get(f"{mode}_peak_bytes", 0) * (batch * seq) / max(layer_res.get("tokens", 1), 1)
     allowance = layer_bytes + group_bytes + transient
@@ -533,11 +631,14 @@ def stream_layers(ckpt: Checkpoint, folder: Path, name: str, entry: str, layers:
         # safetensors maps lazily: the disk is read while pinning, so both stages count
         "read_gbps": s.bytes / max(s.read_seconds + s.pin_seconds, 1e-9) / 1e9,
         "stream_gbps": layer_bytes / statistics.median(layer_times) / 1e9,
-        "h2d_gbps": s.bytes / max(s.copy_seconds, 1e-9) / 1e9,
+        # with prefetch "device" the copy runs on a side stream, off this clock: no rate to report
+        "h2d_gbps": s.bytes / max(s.copy_seconds, 1e-9) / 1e9 if loader.prefetch == "host" else float("nan"),
         "read_seconds": s.read_seconds, "copy_seconds": s.copy_seconds, "wait_seconds": s.wait_seconds,
         "pin_seconds": s.pin_seconds,
         "layer_bytes": layer_bytes, "group_bytes": group_bytes, "peak_gpu_bytes": peak,
         "one_layer_plus_activations_bytes": allowance, "peak_over_allowance": peak / max(allowance, 1),
+        "peak_gpu_bytes_per_layer": peaks,
+        "peak_over_allowance_later_layers": max(peaks[1:], default=0) / max(allowance, 1),
         "rss_after_layer": rss, "rss_growth_bytes": (rss[-1] - rss[0]) if rss else 0,
         "prefetch": loader.prefetch,
     }
@@ -546,7 +647,8 @@ def stream_layers(ckpt: Checkpoint, folder: Path, name: str, entry: str, layers:
         f"streamed {r['stream_gbps']:.2f} GB/s (loader {r['read_gbps']:.2f}), h2d {r['h2d_gbps']:.1f} GB/s, "
         f"waited {s.wait_seconds:.2f} s; "
         f"peak GPU {peak / GiB:.2f} GiB vs layer+activations {allowance / GiB:.2f} GiB "
-        f"({r['peak_over_allowance']:.2f}x); RSS per layer {[round(x / GiB, 2) for x in rss]} GiB")
+        f"({r['peak_over_allowance']:.2f}x; per layer {[round(x / GiB, 2) for x in peaks]}); "
+        f"RSS per layer {[round(x / GiB, 2) for x in rss]} GiB")
     del group, lw, observer
     return r, stats
 
@@ -617,6 +719,7 @@ def bench_quantized(name: str, fmt: str, folder: Path, layers: int, shape: dict,
         log(f"loading one layer on the GPU: peak {q['load_one_layer_peak_bytes'] / GiB:.2f} GiB for a "
             f"{bf16_layer_bytes / GiB:.2f} GiB bf16 layer ({q['load_one_layer_peak_over_layer']:.2f}x)")
 
+    quant_stats = {}
     for entry in modes:
         r, stats = stream_layers(qckpt, qfolder, name, entry, layers, shape, args, device, dtype, layer_res,
                                  label=f"{fmt} {entry}")
@@ -633,7 +736,17 @@ def bench_quantized(name: str, fmt: str, folder: Path, layers: int, shape: dict,
             f"median per expert {r['reap_median_rel_diff']:.2e}, "
             f"keep-set agreement {r['keep_set_agreement']:.1%}")
         q[entry] = r
-        del stats
+        quant_stats[entry] = stats
+    # the two ways of loading (dequantized in take() from pinned host memory, or ahead on a side stream)
+    # must give the same scores: the same dequantization on the same device
+    for entry in modes:
+        mode, _, prefetch = entry.partition("@")
+        other = f"{mode}@device" if prefetch != "device" else None
+        if other in quant_stats:
+            same = score_difference(quant_stats[entry], quant_stats[other])["reap_max_rel_diff"] == 0.0
+            q[f"{mode}_host_equals_device_prefetch"] = same
+            log(f"{fmt} {mode}: prefetch host and device give identical scores: {same}")
+    del quant_stats
     if not args.keep:
         shutil.rmtree(qfolder, ignore_errors=True)
     return q
@@ -743,8 +856,11 @@ def main() -> None:
         json_dump(results, args.out)
     big = "235b" if "235b" in results["layers"] else (shapes or [None])[-1]
     if big is not None:
-        results["projection"] = project(results["layers"][big], results["layerwise"].get(big),
+        # the disk rate of this shape's streaming run, else of whichever shape streamed (the same disk)
+        streamed = big if big in results["layerwise"] else next(iter(results["layerwise"]), None)
+        results["projection"] = project(results["layers"][big], results["layerwise"].get(streamed),
                                         SHAPES[big], args.samples, args.seq)
+        results["projection"]["stream_measured_on"] = streamed
     json_dump(results, args.out)
     print_table(results, peak)
 
@@ -781,6 +897,12 @@ def print_table(results: dict, peak: float) -> None:
             ("  all-experts norms / paper-style loop", "full_vs_paper_style", "{:.1f}x"),
             ("paper's observer hook as published [tok/s]", "paper_observer_tok_s", "{:,.0f}"),
             ("  all-experts norms / paper's hook", "full_vs_paper_observer", "{:.1f}x"),
+            ("  5x the loop would need, of the bf16 peak", "paper_style_5x_needs_peak_share", "{:.0%}"),
+            ("paper's pipeline per layer: eager MoE + its hook [tok/s]", "paper_pipeline_tok_s", "{:,.0f}"),
+            ("  REAP full per layer / paper's pipeline", "full_vs_paper_pipeline", "{:.1f}x"),
+            ("  its gc.collect() in this process [ms]", "gc_collect_ms", "{:.0f}"),
+            ("  the same without gc.collect() [tok/s]", "paper_pipeline_nogc_tok_s", "{:,.0f}"),
+            ("  REAP full per layer / that", "full_vs_paper_pipeline_nogc", "{:.1f}x"),
             ("peak GPU above layer+inputs: plain [GiB]", "plain_peak_bytes", "gib"),
             ("  routed [GiB]", "routed_peak_bytes", "gib"),
             ("  full [GiB]", "full_peak_bytes", "gib"),
@@ -817,7 +939,8 @@ def print_table(results: dict, peak: float) -> None:
                 f"{r['tok_s_per_layer']:,.0f} tok/s/layer; streamed {r['stream_gbps']:.2f} GB/s, "
                 f"h2d {r['h2d_gbps']:.1f} GB/s; peak GPU {r['peak_gpu_bytes'] / GiB:.2f} GiB = "
                 f"{r['peak_over_allowance']:.2f} x (one layer {r['layer_bytes'] / GiB:.2f} + activations "
-                f"{(r['one_layer_plus_activations_bytes'] - r['layer_bytes']) / GiB:.2f} GiB); "
+                f"{(r['one_layer_plus_activations_bytes'] - r['layer_bytes']) / GiB:.2f} GiB; layers after the "
+                f"first {r['peak_over_allowance_later_layers']:.2f} x); "
                 f"RSS growth first->last layer {r['rss_growth_bytes'] / GiB:+.2f} GiB")
         for fmt, q in lw.get("quant", {}).items():
             log(f"  {fmt} checkpoint of the same layers ({q['quantized_layer_bytes'] / 1e9:.3f} GB/layer on disk = "
@@ -827,6 +950,9 @@ def print_table(results: dict, peak: float) -> None:
                 log(f"    loading one layer (dequantized into the fused tensors on the GPU): peak "
                     f"{q['load_one_layer_peak_bytes'] / GiB:.2f} GiB = {q['load_one_layer_peak_over_layer']:.2f} x "
                     f"the bf16 layer ({q['bf16_layer_bytes'] / GiB:.2f} GiB)")
+            for key, same in q.items():
+                if key.endswith("_host_equals_device_prefetch"):
+                    log(f"    {key.split('_')[0]}: scores with prefetch host == prefetch device: {same}")
             for mode, r in q.items():
                 if not isinstance(r, dict):
                     continue
@@ -840,7 +966,7 @@ def print_table(results: dict, peak: float) -> None:
     p = results.get("projection")
     if p:
         log(f"\nprojection: {p['layers']} layers x {p['tokens']:,} tokens (300 x 2048) at "
-            f"{p['stream_gbps']:.2f} GB/s streamed, model "
+            f"{p['stream_gbps']:.2f} GB/s streamed ({p.get('stream_measured_on')} layers), model "
             f"{p['model_bytes'] / 1e9:.0f} GB, hidden states {p['hidden_states_bytes'] / 1e9:.1f} GB "
             "(one group, on GPU; embeddings + vision tower not included)")
         for mode in ("routed", "full"):

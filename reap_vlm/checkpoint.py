@@ -105,14 +105,17 @@ class Checkpoint:
 
 
 def memory_state_dict(ckpt: Checkpoint, keys: Iterable[str] | None = None,
-                      dtype: torch.dtype | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+                      dtype: torch.dtype | None = None, device: str = "cpu",
+                      source: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Tensors under their in-memory names and layouts: fused tensors transposed where the disk
     layout differs, per-expert tensors fused.  Quantized Linears (see ``reap_vlm.quant``) are
     dequantized on ``device`` and returned as ``<module>.weight`` (float32 when ``dtype`` is None);
     asking for any of a quantized module's tensors (or for its ``.weight``) reads all of them.
 
     Per-expert tensors are copied into their fused tensor as they arrive (dequantized one Linear at a
-    time), so the peak is the fused tensors plus one Linear's temporaries, not twice the experts."""
+    time), so the peak is the fused tensors plus one Linear's temporaries, not twice the experts.
+    ``source``: the checkpoint tensors already read (on-disk names, e.g. in pinned host memory), moved
+    to ``device`` one at a time instead of reading the shards."""
     family = ckpt.family
     sizes = family.sizes(ckpt.config)
     quant = ckpt.quant_format
@@ -139,7 +142,10 @@ def memory_state_dict(ckpt: Checkpoint, keys: Iterable[str] | None = None,
         else:
             out[key] = tensor
 
-    for key, tensor in ckpt.read([*keys, *owner], device):
+    wanted = [*keys, *owner]
+    tensors = ckpt.read(wanted, device) if source is None else \
+        ((key, source[key].to(device, non_blocking=True)) for key in wanted)
+    for key, tensor in tensors:
         if key in owner:  # a quantized Linear's tensor: dequantize once the module is complete
             module, suffix = owner[key]
             pending[module][suffix] = tensor

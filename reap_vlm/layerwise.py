@@ -233,8 +233,9 @@ class LayerLoader:
 
     prefetch "host": into pinned host memory; ``take`` copies to the device, so the device holds one
     layer at a time (host memory: up to three layers in flight).  "device": straight onto the device
-    on a side stream (two layers on the device, no copy on the critical path).  Quantized
-    checkpoints always use "device": the loader dequantizes on the device it is given.
+    on a side stream (two layers on the device, no copy on the critical path).  Quantized checkpoints
+    are dequantized on the device: with "host" the quantized tensors wait in pinned host memory and
+    ``take`` dequantizes them once the previous layer is gone; with "device" on the side stream.
     """
 
     def __init__(self, ckpt: Checkpoint, keys: dict[int, list[str]], device: torch.device, dtype: torch.dtype,
@@ -243,7 +244,8 @@ class LayerLoader:
             raise ReapError(f"prefetch {prefetch!r} is not one of {', '.join(PREFETCH_MODES)}")
         self.ckpt, self.keys, self.device, self.dtype = ckpt, keys, device, dtype
         cuda = device.type == "cuda"
-        self.prefetch = "device" if cuda and (prefetch == "device" or ckpt.quantization) else "host"
+        self.prefetch = "device" if cuda and prefetch == "device" else "host"
+        self.raw = cuda and self.prefetch == "host" and bool(ckpt.quantization)  # dequantized in take()
         self.stream = torch.cuda.Stream(device) if cuda and self.prefetch == "device" else None
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="reap-layer-read")
         self.finisher = ThreadPoolExecutor(1, thread_name_prefix="reap-layer-pin")
@@ -262,6 +264,8 @@ class LayerLoader:
             with torch.cuda.stream(self.stream):  # dequantized where it will be used
                 state = memory_state_dict(self.ckpt, keys, self.dtype, str(self.device))
                 state = {k: v.contiguous() for k, v in state.items()}
+        elif self.raw:
+            state = dict(self.ckpt.read(keys, "cpu"))
         else:
             state = memory_state_dict(self.ckpt, keys, self.dtype, "cpu")
         self.stats.read_seconds += time.perf_counter() - t0
@@ -295,6 +299,10 @@ class LayerLoader:
             current.wait_event(event)
             for t in state.values():
                 t.record_stream(current)
+        elif self.raw:
+            state = memory_state_dict(self.ckpt, self.keys[layer], self.dtype, str(self.device), source=state)
+            state = {k: v.contiguous() for k, v in state.items()}
+            torch.cuda.current_stream(self.device).synchronize()
         elif self.device.type == "cuda":
             state = {k: _to_device(v, self.device) for k, v in state.items()}
             torch.cuda.current_stream(self.device).synchronize()  # the layer's compute waits for it anyway

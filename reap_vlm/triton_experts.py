@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 _state = {"checked": False, "broken": None}  # process-wide: first use is checked against the PyTorch path
 _choice: dict[tuple, str] = {}  # per expert shape, dtype, device: "triton" or "bmm", whichever timed faster
 _MIN_TIMED_ROWS = 1024  # below this a timing says little; such calls take the kernels, undecided
+_TIMED_RUNS = 5  # runs per autotuning config
+_MIN_BN = 64  # the narrowest hidden tile among _down_sq's configs: its partial sums are sized for it
 
 try:  # pragma: no cover - depends on the installation
     import triton
@@ -65,6 +67,16 @@ def available(experts, x: torch.Tensor) -> bool:
     return True
 
 
+def _time_config(kernel_call, quantiles=None) -> list[float]:
+    """The autotuner's benchmarker: the ``quantiles`` (default: the median) of ``kernel_call``'s milliseconds.
+    Triton's own ``do_bench`` allocates a 256 MB buffer to flush the L2 cache between runs, which lands
+    on the peak GPU memory of the first call at every new token count; flushing buys nothing here, as
+    every call streams all experts' weights (hundreds of MB) through the L2 anyway."""
+    kernel_call()
+    ranked = torch.tensor([_seconds(kernel_call) * 1e3 for _ in range(_TIMED_RUNS)], dtype=torch.float64)
+    return [float(ranked.quantile(q)) for q in (quantiles or (0.5,))]
+
+
 if triton is not None:
 
     def _configs(wide: bool):
@@ -86,7 +98,7 @@ if triton is not None:
         pid_n = (pid % group) // size_m
         return pid_m, pid_n
 
-    @triton.autotune(configs=_configs(False), key=["H", "INTER", "T_BUCKET"])
+    @triton.autotune(configs=_configs(False), key=["H", "INTER", "T_BUCKET"], do_bench=_time_config)
     @triton.jit
     def _gate_up_act(x_ptr, w_ptr, act_ptr, T, H, INTER, stride_xt, T_BUCKET,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
@@ -124,7 +136,7 @@ if triton is not None:
         out = act_ptr + e * T * INTER + offs_m[:, None] * INTER + offs_n[None, :]
         tl.store(out, a, mask=m_ok & n_ok)
 
-    @triton.autotune(configs=_configs(True), key=["H", "INTER", "T_BUCKET"])
+    @triton.autotune(configs=_configs(True), key=["H", "INTER", "T_BUCKET"], do_bench=_time_config)
     @triton.jit
     def _down_sq(act_ptr, w_ptr, part_ptr, T, H, INTER, part_tiles, T_BUCKET,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
@@ -172,7 +184,7 @@ def all_expert_norms(experts, x: torch.Tensor, config: dict | None = None) -> to
         up_kernel, down_kernel, meta = _gate_up_act.fn, _down_sq.fn, dict(config)
     bucket = max(tokens, 1).bit_length()  # autotuned once per power-of-two token count
     up_kernel[grid_act](x, gate_up, act, tokens, hidden, inter, x.stride(0), bucket, **meta)
-    max_tiles = triton.cdiv(hidden, 64)  # the smallest BN among the configs
+    max_tiles = triton.cdiv(hidden, _MIN_BN)
     part = torch.zeros(num, max_tiles, tokens, dtype=torch.float32, device=x.device)
 
     def grid_down(m):
@@ -212,9 +224,22 @@ def _seconds(fn) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def fastest(experts, x: torch.Tensor, reference) -> torch.Tensor:
+def bytes_per_row(experts, dtype: torch.dtype) -> int:
+    """Working memory of ``all_expert_norms`` per row of x: act [E, T, I] and the float32 partial sums."""
+    num, two_i, hidden = experts.gate_up_proj.shape
+    return num * (two_i // 2 * (torch.finfo(dtype).bits // 8) + -(-hidden // _MIN_BN) * 4)
+
+
+def timed_rows(experts, rows: int, dtype: torch.dtype, reference_bytes_per_row: int) -> int:
+    """Rows to time both paths on, for a call on ``rows`` rows: as many as keep the reference's working
+    memory within the fused kernels' on all rows, so deciding costs no more peak memory than scoring."""
+    return rows * bytes_per_row(experts, dtype) // max(reference_bytes_per_row, 1)
+
+
+def fastest(experts, x: torch.Tensor, reference, reference_bytes_per_row: int) -> torch.Tensor:
     """Norms through the fused kernels or ``reference`` (the bmm path), whichever is faster for this
-    expert shape; decided once per shape by timing both on the first chunk of at least 1024 rows."""
+    expert shape; decided once per shape by timing both on the first call that allows at least 1024
+    rows (``timed_rows``; ``reference_bytes_per_row``: the reference's working memory per row)."""
     forced = os.environ.get("REAP_FULL_KERNEL", "auto")
     key = (tuple(experts.gate_up_proj.shape), x.dtype, str(x.device))
     choice = "triton" if forced == "triton" else _choice.get(key)
@@ -223,15 +248,18 @@ def fastest(experts, x: torch.Tensor, reference) -> torch.Tensor:
     out = checked_norms(experts, x, reference)
     if out is None:
         return reference(experts, x)
-    if choice is None and x.shape[0] >= _MIN_TIMED_ROWS:
+    rows = timed_rows(experts, x.shape[0], x.dtype, reference_bytes_per_row)
+    if choice is None and rows >= _MIN_TIMED_ROWS:
+        probe = x[:rows]
         try:
-            reference(experts, x)  # warm: cuBLAS picks its kernels for this shape
-            fused = _seconds(lambda: all_expert_norms(experts, x))
-            bmm = _seconds(lambda: reference(experts, x))
+            reference(experts, probe)  # warm: cuBLAS picks its kernels for this shape
+            all_expert_norms(experts, probe)
+            fused = _seconds(lambda: all_expert_norms(experts, probe))
+            bmm = _seconds(lambda: reference(experts, probe))
         except Exception as exc:  # e.g. out of memory for the second path: keep the one that ran
             log.warning("could not time the all-experts paths (%s); keeping the fused kernels", exc)
             fused, bmm = 0.0, 1.0
         _choice[key] = "triton" if fused <= bmm else "bmm"
         log.info("all-experts norms for experts %s: fused kernels %.1f ms, bmm %.1f ms on %d rows: %s",
-                 key[0], fused * 1e3, bmm * 1e3, x.shape[0], _choice[key])
+                 key[0], fused * 1e3, bmm * 1e3, rows, _choice[key])
     return out

@@ -182,6 +182,31 @@ def test_all_expert_norms_brute_force(experts_case, budget):
     assert torch.allclose(routed_expert_norms(family, experts, hidden, all_ids[:, :3]), norms[:, :3], rtol=1e-5)
 
 
+def test_choosing_the_full_mode_path_times_within_the_scoring_memory():
+    """The one-time race between the fused kernels and the bmm path runs on as many rows as keep the bmm
+    path's working memory (the chunk-sizing estimate, exact on the H100: 6.00 GiB at 8192 tokens of the
+    30B-A3B shape) within the kernels' on the whole call, so it adds nothing to the peak; a 4096-token
+    layer-wise batch of that shape is still decided (>= 1024 rows)."""
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    from reap_vlm import triton_experts
+    from reap_vlm.families import QWEN3_VL_MOE
+
+    cfg = Qwen3VLMoeTextConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                               hidden_act="silu")
+    with torch.device("meta"):
+        experts = Qwen3VLMoeTextExperts(cfg).to(torch.bfloat16)
+    bmm = QWEN3_VL_MOE.full_bytes_per_token(experts, torch.bfloat16)
+    fused = triton_experts.bytes_per_row(experts, torch.bfloat16)
+    assert fused == 128 * (768 * 2 + 2048 // 64 * 4)  # act [E, T, I] bf16 + float32 partial sums [E, H / 64, T]
+    assert abs(bmm * 8192 / 2**30 - 6.004) < 0.01  # measured on the H100 (bench_scoring.json)
+    for rows in (1, 1000, 4096, 16384):
+        n = triton_experts.timed_rows(experts, rows, torch.bfloat16, bmm)
+        assert n * bmm <= rows * fused < (n + 1) * bmm
+    assert triton_experts.timed_rows(experts, 4096, torch.bfloat16, bmm) >= triton_experts._MIN_TIMED_ROWS
+
+
 def test_layerwise_reads_quantized_checkpoints(fixture_root, calibration):
     """Quantized per-expert checkpoints (which the layer-wise engine dequantizes one layer at a time through
     ``memory_state_dict``) score like the whole model on their dequantized reference."""

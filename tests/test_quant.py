@@ -346,10 +346,16 @@ def test_memory_state_dict_reads_one_layer(quantized):
     _, q_path, ref_path = quantized
     ckpt, ref = Checkpoint(q_path), Checkpoint(ref_path)
     prefix = "model.language_model.layers.2."
-    got = memory_state_dict(ckpt, [k for k in ckpt.weight_map if k.startswith(prefix)], dtype=torch.bfloat16)
+    keys = [k for k in ckpt.weight_map if k.startswith(prefix)]
+    got = memory_state_dict(ckpt, keys, dtype=torch.bfloat16)
     expected = memory_state_dict(ref, [k for k in ref.weight_map if k.startswith(prefix)], dtype=torch.bfloat16)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # the loader's "host" prefetch: the quantized tensors read ahead, dequantized later from that copy
+    ahead = {k: v.clone() for k, v in ckpt.read(keys)}
+    from_ahead = memory_state_dict(ckpt, keys, dtype=torch.bfloat16, source=ahead)
+    assert from_ahead.keys() == expected.keys()
+    assert all(torch.equal(from_ahead[k], expected[k]) for k in expected)
     # one tensor of a quantized module, or its in-memory .weight name, reads the whole module
     module = prefix + "self_attn.o_proj"
     reference = memory_state_dict(ref, [module + ".weight"])

@@ -58,7 +58,8 @@ class FusedGateUpFamily(ModelFamily):
         from .. import triton_experts
 
         if triton_experts.available(experts, x):
-            return triton_experts.fastest(experts, x, self._all_expert_norms_bmm)
+            return triton_experts.fastest(experts, x, self._all_expert_norms_bmm,
+                                          self.full_bytes_per_token(experts, x.dtype))
         return self._all_expert_norms_bmm(experts, x)
 
     def _all_expert_norms_bmm(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
