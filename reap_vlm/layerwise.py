@@ -300,9 +300,11 @@ class LayerLoader:
             for t in state.values():
                 t.record_stream(current)
         elif self.raw:
-            state = memory_state_dict(self.ckpt, self.keys[layer], self.dtype, str(self.device), source=state)
+            raw = state  # pinned: kept until the copies from it are done
+            state = memory_state_dict(self.ckpt, self.keys[layer], self.dtype, str(self.device), source=raw)
             state = {k: v.contiguous() for k, v in state.items()}
             torch.cuda.current_stream(self.device).synchronize()
+            del raw
         elif self.device.type == "cuda":
             state = {k: _to_device(v, self.device) for k, v in state.items()}
             torch.cuda.current_stream(self.device).synchronize()  # the layer's compute waits for it anyway
