@@ -239,13 +239,16 @@ class LayerLoader:
     """
 
     def __init__(self, ckpt: Checkpoint, keys: dict[int, list[str]], device: torch.device, dtype: torch.dtype,
-                 prefetch: str = "host"):
+                 prefetch: str = "host", dequantize_in_take: bool | None = None):
         if prefetch not in PREFETCH_MODES:
             raise ReapError(f"prefetch {prefetch!r} is not one of {', '.join(PREFETCH_MODES)}")
         self.ckpt, self.keys, self.device, self.dtype = ckpt, keys, device, dtype
         cuda = device.type == "cuda"
         self.prefetch = "device" if cuda and prefetch == "device" else "host"
-        self.raw = cuda and self.prefetch == "host" and bool(ckpt.quantization)  # dequantized in take()
+        # quantized tensors read ahead as stored and dequantized in take(); the default on CUDA with "host"
+        # (on the CPU dequantizing ahead, on the reader thread, costs no device memory)
+        self.raw = bool(ckpt.quantization) and self.prefetch == "host" and (
+            cuda if dequantize_in_take is None else dequantize_in_take)
         self.stream = torch.cuda.Stream(device) if cuda and self.prefetch == "device" else None
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="reap-layer-read")
         self.finisher = ThreadPoolExecutor(1, thread_name_prefix="reap-layer-pin")
@@ -303,7 +306,8 @@ class LayerLoader:
             raw = state  # pinned: kept until the copies from it are done
             state = memory_state_dict(self.ckpt, self.keys[layer], self.dtype, str(self.device), source=raw)
             state = {k: v.contiguous() for k, v in state.items()}
-            torch.cuda.current_stream(self.device).synchronize()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
             del raw
         elif self.device.type == "cuda":
             state = {k: _to_device(v, self.device) for k, v in state.items()}

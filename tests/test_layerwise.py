@@ -219,6 +219,30 @@ def test_layerwise_reads_quantized_checkpoints(fixture_root, calibration):
     assert _max_rel(ref, stats) <= 1e-5
 
 
+def test_layer_loader_dequantizes_in_take_like_ahead(fixture_root):
+    """The two ways the loader handles a quantized layer (on CUDA with prefetch "host" the quantized tensors are
+    read ahead as stored and dequantized in take(), once the previous layer is gone; otherwise dequantized ahead)
+    give the same tensors, bitwise."""
+    from reap_vlm.layerwise import LayerLoader
+
+    quant_fixtures = importlib.import_module("reap_vlm.quant_fixtures")
+    quantized, _ = quant_fixtures.build_quantized_checkpoint(
+        fixture_root / "lw-awq-take", "awq", fixture_root / "lw-awq-take-reference")
+    ckpt = Checkpoint(quantized)
+    lw = LayerwiseModel(ckpt, "cpu", torch.bfloat16)
+    loaders = [LayerLoader(ckpt, lw.layer_keys, torch.device("cpu"), torch.bfloat16, dequantize_in_take=flag)
+               for flag in (False, True)]
+    try:
+        assert [loader.raw for loader in loaders] == [False, True]
+        for layer in lw.layer_keys:
+            ahead, in_take = (loader.take(layer) for loader in loaders)
+            assert ahead.keys() == in_take.keys() and any(k.endswith("experts.gate_up_proj") for k in ahead)
+            assert all(torch.equal(ahead[k], in_take[k]) for k in ahead)
+    finally:
+        for loader in loaders:
+            loader.close()
+
+
 def test_reap_cli_layerwise_engine_equals_model_engine(tiny_model, calibration, tmp_path):
     from reap_vlm.score_job import run_reap
     from reap_vlm.settings import Settings
