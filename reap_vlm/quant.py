@@ -219,12 +219,13 @@ class PackQuantizedFormat(QuantFormat):
         return fits[0]
 
     def _group_size(self, groups: int, columns: int) -> int:
+        # The config's group size first: 200 columns in groups of 128 make 2 groups, which 100 would too.
+        fits = [g for g in self.group_sizes if math.ceil(columns / g) == groups]
+        if fits:
+            return fits[0]
         if groups == 1:
             return columns
-        if columns % groups == 0:
-            return columns // groups
-        fits = [g for g in self.group_sizes if math.ceil(columns / g) == groups]
-        return fits[0] if fits else 0  # 0: _expand_groups reports the mismatch
+        return columns // groups if columns % groups == 0 else 0  # 0: _expand_groups reports the mismatch
 
     def _dequantize(self, tensors, name):
         packed, scale = tensors["weight_packed"], tensors["weight_scale"]

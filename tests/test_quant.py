@@ -125,6 +125,20 @@ def test_dequantize_matches_the_definition(fmt, symmetric):
     assert torch.equal(bf16, expected.to(torch.bfloat16))
 
 
+def test_pack_quantized_partial_last_group_uses_the_config_group_size():
+    """36 columns in groups of 16 make 3 groups (16, 16, 4); 36 also divides into 3 equal groups of 12, which must
+    not override the config's group size.  Tensors written from the format's definition: column c takes group
+    c // 16's scale; values stored + 8, packed 8 to an int32."""
+    rows, columns = 5, 2 * GROUP + 4
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-8, 8, (rows, columns), generator=gen)
+    scale = torch.rand(rows, 3, generator=gen) + 0.5
+    tensors = {"weight_packed": pack_int32(q + 8, 4), "weight_scale": scale,
+               "weight_shape": torch.tensor([rows, columns])}
+    expected = q.float() * scale[:, torch.arange(columns) // GROUP]
+    assert torch.equal(detect_format(_config("compressed-tensors")).dequantize(tensors), expected)
+
+
 def test_awq_layout_is_in_by_out():
     tensors, _ = quantize_awq(_weight(48, 64), GROUP)
     assert tensors["qweight"].shape == (64, 48 // 8) and tensors["qzeros"].shape == (64 // GROUP, 48 // 8)
