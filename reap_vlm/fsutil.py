@@ -38,16 +38,39 @@ def atomic_output_dir(path: Path, force: bool = False, source: Path | None = Non
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is shared like any folder
     try:
         yield tmp
+        _sync_tree(tmp)  # every file (copied ones too) is on disk before the name says "complete"
         if path.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, trash / "old")
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(trash / "old", path)  # the old output back where it was
+                trash.rmdir()
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                _fsync(Path(folder, name))
+        _fsync(Path(folder))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -741,3 +741,29 @@ def test_prune_model_refuses_to_wipe_reap_results(tiny_model, tmp_path, prune_cl
                                      "--force", REAP_OUTPUT_PATH="output/reap")
     assert code == 1 and "contains the reap.py output folder" in err
     assert path.is_file()
+
+
+def test_a_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    """--force replaces an output in two renames; when the second fails the old output is restored, and no
+    temporary folder is left beside it."""
+    import os
+
+    from reap_vlm import fsutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("no space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", flaky)
+    with pytest.raises(OSError, match="no space"):
+        with fsutil.atomic_output_dir(out, force=True) as tmp:
+            (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
