@@ -38,7 +38,6 @@ from .calibration import batches, num_batches
 from .checkpoint import Checkpoint, memory_state_dict
 from .engine import ResumeState, visual_token_mask
 from .errors import ReapError
-from .quant import quantization_config
 from .scoring import ReapObserver, TokenMasks, free_memory_bytes
 from .settings import ENGINES
 
@@ -54,25 +53,12 @@ _GiB = 1 << 30
 # ----------------------------------------------------------------------------------------------- engine choice
 
 
-def _quant_bits(config: dict) -> int:
-    q = quantization_config(config) or {}
-    if "bits" in q:
-        return int(q["bits"])
-    if str(q.get("quant_method", "")).lower() == "fp8":
-        return 8
-    for group in (q.get("config_groups") or {}).values():
-        weights = (group or {}).get("weights") or {}
-        if "num_bits" in weights:
-            return int(weights["num_bits"])
-    return 4
-
-
 def model_bytes(ckpt: Checkpoint) -> int:
     """Memory the whole model takes once loaded: the shards' size, scaled up for quantized weights
     (dequantized to 16 bits; an upper bound, since norms and the vision tower stay as stored)."""
     total = sum((ckpt.path / shard).stat().st_size for shard in ckpt.shards)
     if ckpt.quantization:
-        total = total * 16 // max(_quant_bits(ckpt.config), 1)
+        total = total * 16 // ckpt.quant_format.weight_bits
     return int(total)
 
 
@@ -361,7 +347,8 @@ class LayerwiseModel:
         for key in self.layer_keys[layer]:
             by_shard.setdefault(self.ckpt.weight_map[key], []).append(key)
         item = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
-        packed = {"I32": 8, "U32": 8, "I8": 2, "U8": 2}  # 4-bit weights per stored element, dequantized
+        bits = self.ckpt.quant_format.weight_bits if self.ckpt.quantization else 8
+        packed = {"I32": 32 // bits, "U32": 32 // bits, "I8": 8 // bits, "U8": 8 // bits}  # weights per element
         total = 0
         for shard, keys in by_shard.items():
             with safe_open(self.ckpt.path / shard, "pt") as f:

@@ -148,6 +148,11 @@ class QuantFormat:
         """The weight [out, in] in float32 (may be a view)."""
         raise NotImplementedError
 
+    @property
+    def weight_bits(self) -> int:
+        """Bits per stored weight (the fewest, where config groups differ): sizes once dequantized."""
+        raise NotImplementedError
+
     def ignores(self, module: str) -> bool:
         """Whether the config's not-to-convert list names ``module`` (by this format's matching rule)."""
         raise NotImplementedError
@@ -188,6 +193,10 @@ class AwqFormat(QuantFormat):
     group_size: int = 128
     not_convert: tuple[str, ...] = ()
 
+    @property
+    def weight_bits(self):
+        return self.bits
+
     def _dequantize(self, tensors, name):
         qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
         columns = scales.shape[-1]
@@ -210,6 +219,10 @@ class PackQuantizedFormat(QuantFormat):
     bits: tuple[int, ...] = (4,)  # num_bits of the config groups
     group_sizes: tuple[int, ...] = ()  # group_size of the config groups with strategy "group"
     ignore: tuple[str, ...] = ()
+
+    @property
+    def weight_bits(self):
+        return min(self.bits)
 
     def _bits_for(self, packed: torch.Tensor, columns: int, name: str) -> int:
         fits = [b for b in self.bits if packed.shape[-1] == math.ceil(columns * b / 32)]
@@ -269,6 +282,7 @@ class PackQuantizedFormat(QuantFormat):
 class Fp8BlockFormat(QuantFormat):
     block: tuple[int, int] = (128, 128)
     not_convert: tuple[str, ...] = ()
+    weight_bits = 8
 
     def _dequantize(self, tensors, name):
         weight, scale_inv = tensors["weight"], tensors["weight_scale_inv"]

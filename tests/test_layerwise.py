@@ -115,6 +115,18 @@ def test_choose_engine(tiny_model):
         choose_engine(ckpt, "cpu", "fastest")
 
 
+@pytest.mark.parametrize("fmt", ["awq", "fp8", "compressed-tensors"])
+def test_layer_bytes_of_a_quantized_checkpoint_count_its_weights_dequantized(fixture_root, fmt):
+    """The layer-wise budget sizes a quantized layer as the bf16 layer it becomes (plus its scales and zero points,
+    a few percent at the fixture's group size of 16)."""
+    quant_fixtures = importlib.import_module("reap_vlm.quant_fixtures")
+    quantized, reference = quant_fixtures.build_quantized_checkpoint(
+        fixture_root / f"lw-bytes-{fmt}", fmt, fixture_root / f"lw-bytes-{fmt}-reference")
+    got, ref = (LayerwiseModel(Checkpoint(p), "cpu", torch.bfloat16) for p in (quantized, reference))
+    for layer in ref.layer_keys:
+        assert 1.0 <= got.layer_bytes(layer) / ref.layer_bytes(layer) <= 1.15
+
+
 # ----------------------------------------------------------------------------------------------- fast paths
 
 
