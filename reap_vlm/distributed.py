@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .calibration import num_batches
 from .scoring import ExpertStats
 
 
@@ -70,8 +71,8 @@ class DistContext:
 
     def my_samples(self, samples: list, batch_size: int) -> list:
         """This rank's samples, grouped so that its batches are exactly the single-process batches it owns."""
-        num = (len(samples) + batch_size - 1) // batch_size
-        return [s for b in self.my_batches(num) for s in samples[b * batch_size:(b + 1) * batch_size]]
+        return [s for b in self.my_batches(num_batches(samples, batch_size))
+                for s in samples[b * batch_size:(b + 1) * batch_size]]
 
     def all_reduce(self, stats: ExpertStats) -> None:
         """Sum every rank's float64 sums and token counts into every rank's ``stats``."""

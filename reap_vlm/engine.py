@@ -78,7 +78,7 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
     """
     total = num_batches(samples, batch_size)
     done = resume.load(observer.stats) if resume else 0
-    base = model.model if hasattr(model, "model") else model
+    base = observer.family.multimodal_model(model)
     tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True)

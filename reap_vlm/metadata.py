@@ -65,7 +65,8 @@ def write_heatmap(path: Path, scores: list[list[float]], moe_layers: list[int], 
     data = np.asarray(scores, dtype=float)
     fig, ax = plt.subplots(figsize=(min(24, 4 + data.shape[1] * 0.12), min(18, 2 + data.shape[0] * 0.25)))
     image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
-    ys, xs = zip(*[(row, e) for row, layer in enumerate(moe_layers) for e in keep.get(layer, [])]) or ([], [])
+    kept = [(row, e) for row, layer in enumerate(moe_layers) for e in keep.get(layer, [])]
+    ys, xs = zip(*kept) if kept else ((), ())
     ax.scatter(xs, ys, s=4, c="white", marker=".", linewidths=0, label="kept")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")

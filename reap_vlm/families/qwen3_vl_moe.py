@@ -46,8 +46,7 @@ class FusedGateUpFamily(ModelFamily):
     def expert_outputs(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         gate_up = experts.gate_up_proj[expert_ids]  # [n, 2I, H]
         h = torch.matmul(x.unsqueeze(0), gate_up.transpose(1, 2))  # [n, T, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        return torch.matmul(experts.act_fn(gate) * up, experts.down_proj[expert_ids].transpose(1, 2))
+        return torch.matmul(_gate(experts, h), experts.down_proj[expert_ids].transpose(1, 2))
 
     # -------------------------------------------------------------- fast scoring (reap_vlm.scoring)
 
@@ -66,11 +65,7 @@ class FusedGateUpFamily(ModelFamily):
         gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         num = gate_up.shape[0]
         h = torch.bmm(x.unsqueeze(0).expand(num, -1, -1), gate_up.transpose(1, 2))  # [E, T, 2I]
-        if hasattr(experts, "_apply_gate"):
-            act = experts._apply_gate(h)
-        else:
-            gate, up = h.chunk(2, dim=-1)
-            act = experts.act_fn(gate) * up
+        act = _gate(experts, h)
         del h
         y = torch.bmm(act, down.transpose(1, 2))  # [E, T, H]
         del act
