@@ -90,25 +90,24 @@ if triton is not None:
         return configs
 
     @triton.jit
-    def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    def _block(T, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's output tile of a [T, N] result: its column-tile index and its row and column
+        offsets.  Tiles go in groups of GROUP_M row tiles, so neighbouring programs share weight columns."""
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(T, BM), tl.cdiv(N, BN)
         group = GROUP_M * num_n
         first_m = (pid // group) * GROUP_M
         size_m = min(num_m - first_m, GROUP_M)
         pid_m = first_m + ((pid % group) % size_m)
         pid_n = (pid % group) // size_m
-        return pid_m, pid_n
+        return pid_n, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
 
     @triton.autotune(configs=_configs(False), key=["H", "INTER", "T_BUCKET"], do_bench=_time_config)
     @triton.jit
     def _gate_up_act(x_ptr, w_ptr, act_ptr, T, H, INTER, stride_xt, T_BUCKET,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
         e = tl.program_id(1).to(tl.int64)
-        num_m = tl.cdiv(T, BM)
-        num_n = tl.cdiv(INTER, BN)
-        pid_m, pid_n = _tile(pid, num_m, num_n, GROUP_M)
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        _, offs_m, offs_n = _block(T, INTER, BM, BN, GROUP_M)
         offs_k = tl.arange(0, BK)
         x_ptrs = x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :]
         w_base = w_ptr + e * (2 * INTER * H)
@@ -140,13 +139,8 @@ if triton is not None:
     @triton.jit
     def _down_sq(act_ptr, w_ptr, part_ptr, T, H, INTER, part_tiles, T_BUCKET,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
         e = tl.program_id(1).to(tl.int64)
-        num_m = tl.cdiv(T, BM)
-        num_n = tl.cdiv(H, BN)
-        pid_m, pid_n = _tile(pid, num_m, num_n, GROUP_M)
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        pid_n, offs_m, offs_n = _block(T, H, BM, BN, GROUP_M)
         offs_k = tl.arange(0, BK)
         a_ptrs = act_ptr + e * T * INTER + offs_m[:, None] * INTER + offs_k[None, :]
         w_ptrs = w_ptr + e * (H * INTER) + offs_n[None, :] * INTER + offs_k[:, None]  # [BK, BN] of D_e^T
