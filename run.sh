@@ -53,7 +53,8 @@ pyproject.toml change. Paths are relative to this folder in both modes (the cont
   REAP_DATA_DIR=DIR            host folder mounted at /app/data (default ./data); ./output is /app/output
   REAP_GPU_COUNT=N|all         GPUs given to the container (default all; 0: the CPU-only service)
 These may also be set in .env (or REAP_ENV_FILE; Compose gets what run.sh read there).
-Build args (see Dockerfile): REAP_BASE_IMAGE, REAP_TORCH_INDEX_URL (older drivers), REAP_INSTALL_FLASH_ATTN=1,
+Build args (see Dockerfile): REAP_BASE_IMAGE, REAP_TORCH_INDEX_URL (older drivers), REAP_INSTALL_FLASH_ATTN=1
+(built in REAP_DEVEL_IMAGE),
 REAP_INSTALL_VLLM=1.
 
 Settings: flag > environment > .env (REAP_ENV_FILE names another file) > default, e.g.

@@ -11,7 +11,7 @@ TEST_OPTIONS = ("pruned_output_path", "reference_path", "model_path", "calibrati
 TEST_FLAGS = {"pruned_output_path": "--model", "model_path": "--original", "test_output_path": "--output"}
 TEST_HELP = {
     "pruned_output_path": "pruned checkpoint folder to check",
-    "model_path": "original model, used when --reference is not given and the pruning record names none",
+    "model_path": "original model, used when --reference is not given (before the pruning record's source)",
 }
 NO_REFERENCE = "none"  # --reference none: check the pruned model alone
 

@@ -154,7 +154,7 @@ OPTIONS: dict[str, Option] = {
         Option("metadata_path", "--metadata", "REAP_METADATA_PATH", _optional_path, None,
                "reap_metadata.json to prune from (default: <REAP_OUTPUT_PATH>/reap_metadata.json)"),
         Option("calibration_path", "--calibration", "REAP_CALIBRATION_PATH", _optional_path, None,
-               "calibration file: JSON list / JSONL of {image, regions}, {messages} or {text} items"),
+               "calibration file: JSON list / JSONL of {image, regions}, {prompt}, {messages} or {text} items"),
         Option("prune_ratio", "--prune-ratio", "REAP_PRUNE_RATIO", _ratio, 0.40,
                "fraction of experts removed per MoE layer (0.40 of 128 keeps 77)"),
         Option("keep_multiple", "--keep-multiple", "REAP_KEEP_MULTIPLE", _int(1), 1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,10 @@ def test_env_example_documents_every_variable():
     text = (ROOT / ".env.example").read_text()
     for option in OPTIONS.values():
         assert f"{option.env}=" in text, option.env
+    # and the launcher's own (run.sh's LAUNCHER_VARS), but for REAP_ENV_FILE, which names this file, and
+    # REAP_SOURCE_HASH, which ./run.sh build sets
+    launcher = re.findall(r'^LAUNCHER_VARS\+?="([^"]*)"', (ROOT / "run.sh").read_text(), re.M)
+    names = " ".join(launcher).split()
+    assert "REAP_RUNTIME" in names and "REAP_DEVEL_IMAGE" in names
+    for name in set(names) - {"REAP_ENV_FILE", "REAP_SOURCE_HASH"}:
+        assert f"{name}=" in text, name
