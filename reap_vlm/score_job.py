@@ -6,7 +6,7 @@ import math
 import time
 from pathlib import Path
 
-from .calibration import load_calibration
+from .calibration import load_calibration, num_batches
 from .checkpoint import Checkpoint, load_model, load_processor, resolve_device, resolve_dtype
 from .distributed import DistContext
 from .engine import STATE_NAME, ResumeState, files_signature, fingerprint, run_batches
@@ -52,14 +52,6 @@ def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: in
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
-    model = None
-    if engine == "model":
-        model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
-        found = [layer for layer, _ in family.moe_blocks(model)]
-        if found != ckpt.moe_layers:
-            raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {ckpt.moe_layers}")
-    t_load = time.perf_counter()
-
     moe_layers = ckpt.moe_layers
     stats = ExpertStats.empty(moe_layers, ckpt.num_experts, device)
     observer = ReapObserver(family, stats, settings.scoring_mode)
@@ -76,12 +68,24 @@ def _run_reap(settings: Settings, dist: DistContext, device: str, stop_after: in
         name = STATE_NAME if not dist.enabled else f"reap_state.rank{dist.rank}-of-{dist.world_size}.pt"
         resume = ResumeState(Path(settings.output_path) / name, key)
     my_samples = dist.my_samples(calib.samples, settings.batch_size)
-    common = dict(batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, max_pixels=settings.max_pixels,
-                  resume=resume, checkpoint_every=settings.checkpoint_every, device=device, stop_after=stop_after)
-    if engine == "model":
-        run = run_batches(model, processor, my_samples, observer, **common)
+    total = num_batches(my_samples, settings.batch_size)
+    t_load = time.perf_counter()
+    if resume is not None and resume.load(stats) >= total:
+        # scored before with these inputs (e.g. rerun for another --prune-ratio): select again, load nothing
+        run = {"batches": total, "resumed_from": total, "tokens_this_run": 0, "seconds": 0.0}
     else:
-        run = run_layerwise(ckpt, processor, my_samples, observer, dtype=dtype, **common)
+        common = dict(batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
+                      max_pixels=settings.max_pixels, resume=resume, checkpoint_every=settings.checkpoint_every,
+                      device=device, stop_after=stop_after)
+        if engine == "model":
+            model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
+            found = [layer for layer, _ in family.moe_blocks(model)]
+            if found != moe_layers:
+                raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {moe_layers}")
+            t_load = time.perf_counter()
+            run = run_batches(model, processor, my_samples, observer, **common)
+        else:
+            run = run_layerwise(ckpt, processor, my_samples, observer, dtype=dtype, **common)
     dist.all_reduce(stats)
     t_score = time.perf_counter()
 

@@ -185,6 +185,29 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, calibration,
     assert other["run"]["resumed_from"] == 0
 
 
+@pytest.mark.parametrize("engine", ["model", "layerwise"])
+def test_a_finished_run_selects_again_without_loading_the_model(tiny_model, calibration, tmp_path, monkeypatch,
+                                                                  engine):
+    """Rerunning a finished, resumable run for another prune ratio reuses the saved sums: the selection is the one a
+    fresh run at that ratio makes, and no engine loads the model (a 235B model takes minutes to load)."""
+    import reap_vlm.score_job as score_job
+
+    calib = calibration / "calibration_data.json"
+    first = _settings(tiny_model, calib, tmp_path / "out", resume=True, engine=engine)
+    run_reap(first)
+    fresh = run_reap(_settings(tiny_model, calib, tmp_path / "fresh", prune_ratio=0.5, engine=engine))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded for a finished run")
+
+    monkeypatch.setattr(score_job, "load_model", refuse)
+    monkeypatch.setattr(score_job, "run_layerwise", refuse)
+    again = run_reap(_settings(tiny_model, calib, tmp_path / "out", resume=True, engine=engine, prune_ratio=0.5))
+    assert again["run"]["resumed_from"] == again["run"]["batches"]
+    assert again["metrics"] == fresh["metrics"] and again["experts_to_keep"] == fresh["experts_to_keep"]
+    assert again["num_experts_to_keep"] != run_reap(first)["num_experts_to_keep"]
+
+
 def test_num_to_keep():
     assert num_to_keep(128, 0.40, 1, 8) == 77
     assert num_to_keep(128, 0.40, 8, 8) == 80
