@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     settings = parse_settings(__doc__, OPTIONS, argv)
     require_dir(settings, "model_path", must_contain="config.json")
     require_file(settings, "calibration_path")
-    from reap_vlm.score_job import run_reap
+    from reap_vlm.score.job import run_reap
 
     metadata = run_reap(settings)
     print("\n".join(["", "REAP summary", *summary_lines(metadata),

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import sys
 
+from reap_vlm.check.options import TEST_FLAGS, TEST_HELP, TEST_OPTIONS
 from reap_vlm.cli import run_main
-from reap_vlm.eval_options import TEST_FLAGS, TEST_HELP, TEST_OPTIONS
 from reap_vlm.settings import parse_settings
 
 
 def main(argv=None) -> int:
     settings = parse_settings(__doc__, TEST_OPTIONS, argv, flags=TEST_FLAGS, helps=TEST_HELP)
-    from reap_vlm.evaluation import run_test
+    from reap_vlm.check.job import run_test
 
     outcome = run_test(settings)
     print(outcome.verdict)

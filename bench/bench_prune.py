@@ -39,7 +39,7 @@ def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-from reap_vlm.pruning import prune_checkpoint
+from reap_vlm.prune.rewrite import prune_checkpoint
 baseline = status("VmRSS")
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
@@ -51,7 +51,7 @@ print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "vm_hwm": status
 
 
 def bench_config(layers: int, experts: int, hidden: int, inter: int) -> dict:
-    from reap_vlm.fixtures import FixtureSpec, fixture_config
+    from reap_vlm.fixtures.tiny import FixtureSpec, fixture_config
 
     spec = FixtureSpec(hidden_size=hidden, moe_intermediate_size=inter, intermediate_size=4 * inter,
                        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=4, head_dim=64,

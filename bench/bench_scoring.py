@@ -55,11 +55,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reap_vlm import triton_experts  # noqa: E402
-from reap_vlm.checkpoint import Checkpoint  # noqa: E402
+from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.families import QWEN3_VL_MOE  # noqa: E402
-from reap_vlm.layerwise import BatchState, LayerLoader, LayerwiseModel  # noqa: E402
-from reap_vlm.scoring import ExpertStats, ReapObserver, TokenMasks, all_expert_norms  # noqa: E402
+from reap_vlm.score import triton_experts  # noqa: E402
+from reap_vlm.score.layerwise import BatchState, LayerLoader, LayerwiseModel  # noqa: E402
+from reap_vlm.score.stats import ExpertStats, ReapObserver, TokenMasks, all_expert_norms  # noqa: E402
 
 QUANT_FORMATS = ("awq", "fp8", "compressed-tensors")
 QUANT_DISK_SHARE = {"awq": 0.3, "fp8": 0.55, "compressed-tensors": 0.3}  # of the bf16 bytes, generously
@@ -472,7 +472,7 @@ def write_checkpoint(folder: Path, shape: dict, layers: int, device, dtype) -> i
     from safetensors.torch import save_file
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextDecoderLayer
 
-    from reap_vlm.fixtures import FixtureSpec, fixture_config
+    from reap_vlm.fixtures.tiny import FixtureSpec, fixture_config
 
     if folder.exists():
         shutil.rmtree(folder)
@@ -680,8 +680,8 @@ def bench_quantized(name: str, fmt: str, folder: Path, layers: int, shape: dict,
                     stats_of: dict, bf16_layer_bytes: int, args, device, dtype, layer_res: dict) -> dict:
     """The same layers written as a ``fmt`` checkpoint (reap_vlm.quant_fixtures: per-expert quantized Linears
     and attention q/k/v/o, the rest bf16, as the releases are), then streamed and scored like the bf16 ones."""
-    from reap_vlm.checkpoint import memory_state_dict
-    from reap_vlm.quant_fixtures import quantize_checkpoint_by_layer
+    from reap_vlm.checkpoint.reader import memory_state_dict
+    from reap_vlm.fixtures.quantized import quantize_checkpoint_by_layer
 
     qfolder = Path(args.workdir) / f"synthetic-{name}-{fmt}"
     if qfolder.exists():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint.fsutil import atomic_write_json, read_json
 from .errors import ReapError
-from .fsutil import atomic_write_json, read_json
 
 REAP_VERSION = "reap-vlm-0.1"
 METHODOLOGY = ("REAP_j = sum over valid tokens x routed to expert j of g_j(x) * ||E_j(x)||_2, divided by the "

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from reap_vlm.fixtures import FixtureSpec, build_calibration_set, build_tiny_checkpoint  # noqa: E402
+from reap_vlm.fixtures.tiny import FixtureSpec, build_calibration_set, build_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

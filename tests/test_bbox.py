@@ -7,7 +7,7 @@ import math
 import pytest
 from PIL import Image
 
-from reap_vlm.bbox import Box, check_box, draw_boxes, iou, parse_bbox
+from reap_vlm.check.bbox import Box, check_box, draw_boxes, iou, parse_bbox
 
 WELL_FORMED = [
     ('{"bbox_2d": [120, 340, 560, 780]}', [120, 340, 560, 780]),

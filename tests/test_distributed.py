@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reap_vlm.distributed import DistContext
+from reap_vlm.score.distributed import DistContext
 
 ROOT = Path(__file__).resolve().parents[1]
 

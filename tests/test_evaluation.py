@@ -22,9 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import test_pruned_model
-from reap_vlm.checkpoint import Checkpoint
-from reap_vlm.cli import run_main
-from reap_vlm.eval_compare import (
+from reap_vlm.check.compare import (
     TOLERANCES,
     agreement,
     compare_layers,
@@ -32,12 +30,8 @@ from reap_vlm.eval_compare import (
     first_input_divergence,
     tolerance_for,
 )
-from reap_vlm.eval_degenerate import detect_degenerate, longest_periodic_run
-from reap_vlm.eval_options import TEST_FLAGS, TEST_OPTIONS
-from reap_vlm.eval_prompts import builtin_prompts, calibration_prompts
-from reap_vlm.eval_report import Check, markdown, verdict
-from reap_vlm.eval_runner import Generation, LayerTrace, ModelRunner
-from reap_vlm.evaluation import (
+from reap_vlm.check.degenerate import detect_degenerate, longest_periodic_run
+from reap_vlm.check.job import (
     ModelPass,
     _bbox_rows,
     _generation_check,
@@ -47,8 +41,14 @@ from reap_vlm.evaluation import (
     find_reference,
     resolve_inputs,
 )
+from reap_vlm.check.options import TEST_FLAGS, TEST_OPTIONS
+from reap_vlm.check.prompts import builtin_prompts, calibration_prompts
+from reap_vlm.check.report import Check, markdown, verdict
+from reap_vlm.check.runner import Generation, LayerTrace, ModelRunner
+from reap_vlm.checkpoint.reader import Checkpoint
+from reap_vlm.cli import run_main
 from reap_vlm.metadata import METADATA_NAME
-from reap_vlm.pruning import PRUNING_RECORD, prune_checkpoint
+from reap_vlm.prune.rewrite import PRUNING_RECORD, prune_checkpoint
 from reap_vlm.settings import OPTIONS, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from reap_vlm.checkpoint import Checkpoint, load_model
+from reap_vlm.checkpoint.reader import Checkpoint, load_model
 from reap_vlm.families import KeyRole
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from reap_vlm.calibration import load_calibration
-from reap_vlm.checkpoint import Checkpoint, load_model, load_processor
-from reap_vlm.engine import ResumeState, run_batches
+from reap_vlm.calibration.files import load_calibration
+from reap_vlm.checkpoint.reader import Checkpoint, load_model, load_processor
 from reap_vlm.errors import ReapError
-from reap_vlm.layerwise import LayerwiseModel, choose_engine, model_bytes, run_layerwise
-from reap_vlm.scoring import ExpertStats, LayerStats, ReapObserver, all_expert_norms, routed_expert_norms
+from reap_vlm.score.engine import ResumeState, run_batches
+from reap_vlm.score.layerwise import LayerwiseModel, choose_engine, model_bytes, run_layerwise
+from reap_vlm.score.stats import ExpertStats, LayerStats, ReapObserver, all_expert_norms, routed_expert_norms
 
 RUN = dict(batch_size=3, max_seq_len=256, max_pixels=0, checkpoint_every=1, device="cpu")
 
@@ -119,7 +119,7 @@ def test_choose_engine(tiny_model):
 def test_layer_bytes_of_a_quantized_checkpoint_count_its_weights_dequantized(fixture_root, fmt):
     """The layer-wise budget sizes a quantized layer as the bf16 layer it becomes (plus its scales and zero points,
     a few percent at the fixture's group size of 16)."""
-    quant_fixtures = importlib.import_module("reap_vlm.quant_fixtures")
+    quant_fixtures = importlib.import_module("reap_vlm.fixtures.quantized")
     quantized, reference = quant_fixtures.build_quantized_checkpoint(
         fixture_root / f"lw-bytes-{fmt}", fmt, fixture_root / f"lw-bytes-{fmt}-reference")
     got, ref = (LayerwiseModel(Checkpoint(p), "cpu", torch.bfloat16) for p in (quantized, reference))
@@ -202,8 +202,8 @@ def test_choosing_the_full_mode_path_times_within_the_scoring_memory():
     from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
-    from reap_vlm import triton_experts
     from reap_vlm.families import QWEN3_VL_MOE
+    from reap_vlm.score import triton_experts
 
     cfg = Qwen3VLMoeTextConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                                hidden_act="silu")
@@ -222,7 +222,7 @@ def test_choosing_the_full_mode_path_times_within_the_scoring_memory():
 def test_layerwise_reads_quantized_checkpoints(fixture_root, calibration):
     """Quantized per-expert checkpoints (which the layer-wise engine dequantizes one layer at a time through
     ``memory_state_dict``) score like the whole model on their dequantized reference."""
-    quant_fixtures = importlib.import_module("reap_vlm.quant_fixtures")
+    quant_fixtures = importlib.import_module("reap_vlm.fixtures.quantized")
     quantized, reference = quant_fixtures.build_quantized_checkpoint(
         fixture_root / "lw-fp8", "fp8", fixture_root / "lw-fp8-reference")
     assert choose_engine(Checkpoint(quantized), "cpu", "auto", free_bytes=1 << 50) == "model"
@@ -235,9 +235,9 @@ def test_layer_loader_dequantizes_in_take_like_ahead(fixture_root):
     """The two ways the loader handles a quantized layer (on CUDA with prefetch "host" the quantized tensors are
     read ahead as stored and dequantized in take(), once the previous layer is gone; otherwise dequantized ahead)
     give the same tensors, bitwise."""
-    from reap_vlm.layerwise import LayerLoader
+    from reap_vlm.score.layerwise import LayerLoader
 
-    quant_fixtures = importlib.import_module("reap_vlm.quant_fixtures")
+    quant_fixtures = importlib.import_module("reap_vlm.fixtures.quantized")
     quantized, _ = quant_fixtures.build_quantized_checkpoint(
         fixture_root / "lw-awq-take", "awq", fixture_root / "lw-awq-take-reference")
     ckpt = Checkpoint(quantized)
@@ -256,7 +256,7 @@ def test_layer_loader_dequantizes_in_take_like_ahead(fixture_root):
 
 
 def test_reap_cli_layerwise_engine_equals_model_engine(tiny_model, calibration, tmp_path):
-    from reap_vlm.score_job import run_reap
+    from reap_vlm.score.job import run_reap
     from reap_vlm.settings import Settings
 
     common = dict(model_path=tiny_model, calibration_path=calibration / "calibration_data.json", device="cpu",

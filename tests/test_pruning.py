@@ -16,15 +16,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from reap_vlm import pruning
-from reap_vlm.checkpoint import INDEX_NAME, Checkpoint, load_model
-from reap_vlm.config_edit import json_value_spans, prune_config_text, rewrite_module_names
+from reap_vlm.check.masked_routing import masked_routing
+from reap_vlm.checkpoint.reader import INDEX_NAME, Checkpoint, load_model
 from reap_vlm.errors import ReapError
 from reap_vlm.families import QWEN3_VL_MOE
 from reap_vlm.metadata import METADATA_NAME
-from reap_vlm.pruning import PRUNING_RECORD, prune_checkpoint
+from reap_vlm.prune import rewrite as pruning
+from reap_vlm.prune.config_edit import json_value_spans, prune_config_text, rewrite_module_names
+from reap_vlm.prune.rewrite import PRUNING_RECORD, prune_checkpoint
 from reap_vlm.selection import select_experts
-from reap_vlm.surgery import masked_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 # 7 of 12 per layer, a different non-contiguous set in every layer.
@@ -748,7 +748,7 @@ def test_a_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
     temporary folder is left beside it."""
     import os
 
-    from reap_vlm import fsutil
+    from reap_vlm.checkpoint import fsutil
 
     out = tmp_path / "out"
     out.mkdir()

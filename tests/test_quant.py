@@ -17,10 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from reap_vlm.checkpoint import Checkpoint, load_model, memory_state_dict
-from reap_vlm.errors import ReapError
-from reap_vlm.families import KeyRole
-from reap_vlm.quant import (
+from reap_vlm.checkpoint.quant import (
     AWQ_ORDER,
     SUPPORTED,
     awq_pack,
@@ -29,7 +26,10 @@ from reap_vlm.quant import (
     pack_int32,
     unpack_int32,
 )
-from reap_vlm.quant_fixtures import FORMATS, quantize_awq, quantize_checkpoint, quantize_fp8_block, quantize_pack
+from reap_vlm.checkpoint.reader import Checkpoint, load_model, memory_state_dict
+from reap_vlm.errors import ReapError
+from reap_vlm.families import KeyRole
+from reap_vlm.fixtures.quantized import FORMATS, quantize_awq, quantize_checkpoint, quantize_fp8_block, quantize_pack
 
 GROUP = 16
 BLOCK = (32, 32)
@@ -390,7 +390,7 @@ def test_load_model_gives_the_reference_logits(quantized):
 
 
 def test_reap_scores_equal_the_reference(quantized, calibration, tmp_path):
-    from reap_vlm.score_job import run_reap
+    from reap_vlm.score.job import run_reap
     from reap_vlm.settings import Settings
 
     _, q_path, ref_path = quantized
@@ -412,7 +412,7 @@ def test_reap_scores_equal_the_reference(quantized, calibration, tmp_path):
 
 
 def test_pruned_quantized_checkpoint_dequantizes_to_the_pruned_reference(quantized, tmp_path):
-    pruning = importlib.import_module("reap_vlm.pruning")
+    pruning = importlib.import_module("reap_vlm.prune.rewrite")
     _, q_path, ref_path = quantized
     source = Checkpoint(q_path)
     keep = {layer: sorted({(layer * 5 + i * 7) % source.num_experts for i in range(6)})
@@ -502,8 +502,8 @@ def _nbytes(state: dict[str, torch.Tensor]) -> int:
 @pytest.fixture(scope="module")
 def wide_quantized(quant_root) -> dict[str, tuple[Path, Path]]:
     """A moderately sized per-expert checkpoint (32 experts of 256 x 96, two layers) in AWQ and FP8, with references."""
-    from reap_vlm.fixtures import FixtureSpec
-    from reap_vlm.quant_fixtures import build_quantized_checkpoint
+    from reap_vlm.fixtures.quantized import build_quantized_checkpoint
+    from reap_vlm.fixtures.tiny import FixtureSpec
 
     spec = FixtureSpec(hidden_size=256, moe_intermediate_size=96, intermediate_size=512, num_hidden_layers=2,
                        num_experts=32, num_experts_per_tok=4, vision_depth=1, deepstack_visual_indexes=(),
@@ -590,7 +590,7 @@ def test_quantizers_batch_over_experts(fmt, symmetric):
 
 def test_quantize_checkpoint_by_layer_writes_what_quantize_checkpoint_writes(quantized, tiny_model_per_expert,
                                                                             tmp_path):
-    from reap_vlm.quant_fixtures import quantize_checkpoint_by_layer
+    from reap_vlm.fixtures.quantized import quantize_checkpoint_by_layer
 
     fmt, q_path, _ = quantized
     # small chunks: several batches of experts per fused tensor
@@ -607,7 +607,7 @@ def test_quantize_checkpoint_by_layer_writes_what_quantize_checkpoint_writes(qua
 
 
 def test_quantize_checkpoint_by_layer_from_a_fused_checkpoint(tiny_model, quant_root, tmp_path):
-    from reap_vlm.quant_fixtures import quantize_checkpoint_by_layer
+    from reap_vlm.fixtures.quantized import quantize_checkpoint_by_layer
 
     expected, _ = quantize_checkpoint(tiny_model, quant_root / "fused-awq", "awq", group_size=GROUP)
     out = quantize_checkpoint_by_layer(tiny_model, tmp_path / "awq", "awq", group_size=GROUP)

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reap_vlm.calibration import encode_sample, load_calibration
-from reap_vlm.checkpoint import load_model, load_processor
+from reap_vlm.calibration.files import encode_sample, load_calibration
+from reap_vlm.checkpoint.reader import load_model, load_processor
 from reap_vlm.errors import ReapError
-from reap_vlm.score_job import run_reap
+from reap_vlm.score.job import run_reap
 from reap_vlm.selection import num_to_keep, select_experts
 from reap_vlm.settings import Settings
 
@@ -190,7 +190,7 @@ def test_a_finished_run_selects_again_without_loading_the_model(tiny_model, cali
                                                                   engine):
     """Rerunning a finished, resumable run for another prune ratio reuses the saved sums: the selection is the one a
     fresh run at that ratio makes, and no engine loads the model (a 235B model takes minutes to load)."""
-    import reap_vlm.score_job as score_job
+    import reap_vlm.score.job as score_job
 
     calib = calibration / "calibration_data.json"
     first = _settings(tiny_model, calib, tmp_path / "out", resume=True, engine=engine)

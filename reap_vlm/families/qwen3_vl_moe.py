@@ -54,7 +54,7 @@ class FusedGateUpFamily(ModelFamily):
         """Every expert on every row, [T, E] float32: two batched matmuls over all experts (no weight
         gather), or on CUDA in 16-bit the fused Triton kernels (``reap_vlm.triton_experts``: the
         [E, T, 2I] and [E, T, H] intermediates never reach memory) where they time faster."""
-        from .. import triton_experts
+        from ..score import triton_experts
 
         if triton_experts.available(experts, x):
             return triton_experts.fastest(experts, x, self._all_expert_norms_bmm,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ReapError
+from ..errors import ReapError
 
 GROUNDING_TEMPLATES = (
     'Find the bounding box of "{region}".',

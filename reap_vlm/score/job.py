@@ -6,16 +6,16 @@ import math
 import time
 from pathlib import Path
 
-from .calibration import load_calibration, num_batches
-from .checkpoint import Checkpoint, load_model, load_processor, resolve_device, resolve_dtype
+from ..calibration.files import load_calibration, num_batches
+from ..checkpoint.reader import Checkpoint, load_model, load_processor, resolve_device, resolve_dtype
+from ..errors import ReapError
+from ..metadata import METHODOLOGY, REAP_VERSION, write_heatmap, write_metadata
+from ..selection import num_to_keep, select_experts
+from ..settings import Settings
 from .distributed import DistContext
 from .engine import STATE_NAME, ResumeState, files_signature, fingerprint, run_batches
-from .errors import ReapError
 from .layerwise import choose_engine, run_layerwise
-from .metadata import METHODOLOGY, REAP_VERSION, write_heatmap, write_metadata
-from .scoring import METRICS_BY_MODE, ExpertStats, ReapObserver
-from .selection import num_to_keep, select_experts
-from .settings import Settings
+from .stats import METRICS_BY_MODE, ExpertStats, ReapObserver
 
 
 def check_criterion(settings: Settings) -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .calibration import CalibrationSample, EncodedSample, collate, encode_sample
-from .checkpoint import Checkpoint, load_model, load_processor
-from .surgery import masked_routing
+from ..calibration.files import CalibrationSample, EncodedSample, collate, encode_sample
+from ..checkpoint.reader import Checkpoint, load_model, load_processor
+from .masked_routing import masked_routing
 
 PROMPT_MAX_TOKENS = 8192  # prompts longer than this are cut (an image is never split; see calibration)
 MAX_COMPARED_POSITIONS = 256  # logits kept per prompt: the last text positions of prompt + continuation
@@ -239,7 +239,7 @@ def vllm_generate(path: Path, samples: list[CalibrationSample], *, max_new_token
     transformers pass that computes logits).  Only used with --backend vllm."""
     from vllm import LLM, SamplingParams
 
-    from .calibration import open_image, render_text
+    from ..calibration.files import open_image, render_text
 
     processor = load_processor(path)
     tokenizer = processor.tokenizer

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .families import ModelFamily
+from ..families import ModelFamily
 
 _SUMS = (
     "count", "weighted_frequency", "reap_sum", "ean_sum", "soft_frequency", "reap_dense_sum",

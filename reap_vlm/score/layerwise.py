@@ -34,12 +34,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import batches, num_batches
-from .checkpoint import Checkpoint, memory_state_dict
+from ..calibration.files import batches, num_batches
+from ..checkpoint.reader import Checkpoint, memory_state_dict
+from ..errors import ReapError
+from ..settings import ENGINES
 from .engine import ResumeState, visual_token_mask
-from .errors import ReapError
-from .scoring import ReapObserver, TokenMasks, free_memory_bytes
-from .settings import ENGINES
+from .stats import ReapObserver, TokenMasks, free_memory_bytes
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import batches, num_batches
-from .scoring import ExpertStats, ReapObserver
+from ..calibration.files import batches, num_batches
+from .stats import ExpertStats, ReapObserver
 
 STATE_NAME = "reap_state.pt"
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ReapError
+from ..errors import ReapError
 
 SUPPORTED = ("awq (GEMM packing, 4-bit), compressed-tensors (format pack-quantized, int 2/4/8-bit, "
              "group/channel/tensor strategy), fp8 (block-wise, weight_block_size)")

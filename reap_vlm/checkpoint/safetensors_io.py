@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ReapError
+from ..errors import ReapError
 
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 COPY_CHUNK = 64 << 20  # bytes per sendfile call: keeps the progress bar moving on multi-GB tensors

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import Checkpoint, load_model
-from .errors import ReapError
-from .families import KeyRole
-from .prune_plan import OutputTensor, new_ids, plan_tensor
-from .safetensors_io import read_header
-from .scoring import free_memory_bytes
+from ..checkpoint.reader import Checkpoint, load_model
+from ..checkpoint.safetensors_io import read_header
+from ..errors import ReapError
+from ..families import KeyRole
+from ..score.stats import free_memory_bytes
+from .plan import OutputTensor, new_ids, plan_tensor
 
 
 def _expected_outputs(ckpt: Checkpoint, keep: dict[int, list[int]]) -> tuple[dict[str, tuple[str, OutputTensor]],

@@ -16,16 +16,16 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint import INDEX_NAME, Checkpoint
+from ..checkpoint.fsutil import atomic_output_dir, atomic_write_bytes, atomic_write_json, read_json
+from ..checkpoint.reader import INDEX_NAME, Checkpoint
+from ..checkpoint.safetensors_io import read_header, write_from_spans
+from ..errors import ReapError
+from ..metadata import METADATA_NAME, ReapMetadata, load_metadata
+from ..selection import num_to_keep, select_experts
+from ..settings import OPTIONS
 from .config_edit import prune_config_text
-from .errors import ReapError
-from .fsutil import atomic_output_dir, atomic_write_bytes, atomic_write_json, read_json
-from .metadata import METADATA_NAME, ReapMetadata, load_metadata
-from .prune_plan import PrunePlan, ShardPlan, new_ids, plan_pruning
-from .prune_verify import verify_pruned
-from .safetensors_io import read_header, write_from_spans
-from .selection import num_to_keep, select_experts
-from .settings import OPTIONS
+from .plan import PrunePlan, ShardPlan, new_ids, plan_pruning
+from .verify import verify_pruned
 
 __all__ = ["PRUNING_RECORD", "check_experts_to_keep", "keep_from_metadata", "prune_checkpoint", "prune_from_settings",
            "read_header", "selection_changes", "stale_partials", "verify_pruned", "write_shard"]

@@ -13,8 +13,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from .calibration import GROUNDING_TEMPLATES, CalibrationSample, load_calibration
-from .fixtures import draw_shapes
+from ..calibration.files import GROUNDING_TEMPLATES, CalibrationSample, load_calibration
+from ..fixtures.tiny import draw_shapes
 
 BUILTIN_TEXT_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",

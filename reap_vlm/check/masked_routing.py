@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .families import ModelFamily
+from ..families import ModelFamily
 
 
 @contextmanager

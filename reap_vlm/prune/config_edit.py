@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import re
 
-from .errors import ReapError
-from .families import ModelFamily
+from ..errors import ReapError
+from ..families import ModelFamily
 
 QUANTIZATION_LISTS = ("modules_to_not_convert", "ignore")
 

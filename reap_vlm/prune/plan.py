@@ -15,10 +15,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import INDEX_NAME, Checkpoint
-from .errors import ReapError
-from .families import KeyRole, ModelFamily
-from .safetensors_io import ShardHeader, SourceTensor, header_bytes, read_header
+from ..checkpoint.reader import INDEX_NAME, Checkpoint
+from ..checkpoint.safetensors_io import ShardHeader, SourceTensor, header_bytes, read_header
+from ..errors import ReapError
+from ..families import KeyRole, ModelFamily
 
 
 @dataclass(frozen=True)

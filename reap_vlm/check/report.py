@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .fsutil import atomic_write_bytes, atomic_write_json
+from ..checkpoint.fsutil import atomic_write_bytes, atomic_write_json
 
 REPORT_JSON = "test_report.json"
 REPORT_MD = "test_report.md"

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import ReapError
-from .families import KeyRole, ModelFamily, family_for_config
+from ..errors import ReapError
+from ..families import KeyRole, ModelFamily, family_for_config
 from .fsutil import read_json
 from .quant import QuantFormat, detect_format, quantization_config
 

@@ -31,11 +31,15 @@ from pathlib import Path
 
 import torch
 
+from ..calibration.files import EncodedSample
+from ..checkpoint.fsutil import atomic_output_dir, read_json
+from ..checkpoint.reader import Checkpoint, resolve_device, resolve_dtype
+from ..errors import ConfigError, ReapError
+from ..metadata import METADATA_NAME, load_metadata
+from ..prune.rewrite import PRUNING_RECORD
+from ..settings import OPTIONS, Settings
 from .bbox import ORIGINAL_COLOR, PRUNED_COLOR, draw_boxes, iou, parse_bbox
-from .calibration import EncodedSample
-from .checkpoint import Checkpoint, resolve_device, resolve_dtype
-from .errors import ConfigError, ReapError
-from .eval_compare import (
+from .compare import (
     Agreement,
     LayerCheck,
     LogitDiff,
@@ -46,15 +50,11 @@ from .eval_compare import (
     first_input_divergence,
     tolerance_for,
 )
-from .eval_degenerate import Degeneracy, detect_degenerate
-from .eval_options import NO_REFERENCE, TEST_FLAGS, TEST_OPTIONS, flag_of
-from .eval_prompts import EvalPrompt, builtin_prompts, calibration_prompts
-from .eval_report import Check, fmt, verdict, write_report
-from .eval_runner import Generation, ModelRunner, TeacherForced, vllm_available, vllm_generate
-from .fsutil import atomic_output_dir, read_json
-from .metadata import METADATA_NAME, load_metadata
-from .pruning import PRUNING_RECORD
-from .settings import OPTIONS, Settings
+from .degenerate import Degeneracy, detect_degenerate
+from .options import NO_REFERENCE, TEST_FLAGS, TEST_OPTIONS, flag_of
+from .prompts import EvalPrompt, builtin_prompts, calibration_prompts
+from .report import Check, fmt, verdict, write_report
+from .runner import Generation, ModelRunner, TeacherForced, vllm_available, vllm_generate
 
 BBOX_DIR = "bbox"
 PROMPT_IMAGE_DIR = "prompt-images"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .settings import OPTIONS
+from ..settings import OPTIONS
 
 TEST_OPTIONS = ("pruned_output_path", "reference_path", "model_path", "calibration_path", "test_output_path",
                 "max_new_tokens", "num_prompts", "backend", "min_top1_agreement", "min_bbox_iou", "device", "dtype",

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .calibration import num_batches
-from .scoring import ExpertStats
+from ..calibration.files import num_batches
+from .stats import ExpertStats
 
 
 @dataclass(frozen=True)
