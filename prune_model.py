@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     settings = parse_settings(__doc__, OPTIONS, argv, flags=FLAGS, helps=HELP)
     if settings.model_path is not None:
         require_dir(settings, "model_path", must_contain="config.json", flags=FLAGS)
-    from reap_vlm.prune.rewrite import prune_from_settings
+    from reap_vlm.prune.job import prune_from_settings
 
     start = time.perf_counter()
     record, output = prune_from_settings(settings)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from reap_vlm.cli import run_main
-from reap_vlm.metadata import summary_lines
+from reap_vlm.score.report import summary_lines
 from reap_vlm.settings import parse_settings, require_dir, require_file
 
 OPTIONS = ("model_path", "calibration_path", "output_path", "scoring_mode", "batch_size", "max_samples",

@@ -58,8 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.families import QWEN3_VL_MOE  # noqa: E402
 from reap_vlm.score import triton_experts  # noqa: E402
+from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
 from reap_vlm.score.layerwise import BatchState, LayerLoader, LayerwiseModel  # noqa: E402
-from reap_vlm.score.stats import ExpertStats, ReapObserver, TokenMasks, all_expert_norms  # noqa: E402
+from reap_vlm.score.norms import all_expert_norms  # noqa: E402
+from reap_vlm.score.stats import ExpertStats  # noqa: E402
 
 QUANT_FORMATS = ("awq", "fp8", "compressed-tensors")
 QUANT_DISK_SHARE = {"awq": 0.3, "fp8": 0.55, "compressed-tensors": 0.3}  # of the bf16 bytes, generously
@@ -680,7 +682,7 @@ def bench_quantized(name: str, fmt: str, folder: Path, layers: int, shape: dict,
                     stats_of: dict, bf16_layer_bytes: int, args, device, dtype, layer_res: dict) -> dict:
     """The same layers written as a ``fmt`` checkpoint (reap_vlm.quant_fixtures: per-expert quantized Linears
     and attention q/k/v/o, the rest bf16, as the releases are), then streamed and scored like the bf16 ones."""
-    from reap_vlm.checkpoint.reader import memory_state_dict
+    from reap_vlm.checkpoint.tensors import memory_state_dict
     from reap_vlm.fixtures.quantized import quantize_checkpoint_by_layer
 
     qfolder = Path(args.workdir) / f"synthetic-{name}-{fmt}"

@@ -20,11 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reap_vlm.calibration.files import load_calibration  # noqa: E402
-from reap_vlm.checkpoint.reader import Checkpoint, load_model, load_processor  # noqa: E402
+from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
+from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.fixtures.tiny import build_calibration_set, build_tiny_checkpoint  # noqa: E402
 from reap_vlm.score.engine import run_batches  # noqa: E402
+from reap_vlm.score.hooks import ReapObserver  # noqa: E402
 from reap_vlm.score.layerwise import run_layerwise  # noqa: E402
-from reap_vlm.score.stats import ExpertStats, ReapObserver  # noqa: E402
+from reap_vlm.score.stats import ExpertStats  # noqa: E402
 
 
 def max_rel(a: ExpertStats, b: ExpertStats) -> float:

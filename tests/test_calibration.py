@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from reap_vlm.calibration.files import GROUNDING_TEMPLATES, collate, encode_sample, load_calibration
-from reap_vlm.checkpoint.reader import load_processor
+from reap_vlm.calibration.encode import collate, encode_sample
+from reap_vlm.calibration.files import GROUNDING_TEMPLATES, load_calibration
+from reap_vlm.checkpoint.loading import load_processor
 from reap_vlm.errors import ReapError
 
 

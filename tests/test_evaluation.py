@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import test_pruned_model
+from reap_vlm.check.checks import _bbox_rows, _generation_check, _threshold_check, bbox_summary
 from reap_vlm.check.compare import (
     TOLERANCES,
     agreement,
@@ -31,18 +32,10 @@ from reap_vlm.check.compare import (
     tolerance_for,
 )
 from reap_vlm.check.degenerate import detect_degenerate, longest_periodic_run
-from reap_vlm.check.job import (
-    ModelPass,
-    _bbox_rows,
-    _generation_check,
-    _threshold_check,
-    bbox_summary,
-    choose_prompts,
-    find_reference,
-    resolve_inputs,
-)
+from reap_vlm.check.inputs import find_reference, resolve_inputs
+from reap_vlm.check.job import ModelPass
 from reap_vlm.check.options import TEST_FLAGS, TEST_OPTIONS
-from reap_vlm.check.prompts import builtin_prompts, calibration_prompts
+from reap_vlm.check.prompts import builtin_prompts, calibration_prompts, choose_prompts
 from reap_vlm.check.report import Check, markdown, verdict
 from reap_vlm.check.runner import Generation, LayerTrace, ModelRunner
 from reap_vlm.checkpoint.reader import Checkpoint

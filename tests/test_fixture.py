@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from reap_vlm.checkpoint.reader import Checkpoint, load_model
+from reap_vlm.checkpoint.loading import load_model
+from reap_vlm.checkpoint.reader import Checkpoint
 from reap_vlm.families import KeyRole
 
 

@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from reap_vlm.calibration.files import load_calibration
-from reap_vlm.checkpoint.reader import Checkpoint, load_model, load_processor
+from reap_vlm.checkpoint.loading import load_model, load_processor
+from reap_vlm.checkpoint.reader import Checkpoint
 from reap_vlm.errors import ReapError
-from reap_vlm.score.engine import ResumeState, run_batches
+from reap_vlm.score.engine import run_batches
+from reap_vlm.score.hooks import ReapObserver
 from reap_vlm.score.layerwise import LayerwiseModel, choose_engine, model_bytes, run_layerwise
-from reap_vlm.score.stats import ExpertStats, LayerStats, ReapObserver, all_expert_norms, routed_expert_norms
+from reap_vlm.score.norms import all_expert_norms, routed_expert_norms
+from reap_vlm.score.resume import ResumeState
+from reap_vlm.score.stats import ExpertStats, LayerStats
 
 RUN = dict(batch_size=3, max_seq_len=256, max_pixels=0, checkpoint_every=1, device="cpu")
 

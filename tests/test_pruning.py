@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from reap_vlm.check.masked_routing import masked_routing
-from reap_vlm.checkpoint.reader import INDEX_NAME, Checkpoint, load_model
+from reap_vlm.checkpoint.loading import load_model
+from reap_vlm.checkpoint.reader import INDEX_NAME, Checkpoint
 from reap_vlm.errors import ReapError
 from reap_vlm.families import QWEN3_VL_MOE
 from reap_vlm.metadata import METADATA_NAME

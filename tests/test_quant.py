@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from reap_vlm.checkpoint.loading import load_model
 from reap_vlm.checkpoint.quant import (
     AWQ_ORDER,
     SUPPORTED,
@@ -26,7 +27,8 @@ from reap_vlm.checkpoint.quant import (
     pack_int32,
     unpack_int32,
 )
-from reap_vlm.checkpoint.reader import Checkpoint, load_model, memory_state_dict
+from reap_vlm.checkpoint.reader import Checkpoint
+from reap_vlm.checkpoint.tensors import memory_state_dict
 from reap_vlm.errors import ReapError
 from reap_vlm.families import KeyRole
 from reap_vlm.fixtures.quantized import FORMATS, quantize_awq, quantize_checkpoint, quantize_fp8_block, quantize_pack

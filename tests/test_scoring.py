@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reap_vlm.calibration.files import encode_sample, load_calibration
-from reap_vlm.checkpoint.reader import load_model, load_processor
+from reap_vlm.calibration.encode import encode_sample
+from reap_vlm.calibration.files import load_calibration
+from reap_vlm.checkpoint.loading import load_model, load_processor
 from reap_vlm.errors import ReapError
 from reap_vlm.score.job import run_reap
 from reap_vlm.selection import num_to_keep, select_experts

@@ -8,13 +8,18 @@ the same grounding templates the calibration loader uses.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..calibration.files import GROUNDING_TEMPLATES, CalibrationSample, load_calibration
-from ..fixtures.tiny import draw_shapes
+from ..checkpoint.fsutil import read_json
+from ..errors import ReapError
+from ..metadata import METADATA_NAME
+from ..settings import Settings
+from .shapes import draw_shapes
 
 BUILTIN_TEXT_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
@@ -115,3 +120,72 @@ def builtin_prompts(count: int, seed: int, image_dir: Path) -> list[EvalPrompt]:
     text_only = [EvalPrompt(f"builtin:text-{i}", CalibrationSample(i, "prompt", messages=[
         {"role": "user", "content": texts[i % len(texts)]}])) for i in range(count - n_images)]
     return _interleave(with_image, text_only, count)
+
+
+# ----------------------------------------------------------------------------------------------- choosing
+
+PROMPT_IMAGE_DIR = "prompt-images"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not here: compare the paths
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def scored_calibration(pruned_path: Path | None, calibration: Path) -> tuple[set[int] | None, str | None]:
+    """Which items of ``calibration`` the experts were scored on, from the pruned folder's reap_metadata.json
+    (copied there by prune_model.py): a set (empty when reap.py read another file), or None with the reason
+    when that cannot be told."""
+    path = None if pruned_path is None else Path(pruned_path) / METADATA_NAME
+    if path is None or not path.is_file():
+        return None, (f"the pruned folder has no {METADATA_NAME}, so whether prompts from {calibration} were "
+                      "among the scored calibration samples is unknown")
+    try:
+        raw = read_json(path, METADATA_NAME)
+    except ReapError as exc:
+        return None, f"{exc}; whether the prompts were among the scored calibration samples is unknown"
+    recorded = raw.get("calibration_path") if isinstance(raw, dict) else None
+    if not recorded:
+        return None, (f"{METADATA_NAME} does not name the calibration file it was scored on; prompts from "
+                      f"{calibration} may repeat scored samples")
+    if not _same_file(Path(recorded), Path(calibration)):
+        return set(), None
+    samples = raw.get("calibration_samples")
+    if not isinstance(samples, list):
+        return None, (f"{calibration} is the file the experts were scored on, and {METADATA_NAME} does not list "
+                      "which of its items were used (calibration_samples; rerun reap.py to record it): prompts may "
+                      "repeat scored samples")
+    return {int(i) for i in samples}, None
+
+
+def choose_prompts(settings: Settings, output: Path, notes: list[str],
+                   pruned_path: Path | None = None) -> tuple[list[EvalPrompt], str]:
+    """The prompts of the check and a phrase saying where they came from.  Prompts from --calibration
+    avoid the items the experts were scored on (named in the pruned folder's reap_metadata.json); when too
+    few others remain, scored ones fill in, marked ``also_calibration`` and said so in ``notes``."""
+    if settings.calibration_path is not None:
+        calibration = settings.calibration_path
+        scored, unknown = scored_calibration(pruned_path, calibration)
+        prompts, skipped = calibration_prompts(calibration, settings.num_prompts, settings.seed, scored or ())
+        if skipped:
+            notes.append(f"{len(skipped)} calibration items skipped (e.g. {skipped[0]})")
+        source = f"{len(prompts)} drawn from {calibration} (seed {settings.seed})"
+        overlap = sum(1 for p in prompts if p.also_calibration)
+        if unknown:
+            notes.append(unknown)
+            source += ", held out from scoring: unknown"
+        elif scored:
+            source += f", avoiding the {len(scored)} items scored by reap.py"
+            if overlap:
+                notes.append(f"{overlap} of {len(prompts)} prompts were also calibration samples: {calibration} has "
+                             f"only {len(prompts) - overlap} usable items reap.py did not score; for a held-out "
+                             "check, pass a --calibration file (or more items) the experts were not scored on")
+                source += f" ({overlap} of {len(prompts)} also calibration samples)"
+        else:
+            source += ", not the file the experts were scored on"
+    else:
+        prompts = builtin_prompts(settings.num_prompts, settings.seed, output / PROMPT_IMAGE_DIR)
+        source = f"{len(prompts)} built-in (text, and shapes drawn into {PROMPT_IMAGE_DIR}/)"
+    return prompts, source

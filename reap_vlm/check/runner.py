@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..calibration.files import CalibrationSample, EncodedSample, collate, encode_sample
-from ..checkpoint.reader import Checkpoint, load_model, load_processor
+from ..calibration.encode import EncodedSample, collate, encode_sample
+from ..calibration.files import CalibrationSample
+from ..checkpoint.loading import load_model, load_processor
+from ..checkpoint.reader import Checkpoint
 from .masked_routing import masked_routing
 
 PROMPT_MAX_TOKENS = 8192  # prompts longer than this are cut (an image is never split; see calibration)
@@ -239,7 +241,7 @@ def vllm_generate(path: Path, samples: list[CalibrationSample], *, max_new_token
     transformers pass that computes logits).  Only used with --backend vllm."""
     from vllm import LLM, SamplingParams
 
-    from ..calibration.files import open_image, render_text
+    from ..calibration.encode import open_image, render_text
 
     processor = load_processor(path)
     tokenizer = processor.tokenizer

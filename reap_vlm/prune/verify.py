@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..checkpoint.reader import Checkpoint, load_model
+from ..checkpoint.loading import free_memory_bytes, load_model
+from ..checkpoint.reader import Checkpoint
 from ..checkpoint.safetensors_io import read_header
 from ..errors import ReapError
 from ..families import KeyRole
-from ..score.stats import free_memory_bytes
 from .plan import OutputTensor, new_ids, plan_tensor
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..calibration.files import num_batches
+from ..calibration.encode import num_batches
 from .stats import ExpertStats
 
 

@@ -6,16 +6,21 @@ import math
 import time
 from pathlib import Path
 
-from ..calibration.files import load_calibration, num_batches
-from ..checkpoint.reader import Checkpoint, load_model, load_processor, resolve_device, resolve_dtype
+from ..calibration.encode import num_batches
+from ..calibration.files import load_calibration
+from ..checkpoint.loading import load_model, load_processor, resolve_device, resolve_dtype
+from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
-from ..metadata import METHODOLOGY, REAP_VERSION, write_heatmap, write_metadata
+from ..metadata import METHODOLOGY, REAP_VERSION, write_metadata
 from ..selection import num_to_keep, select_experts
 from ..settings import Settings
 from .distributed import DistContext
-from .engine import STATE_NAME, ResumeState, files_signature, fingerprint, run_batches
+from .engine import run_batches
+from .hooks import ReapObserver
 from .layerwise import choose_engine, run_layerwise
-from .stats import METRICS_BY_MODE, ExpertStats, ReapObserver
+from .report import write_heatmap
+from .resume import STATE_NAME, ResumeState, files_signature, fingerprint
+from .stats import METRICS_BY_MODE, ExpertStats
 
 
 def check_criterion(settings: Settings) -> None:

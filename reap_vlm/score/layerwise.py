@@ -34,12 +34,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.files import batches, num_batches
-from ..checkpoint.reader import Checkpoint, memory_state_dict
+from ..calibration.encode import batches, num_batches
+from ..checkpoint.loading import free_memory_bytes
+from ..checkpoint.reader import Checkpoint
+from ..checkpoint.tensors import memory_state_dict
 from ..errors import ReapError
 from ..settings import ENGINES
-from .engine import ResumeState, visual_token_mask
-from .stats import ReapObserver, TokenMasks, free_memory_bytes
+from .engine import visual_token_mask
+from .hooks import ReapObserver, TokenMasks
+from .resume import ResumeState
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,167 @@
+"""Encoding calibration samples with the model's processor: images opened and fitted to the sequence budget,
+token ids, padded batches."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ReapError
+from .files import CalibrationSample
+
+
+def open_image(path: Path, max_pixels: int):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+    except OSError as exc:
+        raise ReapError(f"cannot read image {path} ({exc}); replace the file or pass --skip-bad-samples") from None
+    if max_pixels and image.width * image.height > max_pixels:
+        scale = math.sqrt(max_pixels / (image.width * image.height))
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    return image
+
+
+def render_text(processor, sample: CalibrationSample) -> str:
+    if sample.text is not None:
+        return sample.text
+    return processor.apply_chat_template(sample.messages, tokenize=False,
+                                         add_generation_prompt=sample.add_generation_prompt)
+
+
+@dataclass
+class EncodedSample:
+    input_ids: torch.Tensor  # [S]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    mm_token_type_ids: torch.Tensor | None
+
+
+def _truncate(enc: EncodedSample, max_len: int, vision_start_id: int, merge: int) -> EncodedSample:
+    """Cut to ``max_len`` tokens; an image the cut would split is dropped whole, with its pixels."""
+    ids = enc.input_ids
+    if ids.numel() <= max_len:
+        return enc
+    starts = (ids == vision_start_id).nonzero().flatten().tolist()
+    cut, kept_images = max_len, 0
+    grid = enc.image_grid_thw
+    for i, start in enumerate(starts):
+        length = int(grid[i].prod()) // (merge * merge) if grid is not None and i < len(grid) else 0
+        end = start + length + 2  # vision_start, pads, vision_end
+        if end <= max_len:
+            kept_images = i + 1
+        else:
+            cut = min(cut, start)
+            break
+    pixel_values = grid_thw = None
+    if grid is not None and kept_images:
+        grid_thw = grid[:kept_images]
+        pixel_values = enc.pixel_values[: int(grid_thw.prod(dim=1).sum())]
+    mm = enc.mm_token_type_ids[:cut] if enc.mm_token_type_ids is not None else None
+    return EncodedSample(ids[:cut], pixel_values, grid_thw, mm)
+
+
+def _encode(processor, text: str, images: list) -> EncodedSample:
+    out = processor(text=[text], images=images or None, return_tensors="pt")
+    return EncodedSample(
+        out["input_ids"][0],
+        out.get("pixel_values"),
+        out.get("image_grid_thw"),
+        out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else None,
+    )
+
+
+def _image_tokens(enc: EncodedSample, merge: int) -> int:
+    return 0 if enc.image_grid_thw is None else int(enc.image_grid_thw.prod(dim=1).sum()) // (merge * merge)
+
+
+def _shrink_to_fit(processor, text: str, images: list, enc: EncodedSample, max_seq_len: int) -> EncodedSample:
+    """Re-encode with smaller images so the sample fits ``max_seq_len`` with its text whole: large photos
+    would otherwise push the question (and the image itself) out of the sample."""
+    from PIL import Image
+
+    proc = processor.image_processor
+    merge, unit = proc.merge_size, (proc.patch_size * proc.merge_size) ** 2  # pixels per image token
+    text_tokens = enc.input_ids.numel() - _image_tokens(enc, merge)
+    per_image = (max_seq_len - text_tokens) // len(images)
+    if per_image < 1:
+        return enc
+    cap = per_image * unit
+    for _ in range(6):  # the processor rounds sizes to whole patches: tighten until it fits
+        smaller = []
+        for image in images:
+            if image.width * image.height > cap:
+                scale = math.sqrt(cap / (image.width * image.height))
+                image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                                     Image.Resampling.BICUBIC)
+            smaller.append(image)
+        shrunk = _encode(processor, text, smaller)
+        if shrunk.input_ids.numel() <= max_seq_len:
+            return shrunk
+        cap = int(cap * 0.8)
+    return enc
+
+
+def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int = 0) -> EncodedSample:
+    """Token ids (and pixels) of one sample within ``max_seq_len``: images too large for the budget are
+    scaled down to fit; failing that, the text is cut and an image the cut would split is dropped."""
+    text = render_text(processor, sample)
+    images = [open_image(p, max_pixels) for p in sample.images]
+    enc = _encode(processor, text, images)
+    merge = processor.image_processor.merge_size
+    before = _image_tokens(enc, merge)
+    if images and enc.input_ids.numel() > max_seq_len:
+        enc = _shrink_to_fit(processor, text, images, enc, max_seq_len)
+    start_id = getattr(processor, "vision_start_token_id", None)
+    if start_id is None:
+        start_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    fitted = _truncate(enc, max_seq_len, start_id, merge)
+    after = _image_tokens(fitted, merge)
+    if after < before:
+        what = "dropped" if after == 0 or (fitted.image_grid_thw is not None and
+                                           len(fitted.image_grid_thw) < len(images)) else "scaled down"
+        warnings.warn(f"calibration item {sample.index}: image {what} to fit REAP_MAX_SEQ_LEN={max_seq_len} "
+                      f"({before} -> {after} image tokens); raise REAP_MAX_SEQ_LEN or set REAP_MAX_PIXELS",
+                      stacklevel=2)
+    return fitted
+
+
+def collate(encoded: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding positions have attention_mask 0 and are never counted."""
+    length = max(e.input_ids.numel() for e in encoded)
+    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), length), dtype=torch.long)
+    mm = torch.zeros((len(encoded), length), dtype=torch.int)
+    for i, e in enumerate(encoded):
+        n = e.input_ids.numel()
+        input_ids[i, :n] = e.input_ids
+        attention[i, :n] = 1
+        if e.mm_token_type_ids is not None:
+            mm[i, :n] = e.mm_token_type_ids
+    batch = {"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": mm}
+    with_images = [e for e in encoded if e.image_grid_thw is not None and e.image_grid_thw.numel()]
+    if with_images:
+        batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
+        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in with_images])
+    return batch
+
+
+def batches(processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int, max_pixels: int = 0):
+    """Yield padded batches in sample order."""
+    pad_id = processor.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = processor.tokenizer.eos_token_id
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        yield collate([encode_sample(processor, s, max_seq_len, max_pixels) for s in chunk], pad_id)
+
+
+def num_batches(samples: list, batch_size: int) -> int:
+    return math.ceil(len(samples) / batch_size)

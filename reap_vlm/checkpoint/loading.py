@@ -1,0 +1,89 @@
+"""Loading policy: which device and dtype (``auto``), how much memory is free, and loading the whole model or
+the processor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ReapError
+from .reader import Checkpoint
+from .tensors import memory_state_dict
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ReapError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return name
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Memory a new allocation can get: on CUDA the driver's free memory plus PyTorch's cached, unused
+    blocks; on the CPU the kernel's MemAvailable (psutil if /proc is missing)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu", spread: bool = False):
+    """The whole model in eval mode: transformers' own loader for the standard fused layout, our
+    assembling loader (per-expert keys fused, quantized weights dequantized) otherwise, since
+    transformers 5 cannot load those.
+    ``spread``: on ``cuda`` with several GPUs, spread the layers over them (accelerate device_map)."""
+    from transformers import AutoModelForImageTextToText
+
+    ckpt = Checkpoint(Path(path))
+    family = ckpt.family
+    quant = ckpt.quant_format  # a ReapError here for quantizations we cannot dequantize
+    if not ckpt.has_per_expert_keys and quant is None:
+        device_map = "auto" if spread and device == "cuda" and torch.cuda.device_count() > 1 else device
+        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, device_map=device_map)
+        return model.eval()
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    if quant is not None:  # the weights are dequantized below: build the plain model
+        for cfg in (config, getattr(config, "text_config", None)):
+            if cfg is not None and hasattr(cfg, "quantization_config"):
+                delattr(cfg, "quantization_config")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    state = memory_state_dict(ckpt, dtype=dtype, device=device)
+    if config.tie_word_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state[family.embedding_key]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ReapError(f"{path}: checkpoint does not match {family.name} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval()
+
+
+def load_processor(path: Path | str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ReapError(f"cannot load the processor/tokenizer from {path} ({str(exc).splitlines()[0]}); "
+                        "the folder needs tokenizer and preprocessor files") from None

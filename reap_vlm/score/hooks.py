@@ -1,0 +1,139 @@
+"""The hooks that feed the REAP sums: router logits and the experts' call of every MoE block, the token masks."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..families import ModelFamily
+from .norms import all_expert_norms, routed_expert_norms
+from .stats import ExpertStats
+
+
+@dataclass
+class TokenMasks:
+    """Which rows of the flattened [B*S] token stream are counted, and which are image tokens."""
+
+    valid: torch.Tensor
+    image: torch.Tensor
+    n_valid: int | None = None  # counts, when known, spare a device sync per layer
+    n_image: int | None = None
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor, image_mask: torch.Tensor) -> TokenMasks:
+        valid = attention_mask.reshape(-1).bool()
+        image = image_mask.reshape(-1).bool()
+        return cls(valid, image, int(valid.sum()), int((image & valid).sum()))
+
+
+class ReapObserver:
+    """Hooks on every MoE block: the router's logits and the experts' call feed ``ExpertStats``.
+
+    The model runs its own forward (mRoPE, deepstack, the experts' own kernels).  Modes:
+
+    * router / full: a forward pre-hook on the experts reads (hidden, top-k ids, gate weights); full
+      mode then runs every expert on the valid tokens (``all_expert_norms``).
+    * routed: the experts module's forward is replaced (instance attribute, removed on detach) by
+      ``family.routed_forward``, the same computation as the module's own forward (same ops, same
+      result) that also returns ||E_j(x)|| of each routed pair, so REAP costs about one forward.
+      Where the family cannot reproduce the module's forward, a pre-hook computes the norms apart.
+
+    Call ``set_masks`` (or ``use_masks``) before each forward.
+    """
+
+    def __init__(self, family: ModelFamily, stats: ExpertStats, mode: str, chunk_budget_bytes: int | None = None,
+                 fused_routed: bool = True):
+        self.family, self.stats, self.mode = family, stats, mode
+        self.chunk_budget_bytes = chunk_budget_bytes
+        self.fused_routed = fused_routed
+        self.masks: TokenMasks | None = None
+        self._logits: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+        self._patched: list[nn.Module] = []
+
+    def set_masks(self, attention_mask: torch.Tensor, image_mask: torch.Tensor) -> None:
+        self.masks = TokenMasks.of(attention_mask, image_mask)
+
+    def use_masks(self, masks: TokenMasks) -> None:
+        self.masks = masks
+
+    def attach(self, blocks) -> ReapObserver:
+        for layer, block in blocks:
+            if layer not in self.stats.layers:
+                continue
+            router, experts = self.family.router_of(block), self.family.experts_of(block)
+            self._handles.append(router.register_forward_hook(self._router_hook(layer)))
+            if self.mode == "routed" and self.fused_routed and "forward" not in vars(experts):
+                experts.forward = self._routed_forward(layer, experts)
+                self._patched.append(experts)
+            else:
+                self._handles.append(experts.register_forward_pre_hook(self._experts_hook(layer, experts),
+                                                                       with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for experts in self._patched:
+            vars(experts).pop("forward", None)
+        self._patched.clear()
+
+    @contextmanager
+    def attached(self, blocks):
+        self.attach(blocks)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def _router_hook(self, layer: int):
+        def hook(module, args, output):
+            self._logits[layer] = self.family.router_logits(output).detach()
+
+        return hook
+
+    def _experts_hook(self, layer: int, experts: nn.Module):
+        def hook(module, args, kwargs):
+            hidden, topk_ids, topk_weights = self.family.routed_call(args, kwargs)
+            self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach())
+
+        return hook
+
+    def _routed_forward(self, layer: int, experts: nn.Module):
+        own_forward = type(experts).forward
+
+        def forward(*args, **kwargs):
+            hidden, topk_ids, topk_weights = self.family.routed_call(args, kwargs)
+            result = self.family.routed_forward(experts, hidden, topk_ids, topk_weights)
+            if result is None:  # the family cannot reproduce this forward: norms computed apart
+                self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach())
+                return own_forward(experts, *args, **kwargs)
+            out, norms = result
+            self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach(),
+                         routed_norms=norms.detach())
+            return out
+
+        return forward
+
+    @torch.no_grad()
+    def observe(self, layer: int, experts: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, routed_norms: torch.Tensor | None = None) -> None:
+        masks = self.masks
+        if masks is None or masks.valid.numel() != hidden.shape[0]:
+            raise RuntimeError("ReapObserver.set_masks must be called with the batch's masks before the forward")
+        logits = self._logits.pop(layer)
+        valid = masks.valid.to(hidden.device)
+        routed = all_norms = None
+        if self.mode == "full":
+            all_norms = all_expert_norms(self.family, experts, hidden[valid], self.chunk_budget_bytes)
+        elif self.mode == "routed":
+            routed = routed_norms
+            if routed is None:
+                routed = routed_expert_norms(self.family, experts, hidden[valid], topk_ids[valid])
+        self.stats.layers[layer].observe(router_logits=logits, topk_ids=topk_ids, topk_weights=topk_weights,
+                                         valid=valid, image=masks.image, routed_norms=routed, all_norms=all_norms,
+                                         n_valid=masks.n_valid, n_image=masks.n_image)

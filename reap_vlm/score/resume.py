@@ -1,0 +1,57 @@
+"""Resuming a killed scoring run: the run's identity (fingerprint of every input) and the saved float64 sums."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .stats import ExpertStats
+
+STATE_NAME = "reap_state.pt"
+
+
+def fingerprint(**parts) -> str:
+    """Identity of a scoring run: same fingerprint, same batches, same sums."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def files_signature(paths) -> list:
+    """(name, size, mtime) of files whose content changes the batches (images, processor files), cheap
+    enough for hundreds of images; a rewritten file under the same name changes it."""
+    out = []
+    for path in sorted({Path(p) for p in paths}):
+        stat = path.stat() if path.is_file() else None
+        out.append((str(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None))
+    return out
+
+
+@dataclass
+class ResumeState:
+    path: Path
+    fingerprint: str
+
+    def load(self, stats: ExpertStats) -> int:
+        """Restore the sums saved by a run with the same fingerprint; return how many batches they cover."""
+        if not self.path.is_file():
+            return 0
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn or foreign file: start over rather than trust it
+            return 0
+        if state.get("fingerprint") != self.fingerprint:
+            return 0
+        stats.load_state_dict(state["stats"])
+        return int(state["batches_done"])
+
+    def save(self, stats: ExpertStats, batches_done: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        torch.save({"fingerprint": self.fingerprint, "batches_done": batches_done, "stats": stats.state_dict()},
+                   tmp)
+        os.replace(tmp, self.path)
