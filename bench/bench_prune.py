@@ -141,7 +141,7 @@ def prune_in_child(source: Path, output: Path, keep: dict[int, list[int]], verif
 def import_only_rss() -> int:
     """ru_maxrss of a child that imports the pruner and exits: the constant every run pays (torch's import and
     interpreter shutdown), to set the pruning child's figure against."""
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-c", "import reap_vlm.pruning"],
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-c", "import reap_vlm.prune.rewrite"],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return json.loads(done.stdout.strip().splitlines()[-1])["ru_maxrss"]
 

@@ -30,7 +30,7 @@ layer's weights + activations, host RSS after each layer.  Finally a projection 
 300 samples x 2048 tokens on this GPU.
 
 ``--quant awq,fp8`` (any of awq, fp8, compressed-tensors): the same layers are also written as that
-quantized checkpoint (``reap_vlm.quant_fixtures.quantize_checkpoint_by_layer`` on the GPU: per-expert
+quantized checkpoint (``reap_vlm.fixtures.quantized.quantize_checkpoint_by_layer`` on the GPU: per-expert
 quantized Linears plus attention q/k/v/o, router and norms bf16; AWQ group 128, FP8 blocks 128x128) and
 streamed the same way (``--quant-modes``, default routed; the loader dequantizes on the GPU: with prefetch
 host from the quantized tensors read ahead into pinned memory, once the previous layer is freed, with
@@ -59,7 +59,8 @@ from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.families import QWEN3_VL_MOE  # noqa: E402
 from reap_vlm.score import triton_experts  # noqa: E402
 from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
-from reap_vlm.score.layerwise import BatchState, LayerLoader, LayerwiseModel  # noqa: E402
+from reap_vlm.score.layer_loader import LayerLoader  # noqa: E402
+from reap_vlm.score.layerwise import BatchState, LayerwiseModel  # noqa: E402
 from reap_vlm.score.norms import all_expert_norms  # noqa: E402
 from reap_vlm.score.stats import ExpertStats  # noqa: E402
 
@@ -680,7 +681,7 @@ def quant_options(args) -> dict:
 
 def bench_quantized(name: str, fmt: str, folder: Path, layers: int, shape: dict, modes: list[str], res: dict,
                     stats_of: dict, bf16_layer_bytes: int, args, device, dtype, layer_res: dict) -> dict:
-    """The same layers written as a ``fmt`` checkpoint (reap_vlm.quant_fixtures: per-expert quantized Linears
+    """The same layers written as a ``fmt`` checkpoint (reap_vlm.fixtures.quantized: per-expert quantized Linears
     and attention q/k/v/o, the rest bf16, as the releases are), then streamed and scored like the bf16 ones."""
     from reap_vlm.checkpoint.tensors import memory_state_dict
     from reap_vlm.fixtures.quantized import quantize_checkpoint_by_layer

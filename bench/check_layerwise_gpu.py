@@ -3,7 +3,7 @@ device prefetch, chunked transposing copies, hidden states in pinned host memory
 
     python3 bench/check_layerwise_gpu.py [--dtype float32|bfloat16]
 
-Builds the tiny offline fixture (images, deepstack on), scores it with ``engine.run_batches`` on the
+Builds the tiny offline fixture (images, deepstack on), scores it with ``reap_vlm.score.engine.run_batches`` on the
 whole model and with ``run_layerwise`` in several configurations, and prints the largest relative
 difference of any sum.  Exit status 1 when float32 differs by more than 1e-5.
 """

@@ -1,17 +1,32 @@
-"""reap_metadata.json: what reap.py found and which experts to keep; plus its heatmap and summary."""
+"""reap_metadata.json, the file between scoring and pruning: its schema (``build_metadata`` writes every field,
+``ReapMetadata`` checks what pruning relies on), reading and writing."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoint.fsutil import atomic_write_json, read_json
 from .errors import ReapError
 
+if TYPE_CHECKING:
+    import torch
+
+    from .calibration.files import CalibrationSet
+    from .checkpoint.reader import Checkpoint
+    from .settings import Settings
+
 REAP_VERSION = "reap-vlm-0.1"
 METHODOLOGY = ("REAP_j = sum over valid tokens x routed to expert j of g_j(x) * ||E_j(x)||_2, divided by the "
-               "number of such tokens; g_j = the gate weight the model applies (softmax over all experts, top-k, "
-               "renormalised), E_j(x) = expert output before weighting; sums in float64 (arXiv 2510.13999)")
+               "number of such tokens; g_j = the gate weight the model applies ({routing}), E_j(x) = expert output "
+               "before weighting; sums in float64 (arXiv 2510.13999)")
+
+
+def methodology(routing: str) -> str:
+    """The formula in words, with the family's routing (``ModelFamily.routing_description``)."""
+    return METHODOLOGY.format(routing=routing)
 METADATA_NAME = "reap_metadata.json"
 
 
@@ -49,3 +64,53 @@ def write_metadata(folder: Path, metadata: dict) -> Path:
     path = Path(folder) / METADATA_NAME
     atomic_write_json(path, metadata)
     return path
+
+
+@dataclass
+class RunInputs:
+    """What a scoring run was: the model, the calibration set, the settings that shape the scores."""
+
+    ckpt: Checkpoint
+    calibration: CalibrationSet
+    settings: Settings
+    dtype: torch.dtype
+    keep: int  # experts kept per MoE layer
+
+
+def build_metadata(run_inputs: RunInputs, metrics: dict[str, list[list[float]]], kept: dict[int, list[int]],
+                   n_tokens: int, n_image: int, run: dict, timings: dict) -> dict:
+    """reap_metadata.json's content, every field in its place."""
+    ckpt, calib, settings = run_inputs.ckpt, run_inputs.calibration, run_inputs.settings
+    return {
+        "reap_version": REAP_VERSION,
+        "methodology": methodology(ckpt.family.routing_description),
+        "model_path": str(ckpt.path),
+        "model_type": ckpt.config.get("model_type"),
+        "num_experts": ckpt.num_experts,
+        "top_k": ckpt.top_k,
+        "moe_layers": ckpt.moe_layers,
+        "scoring_mode": settings.scoring_mode,
+        "criterion": settings.criterion,
+        "prune_ratio": settings.prune_ratio,
+        "keep_multiple": settings.keep_multiple,
+        "num_experts_to_keep": run_inputs.keep,
+        "num_samples": len(calib.samples),
+        "num_skipped_samples": len(calib.skipped),
+        "skipped_samples": calib.skipped,
+        "calibration_path": str(calib.path),
+        "calibration_samples": [s.index for s in calib.samples],
+        "num_tokens": {"total": n_tokens, "text": n_tokens - n_image, "image": n_image},
+        "dtype": str(run_inputs.dtype).removeprefix("torch."),
+        "experts_to_keep": {str(layer): ids for layer, ids in kept.items()},
+        "mean_scores": metrics[settings.criterion],
+        "metrics": metrics,
+        "run": run,
+        "timings": timings,
+    }
+
+
+def check_finite(metrics: dict[str, list[list[float]]], dtype) -> None:
+    bad = [name for name, rows in metrics.items() if not all(math.isfinite(v) for row in rows for v in row)]
+    if bad:
+        raise ReapError(f"non-finite scores ({', '.join(bad)}): expert outputs overflowed in {dtype}; "
+                        "rerun with --dtype bfloat16 or float32")

@@ -12,11 +12,11 @@ from reap_vlm.calibration.files import load_calibration
 from reap_vlm.checkpoint.loading import load_model, load_processor
 from reap_vlm.checkpoint.reader import Checkpoint
 from reap_vlm.errors import ReapError
-from reap_vlm.score.engine import run_batches
+from reap_vlm.score.engine import choose_engine, model_bytes, run_batches
 from reap_vlm.score.hooks import ReapObserver
-from reap_vlm.score.layerwise import LayerwiseModel, choose_engine, model_bytes, run_layerwise
+from reap_vlm.score.layerwise import LayerwiseModel, run_layerwise
 from reap_vlm.score.norms import all_expert_norms, routed_expert_norms
-from reap_vlm.score.resume import ResumeState
+from reap_vlm.score.resume import ResumeState, stop_after
 from reap_vlm.score.stats import ExpertStats, LayerStats
 
 RUN = dict(batch_size=3, max_seq_len=256, max_pixels=0, checkpoint_every=1, device="cpu")
@@ -91,7 +91,8 @@ def _no_deepstack_init(init):
 def test_layerwise_small_groups_and_resume(tiny_model, calibration, whole, tmp_path):
     """One batch per group (a tiny group budget), killed after one batch and resumed: same sums."""
     resume = ResumeState(tmp_path / "state.pt", "fp")
-    first, out = _layerwise(tiny_model, calibration, "full", resume=resume, stop_after=1, max_group_bytes=1)
+    with stop_after(1):
+        first, out = _layerwise(tiny_model, calibration, "full", resume=resume, max_group_bytes=1)
     assert out["groups"] == 1 and out["resumed_from"] == 0
     assert torch.load(tmp_path / "state.pt", weights_only=True)["batches_done"] == 1
     assert first.n_tokens < whole["full"].n_tokens
@@ -239,7 +240,7 @@ def test_layer_loader_dequantizes_in_take_like_ahead(fixture_root):
     """The two ways the loader handles a quantized layer (on CUDA with prefetch "host" the quantized tensors are
     read ahead as stored and dequantized in take(), once the previous layer is gone; otherwise dequantized ahead)
     give the same tensors, bitwise."""
-    from reap_vlm.score.layerwise import LayerLoader
+    from reap_vlm.score.layer_loader import LayerLoader
 
     quant_fixtures = importlib.import_module("reap_vlm.fixtures.quantized")
     quantized, _ = quant_fixtures.build_quantized_checkpoint(

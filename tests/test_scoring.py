@@ -15,6 +15,7 @@ from reap_vlm.calibration.files import load_calibration
 from reap_vlm.checkpoint.loading import load_model, load_processor
 from reap_vlm.errors import ReapError
 from reap_vlm.score.job import run_reap
+from reap_vlm.score.resume import stop_after
 from reap_vlm.selection import num_to_keep, select_experts
 from reap_vlm.settings import Settings
 
@@ -175,7 +176,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, calibration,
     calib = calibration / "calibration_data.json"
     whole = run_reap(_settings(tiny_model, calib, tmp_path / "whole", batch_size=2))
     resumable = _settings(tiny_model, calib, tmp_path / "killed", batch_size=2, resume=True, checkpoint_every=1)
-    partial = run_reap(resumable, stop_after=2)
+    with stop_after(2):
+        partial = run_reap(resumable)
     assert partial["run"]["resumed_from"] == 0 and not (tmp_path / "killed" / "reap_metadata.json").exists()
     resumed = run_reap(resumable)
     assert resumed["run"]["resumed_from"] == 2

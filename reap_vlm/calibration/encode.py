@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ReapError
+from ..families import ModelFamily, family_for_processor
 from .files import CalibrationSample
 
 
@@ -44,17 +45,17 @@ class EncodedSample:
     mm_token_type_ids: torch.Tensor | None
 
 
-def _truncate(enc: EncodedSample, max_len: int, vision_start_id: int, merge: int) -> EncodedSample:
+def _truncate(enc: EncodedSample, max_len: int, processor, family: ModelFamily) -> EncodedSample:
     """Cut to ``max_len`` tokens; an image the cut would split is dropped whole, with its pixels."""
     ids = enc.input_ids
     if ids.numel() <= max_len:
         return enc
-    starts = (ids == vision_start_id).nonzero().flatten().tolist()
+    starts = (ids == family.image_start_id(processor)).nonzero().flatten().tolist()
     cut, kept_images = max_len, 0
     grid = enc.image_grid_thw
     for i, start in enumerate(starts):
-        length = int(grid[i].prod()) // (merge * merge) if grid is not None and i < len(grid) else 0
-        end = start + length + 2  # vision_start, pads, vision_end
+        length = family.image_tokens(processor, grid[i:i + 1]) if grid is not None and i < len(grid) else 0
+        end = start + length + family.image_frame_tokens  # start marker, placeholders, end marker
         if end <= max_len:
             kept_images = i + 1
         else:
@@ -78,18 +79,14 @@ def _encode(processor, text: str, images: list) -> EncodedSample:
     )
 
 
-def _image_tokens(enc: EncodedSample, merge: int) -> int:
-    return 0 if enc.image_grid_thw is None else int(enc.image_grid_thw.prod(dim=1).sum()) // (merge * merge)
-
-
-def _shrink_to_fit(processor, text: str, images: list, enc: EncodedSample, max_seq_len: int) -> EncodedSample:
+def _shrink_to_fit(processor, family: ModelFamily, text: str, images: list, enc: EncodedSample,
+                   max_seq_len: int) -> EncodedSample:
     """Re-encode with smaller images so the sample fits ``max_seq_len`` with its text whole: large photos
     would otherwise push the question (and the image itself) out of the sample."""
     from PIL import Image
 
-    proc = processor.image_processor
-    merge, unit = proc.merge_size, (proc.patch_size * proc.merge_size) ** 2  # pixels per image token
-    text_tokens = enc.input_ids.numel() - _image_tokens(enc, merge)
+    unit = family.pixels_per_image_token(processor)
+    text_tokens = enc.input_ids.numel() - family.image_tokens(processor, enc.image_grid_thw)
     per_image = (max_seq_len - text_tokens) // len(images)
     if per_image < 1:
         return enc
@@ -109,21 +106,20 @@ def _shrink_to_fit(processor, text: str, images: list, enc: EncodedSample, max_s
     return enc
 
 
-def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int = 0) -> EncodedSample:
+def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int = 0,
+                  family: ModelFamily | None = None) -> EncodedSample:
     """Token ids (and pixels) of one sample within ``max_seq_len``: images too large for the budget are
-    scaled down to fit; failing that, the text is cut and an image the cut would split is dropped."""
+    scaled down to fit; failing that, the text is cut and an image the cut would split is dropped.
+    ``family`` (default: the processor's) says how images become tokens."""
+    family = family or family_for_processor(processor)
     text = render_text(processor, sample)
     images = [open_image(p, max_pixels) for p in sample.images]
     enc = _encode(processor, text, images)
-    merge = processor.image_processor.merge_size
-    before = _image_tokens(enc, merge)
+    before = family.image_tokens(processor, enc.image_grid_thw)
     if images and enc.input_ids.numel() > max_seq_len:
-        enc = _shrink_to_fit(processor, text, images, enc, max_seq_len)
-    start_id = getattr(processor, "vision_start_token_id", None)
-    if start_id is None:
-        start_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    fitted = _truncate(enc, max_seq_len, start_id, merge)
-    after = _image_tokens(fitted, merge)
+        enc = _shrink_to_fit(processor, family, text, images, enc, max_seq_len)
+    fitted = _truncate(enc, max_seq_len, processor, family)
+    after = family.image_tokens(processor, fitted.image_grid_thw)
     if after < before:
         what = "dropped" if after == 0 or (fitted.image_grid_thw is not None and
                                            len(fitted.image_grid_thw) < len(images)) else "scaled down"
@@ -153,14 +149,15 @@ def collate(encoded: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor
     return batch
 
 
-def batches(processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int, max_pixels: int = 0):
+def batches(processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int, max_pixels: int = 0,
+            family: ModelFamily | None = None):
     """Yield padded batches in sample order."""
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        yield collate([encode_sample(processor, s, max_seq_len, max_pixels) for s in chunk], pad_id)
+        yield collate([encode_sample(processor, s, max_seq_len, max_pixels, family) for s in chunk], pad_id)
 
 
 def num_batches(samples: list, batch_size: int) -> int:

@@ -1,11 +1,12 @@
 """Bounding-box answers: parse what a grounding model wrote, compare two boxes, draw them.
 
-Qwen3-VL answers grounding prompts as ``{"bbox_2d": [x1, y1, x2, y2]}`` in 0..1000 coordinates
-relative to the image (x to the right, y down).  Real outputs wrap that in prose or code fences,
-use single quotes or other key names (``bbox``, ``box``, ``bounding_box``), give a list of boxes,
-a bare ``[x1, y1, x2, y2]`` list, or Qwen2-VL's ``(x1,y1),(x2,y2)``.  :func:`parse_bbox` accepts
-all of these; the *first* box the text offers decides: it must be four finite numbers in
-[0, 1000] with x2 > x1 and y2 > y1, or the answer counts as invalid (with the reason).
+A family's ``BoxFormat`` says how its grounding answers write a box: e.g. ``{"bbox_2d": [x1, y1, x2, y2]}``
+in 0..1000 coordinates relative to the image (x to the right, y down).  Real outputs wrap that in
+prose or code fences, use single quotes or other key names (``bbox``, ``box``, ``bounding_box``),
+give a list of boxes, a bare ``[x1, y1, x2, y2]`` list, or the pair ``(x1,y1),(x2,y2)``.
+:func:`parse_bbox` accepts all of these; the *first* box the text offers decides: it must be four
+finite numbers in [0, coord_max] with x2 > x1 and y2 > y1, or the answer counts as invalid (with
+the reason).
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-COORD_MAX = 1000.0
-BOX_KEYS = frozenset({"bbox2d", "bbox", "box", "box2d", "boundingbox", "boundingbox2d"})
+from ..families import BoxFormat
+from ..families.base import NORMALIZED_1000
+
+COORD_MAX = NORMALIZED_1000.coord_max  # the defaults below: the common convention
+BOX_KEYS = NORMALIZED_1000.keys
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*")
-_QWEN2 = re.compile(r"\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*\)\s*,?\s*\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*\)")
+_PAIRS = re.compile(r"\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*\)\s*,?\s*\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*\)")
 _CLOSE = {"{": "}", "[": "]"}
 
 
 @dataclass(frozen=True)
 class Box:
-    """A box in 0..1000 coordinates."""
+    """A box in 0..coord_max coordinates (the answer's own)."""
 
     x1: float
     y1: float
@@ -37,8 +41,8 @@ class Box:
     def area(self) -> float:
         return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
 
-    def to_pixels(self, width: int, height: int) -> tuple[float, float, float, float]:
-        sx, sy = width / COORD_MAX, height / COORD_MAX
+    def to_pixels(self, width: int, height: int, coord_max: float = COORD_MAX) -> tuple[float, float, float, float]:
+        sx, sy = width / coord_max, height / coord_max
         return self.x1 * sx, self.y1 * sy, self.x2 * sx, self.y2 * sy
 
     def as_list(self) -> list[float]:
@@ -65,7 +69,7 @@ class ParsedBox:
         return str(self.box.as_list()) if self.box else f"invalid ({self.error})"
 
 
-def check_box(values) -> Box:
+def check_box(values, coord_max: float = COORD_MAX) -> Box:
     """``values`` as a Box, or ValueError saying what is wrong with it."""
     if isinstance(values, dict):  # {"x1": .., "y1": .., "x2": .., "y2": ..} or xmin/ymin/xmax/ymax
         keys = {str(k).lower(): v for k, v in values.items()}
@@ -84,8 +88,8 @@ def check_box(values) -> Box:
             raise ValueError(f"non-numeric coordinate {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"non-finite coordinate {value!r}")
-        if not 0 <= value <= COORD_MAX:
-            raise ValueError(f"coordinate {_plain(value)} outside 0..{int(COORD_MAX)}")
+        if not 0 <= value <= coord_max:
+            raise ValueError(f"coordinate {_plain(value)} outside 0..{int(coord_max)}")
         numbers.append(float(value))
     x1, y1, x2, y2 = numbers
     if x2 <= x1:
@@ -99,18 +103,18 @@ def _is_scalar(value) -> bool:
     return not isinstance(value, (list, tuple, dict))
 
 
-def _candidates(obj) -> list:
+def _candidates(obj, keys: frozenset[str] = BOX_KEYS) -> list:
     """Box candidates (raw 4-lists or anything under a box key) in reading order."""
     if isinstance(obj, dict):
         found = []
         for key, value in obj.items():
-            if re.sub(r"[^a-z0-9]", "", str(key).lower()) in BOX_KEYS:
+            if re.sub(r"[^a-z0-9]", "", str(key).lower()) in keys:
                 if isinstance(value, (list, tuple)) and value and not all(map(_is_scalar, value)):
-                    found.extend(_candidates(value))  # a list of boxes under one key
+                    found.extend(_candidates(value, keys))  # a list of boxes under one key
                 else:
                     found.append(value)
             elif isinstance(value, (dict, list, tuple)):
-                found.extend(_candidates(value))
+                found.extend(_candidates(value, keys))
         return found
     if isinstance(obj, (list, tuple)):
         if len(obj) == 4 and all(map(_is_scalar, obj)):
@@ -118,7 +122,7 @@ def _candidates(obj) -> list:
         found = []
         for item in obj:
             if isinstance(item, (dict, list, tuple)):
-                found.extend(_candidates(item))
+                found.extend(_candidates(item, keys))
         return found
     return []
 
@@ -175,20 +179,20 @@ def _structures(text: str) -> list:
     return found
 
 
-def parse_bbox(text: str | None) -> ParsedBox:
-    """The box an answer gives; see the module docstring for what is accepted."""
+def parse_bbox(text: str | None, fmt: BoxFormat = NORMALIZED_1000) -> ParsedBox:
+    """The box an answer gives in the family's ``fmt``; see the module docstring for what is accepted."""
     if not text or not text.strip():
         return ParsedBox(None, "empty answer")
     cleaned = _FENCE.sub(" ", text)
-    candidates = [c for obj in _structures(cleaned) for c in _candidates(obj)]
-    if not candidates:
-        candidates = [[_number(v) for v in m.groups()] for m in _QWEN2.finditer(cleaned)]
+    candidates = [c for obj in _structures(cleaned) for c in _candidates(obj, fmt.keys)]
+    if not candidates and fmt.pairs:
+        candidates = [[_number(v) for v in m.groups()] for m in _PAIRS.finditer(cleaned)]
     if not candidates:
         return ParsedBox(None, "no box found")
     boxes, first_error = [], None
     for i, candidate in enumerate(candidates):
         try:
-            boxes.append(check_box(candidate))
+            boxes.append(check_box(candidate, fmt.coord_max))
         except ValueError as exc:
             if i == 0:
                 first_error = str(exc)
@@ -221,8 +225,8 @@ _MIN_SIDE = 320  # small images are enlarged so the boxes and the legend stay re
 
 
 def draw_boxes(image_path: Path, boxes: list[tuple[str, Box | None, tuple[int, int, int]]], out_path: Path,
-               title: str = "") -> Path:
-    """Save ``image_path`` with each (label, box, colour) drawn, boxes scaled from 0..1000 to pixels."""
+               title: str = "", coord_max: float = COORD_MAX) -> Path:
+    """Save ``image_path`` with each (label, box, colour) drawn, boxes scaled from 0..coord_max to pixels."""
     from PIL import Image, ImageDraw
 
     with Image.open(image_path) as img:
@@ -243,7 +247,7 @@ def draw_boxes(image_path: Path, boxes: list[tuple[str, Box | None, tuple[int, i
         draw.text((4, y), f"{label}: {box.as_list() if box else 'no valid box'}", fill=color)
         y += 14
         if box is not None:
-            x1, y1, x2, y2 = box.to_pixels(image.width, image.height)
+            x1, y1, x2, y2 = box.to_pixels(image.width, image.height, coord_max)
             draw.rectangle([x1, y1 + legend_height, x2, y2 + legend_height], outline=color, width=width)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 from ..checkpoint.fsutil import atomic_output_dir
+from ..families import BoxFormat
+from ..families.base import NORMALIZED_1000
 from .bbox import ORIGINAL_COLOR, PRUNED_COLOR, draw_boxes, iou, parse_bbox
 from .compare import LayerCheck, LogitDiff, Tolerance
 from .inputs import Inputs
@@ -15,16 +17,17 @@ from .report import Check, fmt
 BBOX_DIR = "bbox"
 
 
-def _bbox_rows(prompts, pruned: ModelPass, original: ModelPass | None, out: Path) -> list[dict | None]:
-    """Parse boxes for grounding prompts, draw pictures into out/bbox (swapped in whole)."""
+def _bbox_rows(prompts, pruned: ModelPass, original: ModelPass | None, out: Path,
+               fmt: BoxFormat = NORMALIZED_1000) -> list[dict | None]:
+    """Parse boxes (the family's ``fmt``) for grounding prompts, draw pictures into out/bbox (swapped in whole)."""
     rows: list[dict | None] = []
     with atomic_output_dir(out / BBOX_DIR, force=True) as folder:
         for i, prompt in enumerate(prompts):
             if not prompt.sample.regions:
                 rows.append(None)
                 continue
-            mine = parse_bbox(pruned.generations[i].text)
-            theirs = parse_bbox(original.generations[i].text) if original else None
+            mine = parse_bbox(pruned.generations[i].text, fmt)
+            theirs = parse_bbox(original.generations[i].text, fmt) if original else None
             row = {"pruned": mine.describe(), "pruned_valid": mine.valid,
                    "original": theirs.describe() if theirs else None,
                    "original_valid": theirs.valid if theirs else None, "iou": None, "picture": None}
@@ -35,7 +38,8 @@ def _bbox_rows(prompts, pruned: ModelPass, original: ModelPass | None, out: Path
                 boxes = [("pruned", mine.box, PRUNED_COLOR)]
                 if theirs is not None:
                     boxes.insert(0, ("original", theirs.box, ORIGINAL_COLOR))
-                draw_boxes(prompt.sample.images[0], boxes, folder / name, title=prompt.question)
+                draw_boxes(prompt.sample.images[0], boxes, folder / name, title=prompt.question,
+                           coord_max=fmt.coord_max)
                 row["picture"] = f"{BBOX_DIR}/{name}"
             rows.append(row)
     return rows
@@ -85,7 +89,7 @@ def _surgery_check(inputs: Inputs, diffs: list[LogitDiff | None], layers: dict[i
     if bad_layers:
         more = f" (and {len(bad_layers) - 1} more layers)" if len(bad_layers) > 1 else ""
         parts.append(f"the pruned model's MoE blocks do not reproduce the original's with pruned experts masked: "
-                     f"{bad_layers[0].describe()}{more}")
+                     f"{bad_layers[0].describe(inputs.pruned.family.router_weight_name())}{more}")
     if not logits_ok:
         bad_prompts = sum(1 for d in diffs if d.mismatched)
         parts.append(f"final logits differ from the masked original's: max |dlogit| {fmt(worst.max_abs)} (logit "

@@ -1,7 +1,7 @@
 """Comparing the pruned model with the original: surgery tolerances, layer replays, agreement.
 
 Surgery consistency.  A correctly pruned model with kept set S computes what the original
-computes with the router logits outside S at -inf (``surgery.masked_routing``): the same
+computes with the router logits outside S at -inf (``masked_routing``): the same
 weights and the same arithmetic, up to floating-point reduction order (the router GEMM has E'
 instead of E outputs, so a kernel may block it differently).  Two tests, both must pass:
 
@@ -19,7 +19,7 @@ instead of E outputs, so a kernel may block it differently).  Two tests, both mu
   relative to their scale is dtype-meaningful), over at most ``max_mismatch_fraction`` of the
   positions.  This catches what the replay cannot see: embeddings, attention, norms, lm_head.
 
-Per dtype (measured on an H100 with random Qwen3-VL-MoE fixtures; a 12-layer, 32-expert one with
+Per dtype (measured on an H100 with random fixtures of the supported family; a 12-layer, 32-expert one with
 logits of scale ~70 is the "mid" model below):
 
 * float32: rel 1e-4, no position over it; layers 1e-4.  float32 rounds at 6e-8 relative;
@@ -117,7 +117,7 @@ class Agreement:
 
 def agreement(reference: torch.Tensor, pruned: torch.Tensor, chunk: int = 32) -> Agreement:
     agree, kl = 0, 0.0
-    for start in range(0, reference.shape[0], chunk):  # [chunk, V] float32 at a time: V is 152k for Qwen
+    for start in range(0, reference.shape[0], chunk):  # [chunk, V] float32 at a time: V may be 152k
         ref, out = reference[start:start + chunk].float(), pruned[start:start + chunk].float()
         agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
         log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
@@ -141,10 +141,11 @@ class LayerCheck:
     def failed(self) -> bool:
         return bool(self.router_mismatches or self.expert_mismatches)
 
-    def describe(self) -> str:
+    def describe(self, router_key: str = "router weight") -> str:
+        """What failed; ``router_key`` names the router weight (``ModelFamily.router_weight_name``)."""
         if self.router_mismatches:
             return (f"router of layer {self.layer} differs at {self.router_mismatches}/{self.tokens} traced tokens "
-                    f"(by up to {self.worst_router:.2g} of its scale): mlp.gate.weight rows scrambled, misnumbered "
+                    f"(by up to {self.worst_router:.2g} of its scale): {router_key} rows scrambled, misnumbered "
                     "or corrupted")
         return (f"experts of layer {self.layer} differ at {self.expert_mismatches}/{self.tokens} traced tokens whose "
                 f"routing agrees (output off by up to {self.worst_output:.2g} of its scale): expert tensors "

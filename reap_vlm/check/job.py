@@ -4,9 +4,9 @@ Checks (each on or off by what is available; exit 0 only when every enabled one 
 
 1. surgery: the pruned model equals the original with the pruned experts' router logits at
    -inf (kept ids from pruning_record.json, else reap_metadata.json): every MoE block replayed
-   on identical inputs, and the final logits, within the dtype's tolerances (``eval_compare``);
+   on identical inputs, and the final logits, within the dtype's tolerances (``compare``);
    a failure names the layer and the part (router rows, experts, or non-expert weights).
-2. generation: greedy outputs on held-out prompts are not degenerate (``eval_degenerate``); prompts
+2. generation: greedy outputs on held-out prompts are not degenerate (``degenerate``); prompts
    from --calibration skip the items reap.py scored (reap_metadata.json's calibration_samples), and
    any that had to be reused are counted in the verdict.
    With the original, an output the original also degenerates on does not count (random or
@@ -191,6 +191,7 @@ def build_report(settings: Settings, inputs: Inputs, judged: Judgement, rows: li
     """test_report.json's content."""
     passed = not any(c.failed for c in judged.checks)
     layers = compared.layers
+    router_key = inputs.pruned.family.router_weight_name()
     return {
         "passed": passed,
         "verdict": verdict(judged.checks, judged.metrics),
@@ -205,7 +206,8 @@ def build_report(settings: Settings, inputs: Inputs, judged: Judgement, rows: li
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
         "tolerance": asdict(tol),
-        "first_divergence": next((c.describe() for _, c in sorted(layers.items()) if c.failed), compared.divergence),
+        "first_divergence": next((c.describe(router_key) for _, c in sorted(layers.items()) if c.failed),
+                                 compared.divergence),
         "layers": [{k: _num(v) if isinstance(v, float) else v for k, v in asdict(c).items()}
                    for _, c in sorted(layers.items())],
         "notes": inputs.notes,
@@ -237,7 +239,7 @@ def run_test(settings: Settings) -> Outcome:
     pruned = run_pruned(inputs.pruned.path, prompts, settings, device, dtype, original, trace)
     compared = compare_passes(inputs, original, pruned, len(prompts), trace, tol)
 
-    boxes = _bbox_rows(prompts, pruned, original, out)
+    boxes = _bbox_rows(prompts, pruned, original, out, inputs.pruned.family.box_format)
     rows = [prompt_row(i, prompt, pruned, original, compared, boxes[i]) for i, prompt in enumerate(prompts)]
     judged = judge(settings, inputs, prompts, rows, boxes, compared, original is not None, tol)
     seconds = {"original": original.seconds if original else None, "pruned": pruned.seconds}

@@ -141,8 +141,7 @@ class ModelRunner:
         self.tokenizer = self.processor.tokenizer
         self.model = load_model(self.path, dtype=dtype, device=device, spread=True)  # spread: over all GPUs
         config = self.model.config
-        self.visual_ids = {i for i in (getattr(config, "image_token_id", None),
-                                       getattr(config, "video_token_id", None)) if i is not None}
+        self.visual_ids = self.family.visual_token_ids(config)
         self.end_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
         self.end_ids.update(_as_list(self.tokenizer.eos_token_id))
         self.special_ids = special_token_ids(self.tokenizer)
@@ -156,7 +155,7 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def encode(self, sample: CalibrationSample) -> EncodedSample:
-        return encode_sample(self.processor, sample, PROMPT_MAX_TOKENS, self.max_pixels)
+        return encode_sample(self.processor, sample, PROMPT_MAX_TOKENS, self.max_pixels, self.family)
 
     def _batch(self, enc: EncodedSample, continuation: list[int] | None = None) -> dict[str, torch.Tensor]:
         """One padded batch of prompt + ``continuation``.  A continuation is cut before any image/video

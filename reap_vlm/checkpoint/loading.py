@@ -64,8 +64,8 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
 
     config = AutoConfig.from_pretrained(str(path))
     if quant is not None:  # the weights are dequantized below: build the plain model
-        for cfg in (config, getattr(config, "text_config", None)):
-            if cfg is not None and hasattr(cfg, "quantization_config"):
+        for cfg in family.config_sections(config):
+            if hasattr(cfg, "quantization_config"):
                 delattr(cfg, "quantization_config")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)

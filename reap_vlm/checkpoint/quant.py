@@ -13,11 +13,11 @@ Three formats are read, each written here from its definition:
   ``weight_shape`` int64 [out, in]; asymmetric schemes add ``weight_zero_point``, packed the same
   way along dim 0 (the output dim); activation ordering adds ``weight_g_idx`` (group of each input
   column).  ``w = (q - zp) * scale`` per group along the input dim.
-* ``fp8`` with ``weight_block_size`` [bo, bi] (Qwen's / DeepSeek's FP8 releases): ``weight``
+* ``fp8`` with ``weight_block_size`` [bo, bi] (block-wise FP8 releases): ``weight``
   float8_e4m3fn [out, in] and ``weight_scale_inv`` [ceil(out/bo), ceil(in/bi)];
   ``w = weight * scale_inv`` of its block (edge blocks are partial).
 
-Detection is by config (``quantization_config`` at the top level or in ``text_config``); which
+Detection is by config (``quantization_config`` at the top level or in the family's text section); which
 modules are quantized is decided by the tensors (a module with the format's marker tensor), so
 modules the release left alone (``modules_to_not_convert`` / ``ignore``: vision tower, router,
 lm_head, norms, embeddings) are simply read as plain ``.weight`` tensors.
@@ -306,9 +306,10 @@ class Fp8BlockFormat(QuantFormat):
 # ------------------------------------------------------------------------------------ detection
 
 
-def quantization_config(config: Mapping) -> dict | None:
-    """``quantization_config`` at the top level of config.json or under ``text_config``."""
-    q = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+def quantization_config(config: Mapping, sections: list[Mapping] | None = None) -> dict | None:
+    """The first ``quantization_config`` of ``sections`` of config.json (default: its top level; a family's
+    ``config_sections`` adds its text section)."""
+    q = next((s.get("quantization_config") for s in sections or [config] if s.get("quantization_config")), None)
     return dict(q) if q else None
 
 
@@ -375,9 +376,9 @@ def _fp8(q: dict) -> Fp8BlockFormat:
 _READERS = {"awq": _awq, "compressed-tensors": _compressed_tensors, "fp8": _fp8}
 
 
-def detect_format(config: Mapping) -> QuantFormat | None:
+def detect_format(config: Mapping, sections: list[Mapping] | None = None) -> QuantFormat | None:
     """The checkpoint's ``QuantFormat`` from its config.json, None when it is not quantized."""
-    q = quantization_config(config)
+    q = quantization_config(config, sections)
     if q is None:
         return None
     method = str(q.get("quant_method", "")).lower().replace("_", "-")

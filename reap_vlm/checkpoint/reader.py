@@ -63,13 +63,13 @@ class Checkpoint:
 
     @property
     def quantization(self) -> str | None:
-        q = quantization_config(self.config)
+        q = quantization_config(self.config, self.family.config_sections(self.config))
         return None if not q else str(q.get("quant_method", "unknown"))
 
     @cached_property
     def quant_format(self) -> QuantFormat | None:
         """How the weights are quantized (None: plain); a ReapError for formats we cannot read."""
-        return detect_format(self.config)
+        return detect_format(self.config, self.family.config_sections(self.config))
 
     @property
     def num_experts(self) -> int:

@@ -17,7 +17,7 @@ def memory_state_dict(ckpt: Checkpoint, keys: Iterable[str] | None = None,
                       dtype: torch.dtype | None = None, device: str = "cpu",
                       source: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Tensors under their in-memory names and layouts: fused tensors transposed where the disk
-    layout differs, per-expert tensors fused.  Quantized Linears (see ``reap_vlm.quant``) are
+    layout differs, per-expert tensors fused.  Quantized Linears (see ``reap_vlm.checkpoint.quant``) are
     dequantized on ``device`` and returned as ``<module>.weight`` (float32 when ``dtype`` is None);
     asking for any of a quantized module's tensors (or for its ``.weight``) reads all of them.
 

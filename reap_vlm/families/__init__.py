@@ -1,9 +1,12 @@
-"""Model families by ``model_type``; see ``base.ModelFamily``."""
+"""Model families: everything the pipeline knows about a model family, asked of a ``base.ModelFamily``.
+
+To add a family: one module here with its ``ModelFamily`` value (``fused_experts`` for transformers 5's fused
+experts), listed in ``FAMILIES``."""
 
 from __future__ import annotations
 
 from ..errors import ReapError
-from .base import ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily
+from .base import BoxFormat, ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily
 from .qwen3_vl_moe import QWEN3_VL_MOE
 
 FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE,)
@@ -19,5 +22,15 @@ def family_for_config(config: dict) -> ModelFamily:
                     "check REAP_MODEL_PATH points at a Qwen3-VL-MoE checkpoint")
 
 
-__all__ = ["ExpertTensorLayout", "FAMILIES", "KeyInfo", "KeyRole", "ModelFamily", "QWEN3_VL_MOE",
-           "family_for_config"]
+def family_for_processor(processor) -> ModelFamily:
+    """The family whose processor ``processor`` is (by class name)."""
+    kind = type(processor).__name__
+    for family in FAMILIES:
+        if kind in family.processor_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.processor_types)
+    raise ReapError(f"processor {kind} belongs to no supported model family (supported: {supported})")
+
+
+__all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "KeyInfo", "KeyRole", "ModelFamily", "QWEN3_VL_MOE",
+           "family_for_config", "family_for_processor"]

@@ -1,14 +1,17 @@
 """What a model family is, as data: where its MoE layers, routers and experts live.
 
-A family has two faces:
+Everything the pipeline knows about a model family is asked of a ``ModelFamily``; this module holds
+no family's values, only the generic machinery over them.  Its faces:
 
-* the checkpoint face (``classify`` a safetensors key; ``ExpertTensorLayout`` for the
-  fused tensors; config keys), used by the pruner and the loader, which never build the model;
-* the runtime face (find MoE blocks in a loaded transformers model, read what the router
-  returned, compute expert outputs), used by scoring.
+* config: the text section of config.json, expert count, top-k, MoE layers, sizes;
+* checkpoint: ``classify`` a safetensors key; ``ExpertTensorLayout`` for fused tensors;
+* tokens and processor: visual token ids, the vision merge size, where an image starts, box format;
+* runtime: MoE blocks in a loaded model, routing, expert outputs (scoring, masked routing);
+* layer-wise: what runs before decoder layer 0 and what the text model does between layers.
 
-Adding Qwen3-MoE, GLM-4.5V or Kimi-VL means writing one more ``ModelFamily`` value and,
-where the experts compute differently, overriding ``expert_outputs``.
+A family is one module in this package: its data as a ``ModelFamily`` value (or a subclass with
+the few methods it computes differently; ``fused_experts`` has the machinery of transformers 5's
+fused gate_up/down experts), listed in ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -70,31 +73,68 @@ class ExpertTensorLayout:
 
 
 @dataclass(frozen=True)
+class BoxFormat:
+    """How a family's grounding answers write a box: coordinates in 0..``coord_max`` relative to the image,
+    under one of ``keys`` (compared lower-case without punctuation) or as a bare list, or written as
+    the pair ``(x1,y1),(x2,y2)`` when ``pairs``."""
+
+    coord_max: float
+    keys: frozenset[str]
+    pairs: bool = True
+
+
+# The common convention of grounding VLMs (a family names it as its ``box_format``; not a default).
+NORMALIZED_1000 = BoxFormat(1000.0, frozenset({"bbox2d", "bbox", "box", "box2d", "boundingbox", "boundingbox2d"}))
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     name: str
-    model_types: tuple[str, ...]
-    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]  # config.json model_type values
+    processor_types: tuple[str, ...]  # class names of its processors (AutoProcessor)
     layer_prefix: str  # regex of a decoder layer's checkpoint key prefix, with (?P<layer>\d+)
-    module_layer_regex: str = r"(?:^|\.)layers\.(?P<layer>\d+)\."  # same, for module names at run time
-    moe_module: str = "mlp"
-    router_module: str = "gate"
-    experts_module: str = "experts"
-    text_config_key: str | None = "text_config"
-    expert_count_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
-    top_k_key: str = "num_experts_per_tok"
+    module_layer_regex: str  # same, for module names at run time
+    moe_module: str  # the decoder layer's MoE block, e.g. "mlp"
+    router_module: str  # the router inside the MoE block
+    experts_module: str  # the experts inside the MoE block
+    text_section_key: str | None  # where the language model's settings sit in config.json (None: top level)
+    expert_count_keys: tuple[str, ...]  # every key that holds the expert count (all are rewritten)
+    top_k_key: str
+    embedding_key: str  # lm_head's source when tie_word_embeddings
+    prelayer: tuple[str, ...]  # key/module prefixes of what runs before decoder layer 0
+    box_format: BoxFormat
     fused: tuple[ExpertTensorLayout, ...] = ()
-    projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    embedding_key: str = "model.embed_tokens.weight"  # lm_head's source when tie_word_embeddings
 
     # ------------------------------------------------------------------ config face
 
-    def text_config(self, config: dict) -> dict:
-        if self.text_config_key and self.text_config_key in config:
-            return config[self.text_config_key]
-        return config
+    def text_section(self, config):
+        """The language model's settings: a config.json dict's section, or a transformers config's attribute."""
+        key = self.text_section_key
+        if isinstance(config, dict):
+            return config[key] if key and key in config else config
+        section = getattr(config, key, None) if key else None
+        return config if section is None else section
+
+    def text_section_path(self, config: dict) -> tuple[str, ...]:
+        """The keys leading to ``text_section(config)`` in config.json (empty: the top level)."""
+        key = self.text_section_key
+        return (key,) if key and key in config else ()
+
+    def config_sections(self, config) -> list:
+        """The top level and the text section (once, when they are one)."""
+        text = self.text_section(config)
+        return [config] if text is config else [config, text]
+
+    def vocab_size(self, config: dict) -> int:
+        return int(self.text_section(config)["vocab_size"])
+
+    def decoder_dims(self, text_config) -> dict[str, int]:
+        """A transformers text config's sizes (for memory estimates): hidden, intermediate (an expert's),
+        top_k, experts, heads, kv_heads, head_dim."""
+        raise NotImplementedError
 
     def num_experts(self, config: dict) -> int:
-        text = self.text_config(config)
+        text = self.text_section(config)
         for key in self.expert_count_keys:
             if key in text:
                 return int(text[key])
@@ -102,27 +142,23 @@ class ModelFamily:
                         f"is this a {self.name} MoE checkpoint?")
 
     def top_k(self, config: dict) -> int:
-        return int(self.text_config(config)[self.top_k_key])
+        return int(self.text_section(config)[self.top_k_key])
 
     def num_layers(self, config: dict) -> int:
-        return int(self.text_config(config)["num_hidden_layers"])
+        return int(self.text_section(config)["num_hidden_layers"])
 
     def moe_layers(self, config: dict) -> list[int]:
-        text = self.text_config(config)
-        skip = set(text.get("mlp_only_layers") or [])
-        step = int(text.get("decoder_sparse_step", 1) or 1)
-        if self.num_experts(config) <= 0:
-            return []
-        return [i for i in range(self.num_layers(config)) if i not in skip and (i + 1) % step == 0]
+        """Decoder layers with a sparse MoE block."""
+        raise NotImplementedError
 
     def sizes(self, config: dict) -> dict[str, int]:
-        text = self.text_config(config)
+        text = self.text_section(config)
         inter = int(text["moe_intermediate_size"])
         return {"H": int(text["hidden_size"]), "I": inter, "2I": 2 * inter}
 
     def set_num_experts(self, config: dict, count: int) -> list[str]:
         """Write ``count`` under every expert-count key the config already has; return the keys."""
-        text = self.text_config(config)
+        text = self.text_section(config)
         keys = [k for k in self.expert_count_keys if k in text]
         for key in keys:
             text[key] = count
@@ -151,6 +187,15 @@ class ModelFamily:
             raise ReapError(f"checkpoint key {key!r} carries an expert index but matches no {self.name} rule; "
                             "refusing to copy it unpruned (is this the right model family?)")
         return KeyInfo(KeyRole.OTHER)
+
+    def expert_module_pattern(self) -> re.Pattern:
+        """A module name that names one expert of one layer (groups ``layer`` and ``expert``)."""
+        experts = re.escape(self.moe_module) + r"\." + re.escape(self.experts_module)
+        return re.compile(self.module_layer_regex + experts + r"\.(?P<expert>\d+)(?=\.|$)")
+
+    def router_weight_name(self) -> str:
+        """The router weight's name inside a decoder layer (for messages)."""
+        return f"{self.moe_module}.{self.router_module}.weight"
 
     def fused_layout(self, name: str) -> ExpertTensorLayout | None:
         return next((f for f in self.fused if f.name == name), None)
@@ -224,14 +269,11 @@ class ModelFamily:
 
     def router_logits(self, router_output) -> torch.Tensor:
         """Router logits [T, E] from what the router module returned."""
-        return router_output[0]
+        raise NotImplementedError
 
     def route(self, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate weights [T, k], expert ids [T, k]) from logits, as the model's router computes them."""
-        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
-        weights, ids = torch.topk(probs, top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(router_logits.dtype), ids
+        raise NotImplementedError
 
     def num_router_rows(self, router: nn.Module) -> int:
         return router.weight.shape[0]
@@ -248,17 +290,49 @@ class ModelFamily:
 
     def routed_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden [T, H], top-k ids [T, k], applied gate weights [T, k]) from the experts' call."""
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = list(args) + [kwargs[n] for n in names[len(args):]]
-        return values[0], values[1], values[2]
+        raise NotImplementedError
 
     def expert_outputs(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """E_j(x) before gate weighting, for experts ``expert_ids`` on every row of x: [n, T, H]."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ tokens and processor face
+
+    def visual_token_ids(self, config) -> set[int]:
+        """Token ids of image/video placeholders in a loaded model's ``config``."""
+        raise NotImplementedError
+
+    def visual_token_mask(self, input_ids: torch.Tensor, config) -> torch.Tensor:
+        """Where ``input_ids`` holds an image/video placeholder."""
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in self.visual_token_ids(config):
+            mask |= input_ids == token
+        return mask
+
+    def vision_merge_size(self, processor) -> int:
+        """Vision patches merged into one image token, per side."""
+        raise NotImplementedError
+
+    def pixels_per_image_token(self, processor) -> int:
+        raise NotImplementedError
+
+    def image_start_id(self, processor) -> int:
+        """The token that opens an image's placeholders."""
+        raise NotImplementedError
+
+    image_frame_tokens = 0  # tokens around an image's placeholders (start/end markers)
+    routing_description = ""  # how ``route`` turns logits into gate weights, in words (reap_metadata.json)
+
+    def image_tokens(self, processor, grid_thw: torch.Tensor | None) -> int:
+        """Placeholder tokens of the images of ``grid_thw`` ([n, 3] patches), all together."""
+        if grid_thw is None:
+            return 0
+        merge = self.vision_merge_size(processor)
+        return int(grid_thw.prod(dim=-1).sum()) // (merge * merge)
+
     # ------------------------------------------------------------------ layer-wise face
-    # Used by ``reap_vlm.layerwise``: the model is a skeleton on the meta device and one decoder layer
-    # at a time gets real weights.  Defaults follow transformers 5's Qwen-VL naming.
+    # Used by ``reap_vlm.score.layerwise``: the model is a skeleton on the meta device and one decoder
+    # layer at a time gets real weights.
 
     def layer_of_key(self, key: str) -> int | None:
         """Decoder-layer index of a checkpoint key, or None for keys outside the decoder layers."""
@@ -275,32 +349,25 @@ class ModelFamily:
         return out
 
     def prelayer_prefixes(self) -> tuple[str, ...]:
-        """Checkpoint/module name prefixes of what runs before decoder layer 0: token embeddings and the
-        vision tower (its deepstack mergers included)."""
-        return ("model.visual.", "model.language_model.embed_tokens.")
+        """Checkpoint/module name prefixes of what runs before decoder layer 0 (embeddings, vision tower)."""
+        return self.prelayer
 
     def prelayer_keys(self, keys) -> list[str]:
         prefixes = self.prelayer_prefixes()
         return [k for k in keys if k.startswith(prefixes)]
 
     def text_model(self, model: nn.Module) -> nn.Module:
-        """The decoder stack (owner of ``layers``, ``rotary_emb`` and, for Qwen3-VL, ``_deepstack_process``)."""
-        inner = getattr(model, "model", model)
-        return getattr(inner, "language_model", inner)
+        """The decoder stack (owner of ``layers``)."""
+        raise NotImplementedError
 
     def multimodal_model(self, model: nn.Module) -> nn.Module:
         """The module whose forward takes (input_ids, pixel_values, ...) and calls the text model."""
-        return getattr(model, "model", model)
+        raise NotImplementedError
 
     def after_decoder_layer(self, text_model: nn.Module, layer: int, hidden: torch.Tensor,
                             text_inputs: dict) -> torch.Tensor:
         """What the text model's forward does to the hidden states right after decoder layer ``layer``,
-        given the keyword arguments the text model was called with.  Qwen3-VL: deepstack, the visual
-        features of vision layer ``deepstack_visual_indexes[layer]`` added at the visual positions,
-        through the model's own ``_deepstack_process``."""
-        embeds = text_inputs.get("deepstack_visual_embeds")
-        if embeds is not None and layer < len(embeds):
-            hidden = text_model._deepstack_process(hidden, text_inputs["visual_pos_masks"], embeds[layer])
+        given the keyword arguments the text model was called with (nothing, unless the family adds)."""
         return hidden
 
     # ------------------------------------------------------------------ fast scoring face

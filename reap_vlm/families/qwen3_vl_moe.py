@@ -3,7 +3,10 @@
 In memory: ``experts.gate_up_proj`` [E, 2I, H] (gate rows first), ``experts.down_proj`` [E, H, I],
 router ``gate.weight`` [E, H]; softmax over all experts, top-k, renormalised.  On disk the
 official bf16 release stores gate_up_proj [E, H, 2I] and down_proj [E, I, H]; FP8/AWQ releases
-store ``experts.{e}.{gate,up,down}_proj.<suffix>``.
+store ``experts.{e}.{gate,up,down}_proj.<suffix>``.  The language model's settings sit under
+``text_config``; dense layers are ``mlp_only_layers``.  Images are ``<|vision_start|>``, one
+``<|image_pad|>`` per merged patch group, ``<|vision_end|>``; deepstack adds visual features after
+the first decoder layers.  Grounding answers are ``{"bbox_2d": [x1, y1, x2, y2]}`` in 0..1000.
 """
 
 from __future__ import annotations
@@ -11,188 +14,95 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ExpertTensorLayout, ModelFamily
+from .base import NORMALIZED_1000, ExpertTensorLayout
+from .fused_experts import FusedGateUpFamily
 
 
-class FusedGateUpFamily(ModelFamily):
-    """Experts as fused gate_up_proj [E, 2I, H] + down_proj [E, H, I] (transformers 5 layout)."""
+class Qwen3VLMoeFamily(FusedGateUpFamily):
+    """What Qwen3-VL-MoE computes its own way: routing, dense layers, visual tokens, deepstack."""
 
-    def fused_sources(self) -> dict[str, tuple[str, ...]]:
-        return {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    image_frame_tokens = 2  # <|vision_start|> ... <|vision_end|>
+    routing_description = "softmax over all experts, top-k, renormalised"
 
-    def split_fused(self, name: str, tensor: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        if name == "gate_up_proj":
-            inter = tensor.shape[1] // 2
-            return [{"gate_proj": t[:inter], "up_proj": t[inter:]} for t in tensor]
-        return [{"down_proj": t} for t in tensor]
+    def moe_layers(self, config: dict) -> list[int]:
+        text = self.text_section(config)
+        skip = set(text.get("mlp_only_layers") or [])
+        step = int(text.get("decoder_sparse_step", 1) or 1)
+        if self.num_experts(config) <= 0:
+            return []
+        return [i for i in range(self.num_layers(config)) if i not in skip and (i + 1) % step == 0]
 
-    def fuse_per_expert(self, name: str, per_expert: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        if name == "gate_up_proj":
-            return torch.stack([torch.cat([e["gate_proj"], e["up_proj"]], dim=0) for e in per_expert])
-        return torch.stack([e["down_proj"] for e in per_expert])
+    def decoder_dims(self, text_config) -> dict[str, int]:
+        c = text_config
+        h = int(c.hidden_size)
+        return {"hidden": h, "intermediate": int(getattr(c, "moe_intermediate_size", 0) or c.intermediate_size),
+                "top_k": int(getattr(c, "num_experts_per_tok", 1) or 1),
+                "experts": int(getattr(c, "num_experts", 1) or 1),
+                "heads": int(c.num_attention_heads), "kv_heads": int(c.num_key_value_heads),
+                "head_dim": int(getattr(c, "head_dim", None) or h // c.num_attention_heads)}
 
-    def fused_shape(self, name: str, num_experts: int, proj: str, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
-        rows, columns = weight_shape
-        return (num_experts, 2 * rows, columns) if name == "gate_up_proj" else (num_experts, rows, columns)
+    def route(self, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(router_logits.dtype), ids
 
-    def fused_slot(self, name: str, fused: torch.Tensor, expert: int | slice, proj: str) -> torch.Tensor:
-        if proj not in self.fused_sources()[name]:
-            raise KeyError(f"{proj} is not a part of {name}")
-        if name == "gate_up_proj":  # gate rows first, as fuse_per_expert concatenates them
-            inter = fused.shape[1] // 2
-            return fused[expert, :inter] if proj == "gate_proj" else fused[expert, inter:]
-        return fused[expert]
+    # -------------------------------------------------------------- tokens and processor
 
-    def expert_outputs(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        gate_up = experts.gate_up_proj[expert_ids]  # [n, 2I, H]
-        h = torch.matmul(x.unsqueeze(0), gate_up.transpose(1, 2))  # [n, T, 2I]
-        return torch.matmul(_gate(experts, h), experts.down_proj[expert_ids].transpose(1, 2))
+    def visual_token_ids(self, config) -> set[int]:
+        ids = [getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)]
+        return {token for token in ids if token is not None}
 
-    # -------------------------------------------------------------- fast scoring (reap_vlm.scoring)
+    def vision_merge_size(self, processor) -> int:
+        return processor.image_processor.merge_size
 
-    def all_expert_norms(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every row, [T, E] float32: two batched matmuls over all experts (no weight
-        gather), or on CUDA in 16-bit the fused Triton kernels (``reap_vlm.triton_experts``: the
-        [E, T, 2I] and [E, T, H] intermediates never reach memory) where they time faster."""
-        from ..score import triton_experts
+    def pixels_per_image_token(self, processor) -> int:
+        proc = processor.image_processor
+        return (proc.patch_size * proc.merge_size) ** 2
 
-        if triton_experts.available(experts, x):
-            return triton_experts.fastest(experts, x, self._all_expert_norms_bmm,
-                                          self.full_bytes_per_token(experts, x.dtype))
-        return self._all_expert_norms_bmm(experts, x)
+    def image_start_id(self, processor) -> int:
+        start_id = getattr(processor, "vision_start_token_id", None)
+        if start_id is None:
+            start_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        return start_id
 
-    def _all_expert_norms_bmm(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
-        num = gate_up.shape[0]
-        h = torch.bmm(x.unsqueeze(0).expand(num, -1, -1), gate_up.transpose(1, 2))  # [E, T, 2I]
-        act = _gate(experts, h)
-        del h
-        y = torch.bmm(act, down.transpose(1, 2))  # [E, T, H]
-        del act
-        return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).T
+    # -------------------------------------------------------------- layer-wise
 
-    def full_bytes_per_token(self, experts: nn.Module, dtype: torch.dtype) -> int:
-        num, two_i, hidden = experts.gate_up_proj.shape
-        # gate_up output + activation (+ its temporary) or activation + down output, plus the float32 norms
-        width = max(two_i + two_i // 2 * 2, two_i // 2 + hidden)
-        return num * (width * torch.finfo(dtype).bits // 8 + 8)
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (owner of ``layers``, ``rotary_emb`` and ``_deepstack_process``)."""
+        inner = getattr(model, "model", model)
+        return getattr(inner, "language_model", inner)
 
-    def routed_forward(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                       top_k_weights: torch.Tensor):
-        """The experts' own forward (the implementation its config names) plus the routed pairs' norms."""
-        impl = getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
-        if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
-            return None
-        if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
-            return None
-        if impl == "grouped_mm":
-            return _routed_grouped(experts, hidden, top_k_index, top_k_weights)
-        if impl == "batched_mm":
-            return _routed_batched(experts, hidden, top_k_index, top_k_weights)
-        if impl == "eager":
-            return _routed_eager(experts, hidden, top_k_index, top_k_weights)
-        return None
+    def multimodal_model(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "model", model)
+
+    def after_decoder_layer(self, text_model: nn.Module, layer: int, hidden: torch.Tensor,
+                            text_inputs: dict) -> torch.Tensor:
+        """Deepstack: the visual features of vision layer ``deepstack_visual_indexes[layer]`` added at the
+        visual positions, through the model's own ``_deepstack_process``."""
+        embeds = text_inputs.get("deepstack_visual_embeds")
+        if embeds is not None and layer < len(embeds):
+            hidden = text_model._deepstack_process(hidden, text_inputs["visual_pos_masks"], embeds[layer])
+        return hidden
 
 
-_FUSED = (
-    ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("H", "2I")),
-    ExpertTensorLayout("down_proj", memory=("H", "I"), disk=("I", "H")),
-)
-
-QWEN3_VL_MOE = FusedGateUpFamily(
+QWEN3_VL_MOE = Qwen3VLMoeFamily(
     name="Qwen3-VL-MoE",
     model_types=("qwen3_vl_moe",),
-    architectures=("Qwen3VLMoeForConditionalGeneration",),
+    processor_types=("Qwen3VLProcessor",),
     layer_prefix=r"model\.language_model\.layers\.(?P<layer>\d+)\.",
+    module_layer_regex=r"(?:^|\.)layers\.(?P<layer>\d+)\.",
+    moe_module="mlp",
+    router_module="gate",
+    experts_module="experts",
+    text_section_key="text_config",
+    expert_count_keys=("num_experts", "num_local_experts"),
+    top_k_key="num_experts_per_tok",
     embedding_key="model.language_model.embed_tokens.weight",
-    fused=_FUSED,
+    prelayer=("model.visual.", "model.language_model.embed_tokens."),
+    box_format=NORMALIZED_1000,
+    fused=(
+        ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("H", "2I")),
+        ExpertTensorLayout("down_proj", memory=("H", "I"), disk=("I", "H")),
+    ),
 )
-
-
-# ----------------------------------------------------------------------------------------------- fast scoring
-# Added for reap_vlm.scoring's fast paths.  ``_routed_*`` reproduce transformers 5's experts forwards
-# (integrations/moe.py: eager, batched_mm, grouped_mm) op for op, so the output is the model's own, and
-# keep the per-pair expert outputs' norms on the way (||E_j(x)||, before gate weighting).
-
-
-def _gate(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:
-    if hasattr(experts, "_apply_gate"):
-        return experts._apply_gate(proj)
-    gate, up = proj.chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
-
-
-def _routed_grouped(experts, hidden_states, top_k_index, top_k_weights):
-    from transformers.integrations.moe import _grouped_linear
-
-    device = hidden_states.device
-    num_experts = experts.num_experts
-    num_top_k = top_k_index.size(-1)
-    num_tokens = hidden_states.size(0)
-    hidden_dim = hidden_states.size(-1)
-    sample_weights = top_k_weights.reshape(-1)
-    expert_ids = top_k_index.reshape(-1)
-    expert_ids_g, perm = torch.sort(expert_ids)
-    selected_hidden_states_g = hidden_states[perm // num_top_k]
-    sample_weights_g = sample_weights[perm]
-    histc_input = expert_ids_g.float() if device.type in ("cpu", "mps") else expert_ids_g.int()
-    tokens_per_expert = torch.histc(histc_input, bins=num_experts, min=0, max=num_experts - 1)
-    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-    sentinel_mask = (expert_ids_g >= num_experts).unsqueeze(-1)
-    expert_ids_g.clamp_(max=num_experts - 1)
-    selected_hidden_states_g.masked_fill_(sentinel_mask, 0.0)
-    proj_out = _grouped_linear(selected_hidden_states_g, experts.gate_up_proj, offsets, bias=None,
-                               is_transposed=False)
-    proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
-    proj_out = _gate(experts, proj_out)
-    proj_out = _grouped_linear(proj_out, experts.down_proj, offsets, bias=None, is_transposed=False)
-    proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
-    norms_g = torch.linalg.vector_norm(proj_out, dim=-1, dtype=torch.float32)  # the one addition
-    weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.size(0), device=device)
-    weighted_out = weighted_out[inv_perm]
-    final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
-    return final_hidden_states.to(hidden_states.dtype), norms_g[inv_perm].view(num_tokens, num_top_k)
-
-
-def _routed_batched(experts, hidden_states, top_k_index, top_k_weights):
-    from transformers.integrations.moe import _batched_linear
-
-    num_top_k = top_k_index.size(-1)
-    num_tokens = hidden_states.size(0)
-    hidden_dim = hidden_states.size(-1)
-    selected_hidden_states = hidden_states.repeat_interleave(num_top_k, dim=0)
-    sample_weights = top_k_weights.reshape(-1)
-    expert_ids = top_k_index.reshape(-1).clamp(0, experts.num_experts - 1)
-    proj_out = _batched_linear(selected_hidden_states, experts.gate_up_proj[expert_ids], bias=None,
-                               is_transposed=False)
-    proj_out = _gate(experts, proj_out)
-    proj_out = _batched_linear(proj_out, experts.down_proj[expert_ids], bias=None, is_transposed=False)
-    norms = torch.linalg.vector_norm(proj_out, dim=-1, dtype=torch.float32)
-    weighted_out = proj_out * sample_weights.unsqueeze(-1)
-    final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
-    return final_hidden_states.to(hidden_states.dtype), norms.view(num_tokens, num_top_k)
-
-
-def _routed_eager(experts, hidden_states, top_k_index, top_k_weights):
-    final_hidden_states = torch.zeros_like(hidden_states)
-    norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden_states.device)
-    with torch.no_grad():
-        expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=experts.num_experts)
-        expert_mask = expert_mask.permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in expert_hit:
-        expert_idx = expert_idx[0]
-        if expert_idx == experts.num_experts:
-            continue
-        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        current_state = hidden_states[token_idx]
-        gate, up = nn.functional.linear(current_state, experts.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-        current_hidden_states = experts.act_fn(gate) * up
-        current_hidden_states = nn.functional.linear(current_hidden_states, experts.down_proj[expert_idx])
-        norms[token_idx, top_k_pos] = torch.linalg.vector_norm(current_hidden_states, dim=-1, dtype=torch.float32)
-        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
-    return final_hidden_states, norms
-

@@ -60,8 +60,7 @@ def _render_list_like(original: str, values: list[str]) -> str:
 
 def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dict[int, int]]) -> list:
     """A quantization_config module list with dropped experts removed and kept ones renumbered."""
-    experts = re.escape(family.moe_module) + r"\." + re.escape(family.experts_module)
-    named = re.compile(rf"(?:^|\.)layers\.(?P<layer>\d+)\.{experts}\.(?P<expert>\d+)(?=\.|$)")
+    named = family.expert_module_pattern()
     unlayered = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(family.experts_module)}\\?\.\d+")
     out = []
     for name in names:
@@ -86,7 +85,7 @@ def prune_config_text(text: str, family: ModelFamily, num_kept: int,
     """config.json with the expert count and quantization module lists updated; every other byte as it was.
     Returns the new text and the dotted keys that changed."""
     expected = json.loads(text)  # what the edited text must parse to
-    text_path = (family.text_config_key,) if family.text_config_key and family.text_config_key in expected else ()
+    text_path = family.text_section_path(expected)
     edits: list[tuple[tuple[int, int], str, str]] = []
     for key in family.set_num_experts(expected, num_kept):
         for span in json_value_spans(text, (*text_path, key)):

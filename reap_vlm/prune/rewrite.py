@@ -1,7 +1,7 @@
 """Streaming expert pruning of a safetensors checkpoint: read tensor by tensor, write only kept experts.
 
 Nothing is ever loaded whole.  The plan (``plan``) maps every output tensor to byte ranges of its
-source shard; ``safetensors_io`` copies them file to file; ``config_edit`` rewrites config.json in place;
+source shard; ``checkpoint.safetensors_io`` copies them file to file; ``config_edit`` rewrites config.json in place;
 ``verify`` checks the result with ``--verify``.  This module writes the output folder atomically
 (``output`` checks where it goes, ``keep`` which experts stay).
 """
@@ -54,6 +54,25 @@ def write_index(source: Path, out: Path, plan: PrunePlan) -> None:
     atomic_write_json(out / INDEX_NAME, {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
 
 
+def pruning_record(source: Path, ckpt: Checkpoint, keep: dict[int, list[int]], id_map: dict[int, dict[int, int]],
+                   config_keys: list[str], plan: PrunePlan, selection: dict | None) -> dict:
+    """pruning_record.json's content (``bytes_written`` is counted while writing)."""
+    record = {
+        "source_path": str(source.resolve()),
+        "source_num_experts": ckpt.num_experts,
+        "num_experts": len(next(iter(keep.values()))),
+        "moe_layers": ckpt.moe_layers,
+        "experts_to_keep": {str(layer): ids for layer, ids in sorted(keep.items())},
+        "id_map": {str(layer): {str(old): new for old, new in m.items()} for layer, m in sorted(id_map.items())},
+        "config_keys_updated": config_keys,
+        "tensors": dict(plan.counts),
+        "bytes_written": 0,
+    }
+    if selection is not None:
+        record["selection"] = selection
+    return record
+
+
 # ----------------------------------------------------------------------------------------------- pruning
 
 def prune_checkpoint(source: Path, output: Path, experts_to_keep: dict[int, list[int]], *, force: bool = False,
@@ -89,19 +108,7 @@ def prune_checkpoint(source: Path, output: Path, experts_to_keep: dict[int, list
     carried = files_to_carry(source)
     check_free_space(output, plan.shard_bytes + sum(tree_size(p) for p in carried), stale)
 
-    record = {
-        "source_path": str(source.resolve()),
-        "source_num_experts": ckpt.num_experts,
-        "num_experts": num_kept,
-        "moe_layers": ckpt.moe_layers,
-        "experts_to_keep": {str(layer): ids for layer, ids in sorted(keep.items())},
-        "id_map": {str(layer): {str(old): new for old, new in m.items()} for layer, m in sorted(id_map.items())},
-        "config_keys_updated": config_keys,
-        "tensors": dict(plan.counts),
-        "bytes_written": 0,
-    }
-    if selection is not None:
-        record["selection"] = selection
+    record = pruning_record(source, ckpt, keep, id_map, config_keys, plan, selection)
     with atomic_output_dir(output, force=force, source=source) as tmp:
         with tqdm(total=plan.tensor_bytes, unit="B", unit_scale=True, desc="pruning", disable=not progress) as bar:
             for shard in plan.shards:

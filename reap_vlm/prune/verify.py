@@ -87,7 +87,7 @@ def _forward_check(pruned: Checkpoint, numel: int) -> str:
     if numel * 4 >= available // 4:
         return f"skipped (needs ~{numel * 4 / 1e9:.1f} GB in float32, over a quarter of available memory)"
     model = load_model(pruned.path)
-    vocab = int(pruned.family.text_config(pruned.config)["vocab_size"])
+    vocab = pruned.family.vocab_size(pruned.config)
     input_ids = (torch.arange(8) % vocab).unsqueeze(0)
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits

@@ -1,4 +1,5 @@
-"""Driving calibration batches through a whole model with the scoring hooks on, resumably."""
+"""The whole-model engine: calibration batches through the loaded model with the scoring hooks on, resumably; and
+the choice between it and the layer-wise engine."""
 
 from __future__ import annotations
 
@@ -8,37 +9,57 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration.encode import batches, num_batches
+from ..checkpoint.loading import free_memory_bytes
+from ..checkpoint.reader import Checkpoint
+from ..errors import ReapError
+from ..settings import ENGINES
 from .hooks import ReapObserver
-from .resume import ResumeState
+from .resume import ResumeState, last_batch
+
+AUTO_MEMORY_FRACTION = 0.85  # auto: layer-wise when the model needs more than this share of free memory
 
 
-def visual_token_mask(input_ids: torch.Tensor, config) -> torch.Tensor:
-    ids = [getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)]
-    mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    for token in ids:
-        if token is not None:
-            mask |= input_ids == token
-    return mask
+def model_bytes(ckpt: Checkpoint) -> int:
+    """Memory the whole model takes once loaded: the shards' size, scaled up for quantized weights
+    (dequantized to 16 bits; an upper bound, since norms and the vision tower stay as stored)."""
+    total = sum((ckpt.path / shard).stat().st_size for shard in ckpt.shards)
+    if ckpt.quantization:
+        total = total * 16 // ckpt.quant_format.weight_bits
+    return int(total)
+
+
+def choose_engine(ckpt: Checkpoint, device: str, requested: str, *, free_bytes: int | None = None) -> str:
+    """"model" (whole model in memory, ``engine.run_batches``) or "layerwise" (``layerwise.run_layerwise``).
+
+    ``requested`` "model" / "layerwise" is returned as is; "auto" picks layer-wise when the model's
+    bytes exceed 85% of the free memory of ``device`` (GPU memory on cuda, available RAM on cpu;
+    ``free_bytes`` overrides the measurement)."""
+    if requested not in ENGINES:
+        raise ReapError(f"--engine {requested!r} is not one of {', '.join(ENGINES)}")
+    if requested != "auto":
+        return requested
+    if free_bytes is None:
+        free_bytes = free_memory_bytes(device)
+    return "layerwise" if model_bytes(ckpt) > AUTO_MEMORY_FRACTION * free_bytes else "model"
 
 
 def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size: int, max_seq_len: int,
-                max_pixels: int, resume: ResumeState | None, checkpoint_every: int, device: str,
-                stop_after: int | None = None) -> dict:
-    """Run every batch through the model's own forward (no LM head); return counts for the summary.
-
-    ``stop_after`` ends the run early after that many batches (tests use it to simulate a kill).
-    """
+                max_pixels: int, resume: ResumeState | None, checkpoint_every: int, device: str) -> dict:
+    """Run every batch through the model's own forward (no LM head); return counts for the summary."""
     total = num_batches(samples, batch_size)
     done = resume.load(observer.stats) if resume else 0
-    base = observer.family.multimodal_model(model)
+    end = last_batch(done, total)
+    family = observer.family
+    base = family.multimodal_model(model)
     tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True)
-    with observer.attached(observer.family.moe_blocks(model)), torch.inference_mode():
+    with observer.attached(family.moe_blocks(model)), torch.inference_mode():
         remaining = samples[done * batch_size:]  # batches already summed are not even encoded again
-        for i, batch in enumerate(batches(processor, remaining, batch_size, max_seq_len, max_pixels), start=done):
+        stream = batches(processor, remaining, batch_size, max_seq_len, max_pixels, family)
+        for i, batch in enumerate(stream, start=done):
             batch = {k: v.to(device) for k, v in batch.items()}
-            observer.set_masks(batch["attention_mask"], visual_token_mask(batch["input_ids"], model.config))
+            observer.set_masks(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
             base(**batch, use_cache=False)
             tokens += int(batch["attention_mask"].sum())
             bar.update(1)
@@ -46,7 +67,7 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
             completed = i + 1
             if resume and (completed % checkpoint_every == 0 or completed == total):
                 resume.save(observer.stats, completed)
-            if stop_after is not None and completed - done >= stop_after:
+            if completed >= end:
                 break
     bar.close()
     return {"batches": total, "resumed_from": done, "tokens_this_run": tokens,

@@ -10,14 +10,14 @@ pinned host memory):
    model hands every decoder layer (hidden states, causal mask, mRoPE position embeddings, text
    position ids) and what it keeps for after the layers (visual position mask, deepstack
    features); then those weights are dropped;
-2. decoder layer ``i`` of the skeleton (transformers' own ``Qwen3VLMoeTextDecoderLayer``) gets its
-   weights from the safetensors (only that layer's keys, through ``checkpoint.memory_state_dict``,
+2. decoder layer ``i`` of the skeleton (transformers' own decoder layer class) gets its
+   weights from the safetensors (only that layer's keys, through ``checkpoint.tensors.memory_state_dict``,
    so dequantization and layout conversion are the loader's), every batch of the group passes
    through it with the ``ReapObserver`` hooks on, the family's ``after_decoder_layer`` adds the
    deepstack features after the layers that take them (the text model's own ``_deepstack_process``),
-   and the weights are dropped.  The next layer is read on a background thread meanwhile.
+   and the weights are dropped.  The next layer is read on a background thread meanwhile (``layer_loader``).
 
-The sums are saved (``engine.ResumeState``) after each group, with the number of batches done; a
+The sums are saved (``resume.ResumeState``) after each group, with the number of batches done; a
 rerun continues with the next group.  Same batches, same hooks, same kernels as the whole-model
 forward: the scores are the whole-model engine's (tests/test_layerwise.py checks it).
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -39,45 +38,14 @@ from ..checkpoint.loading import free_memory_bytes
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.tensors import memory_state_dict
 from ..errors import ReapError
-from ..settings import ENGINES
-from .engine import visual_token_mask
 from .hooks import ReapObserver, TokenMasks
-from .resume import ResumeState
+from .layer_loader import LayerLoader, to_device
+from .resume import ResumeState, last_batch
 
 log = logging.getLogger(__name__)
 
-AUTO_MEMORY_FRACTION = 0.85  # auto: layer-wise when the model needs more than this share of free memory
-PREFETCH_MODES = ("host", "device")
 STORAGE_MODES = ("auto", "device", "host")
-_COPY_CHUNK_BYTES = 256 << 20
 _GiB = 1 << 30
-
-
-# ----------------------------------------------------------------------------------------------- engine choice
-
-
-def model_bytes(ckpt: Checkpoint) -> int:
-    """Memory the whole model takes once loaded: the shards' size, scaled up for quantized weights
-    (dequantized to 16 bits; an upper bound, since norms and the vision tower stay as stored)."""
-    total = sum((ckpt.path / shard).stat().st_size for shard in ckpt.shards)
-    if ckpt.quantization:
-        total = total * 16 // ckpt.quant_format.weight_bits
-    return int(total)
-
-
-def choose_engine(ckpt: Checkpoint, device: str, requested: str, *, free_bytes: int | None = None) -> str:
-    """"model" (whole model in memory, ``engine.run_batches``) or "layerwise" (``run_layerwise``).
-
-    ``requested`` "model" / "layerwise" is returned as is; "auto" picks layer-wise when the model's
-    bytes exceed 85% of the free memory of ``device`` (GPU memory on cuda, available RAM on cpu;
-    ``free_bytes`` overrides the measurement)."""
-    if requested not in ENGINES:
-        raise ReapError(f"--engine {requested!r} is not one of {', '.join(ENGINES)}")
-    if requested != "auto":
-        return requested
-    if free_bytes is None:
-        free_bytes = free_memory_bytes(device)
-    return "layerwise" if model_bytes(ckpt) > AUTO_MEMORY_FRACTION * free_bytes else "model"
 
 
 # ----------------------------------------------------------------------------------------------- tensors
@@ -112,28 +80,6 @@ def _nbytes(obj) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A contiguous copy of ``t`` on ``device``.  A transposed view (the loader's layout conversion)
-    goes over as it lies in memory, a slice of dim 0 at a time, and is transposed there, so the copy
-    needs one extra slice of memory, not one extra tensor."""
-    if device.type != "cuda":
-        return t.to(device).contiguous()
-    if t.is_contiguous() or t.dim() < 2:
-        return t.to(device, non_blocking=True).contiguous()
-    out = torch.empty(t.shape, dtype=t.dtype, device=device)
-    rows = max(1, _COPY_CHUNK_BYTES // max(1, t[0].numel() * t.element_size()))
-    for start in range(0, t.shape[0], rows):
-        out[start:start + rows].copy_(t[start:start + rows].to(device, non_blocking=True))
-    return out
-
-
-def _pin(t: torch.Tensor) -> torch.Tensor:
-    try:
-        return t.pin_memory()
-    except RuntimeError:  # no pinned memory to be had: pageable copies still work, more slowly
-        return t
 
 
 def _release(module: nn.Module) -> None:
@@ -178,7 +124,7 @@ class BatchState:
         def move(t: torch.Tensor) -> torch.Tensor:
             if device.type == "cpu":
                 t = t.to("cpu")
-                return _pin(t) if pin else t
+                return pin(t) if pin else t
             return t.to(device, non_blocking=True)
 
         return BatchState(move(self.hidden), _tree_map(move, self.layer_kwargs), _tree_map(move, self.text_inputs),
@@ -203,116 +149,6 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()
-
-
-@dataclass
-class LoadStats:
-    layers: int = 0
-    bytes: int = 0
-    read_seconds: float = 0.0  # background: safetensors read (memory_state_dict)
-    pin_seconds: float = 0.0  # background: pinning / copy to the device (prefetch "device")
-    copy_seconds: float = 0.0  # main thread: host -> device copies on the critical path
-    wait_seconds: float = 0.0  # main thread: waiting for the background read
-
-
-class LayerLoader:
-    """Reads decoder layers' tensors (``memory_state_dict``) in the background, one layer ahead, in two
-    stages on two threads: the disk read, then pinning (or the copy to the device), so the disk never
-    waits for a memcpy.
-
-    prefetch "host": into pinned host memory; ``take`` copies to the device, so the device holds one
-    layer at a time (host memory: up to three layers in flight).  "device": straight onto the device
-    on a side stream (two layers on the device, no copy on the critical path).  Quantized checkpoints
-    are dequantized on the device: with "host" the quantized tensors wait in pinned host memory and
-    ``take`` dequantizes them once the previous layer is gone; with "device" on the side stream.
-    """
-
-    def __init__(self, ckpt: Checkpoint, keys: dict[int, list[str]], device: torch.device, dtype: torch.dtype,
-                 prefetch: str = "host", dequantize_in_take: bool | None = None):
-        if prefetch not in PREFETCH_MODES:
-            raise ReapError(f"prefetch {prefetch!r} is not one of {', '.join(PREFETCH_MODES)}")
-        self.ckpt, self.keys, self.device, self.dtype = ckpt, keys, device, dtype
-        cuda = device.type == "cuda"
-        self.prefetch = "device" if cuda and prefetch == "device" else "host"
-        # quantized tensors read ahead as stored and dequantized in take(); the default on CUDA with "host"
-        # (on the CPU dequantizing ahead, on the reader thread, costs no device memory)
-        self.raw = bool(ckpt.quantization) and self.prefetch == "host" and (
-            cuda if dequantize_in_take is None else dequantize_in_take)
-        self.stream = torch.cuda.Stream(device) if cuda and self.prefetch == "device" else None
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="reap-layer-read")
-        self.finisher = ThreadPoolExecutor(1, thread_name_prefix="reap-layer-pin")
-        self.futures: dict[int, Future] = {}
-        self.stats = LoadStats()
-
-    def request(self, layer: int) -> None:
-        if layer in self.keys and layer not in self.futures:
-            read = self.reader.submit(self._read, layer)
-            self.futures[layer] = self.finisher.submit(self._finish, read)
-
-    def _read(self, layer: int) -> dict[str, torch.Tensor]:
-        t0 = time.perf_counter()
-        keys = self.keys[layer]
-        if self.stream is not None and self.ckpt.quantization:
-            with torch.cuda.stream(self.stream):  # dequantized where it will be used
-                state = memory_state_dict(self.ckpt, keys, self.dtype, str(self.device))
-                state = {k: v.contiguous() for k, v in state.items()}
-        elif self.raw:
-            state = dict(self.ckpt.read(keys, "cpu"))
-        else:
-            state = memory_state_dict(self.ckpt, keys, self.dtype, "cpu")
-        self.stats.read_seconds += time.perf_counter() - t0
-        return state
-
-    def _finish(self, read: Future):
-        state = read.result()
-        t0 = time.perf_counter()
-        event = None
-        if self.stream is not None:
-            with torch.cuda.stream(self.stream):
-                state = {k: v if v.is_cuda else _to_device(_pin(v), self.device)
-                         for k, v in state.items()}
-                event = torch.cuda.Event()
-                event.record(self.stream)
-        elif self.device.type == "cuda":
-            state = {k: _pin(v) for k, v in state.items()}
-        else:
-            state = {k: v.contiguous() for k, v in state.items()}
-        self.stats.pin_seconds += time.perf_counter() - t0
-        return state, event
-
-    def take(self, layer: int) -> dict[str, torch.Tensor]:
-        """Layer ``layer``'s tensors on the device (in-memory names and layouts, contiguous)."""
-        self.request(layer)
-        t0 = time.perf_counter()
-        state, event = self.futures.pop(layer).result()
-        t1 = time.perf_counter()
-        if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for t in state.values():
-                t.record_stream(current)
-        elif self.raw:
-            raw = state  # pinned: kept until the copies from it are done
-            state = memory_state_dict(self.ckpt, self.keys[layer], self.dtype, str(self.device), source=raw)
-            state = {k: v.contiguous() for k, v in state.items()}
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-            del raw
-        elif self.device.type == "cuda":
-            state = {k: _to_device(v, self.device) for k, v in state.items()}
-            torch.cuda.current_stream(self.device).synchronize()  # the layer's compute waits for it anyway
-        self.stats.wait_seconds += t1 - t0
-        self.stats.copy_seconds += time.perf_counter() - t1
-        self.stats.layers += 1
-        self.stats.bytes += sum(t.numel() * t.element_size() for t in state.values())
-        return state
-
-    def close(self) -> None:
-        for future in self.futures.values():
-            future.cancel()
-        self.finisher.shutdown(wait=True)
-        self.reader.shutdown(wait=True)
-        self.futures.clear()
 
 
 class LayerwiseModel:
@@ -365,11 +201,9 @@ class LayerwiseModel:
 
     def workspace_bytes(self, tokens: int, mode: str) -> int:
         """Working memory of one batch of ``tokens`` tokens through one decoder layer (an estimate)."""
-        c = self.text.config
-        h, i = int(c.hidden_size), int(getattr(c, "moe_intermediate_size", 0) or c.intermediate_size)
-        k, e = int(getattr(c, "num_experts_per_tok", 1) or 1), int(getattr(c, "num_experts", 1) or 1)
-        hd = int(getattr(c, "head_dim", None) or h // c.num_attention_heads)
-        qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * hd
+        d = self.family.decoder_dims(self.text.config)
+        h, i, k, e = d["hidden"], d["intermediate"], d["top_k"], d["experts"]
+        qkv = (d["heads"] + 2 * d["kv_heads"]) * d["head_dim"]
         item = torch.finfo(self.dtype).bits // 8
         per_token = item * (k * (2 * h + 3 * i) + 8 * h + 2 * qkv) + 4 * 4 * e
         ws = tokens * per_token
@@ -381,7 +215,7 @@ class LayerwiseModel:
 
     def load_prelayer(self) -> None:
         state = memory_state_dict(self.ckpt, self.prelayer_keys, self.dtype, "cpu")
-        state = {k: _to_device(v, self.device) for k, v in state.items()}
+        state = {k: to_device(v, self.device) for k, v in state.items()}
         _, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
         if unexpected:
             raise ReapError(f"{self.ckpt.path}: unexpected pre-layer tensors {unexpected[:3]}")
@@ -420,7 +254,8 @@ class LayerwiseModel:
         if "hidden" not in caught:
             raise ReapError("the model's forward never reached decoder layer 0")
         text_inputs = {k: v for k, v in caught.get("text", {}).items() if k not in _TEXT_INPUTS_CONSUMED}
-        masks = TokenMasks.of(batch["attention_mask"], visual_token_mask(batch["input_ids"], self.model.config))
+        visual = self.family.visual_token_mask(batch["input_ids"], self.model.config)
+        masks = TokenMasks.of(batch["attention_mask"], visual)
         return BatchState(caught["hidden"], caught["layer"], text_inputs, masks, int(masks.n_valid))
 
     # -------------------------------------------------------------- decoder layers
@@ -487,15 +322,15 @@ def _budget(lw: LayerwiseModel, mode: str, batch_tokens: int, prefetch: str, max
 
 def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, *, batch_size: int,
                   max_seq_len: int, max_pixels: int, resume: ResumeState | None, checkpoint_every: int,
-                  device: str, dtype: torch.dtype, stop_after: int | None = None, prefetch: str = "host",
+                  device: str, dtype: torch.dtype, prefetch: str = "host",
                   storage: str = "auto", max_group_bytes: int | None = None,
                   model: LayerwiseModel | None = None) -> dict:
     """Score ``samples`` layer by layer; same meaning and return value as ``engine.run_batches``.
 
     The sums are saved after every group of batches (``checkpoint_every`` is accepted for the same
-    call shape; a group is the unit of progress here).  ``stop_after`` ends the run after that many
-    batches (the group is cut there).  ``prefetch``: "host" (next layer read into pinned host memory;
-    the GPU holds one layer) or "device" (read onto the GPU on a side stream; two layers).
+    call shape; a group is the unit of progress here); a ``resume.stop_after`` kill cuts the group
+    there.  ``prefetch``: "host" (next layer read into pinned host memory; the GPU holds one layer)
+    or "device" (read onto the GPU on a side stream; two layers).
     ``storage``: where the group's hidden states live, "auto" (GPU while they fit, else pinned host
     memory), "device" or "host".  ``max_group_bytes`` caps a group (tests use it).
     """
@@ -504,6 +339,7 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
     t_start = time.perf_counter()
     total = num_batches(samples, batch_size)
     done = resume.load(observer.stats) if resume else 0
+    end = last_batch(done, total)
     lw = model or LayerwiseModel(ckpt, device, dtype)
     moe_layers = sorted(observer.stats.layers)
     found = [layer for layer, _ in observer.family.moe_blocks(lw.model)]
@@ -519,13 +355,12 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
     loader = LayerLoader(ckpt, lw.layer_keys, lw.device, dtype, prefetch)
     layer_bytes = max(lw.layer_bytes(i) for i in range(last_layer + 1))
     remaining = samples[done * batch_size:]
-    it = iter(batches(processor, remaining, batch_size, max_seq_len, max_pixels))
+    it = iter(batches(processor, remaining, batch_size, max_seq_len, max_pixels, observer.family))
     completed, tokens = done, 0
     try:
         with observer.attached(observer.family.moe_blocks(lw.model)), torch.inference_mode():
-            while completed < total and (stop_after is None or completed - done < stop_after):
-                limit = total - completed if stop_after is None else min(total - completed,
-                                                                         done + stop_after - completed)
+            while completed < end:
+                limit = end - completed
                 loader.request(0)
                 group, on_host = _form_group(lw, it, limit, observer.mode, batch_size * max_seq_len,
                                              loader.prefetch, storage, max_group_bytes, layer_bytes)
@@ -544,11 +379,7 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
         loader.close()
         lw.release_prelayer()
     result.update(tokens_this_run=tokens, seconds=time.perf_counter() - t_start)
-    result["load"] = {"layers": loader.stats.layers, "bytes": loader.stats.bytes,
-                      "read_seconds": round(loader.stats.read_seconds, 3),
-                      "pin_seconds": round(loader.stats.pin_seconds, 3),
-                      "copy_seconds": round(loader.stats.copy_seconds, 3),
-                      "wait_seconds": round(loader.stats.wait_seconds, 3)}
+    result["load"] = loader.stats.report()
     return result
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,26 @@ import torch
 from .stats import ExpertStats
 
 STATE_NAME = "reap_state.pt"
+
+# The tests' kill-switch: a run stops after this many batches of its own, its state saved and nothing final
+# written, as if killed there.  Set through ``stop_after``; read only by ``last_batch``.
+_STOP_AFTER: int | None = None
+
+
+@contextmanager
+def stop_after(batches: int) -> Iterator[None]:
+    """Within the block, every scoring run stops after ``batches`` batches of its own (a simulated kill)."""
+    global _STOP_AFTER
+    previous, _STOP_AFTER = _STOP_AFTER, batches
+    try:
+        yield
+    finally:
+        _STOP_AFTER = previous
+
+
+def last_batch(done: int, total: int) -> int:
+    """Where a run that starts after ``done`` of ``total`` batches ends: ``total``, unless ``stop_after``."""
+    return total if _STOP_AFTER is None else min(total, done + _STOP_AFTER)
 
 
 def fingerprint(**parts) -> str:
