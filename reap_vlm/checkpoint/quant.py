@@ -307,9 +307,11 @@ class Fp8BlockFormat(QuantFormat):
 
 
 def quantization_config(config: Mapping, sections: list[Mapping] | None = None) -> dict | None:
-    """The first ``quantization_config`` of ``sections`` of config.json (default: its top level; a family's
-    ``config_sections`` adds its text section)."""
-    q = next((s.get("quantization_config") for s in sections or [config] if s.get("quantization_config")), None)
+    """The first ``quantization_config`` of ``sections`` of config.json: a family's ``config_sections`` (the top
+    level, then its text section); by default the top level, then each section nested in it."""
+    if sections is None:
+        sections = [config, *(v for v in config.values() if isinstance(v, Mapping))]
+    q = next((s.get("quantization_config") for s in sections if s.get("quantization_config")), None)
     return dict(q) if q else None
 
 
