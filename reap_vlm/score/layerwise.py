@@ -20,6 +20,9 @@ pinned host memory):
 The sums are saved (``resume.ResumeState``) after each group, with the number of batches done; a
 rerun continues with the next group.  Same batches, same hooks, same kernels as the whole-model
 forward: the scores are the whole-model engine's (tests/test_layerwise.py checks it).
+
+One module (about 400 lines) because the skeleton, the group budget and the loop share one life cycle;
+the background reader is ``layer_loader``.
 """
 
 from __future__ import annotations
