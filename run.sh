@@ -30,8 +30,9 @@ Pipeline (ARGS go to the script; `./run.sh reap --help` lists its flags):
   prune      write the pruned checkpoint   python prune_model.py ARGS
   test       check the pruned model        python test_pruned_model.py ARGS
   full       reap, prune and test in turn on the configured model; stops at the first failure
-  demo       build a tiny offline model + calibration set in demo/ (once), then reap -> prune -> test
-             on it (CPU, about a minute); outputs in demo/output/
+  demo       reap -> prune -> test on the trained reference model in reference/ (CPU, a few minutes):
+             task accuracy before and after pruning half the experts, by REAP and by frequency;
+             outputs in demo/output/
   selftest   the test suite                python -m pytest -q ARGS
 
 Container:
@@ -369,6 +370,14 @@ cmd_full() {
     py test_pruned_model.py
 }
 
+# The task-accuracy table of a test report, under a title.
+demo_accuracy() {
+    [[ -f $1 ]] || return 0
+    echo
+    echo "pruned by $2 (0.5 of the experts removed):"
+    sed -n '/^| task |/,/^$/p' "$1"
+}
+
 cmd_demo() {
     [[ $# -eq 0 ]] || usage_error "demo takes no arguments: its settings are in demo/demo.env"
     need_script reap.py
@@ -380,17 +389,19 @@ cmd_demo() {
         fi
     done < <(compgen -e)
     settings=(
-        REAP_MODEL_PATH=demo/model
-        REAP_CALIBRATION_PATH=demo/calibration/calibration_data.json
+        REAP_MODEL_PATH=reference/model
+        REAP_CALIBRATION_PATH=reference/calibration/mixed.json
         REAP_OUTPUT_PATH=demo/output/reap
         REAP_PRUNED_OUTPUT_PATH=demo/output/pruned-model
-        REAP_REFERENCE_PATH=demo/model
+        REAP_REFERENCE_PATH=reference/model
         REAP_TEST_OUTPUT_PATH=demo/output/test-report
-        REAP_PRUNE_RATIO=0.25
-        REAP_MAX_SAMPLES=8
+        REAP_EVAL_PATH=reference/eval_small.jsonl
+        REAP_PRUNE_RATIO=0.5
+        REAP_MAX_SAMPLES=128
+        REAP_BATCH_SIZE=16
         REAP_DEVICE=cpu
         REAP_NUM_PROMPTS=4
-        REAP_MAX_NEW_TOKENS=16
+        REAP_MAX_NEW_TOKENS=48
     )
     mkdir -p demo
     {
@@ -398,25 +409,27 @@ cmd_demo() {
         printf '%s\n' "${settings[@]}"
     } >demo/demo.env
     export REAP_ENV_FILE=demo/demo.env HF_HUB_OFFLINE=1
+    # The test's own prompts: held-out items, never scored (the scored ones are reference/calibration/mixed.json).
+    local heldout=(--calibration reference/calibration/heldout.json)
 
-    if [[ -f demo/model/config.json && -f demo/calibration/calibration_data.json ]]; then
-        echo "== demo: using demo/model and demo/calibration (clean --all rebuilds them)" >&2
-    else
-        echo "== demo: building the tiny Qwen3-VL-MoE model and calibration set in demo/" >&2
-        py -m reap_vlm.fixtures demo
-    fi
-
-    echo "== demo 1/3: reap.py (12 experts per layer, prune ratio 0.25: keep 9)" >&2
+    echo "== demo 1/4: reap.py on the trained reference model (32 experts per layer, mixed calibration)" >&2
     py reap.py
     outputs+=("REAP scores    demo/output/reap/reap_metadata.json")
     if [[ -f prune_model.py ]]; then
-        echo "== demo 2/3: prune_model.py --force --verify" >&2
+        echo "== demo 2/4: prune_model.py --force --verify (prune ratio 0.5 by REAP: keep 16 of 32)" >&2
         py prune_model.py --force --verify
         outputs+=("pruned model   demo/output/pruned-model/")
         if [[ -f test_pruned_model.py ]]; then
-            echo "== demo 3/3: test_pruned_model.py" >&2
-            py test_pruned_model.py
-            outputs+=("test report    demo/output/test-report/")
+            echo "== demo 3/4: test_pruned_model.py (task accuracy before and after, on reference/eval_small.jsonl)" >&2
+            py test_pruned_model.py "${heldout[@]}"
+            outputs+=("test report    demo/output/test-report/test_report.md")
+            echo "== demo 4/4: the same ratio by router frequency, for contrast" >&2
+            py prune_model.py --force --criterion frequency --output demo/output/pruned-frequency
+            py test_pruned_model.py "${heldout[@]}" --model demo/output/pruned-frequency \
+                --output demo/output/test-report-frequency
+            outputs+=("by frequency   demo/output/test-report-frequency/test_report.md")
+            demo_accuracy demo/output/test-report/test_report.md "REAP"
+            demo_accuracy demo/output/test-report-frequency/test_report.md "frequency"
         else
             skipped+=("test (test_pruned_model.py not found)")
         fi

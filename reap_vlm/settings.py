@@ -200,6 +200,11 @@ OPTIONS: dict[str, Option] = {
                "fail when next-token top-1 agreement with the original is below this"),
         Option("min_bbox_iou", "--min-bbox-iou", "REAP_MIN_BBOX_IOU", _optional_float, None,
                "fail when the mean IoU of pruned vs original boxes is below this"),
+        Option("eval_path", "--eval", "REAP_EVAL_PATH", _optional_path, None,
+               "evaluation file with known answers (JSONL of {task, prompt, image, answer | bbox_2d}): "
+               "task accuracy of the original and the pruned model"),
+        Option("min_accuracy_ratio", "--min-accuracy-ratio", "REAP_MIN_ACCURACY_RATIO", _optional_float, None,
+               "fail when a task's accuracy of the pruned model is below this fraction of the original's"),
     ]
 }
 
@@ -237,6 +242,8 @@ class Settings:
     backend: str = "transformers"
     min_top1_agreement: float | None = None
     min_bbox_iou: float | None = None
+    eval_path: Path | None = None
+    min_accuracy_ratio: float | None = None
     sources: dict[str, str] = field(default_factory=dict)  # name -> "flag" | "env" | ".env" | "default"
 
     def explicitly_set(self, name: str) -> bool:

@@ -64,11 +64,6 @@ FAKE = textwrap.dedent(
         if args[:1] == ["--version"]:
             print("Python 3.11.7")
             sys.exit(0)
-        if args[:2] == ["-m", "reap_vlm.fixtures"]:
-            os.makedirs("demo/model", exist_ok=True)
-            os.makedirs("demo/calibration", exist_ok=True)
-            open("demo/model/config.json", "w").close()
-            open("demo/calibration/calibration_data.json", "w").close()
         if args[:1] and args[0] == os.environ.get("FAKE_PY_FAIL_ON"):
             sys.exit(3)
     sys.exit(0)
@@ -483,37 +478,44 @@ def test_full_in_container(box):
                                                           ["python", "test_pruned_model.py"]]
 
 
+HELDOUT = ["--calibration", "reference/calibration/heldout.json"]
+DEMO_CALLS = [["reap.py"], ["prune_model.py", "--force", "--verify"], ["test_pruned_model.py", *HELDOUT],
+              ["prune_model.py", "--force", "--criterion", "frequency", "--output", "demo/output/pruned-frequency"],
+              ["test_pruned_model.py", *HELDOUT, "--model", "demo/output/pruned-frequency", "--output",
+               "demo/output/test-report-frequency"]]
+
+
 def test_demo_runs_every_stage_that_exists(box):
     (box.root / ".env").write_text("REAP_METADATA_PATH=/elsewhere/reap_metadata.json\n")
     result = box.run("demo", engine=False, REAP_KEEP_MULTIPLE="8")
     assert result.returncode == 0, result.stderr
     calls = box.calls("python")
-    assert [c["argv"] for c in calls] == [["-m", "reap_vlm.fixtures", "demo"], ["reap.py"],
-                                          ["prune_model.py", "--force", "--verify"], ["test_pruned_model.py"]]
-    env = calls[1]["env"]
+    assert [c["argv"] for c in calls] == DEMO_CALLS
+    env = calls[0]["env"]
     assert env["REAP_ENV_FILE"] == "demo/demo.env" and env["HF_HUB_OFFLINE"] == "1"
     assert "REAP_KEEP_MULTIPLE" not in env  # the shell's settings do not leak into the demo
     settings = dict(line.split("=", 1) for line in (box.root / "demo/demo.env").read_text().splitlines()
                     if line and not line.startswith("#"))
-    assert settings["REAP_MODEL_PATH"] == "demo/model"
-    assert settings["REAP_CALIBRATION_PATH"] == "demo/calibration/calibration_data.json"
+    assert settings["REAP_MODEL_PATH"] == settings["REAP_REFERENCE_PATH"] == "reference/model"
+    assert settings["REAP_CALIBRATION_PATH"] == "reference/calibration/mixed.json"
+    assert settings["REAP_EVAL_PATH"] == "reference/eval_small.jsonl"
     assert settings["REAP_OUTPUT_PATH"] == "demo/output/reap"
     assert settings["REAP_PRUNED_OUTPUT_PATH"] == "demo/output/pruned-model"
     assert settings["REAP_TEST_OUTPUT_PATH"] == "demo/output/test-report"
     assert settings["REAP_DEVICE"] == "cpu"
-    assert 12 - int(12 * float(settings["REAP_PRUNE_RATIO"])) >= 4  # the tiny model: 12 experts, top-4
+    assert 32 - int(32 * float(settings["REAP_PRUNE_RATIO"])) >= 4  # the reference model: 32 experts, top-4
     assert "REAP_METADATA_PATH" not in settings
     assert "demo/output/pruned-model" in result.stdout and "skipped" not in result.stdout
-    # A rerun reuses the model and calibration set.
+    # A rerun runs the same stages.
     assert box.run("demo", engine=False).returncode == 0
-    assert [c["argv"][0] for c in box.calls("python")] == ["reap.py", "prune_model.py", "test_pruned_model.py"]
+    assert [c["argv"] for c in box.calls("python")] == DEMO_CALLS
 
 
 def test_demo_skips_missing_stages(box):
     (box.root / "test_pruned_model.py").unlink()
     result = box.run("demo", engine=False)
     assert result.returncode == 0, result.stderr
-    assert [c["argv"][0] for c in box.calls("python")] == ["-m", "reap.py", "prune_model.py"]
+    assert [c["argv"][0] for c in box.calls("python")] == ["reap.py", "prune_model.py"]
     assert "test (test_pruned_model.py not found)" in result.stdout
     (box.root / "prune_model.py").unlink()
     result = box.run("demo", engine=False)
@@ -526,9 +528,7 @@ def test_demo_in_container(box):
     result = box.run("demo", REAP_BATCH_SIZE="4")
     assert result.returncode == 0, result.stderr
     calls = box.compose_calls()
-    assert [c[c.index("reap") + 1:] for c in calls] == [
-        ["python", "-m", "reap_vlm.fixtures", "demo"], ["python", "reap.py"],
-        ["python", "prune_model.py", "--force", "--verify"], ["python", "test_pruned_model.py"]]
+    assert [c[c.index("reap") + 1:] for c in calls] == [["python", *argv] for argv in DEMO_CALLS]
     assert all("REAP_BATCH_SIZE" not in c and "HF_HUB_OFFLINE" in c for c in calls)
     run_env = [c["env"] for c in box.calls("docker") if c["argv"][:2] == ["compose", "run"]]
     assert all(env["REAP_ENV_FILE"] == "demo/demo.env" for env in run_env)  # compose's env_file
@@ -537,7 +537,7 @@ def test_demo_in_container(box):
 def test_demo_stage_failure_stops(box):
     result = box.run("demo", engine=False, FAKE_PY_FAIL_ON="reap.py")
     assert result.returncode == 3
-    assert [c["argv"][0] for c in box.calls("python")] == ["-m", "reap.py"]
+    assert [c["argv"][0] for c in box.calls("python")] == ["reap.py"]
 
 
 # ------------------------------------------------------------------------------------------------ native .venv

@@ -84,6 +84,7 @@ BAD_VALUES = [
     ("backend", "onnx", "one of transformers, vllm"),
     ("min_top1_agreement", "2", "a number in [0, 1]"),
     ("min_bbox_iou", "x", "a number in [0, 1]"),
+    ("min_accuracy_ratio", "1.5", "a number in [0, 1]"),
 ]
 
 
@@ -91,7 +92,7 @@ def test_every_option_has_a_validation_case():
     # Paths without a parse rule beyond non-empty: one representative each is enough.
     covered = {name for name, _, _ in BAD_VALUES}
     path_like = {"model_path", "pruned_output_path", "metadata_path", "calibration_path", "reference_path",
-                 "test_output_path"}
+                 "test_output_path", "eval_path"}
     assert set(OPTIONS) - covered <= path_like
 
 

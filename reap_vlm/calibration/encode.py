@@ -129,18 +129,20 @@ def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pi
     return fitted
 
 
-def collate(encoded: list[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; padding positions have attention_mask 0 and are never counted."""
+def collate(encoded: list[EncodedSample], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Padded batch (right-padded, or left-padded for batched generation); padding positions have
+    attention_mask 0 and are never counted."""
     length = max(e.input_ids.numel() for e in encoded)
     input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(encoded), length), dtype=torch.long)
     mm = torch.zeros((len(encoded), length), dtype=torch.int)
     for i, e in enumerate(encoded):
         n = e.input_ids.numel()
-        input_ids[i, :n] = e.input_ids
-        attention[i, :n] = 1
+        span = slice(length - n, length) if left else slice(0, n)
+        input_ids[i, span] = e.input_ids
+        attention[i, span] = 1
         if e.mm_token_type_ids is not None:
-            mm[i, :n] = e.mm_token_type_ids
+            mm[i, span] = e.mm_token_type_ids
     batch = {"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": mm}
     with_images = [e for e in encoded if e.image_grid_thw is not None and e.image_grid_thw.numel()]
     if with_images:

@@ -30,6 +30,7 @@ import torch
 from ..checkpoint.loading import resolve_device, resolve_dtype
 from ..errors import ConfigError
 from ..settings import Settings
+from .accuracy import accuracy_section, load_eval_items, ratio_check
 from .checks import _bbox_rows, _generation_check, _surgery_check, _threshold_check, bbox_summary
 from .compare import (
     Agreement,
@@ -134,6 +135,7 @@ class Judgement:
     checks: list[Check]
     summary: dict
     metrics: list[str]  # the verdict's measurements
+    accuracy: dict | None = None  # task accuracy on --eval items
 
 
 def _agreement_part(rows: list[dict], compared: Comparison, judged: Judgement) -> float | None:
@@ -186,6 +188,20 @@ def judge(settings: Settings, inputs: Inputs, prompts: list[EvalPrompt], rows: l
     return judged
 
 
+def _accuracy_part(settings: Settings, items, pruned: ModelPass, original: ModelPass | None, box_format,
+                   judged: Judgement) -> None:
+    """Task accuracy on the evaluation file, both models side by side, and the optional ratio check."""
+    section = accuracy_section(items, pruned.answers, original.answers if original else None, box_format)
+    judged.accuracy = section
+    judged.summary["eval_items"] = f"{len(items)} from {settings.eval_path}"
+    overall = section["overall"]
+    text = f"accuracy {fmt(overall['pruned'])}"
+    judged.metrics.append(text + (f" (original {fmt(overall['original'])})" if original else ""))
+    check = ratio_check(section, settings.min_accuracy_ratio, original is not None)
+    if check is not None:
+        judged.checks.append(check)
+
+
 def build_report(settings: Settings, inputs: Inputs, judged: Judgement, rows: list[dict], compared: Comparison,
                  prompts_source: str, device: str, dtype, tol: Tolerance, seconds: dict) -> dict:
     """test_report.json's content."""
@@ -214,6 +230,7 @@ def build_report(settings: Settings, inputs: Inputs, judged: Judgement, rows: li
         "seconds": seconds,
         "settings": {name: (str(v) if isinstance(v := getattr(settings, name), Path) else v) for name in TEST_OPTIONS},
         "prompts": rows,
+        "accuracy": judged.accuracy,
     }
 
 
@@ -230,18 +247,21 @@ def run_test(settings: Settings) -> Outcome:
     out = Path(settings.test_output_path)
     out.mkdir(parents=True, exist_ok=True)
     prompts, prompts_source = choose_prompts(settings, out, inputs.notes, inputs.pruned.path)
+    eval_items = load_eval_items(settings.eval_path) if settings.eval_path is not None else None
     for note in inputs.notes:
         log(f"note: {note}")
 
-    original = run_original(inputs.reference, prompts, settings, device, dtype, inputs.keep) \
+    original = run_original(inputs.reference, prompts, settings, device, dtype, inputs.keep, eval_items) \
         if inputs.reference is not None else None
     trace = original is not None and inputs.keep is not None
-    pruned = run_pruned(inputs.pruned.path, prompts, settings, device, dtype, original, trace)
+    pruned = run_pruned(inputs.pruned.path, prompts, settings, device, dtype, original, trace, eval_items)
     compared = compare_passes(inputs, original, pruned, len(prompts), trace, tol)
 
     boxes = _bbox_rows(prompts, pruned, original, out, inputs.pruned.family.box_format)
     rows = [prompt_row(i, prompt, pruned, original, compared, boxes[i]) for i, prompt in enumerate(prompts)]
     judged = judge(settings, inputs, prompts, rows, boxes, compared, original is not None, tol)
+    if eval_items:
+        _accuracy_part(settings, eval_items, pruned, original, inputs.pruned.family.box_format, judged)
     seconds = {"original": original.seconds if original else None, "pruned": pruned.seconds}
     report = build_report(settings, inputs, judged, rows, compared, prompts_source, device, dtype, tol, seconds)
     paths = write_report(out, report)

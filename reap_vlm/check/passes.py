@@ -13,6 +13,7 @@ import torch
 
 from ..calibration.encode import EncodedSample
 from ..settings import Settings
+from .accuracy import EvalItem, answer_items
 from .degenerate import Degeneracy, detect_degenerate
 from .prompts import EvalPrompt
 from .runner import Generation, ModelRunner, TeacherForced, vllm_generate
@@ -33,6 +34,7 @@ class ModelPass:
     seconds: float = 0.0
     same_tokens: list[bool | None] = field(default_factory=list)  # prompt encoded as the original's processor does
     degenerate: Callable[[Generation], Degeneracy | None] | None = None  # judged with this model's tokenizer
+    answers: list[str] | None = None  # greedy answers to the evaluation items (--eval)
 
 
 def _judge(runner: ModelRunner) -> Callable[[Generation], Degeneracy | None]:
@@ -49,9 +51,10 @@ def _generations(path: Path, prompts: list[EvalPrompt], settings: Settings, dtyp
 
 
 def _run_model(label: str, path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
-               per_prompt) -> ModelPass:
+               per_prompt, eval_items: list[EvalItem] | None = None) -> ModelPass:
     """Load one model, encode and answer every prompt, and let ``per_prompt(runner, i, enc, gen, result)``
-    add what this model's side of the comparison needs; one model is in memory at a time."""
+    add what this model's side of the comparison needs; then answer the evaluation items, if any.  One model
+    is in memory at a time."""
     start = time.perf_counter()
     generated = _generations(path, prompts, settings, dtype)
     log(f"loading the {label}: {path}")
@@ -65,6 +68,9 @@ def _run_model(label: str, path: Path, prompts: list[EvalPrompt], settings: Sett
             result.generations.append(gen)
             per_prompt(runner, i, enc, gen, result)
             log(f"  {label.split()[0]} {i + 1}/{len(prompts)} {prompt.id}: {gen.text[:60]!r}")
+        if eval_items:
+            result.answers = answer_items(runner, eval_items, settings.max_new_tokens, progress=lambda done, total:
+                                          log(f"  {label.split()[0]} evaluation items {done}/{total}"))
     finally:
         runner.close()
     result.seconds = time.perf_counter() - start
@@ -72,16 +78,16 @@ def _run_model(label: str, path: Path, prompts: list[EvalPrompt], settings: Sett
 
 
 def run_original(path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
-                 keep: dict[int, list[int]] | None) -> ModelPass:
+                 keep: dict[int, list[int]] | None, eval_items: list[EvalItem] | None = None) -> ModelPass:
     def per_prompt(runner, i, enc, gen, result):
         result.teacher_forced.append(runner.teacher_forced(enc, gen.token_ids))
         result.masked.append(runner.teacher_forced(enc, gen.token_ids, keep=keep, trace=True) if keep else None)
 
-    return _run_model("original", path, prompts, settings, device, dtype, per_prompt)
+    return _run_model("original", path, prompts, settings, device, dtype, per_prompt, eval_items)
 
 
 def run_pruned(path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
-               original: ModelPass | None, trace: bool) -> ModelPass:
+               original: ModelPass | None, trace: bool, eval_items: list[EvalItem] | None = None) -> ModelPass:
     def per_prompt(runner, i, enc, gen, result):
         if original is None:
             result.same_tokens.append(None)
@@ -94,4 +100,4 @@ def run_pruned(path: Path, prompts: list[EvalPrompt], settings: Settings, device
             runner.replay(original.masked[i].trace.inputs, forced.trace)
         result.teacher_forced.append(forced)
 
-    return _run_model("pruned model", path, prompts, settings, device, dtype, per_prompt)
+    return _run_model("pruned model", path, prompts, settings, device, dtype, per_prompt, eval_items)

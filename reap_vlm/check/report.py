@@ -83,6 +83,7 @@ def markdown(report: dict) -> str:
     for key, value in report["summary"].items():
         shown = fmt(value) if value is None or isinstance(value, float) else value
         lines.append(f"- {key.replace('_', ' ')}: {shown}")
+    lines += _accuracy_lines(report.get("accuracy"))
     if report.get("layers"):
         lines += ["", "## MoE layers replayed on identical inputs", "",
                   "| layer | tokens | router mismatches | expert mismatches | near-tie flips (excused) | "
@@ -112,6 +113,18 @@ def markdown(report: dict) -> str:
             _cell(boxes, 160), fmt(box.get("iou")),
         ]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_lines(accuracy: dict | None) -> list[str]:
+    """The task-accuracy table (--eval): each model's share of right answers per task."""
+    if not accuracy:
+        return []
+    lines = ["", "## Task accuracy (evaluation items with known answers)", "",
+             "| task | items | original | pruned | pruned / original |", "|---|---|---|---|---|"]
+    for task, row in [*accuracy["tasks"].items(), ("all", accuracy["overall"])]:
+        ratio = row["pruned"] / row["original"] if row["original"] else None
+        lines.append(f"| {task} | {row['items']} | {fmt(row['original'])} | {fmt(row['pruned'])} | {fmt(ratio)} |")
+    return lines
 
 
 def write_report(folder: Path, report: dict) -> tuple[Path, Path]:

@@ -184,6 +184,18 @@ class ModelRunner:
         new = out[0, batch["input_ids"].shape[1]:].tolist()
         return make_generation(new, self.tokenizer, self.end_ids)
 
+    def generate_batch(self, encoded: list[EncodedSample], max_new_tokens: int) -> list[Generation]:
+        """Greedy decoding of several prompts at once (left-padded), as ``generate`` does for one."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                  eos_token_id=sorted(self.end_ids) or None, pad_token_id=self.pad_id)
+        batch = {k: v.to(self.device) for k, v in collate(encoded, self.pad_id, left=True).items()}
+        with torch.inference_mode():
+            out = self.model.generate(**batch, generation_config=config)
+        width = batch["input_ids"].shape[1]
+        return [make_generation(row[width:].tolist(), self.tokenizer, self.end_ids) for row in out]
+
     def text_positions(self, input_ids: torch.Tensor, limit: int) -> list[int]:
         """The last ``limit`` positions whose token is not an image/video placeholder."""
         ids = input_ids.tolist()
