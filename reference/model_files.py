@@ -12,19 +12,12 @@ training can encode thousands of items a second; tests check it against the proc
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from reap_vlm.fixtures.tiny import (
-    QWEN_ADDED_TOKENS,
-    QWEN_SPECIAL_TOKENS,
-    FixtureSpec,
-    fixture_config,
-    write_processor_files,
-)
+from reap_vlm.fixtures.tiny import FixtureSpec, fixture_config, save_qwen_tokenizer, write_processor_files
 
 from .tasks import IMAGE_SIZE, Item, corpus_lines
 
@@ -54,7 +47,7 @@ IMAGE_TOKENS = (GRID // MERGE) ** 2
 
 def write_tokenizer(folder: Path, vocab_size: int = 640) -> dict[str, int]:
     """A BPE trained on the tasks' text with Qwen2's own normalizer and pre-tokenizer."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tokenizer = Tokenizer(models.BPE())
@@ -67,25 +60,7 @@ def write_tokenizer(folder: Path, vocab_size: int = 640) -> dict[str, int]:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(corpus_lines(), trainer)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED_TOKENS])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    ids = {t: tokenizer.token_to_id(t) for t in QWEN_SPECIAL_TOKENS + QWEN_ADDED_TOKENS}
-    vocab = tokenizer.get_vocab(with_added_tokens=False)
-    (folder / "vocab.json").write_text(json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])),
-                                                  ensure_ascii=False))
-    model = json.loads((folder / "tokenizer.json").read_text())["model"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    added = {str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                           "single_word": False, "special": t in QWEN_SPECIAL_TOKENS}
-             for t in QWEN_SPECIAL_TOKENS + QWEN_ADDED_TOKENS}
-    config = {"add_prefix_space": False, "added_tokens_decoder": added, "bos_token": None,
-              "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "errors": "replace",
-              "model_max_length": 262144, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
-              "unk_token": None}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return {**ids, "__size__": tokenizer.get_vocab_size(with_added_tokens=True)}
+    return save_qwen_tokenizer(tokenizer, folder)
 
 
 def write_model_files(folder: Path) -> dict:
@@ -187,12 +162,3 @@ def collate(encoded: list[Encoded], pad_id: int) -> dict[str, np.ndarray]:
         out["image_grid_thw"] = np.tile(np.array([[1, GRID, GRID]], dtype=np.int64), (len(images), 1))
     return out
 
-
-def vocab_size_of(config: dict) -> int:
-    return config["text_config"]["vocab_size"]
-
-
-def params_count(config: dict) -> int:
-    text = config["text_config"]
-    return math.prod((text["num_hidden_layers"], text["num_experts"], 3, text["hidden_size"],
-                      text["moe_intermediate_size"]))
