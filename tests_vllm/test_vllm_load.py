@@ -1,0 +1,107 @@
+"""vLLM's own loader on pruned checkpoints (reap_vlm.vllm_load_check): whole for prune_model.py's output in
+both layouts, and a clear failure for a missing kept expert, a cut fused tensor, a wrong expert count in
+config.json and per-expert ids that were not renumbered."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from conftest import KEEP, edited_copy, run_check
+
+K = 7
+EXPERTS = "model.language_model.layers.{layer}.mlp.experts"
+
+
+def problems(out: str) -> list[str]:
+    return [line.strip()[2:] for line in out.splitlines() if line.startswith("  - ")]
+
+
+def test_pruned_fused_checkpoint_loads_whole(pruned):
+    code, out = run_check(pruned["fused"])
+    assert code == 0, out
+    assert out.startswith("vllm-load-check PASS: vLLM ")
+    assert "loaded all 96 parameters" in out and "(fused layout, 4 MoE layers x 7 experts)" in out
+    assert "all 96 equal to transformers' model of the same folder" in out
+
+
+def test_pruned_per_expert_checkpoint_loads_whole(pruned):
+    code, out = run_check(pruned["per-expert"])
+    assert code == 0, out
+    assert "(per-expert layout, 4 MoE layers x 7 experts)" in out and "all 96 equal" in out
+
+
+def test_missing_kept_expert_per_expert(pruned, tmp_path):
+    prefix = EXPERTS.format(layer=1) + ".3."
+    broken = edited_copy(pruned["per-expert"], tmp_path / "broken",
+                         tensors=lambda s: {k: v for k, v in s.items() if not k.startswith(prefix)})
+    code, out = run_check(broken)
+    assert code == 1 and out.startswith("vllm-load-check FAIL"), out
+    found = problems(out)
+    assert "layer 1: expert(s) 3 of 0..6 have no tensors in the checkpoint" in found
+    assert ("layer 1: w13_weight of expert(s) 3 left at its initial value (nothing in the file reached it)"
+            in found)
+    assert "layer 1: w2_weight of expert(s) 3 left at its initial value (nothing in the file reached it)" in found
+
+
+def test_cut_fused_tensor(pruned, tmp_path):
+    """One expert short in layer 2's fused tensors: vLLM loads the 6 it is given and says nothing."""
+    prefix = EXPERTS.format(layer=2)
+
+    def cut(state):
+        for name in ("gate_up_proj", "down_proj"):
+            state[f"{prefix}.{name}"] = state[f"{prefix}.{name}"][:6]
+        return state
+
+    code, out = run_check(edited_copy(pruned["fused"], tmp_path / "broken", tensors=cut))
+    assert code == 1, out
+    found = problems(out)
+    assert "layer 2: experts.gate_up_proj [6, 64, 96] holds 6 experts, config.json says num_experts 7" in out
+    assert "layer 2: w13_weight of expert(s) 6 left at its initial value (nothing in the file reached it)" in found
+
+
+def test_fused_tensor_with_an_extra_expert(pruned, sources, tmp_path):
+    """One expert too many in a fused tensor: named by the layout check, whatever vLLM makes of it."""
+    prefix = EXPERTS.format(layer=0)
+    original = __import__("conftest").read_tensors(sources["fused"])
+    dropped = sorted(set(range(12)) - set(KEEP[0]))[0]
+
+    def extra(state):
+        for name in ("gate_up_proj", "down_proj"):
+            state[f"{prefix}.{name}"] = torch.cat([state[f"{prefix}.{name}"],
+                                                   original[f"{prefix}.{name}"][dropped:dropped + 1]])
+        return state
+
+    code, out = run_check(edited_copy(pruned["fused"], tmp_path / "broken", tensors=extra))
+    assert code == 1, out
+    assert "layer 0: experts.gate_up_proj [8, 64, 96] holds 8 experts, config.json says num_experts 7" in out
+
+
+def test_wrong_expert_count_in_config(pruned, tmp_path):
+    for layout in ("fused", "per-expert"):
+        broken = edited_copy(pruned[layout], tmp_path / layout,
+                             config=lambda c: c["text_config"].update(num_experts=10))
+        code, out = run_check(broken)
+        assert code == 1, out
+        found = problems(out)
+        assert any(re.fullmatch(r"layer \d: router model\.language_model\.layers\.\d\.mlp\.gate\.weight has 7 rows, "
+                                r"config\.json says num_experts 10", p) for p in found), out
+        assert any(p.startswith("vLLM's load_weights failed at ") for p in found), out
+
+
+def test_per_expert_ids_not_renumbered(pruned, tmp_path):
+    """The kept experts under their original ids (0, 2, 3, 5, 7, 9, 11 in layer 0) with num_experts 7."""
+    def original_ids(state):
+        out = {}
+        for key, value in state.items():
+            m = re.match(r"(model\.language_model\.layers\.(\d+)\.mlp\.experts\.)(\d+)(\..*)", key)
+            out[f"{m[1]}{KEEP[int(m[2])][int(m[3])]}{m[4]}" if m else key] = value
+        return out
+
+    code, out = run_check(edited_copy(pruned["per-expert"], tmp_path / "broken", tensors=original_ids))
+    assert code == 1, out
+    found = problems(out)
+    assert ("layer 0: per-expert ids 7, 9, 11 are >= num_experts 7 (ids not renumbered 0..6?); vLLM has no slot "
+            "for them") in found
+    assert "layer 0: expert(s) 1, 4, 6 of 0..6 have no tensors in the checkpoint" in found
+    assert any(p.startswith("layer 0: w13_weight of expert(s) 1, 4, 6 left at its initial value") for p in found), out
