@@ -64,6 +64,7 @@ class Report:
     num_file_tensors: int = 0
     num_params: int = 0
     compared: int = 0
+    load_failed: bool = False
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -190,10 +191,12 @@ def check_layout(shapes: dict[str, tuple[int, ...]], text: dict, report: Report)
         for name in ("gate_up_proj", "down_proj"):
             if name not in tensors:
                 report.problems.append(f"layer {layer}: experts.{name} is missing")
-            elif tensors[name][0] != num:
-                report.problems.append(
-                    f"layer {layer}: experts.{name} {list(tensors[name])} holds {tensors[name][0]} experts, "
-                    f"config.json says num_experts {num} (vLLM would cut or leave experts silently)")
+            elif (held := tensors[name][0]) != num:
+                what = (f"vLLM loads the {held} it finds and leaves expert(s) {_ranges(range(held, num))} "
+                        "uninitialised without an error" if held < num
+                        else f"{held - num} more than vLLM has slots for")
+                report.problems.append(f"layer {layer}: experts.{name} {list(tensors[name])} holds {held} experts, "
+                                       f"config.json says num_experts {num}: {what}")
     for layer, experts in sorted(per_expert.items()):
         missing = set(range(num)) - set(experts)
         extra = {e for e in experts if e >= num}
@@ -282,6 +285,7 @@ def build_and_load(folder: Path, names: dict[str, str], dtype: str, report: Repo
         except Exception as exc:  # noqa: BLE001 - vLLM's own assertion is the finding
             where = f" at {seen[-1]}" if seen else ""
             report.problems.append(f"vLLM's load_weights failed{where}: {_one_line(exc)}")
+            report.load_failed = True
             return params
     not_named = sorted(set(params) - loaded)
     for name in not_named:
@@ -433,7 +437,9 @@ def check(folder: str | Path, dtype: str = "auto", values: bool = True) -> Repor
     report.num_file_tensors = len(shapes)
     check_layout(shapes, text, report)
     params = build_and_load(folder, names, dtype, report)
-    if not values:
+    if report.load_failed:
+        report.notes.append("values not compared: vLLM's load stopped")
+    elif not values:
         report.notes.append("values not compared (--no-values)")
     elif report.quantization:
         report.notes.append(f"values not compared: {report.quantization} parameters are vLLM's packed forms")
