@@ -227,7 +227,8 @@ def _judge(runner: ModelRunner) -> Callable[[Generation], Degeneracy | None]:
 def _generations(path: Path, prompts: list[EvalPrompt], settings: Settings, dtype) -> list[Generation] | None:
     if settings.backend != "vllm":
         return None
-    _log(f"generating with vLLM: {path}")
+    _log(f"generating with vLLM: {path} (this generation path has not run in this project's CI, which has no GPU; "
+         "what is tested is vLLM's loader on pruned checkpoints: python -m reap_vlm.vllm_load_check)")
     return vllm_generate(path, [p.sample for p in prompts], max_new_tokens=settings.max_new_tokens, dtype=dtype,
                          max_pixels=settings.max_pixels, seed=settings.seed)
 
@@ -470,7 +471,8 @@ def run_test(settings: Settings) -> Outcome:
     """Run every check, write the report, return the outcome (the caller prints the verdict)."""
     if settings.backend == "vllm" and not vllm_available():
         raise ConfigError("--backend vllm needs vLLM, which is not installed here: pip install vllm "
-                          "(or use --backend transformers, the default)")
+                          "(or use --backend transformers, the default; requirements-vllm.txt pins the vLLM whose "
+                          "loader is checked, python -m reap_vlm.vllm_load_check FOLDER checks it on the CPU)")
     inputs = resolve_inputs(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
