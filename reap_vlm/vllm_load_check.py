@@ -252,6 +252,7 @@ def build_and_load(folder: Path, names: dict[str, str], dtype: str, report: Repo
     import torch
     from vllm.config import DeviceConfig, LoadConfig, ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
     from vllm.utils.torch_utils import set_default_torch_dtype
 
@@ -268,11 +269,15 @@ def build_and_load(folder: Path, names: dict[str, str], dtype: str, report: Repo
                                      distributed_init_method=f"tcp://127.0.0.1:{_free_port()}")
         initialize_model_parallel(1, 1)
         try:
+            # As vLLM's model loader does: the class from config.json's architectures, the quantization
+            # config's module names mapped to vLLM's, the model built in the checkpoint's dtype.
             with set_default_torch_dtype(model_config.dtype), torch.device("cpu"):
-                model = Qwen3VLMoeForConditionalGeneration(vllm_config=vllm_config)
+                model = initialize_model(vllm_config=vllm_config)
         except Exception as exc:  # noqa: BLE001 - e.g. no CPU kernel for a quantized layer
             raise CannotCheck(f"vLLM cannot build {ARCHITECTURE} for this checkpoint on this CPU: "
                               f"{_one_line(exc)}") from None
+        if not isinstance(model, Qwen3VLMoeForConditionalGeneration):
+            raise CannotCheck(f"vLLM chose {type(model).__name__} for this folder, not {ARCHITECTURE}")
         params = dict(model.named_parameters())
         report.num_params = len(params)
         with torch.no_grad():
