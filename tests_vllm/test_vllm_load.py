@@ -115,6 +115,18 @@ def test_per_expert_ids_not_renumbered(pruned, tmp_path):
             "for them") in found
     assert "layer 0: expert(s) 1, 4, 6 of 0..6 have no tensors in the checkpoint" in found
     assert any(p.startswith("layer 0: w13_weight of expert(s) 1, 4, 6 left at its initial value") for p in found), out
+    for expert in (7, 9, 11):
+        assert (f"skipped by vLLM's loader: the file's {EXPERTS.format(layer=0)}.{expert}.gate_proj.weight reached no "
+                "parameter's weight_loader") in found
+
+
+def test_a_tensor_vllm_skips_silently_is_named(pruned, tmp_path):
+    """vLLM's Qwen3-MoE loader ignores unexpected ``.bias`` tensors without a word: the check names them."""
+    key = "model.language_model.layers.0.self_attn.o_proj.bias"
+    broken = edited_copy(pruned["fused"], tmp_path / "broken", tensors=lambda s: {**s, key: torch.ones(64)})
+    code, out = run_check(broken)
+    assert code == 1, out
+    assert problems(out) == [f"skipped by vLLM's loader: the file's {key} reached no parameter's weight_loader"]
 
 
 # What vLLM 0.33.0 cannot build without a GPU (the PyPI wheel on a CPU without AMX): the quantized expert layers.
