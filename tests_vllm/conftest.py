@@ -23,7 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from reap_vlm.fixtures import FixtureSpec, build_tiny_checkpoint, write_sharded_safetensors  # noqa: E402
+from reap_vlm.fixtures import (  # noqa: E402
+    FixtureSpec,
+    build_calibration_set,
+    build_tiny_checkpoint,
+    write_sharded_safetensors,
+)
 from reap_vlm.pruning import prune_checkpoint  # noqa: E402
 from reap_vlm.quant_fixtures import build_quantized_checkpoint  # noqa: E402
 
@@ -41,6 +46,19 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sources")
     return {"fused": build_tiny_checkpoint(root / "fused"),
             "per-expert": build_tiny_checkpoint(root / "per-expert", FixtureSpec(per_expert=True))}
+
+
+@pytest.fixture(scope="session")
+def calibration(tmp_path_factory) -> Path:
+    return build_calibration_set(tmp_path_factory.mktemp("calibration") / "set")
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """One of the project's scripts, as a user runs it (in this venv, away from any .env and REAP_*)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REAP_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KEEP, edited_copy, pruned_quantized, run_check
+from conftest import KEEP, edited_copy, pruned_quantized, run_check, run_script
 
 K = 7
 EXPERTS = "model.language_model.layers.{layer}.mlp.experts"
@@ -25,6 +25,20 @@ def test_pruned_fused_checkpoint_loads_whole(pruned):
     assert out.startswith("vllm-load-check PASS: vLLM ")
     assert "loaded all 96 parameters" in out and "(fused layout, 4 MoE layers x 7 experts)" in out
     assert "all 96 equal to transformers' model of the same folder" in out
+
+
+@pytest.mark.parametrize("layout", ["fused", "per-expert"])
+def test_reap_then_prune_model_output_loads_whole(sources, calibration, tmp_path, layout):
+    """The user's path: reap.py scores, prune_model.py writes (and verifies), vLLM's loader takes it."""
+    done = run_script("reap.py", "--model", str(sources[layout]), "--calibration",
+                      str(calibration / "calibration_data.json"), "--output", "reap", "--prune-ratio", "0.25",
+                      "--device", "cpu", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script("prune_model.py", "--reap-output", "reap", "--output", "pruned", "--verify", cwd=tmp_path)
+    assert done.returncode == 0 and "forward ok" in done.stdout, done.stderr[-3000:]
+    code, out = run_check(tmp_path / "pruned")
+    assert code == 0, out
+    assert f"({layout} layout, 4 MoE layers x 9 experts)" in out and "all 96 equal" in out
 
 
 def test_pruned_per_expert_checkpoint_loads_whole(pruned):
