@@ -7,10 +7,11 @@ built from the pruned config.json, every parameter filled with a sentinel (NaN, 
 folder's safetensors streamed through the model's own ``load_weights``.  Then:
 
 - the checkpoint's expert tensors against config.json: a fused ``experts.gate_up_proj`` / ``down_proj`` holding
-  as many experts as ``num_experts`` (vLLM cuts or leaves experts silently otherwise), per-expert ids exactly
-  0..num_experts-1 with every projection present, router rows = ``num_experts``;
-- every vLLM parameter named as loaded by ``load_weights`` and no element left at the sentinel (per expert for
-  the expert tensors);
+  as many experts as ``num_experts`` (with fewer, vLLM leaves the rest uninitialised without an error),
+  per-expert ids exactly 0..num_experts-1 with every projection present, router rows = ``num_experts``;
+- every file tensor handed to some parameter's ``weight_loader`` (vLLM skips some silently: unexpected
+  ``.bias``, expert ids it has no slot for), every vLLM parameter named as loaded by ``load_weights`` and no
+  element left at the sentinel (per expert for the expert tensors);
 - unquantized checkpoints: every parameter's value equal to the transformers model of the same folder (fused:
   transformers' own ``from_pretrained``; per-expert, which transformers cannot load: the files' tensors stacked
   in transformers' layout, names and shapes checked against transformers' model), after vLLM's layout
@@ -482,6 +483,11 @@ def check(folder: str | Path, dtype: str = "auto", values: bool = True) -> Repor
     report = Report(folder, num_experts=int(text.get("num_experts") or 0), moe_layers=moe_layers(text))
     quant = config.get("quantization_config") or text.get("quantization_config")
     report.quantization = quant.get("quant_method") if quant else None
+    import vllm
+
+    if vllm.__version__ != VLLM_VERSION_CHECKED:
+        report.notes.append(f"this check was written against vLLM {VLLM_VERSION_CHECKED}'s loader; this is "
+                            f"{vllm.__version__}")
     names = weight_map(folder)
     shapes = file_shapes(folder, names)
     report.num_file_tensors = len(shapes)
