@@ -238,7 +238,8 @@ def run_test(settings: Settings) -> Outcome:
     """Run every check, write the report, return the outcome (the caller prints the verdict)."""
     if settings.backend == "vllm" and not vllm_available():
         raise ConfigError("--backend vllm needs vLLM, which is not installed here: pip install vllm "
-                          "(or use --backend transformers, the default)")
+                          "(or use --backend transformers, the default; requirements-vllm.txt pins the vLLM whose "
+                          "loader is checked, python -m reap_vlm.check.vllm_load FOLDER checks it on the CPU)")
     inputs = resolve_inputs(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)

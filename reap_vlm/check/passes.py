@@ -45,7 +45,8 @@ def _judge(runner: ModelRunner) -> Callable[[Generation], Degeneracy | None]:
 def _generations(path: Path, prompts: list[EvalPrompt], settings: Settings, dtype) -> list[Generation] | None:
     if settings.backend != "vllm":
         return None
-    log(f"generating with vLLM: {path}")
+    log(f"generating with vLLM: {path} (this generation path has not run in this project's CI, which has no GPU; "
+        "what is tested is vLLM's loader on pruned checkpoints: python -m reap_vlm.check.vllm_load)")
     return vllm_generate(path, [p.sample for p in prompts], max_new_tokens=settings.max_new_tokens, dtype=dtype,
                          max_pixels=settings.max_pixels, seed=settings.seed)
 
