@@ -18,7 +18,7 @@ from .engine import choose_engine, run_batches
 from .hooks import ReapObserver
 from .layerwise import run_layerwise
 from .report import write_heatmap
-from .resume import STATE_NAME, ResumeState, files_signature, fingerprint, last_batch
+from .resume import STATE_NAME, ResumeState, files_signature, fingerprint, last_batch, weights_signature
 from .stats import METRICS_BY_MODE, ExpertStats
 
 
@@ -51,9 +51,9 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, d
     if not settings.resume:
         return None
     inputs = [p for sample in calib.samples for p in sample.images] + [
-        p for p in Path(ckpt.path).iterdir() if p.suffix in (".json", ".jinja", ".txt")
-        and not p.name.startswith("model.safetensors")]
+        p for p in Path(ckpt.path).iterdir() if p.suffix in (".json", ".jinja", ".txt")]
     key = fingerprint(config=ckpt.config, calibration=calib.digest, files=files_signature(inputs),
+                      weights=weights_signature(ckpt.path, ckpt.shards),
                       version=REAP_VERSION, samples=[s.index for s in calib.samples], mode=settings.scoring_mode,
                       batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                       max_pixels=settings.max_pixels, seed=settings.seed, dtype=str(dtype),

@@ -53,6 +53,21 @@ def files_signature(paths) -> list:
     return out
 
 
+def weights_signature(folder: Path, shards: list[str]) -> list:
+    """(name, size, mtime, digest of the safetensors header) of every shard: other weights under the same names
+    (a re-download, a fine-tune copied over) are another run, never a resumed one."""
+    out = []
+    for name in sorted(shards):
+        path = Path(folder) / name
+        stat = path.stat()
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest = hashlib.sha256(head + handle.read(min(length, 100 << 20))).hexdigest()
+        out.append((name, stat.st_size, stat.st_mtime_ns, digest))
+    return out
+
+
 @dataclass
 class ResumeState:
     path: Path
