@@ -14,13 +14,15 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; a ReapError becomes ``error: ...`` on stderr and its exit code (2 for configuration)."""
+    """Run ``main``; a ReapError becomes ``error: ...`` on stderr (one line per problem) and its exit code (2 for
+    configuration)."""
     previous = warnings.showwarning
     warnings.showwarning = _one_line_warning
     try:
         return main(argv)
     except ReapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:  # one line per problem
+            print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: no output was left half-written; rerun the same command "

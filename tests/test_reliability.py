@@ -68,3 +68,137 @@ def test_a_missing_weight_is_never_initialised_at_random(tiny_model, tmp_path):
     rewrite_shard(model, ROUTER, lambda t: t.pop(ROUTER))
     with pytest.raises(ReapError, match=f"missing from the checkpoint .*{ROUTER}"):
         load_model(model)
+
+
+# ----------------------------------------------------------------------------------------------- (2) preflight
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(script: str, *argv: str, cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """One of the three scripts in this process, run in ``cwd`` with no REAP_* variables and no .env."""
+    import importlib
+    import os
+
+    from reap_vlm.cli import run_main
+
+    monkeypatch.chdir(cwd)
+    for name in [k for k in os.environ if k.startswith("REAP_")]:
+        monkeypatch.delenv(name)
+    main = importlib.import_module(script).main
+    code = run_main(main, list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def truncate(folder: Path) -> str:
+    shard = shard_of(folder, ROUTER)
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 100)
+    return "is truncated"
+
+
+def wrong_expert_count(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["num_experts"] = 16
+    (folder / "config.json").write_text(json.dumps(config))
+    return "should have the 16 experts of config.json"
+
+
+def no_router(folder: Path) -> str:
+    rewrite_shard(folder, ROUTER, lambda t: t.pop(ROUTER))
+    return "MoE layer 1 has no router weight"
+
+
+def shard_gone(folder: Path) -> str:
+    shard_of(folder, ROUTER).unlink()
+    return "are missing; the download is incomplete"
+
+
+def trailing_bytes(folder: Path) -> str:
+    with open(shard_of(folder, ROUTER), "ab") as handle:
+        handle.write(b"\0" * 64)
+    return "64 bytes its header does not cover"
+
+
+BROKEN = [truncate, wrong_expert_count, no_router, shard_gone, trailing_bytes]
+
+
+@pytest.mark.parametrize("breakage", BROKEN, ids=lambda f: f.__name__)
+def test_reap_refuses_a_broken_checkpoint_before_loading(tiny_model, calibration, tmp_path, monkeypatch, capsys,
+                                                         breakage):
+    import reap_vlm.score.job as score_job
+
+    model = copy_model(tiny_model, tmp_path / "model")
+    message = breakage(model)
+    before = snapshot(model)
+    monkeypatch.setattr(score_job, "load_calibration", lambda *a, **k: pytest.fail("read the calibration"))
+    code, out, err = run_cli("reap", "--model", str(model), "--calibration",
+                             str(calibration / "calibration_data.json"), "--output", "out", "--device", "cpu",
+                             cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and message in err and err.startswith("error: ")
+    assert not (tmp_path / "out").exists() and snapshot(model) == before
+
+
+def hand_metadata(model: Path, folder: Path, keep: int = 8) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "reap_metadata.json"
+    path.write_text(json.dumps({"model_path": str(model), "num_experts": 12, "top_k": 4, "moe_layers": [0, 1, 2, 3],
+                                "experts_to_keep": {str(layer): list(range(keep)) for layer in range(4)}}))
+    return path
+
+
+@pytest.mark.parametrize("breakage", BROKEN, ids=lambda f: f.__name__)
+def test_prune_and_check_refuse_a_broken_checkpoint(tiny_model, tmp_path, monkeypatch, capsys, breakage):
+    from reap_vlm.prune.rewrite import prune_checkpoint
+
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(tiny_model, pruned, {layer: list(range(8)) for layer in range(4)}, progress=False)
+    model = copy_model(tiny_model, tmp_path / "model")
+    message = breakage(model)
+    before = snapshot(model)
+    code, out, err = run_cli("prune_model", "--model", str(model), "--metadata",
+                             str(hand_metadata(model, tmp_path / "reap")), "--output", "pruned2", cwd=tmp_path,
+                             monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.startswith("error: ") and not (tmp_path / "pruned2").exists()
+    # the same checks on the original, before test_pruned_model.py loads anything
+    code, out, err = run_cli("test_pruned_model", "--model", str(pruned), "--reference", str(model), "--output",
+                             "report", "--device", "cpu", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.startswith("error: ") and not (tmp_path / "report").exists()
+    if breakage is not wrong_expert_count:  # there, the original's expert count is refused first
+        assert message in err
+    assert snapshot(model) == before
+
+
+def test_reap_output_preflight(tiny_model, calibration, tmp_path, monkeypatch, capsys):
+    import reap_vlm.score.job as score_job
+
+    monkeypatch.setattr(score_job, "load_calibration", lambda *a, **k: pytest.fail("read the calibration"))
+    common = ("--model", str(tiny_model), "--calibration", str(calibration / "calibration_data.json"),
+              "--device", "cpu")
+    before = snapshot(tiny_model)
+    (tmp_path / "a-file").write_text("x")
+    for output, code_, message in ((tiny_model, 2, "is the model folder"),
+                                   (tiny_model / "reap", 2, "is inside the model folder"),
+                                   (tmp_path / "a-file", 2, "is a file, not a folder"),
+                                   (tmp_path / "a-file" / "out", 2, "is a file, not a folder")):
+        code, out, err = run_cli("reap", *common, "--output", str(output), cwd=tmp_path, monkeypatch=monkeypatch,
+                                 capsys=capsys)
+        assert (code, err.count("\n")) == (code_, 1) and message in err, err
+    assert snapshot(tiny_model) == before
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+        code, out, err = run_cli("reap", *common, "--output", "out", cwd=tmp_path, monkeypatch=monkeypatch,
+                                 capsys=capsys)
+    assert code == 1 and "not enough disk space" in err and not (tmp_path / "out").exists()
+    with monkeypatch.context() as m:
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        m.setattr("tempfile.mkstemp", refuse)
+        code, out, err = run_cli("reap", *common, "--output", "out", cwd=tmp_path, monkeypatch=monkeypatch,
+                                 capsys=capsys)
+    assert code == 1 and "cannot write in" in err and "Permission denied" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.fsutil import read_json
+from ..checkpoint.integrity import check_checkpoint
 from ..checkpoint.reader import Checkpoint
 from ..errors import ConfigError, ReapError
 from ..metadata import METADATA_NAME, load_metadata
+from ..outputs import check_output_folder
 from ..prune.output import PRUNING_RECORD
 from ..settings import OPTIONS, Settings
 from .options import NO_REFERENCE, TEST_FLAGS, flag_of
@@ -141,8 +143,10 @@ def resolve_inputs(settings: Settings) -> Inputs:
         if original.num_experts < pruned.num_experts:
             raise ReapError(f"the original {reference} has fewer experts ({original.num_experts}) than the pruned "
                             f"model ({pruned.num_experts}); are --model and --reference swapped?")
-    output = Path(settings.test_output_path)
-    for folder in (pruned_path, reference):
-        if folder is not None and output.exists() and _same(output, folder):
-            raise ConfigError(f"{flag_of('test_output_path')}={output} is a model folder; choose a report folder")
+    check_output_folder(Path(settings.test_output_path), flag_of("test_output_path"),
+                        {"pruned model folder": pruned_path, "original model folder": reference},
+                        what="the test report")
+    check_checkpoint(pruned)
+    if reference is not None:
+        check_checkpoint(Checkpoint(reference))
     return inputs

@@ -29,6 +29,7 @@ import torch
 
 from ..checkpoint.loading import resolve_device, resolve_dtype
 from ..errors import ConfigError
+from ..outputs import output_lock
 from ..settings import Settings
 from .checks import _bbox_rows, _generation_check, _surgery_check, _threshold_check, bbox_summary
 from .compare import (
@@ -43,7 +44,7 @@ from .compare import (
     tolerance_for,
 )
 from .inputs import Inputs, resolve_inputs
-from .options import TEST_OPTIONS
+from .options import TEST_OPTIONS, flag_of
 from .passes import ModelPass, log, run_original, run_pruned
 from .prompts import EvalPrompt, choose_prompts
 from .report import Check, fmt, verdict, write_report
@@ -228,6 +229,11 @@ def run_test(settings: Settings) -> Outcome:
     tol = tolerance_for(dtype)
     torch.manual_seed(settings.seed)
     out = Path(settings.test_output_path)
+    with output_lock(out, flag_of("test_output_path")):
+        return _run_checks(settings, inputs, device, dtype, tol, out)
+
+
+def _run_checks(settings: Settings, inputs: Inputs, device: str, dtype, tol: Tolerance, out: Path) -> Outcome:
     out.mkdir(parents=True, exist_ok=True)
     prompts, prompts_source = choose_prompts(settings, out, inputs.notes, inputs.pruned.path)
     for note in inputs.notes:

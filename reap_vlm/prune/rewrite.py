@@ -17,6 +17,7 @@ from ..checkpoint.fsutil import atomic_output_dir, atomic_write_bytes, atomic_wr
 from ..checkpoint.reader import INDEX_NAME, Checkpoint
 from ..checkpoint.safetensors_io import read_header, write_from_spans
 from ..metadata import METADATA_NAME
+from ..outputs import check_writable, output_lock
 from .config_edit import prune_config_text
 from .keep import check_experts_to_keep
 from .output import (
@@ -95,6 +96,7 @@ def prune_checkpoint(source: Path, output: Path, experts_to_keep: dict[int, list
     check_output_location(source, output)
     check_output_replaceable(output, force, {"the REAP metadata being read": reap_metadata_path,
                                              "the reap.py output folder": reap_output})
+    check_writable(output.absolute().parent, "--output")  # the output is made beside it, then renamed
     stale = stale_partials(output)
     if stale:
         warnings.warn(describe_stale(output, stale), stacklevel=2)
@@ -109,7 +111,7 @@ def prune_checkpoint(source: Path, output: Path, experts_to_keep: dict[int, list
     check_free_space(output, plan.shard_bytes + sum(tree_size(p) for p in carried), stale)
 
     record = pruning_record(source, ckpt, keep, id_map, config_keys, plan, selection)
-    with atomic_output_dir(output, force=force, source=source) as tmp:
+    with output_lock(output, "--output"), atomic_output_dir(output, force=force, source=source) as tmp:
         with tqdm(total=plan.tensor_bytes, unit="B", unit_scale=True, desc="pruning", disable=not progress) as bar:
             for shard in plan.shards:
                 bar.set_postfix_str(shard.name)
