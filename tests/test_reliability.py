@@ -202,3 +202,47 @@ def test_reap_output_preflight(tiny_model, calibration, tmp_path, monkeypatch, c
                                  capsys=capsys)
     assert code == 1 and "cannot write in" in err and "Permission denied" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+# ----------------------------------------------------------------------------------------------- (3) one writer
+
+def test_a_second_run_into_a_busy_output_folder_is_refused(tiny_model, calibration, tmp_path, monkeypatch, capsys):
+    import os
+    import socket
+    import subprocess
+
+    from reap_vlm.outputs import lock_path, output_lock
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        lock = lock_path(tmp_path / "out")
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "since": "then"}))
+        for script, argv in (("reap", ("--model", str(tiny_model), "--calibration",
+                                        str(calibration / "calibration_data.json"), "--device", "cpu")),
+                             ("prune_model", ("--model", str(tiny_model), "--metadata",
+                                              str(hand_metadata(tiny_model, tmp_path / "reap"))))):
+            code, out, err = run_cli(script, *argv, "--output", "out", cwd=tmp_path, monkeypatch=monkeypatch,
+                                     capsys=capsys)
+            assert code == 1 and err.count("\n") == 1
+            assert f"is in use by another run (pid {sleeper.pid} on {socket.gethostname()}" in err
+            assert not (tmp_path / "out").exists() and lock.is_file()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the lock of a process that died is taken over; the lock is gone after the run
+    with output_lock(tmp_path / "out", "--output"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_saved_sums_use_unique_temporary_names(tmp_path, monkeypatch):
+    from reap_vlm.score.resume import ResumeState
+    from reap_vlm.score.stats import ExpertStats
+
+    names = []
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, path: (names.append(Path(path).name), real(obj, path)))
+    stats = ExpertStats.empty([0], 4, "cpu")
+    for _ in range(2):
+        ResumeState(tmp_path / "reap_state.pt", "x").save(stats, 1)
+    assert len(set(names)) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["reap_state.pt"]

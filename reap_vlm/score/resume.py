@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.fsutil import atomic_save
 from .stats import ExpertStats
 
 STATE_NAME = "reap_state.pt"
@@ -87,8 +87,5 @@ class ResumeState:
         return int(state["batches_done"])
 
     def save(self, stats: ExpertStats, batches_done: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save({"fingerprint": self.fingerprint, "batches_done": batches_done, "stats": stats.state_dict()},
-                   tmp)
-        os.replace(tmp, self.path)
+        state = {"fingerprint": self.fingerprint, "batches_done": batches_done, "stats": stats.state_dict()}
+        atomic_save(self.path, lambda tmp: torch.save(state, tmp))
