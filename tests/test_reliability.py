@@ -246,3 +246,63 @@ def test_saved_sums_use_unique_temporary_names(tmp_path, monkeypatch):
     for _ in range(2):
         ResumeState(tmp_path / "reap_state.pt", "x").save(stats, 1)
     assert len(set(names)) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["reap_state.pt"]
+
+
+# ----------------------------------------------------------------------------------------------- (4) reading files
+
+def test_non_utf8_and_wrongly_typed_files_are_one_line(tiny_model, calibration, tmp_path, monkeypatch, capsys):
+    calib = calibration / "calibration_data.json"
+    common = ("--calibration", str(calib), "--device", "cpu", "--output", "out")
+    model = copy_model(tiny_model, tmp_path / "model")
+    good = (model / "config.json").read_bytes()
+    (model / "config.json").write_bytes(good.replace(b'"model_type"', b'"model\xff_type"', 1))
+    code, out, err = run_cli("reap", "--model", str(model), *common, cwd=tmp_path, monkeypatch=monkeypatch,
+                             capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and "is not UTF-8 text (byte 0xff at line" in err
+    config = json.loads(good)
+    config["text_config"]["num_experts"] = "twelve"
+    (model / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli("reap", "--model", str(model), *common, cwd=tmp_path, monkeypatch=monkeypatch,
+                             capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and "the expert count is missing or of the wrong type" in err
+    (model / "config.json").write_bytes(good)
+    bad_calib = tmp_path / "calib.json"
+    bad_calib.write_bytes(calib.read_bytes() + b"\n\xe9t\xe9")
+    code, out, err = run_cli("reap", "--model", str(model), "--calibration", str(bad_calib), "--device", "cpu",
+                             "--output", "out", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and f"calibration file {bad_calib} is not UTF-8 text" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_experts", "12", 'field "num_experts" should be a positive integer, found string'),
+    ("experts_to_keep", {"0": [1.5]}, 'field "experts_to_keep" should be lists of expert ids in 0..11'),
+    ("experts_to_keep", [0, 1], 'field "experts_to_keep" should be an object'),
+    ("moe_layers", None, 'field "moe_layers" should be a list of distinct layer numbers, found null'),
+    ("prune_ratio", "0.5", 'field "prune_ratio" should be a number in [0, 1)'),
+    ("metrics", {"reap": [[1.0]]}, 'field "metrics" should be an object of 4 x 12 number tables'),
+])
+def test_hand_edited_metadata_is_refused_before_use(tiny_model, tmp_path, monkeypatch, capsys, field, value, message):
+    path = hand_metadata(tiny_model, tmp_path / "reap")
+    raw = json.loads(path.read_text())
+    raw[field] = value
+    path.write_text(json.dumps(raw))
+    code, out, err = run_cli("prune_model", "--metadata", str(path), "--output", "pruned", "--prune-ratio", "0.5",
+                             cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and message in err and str(path) in err
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_hand_edited_pruning_record_is_refused(tiny_model, tmp_path, monkeypatch, capsys):
+    from reap_vlm.prune.rewrite import PRUNING_RECORD, prune_checkpoint
+
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(tiny_model, pruned, {layer: list(range(8)) for layer in range(4)}, progress=False)
+    record = json.loads((pruned / PRUNING_RECORD).read_text())
+    record["id_map"]["0"]["3"] = "three"
+    (pruned / PRUNING_RECORD).write_text(json.dumps(record))
+    code, out, err = run_cli("test_pruned_model", "--model", str(pruned), "--output", "report", "--device", "cpu",
+                             cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and 'field "id_map" should be an object from layer number' in err
+    assert not (tmp_path / "report").exists()
+

@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint.fsutil import read_text
 from ..errors import ReapError
 
 GROUNDING_TEMPLATES = (
@@ -62,17 +63,18 @@ class CalibrationSet:
 
 
 def _read_items(path: Path) -> list:
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path, "calibration file")
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         data = []
         for lineno, line in enumerate(raw.splitlines(), 1):
             if line.strip():
                 try:
                     data.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ReapError(f"{path}: line {lineno} is not JSON ({exc.msg}); the file must be a JSON list "
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise ReapError(f"{path}: line {lineno} is not JSON ({getattr(exc, 'msg', exc)}, column "
+                                    f"{getattr(exc, 'colno', '?')}); the file must be a JSON list "
                                     "or JSONL with one item per line") from None
     if isinstance(data, dict):
         data = [data]

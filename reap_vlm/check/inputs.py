@@ -13,6 +13,7 @@ from ..errors import ConfigError, ReapError
 from ..metadata import METADATA_NAME, load_metadata
 from ..outputs import check_output_folder
 from ..prune.output import PRUNING_RECORD
+from ..schema import int_list, is_int, is_int_key, validate
 from ..settings import OPTIONS, Settings
 from .options import NO_REFERENCE, TEST_FLAGS, flag_of
 
@@ -115,11 +116,26 @@ def _kept_experts(inputs: Inputs) -> None:
     inputs.keep, inputs.order, inputs.keep_source = keep, order, where
 
 
+def read_record(path: Path) -> dict:
+    """pruning_record.json, its fields checked before use."""
+    fix = "it was edited by hand or not written by prune_model.py — prune again"
+    return validate(read_json(path, PRUNING_RECORD), path, PRUNING_RECORD, {
+        "source_path": (lambda v: isinstance(v, str), "a path string", False),
+        "source_num_experts": (lambda v: is_int(v, 1), "a positive integer", False),
+        "experts_to_keep": (lambda v: isinstance(v, dict) and all(is_int_key(k) and int_list(ids)
+                                                                  for k, ids in v.items()),
+                            "an object from layer number to expert ids", False),
+        "id_map": (lambda v: isinstance(v, dict) and all(
+            is_int_key(k) and isinstance(m, dict) and all(is_int_key(o) and is_int(n) for o, n in m.items())
+            for k, m in v.items()), "an object from layer number to {old id: new id}", False),
+    }, fix)
+
+
 def resolve_inputs(settings: Settings) -> Inputs:
     pruned_path = _require_checkpoint(settings, "pruned_output_path")
     pruned = Checkpoint(pruned_path)
     record_path = pruned_path / PRUNING_RECORD
-    record = read_json(record_path, PRUNING_RECORD) if record_path.is_file() else None
+    record = read_record(record_path) if record_path.is_file() else None
     notes: list[str] = []
     reference, reference_source = find_reference(settings, record, notes)
     if reference is not None and _same(reference, pruned_path):

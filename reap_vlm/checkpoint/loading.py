@@ -100,6 +100,6 @@ def load_processor(path: Path | str):
 
     try:
         return AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # decode and JSON errors are ValueErrors
         raise ReapError(f"cannot load the processor/tokenizer from {path} ({str(exc).splitlines()[0]}); "
                         "the folder needs tokenizer and preprocessor files") from None
