@@ -306,3 +306,29 @@ def test_hand_edited_pruning_record_is_refused(tiny_model, tmp_path, monkeypatch
     assert code == 1 and err.count("\n") == 1 and 'field "id_map" should be an object from layer number' in err
     assert not (tmp_path / "report").exists()
 
+
+# ----------------------------------------------------------------------------------------------- (5) INCOMPLETE
+
+def test_a_check_that_could_not_run_is_incomplete_not_pass(tiny_model, tmp_path, monkeypatch, capsys):
+    from reap_vlm.prune.rewrite import PRUNING_RECORD, prune_checkpoint
+
+    source = copy_model(tiny_model, tmp_path / "source")
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(source, pruned, {layer: list(range(8)) for layer in range(4)}, progress=False)
+    shutil.rmtree(source)  # the original the record names is gone
+    fast = ("--num-prompts", "2", "--max-new-tokens", "4", "--device", "cpu")
+    code, out, err = run_cli("test_pruned_model", "--model", str(pruned), "--output", "report", *fast,
+                             cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 3 and out.startswith("INCOMPLETE: surgery: no original model found") and "PASS" not in out
+    report = json.loads((tmp_path / "report" / "test_report.json").read_text())
+    assert not report["passed"] and report["verdict"] == out.strip()
+    assert (tmp_path / "report" / "test_report.md").read_text().startswith("# Pruned model check: INCOMPLETE")
+    # which experts were kept is unknown: the comparison cannot run either
+    (pruned / PRUNING_RECORD).unlink()
+    code, out, err = run_cli("test_pruned_model", "--model", str(pruned), "--reference", str(tiny_model),
+                             "--output", "report2", *fast, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 3 and out.startswith("INCOMPLETE: surgery: which experts were kept is unknown")
+    # --reference none asks for no comparison: PASS is allowed
+    code, out, err = run_cli("test_pruned_model", "--model", str(pruned), "--reference", "none", "--output",
+                             "report3", *fast, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code in (0, 1) and not out.startswith("INCOMPLETE")

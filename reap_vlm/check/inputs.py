@@ -30,6 +30,11 @@ class Inputs:
     keep_problem: str | None = None  # the record contradicts the pruned checkpoint (a failure)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def reference_declined(self) -> bool:
+        """--reference none: the user asked for no comparison with the original."""
+        return self.reference is None and self.reference_source.startswith(f"{NO_REFERENCE} (")
+
 
 def _is_checkpoint(path: Path | None) -> bool:
     return path is not None and (Path(path) / "config.json").is_file()

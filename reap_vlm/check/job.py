@@ -59,10 +59,15 @@ def _num(value: float | None) -> float | None:
 @dataclass
 class Outcome:
     passed: bool
-    verdict: str
+    verdict: str  # PASS / FAIL / INCOMPLETE: ...
     checks: list[Check]
     report: dict
     report_paths: tuple[Path, Path]
+
+    @property
+    def exit_code(self) -> int:
+        """0 PASS, 1 FAIL, 3 INCOMPLETE (a check that was asked for could not run)."""
+        return 0 if self.passed else 3 if self.verdict.startswith("INCOMPLETE") else 1
 
 
 @dataclass
@@ -190,7 +195,7 @@ def judge(settings: Settings, inputs: Inputs, prompts: list[EvalPrompt], rows: l
 def build_report(settings: Settings, inputs: Inputs, judged: Judgement, rows: list[dict], compared: Comparison,
                  prompts_source: str, device: str, dtype, tol: Tolerance, seconds: dict) -> dict:
     """test_report.json's content."""
-    passed = not any(c.failed for c in judged.checks)
+    passed = not any(c.failed or c.incomplete for c in judged.checks)
     layers = compared.layers
     router_key = inputs.pruned.family.router_weight_name()
     return {
