@@ -139,5 +139,9 @@ def build_metadata(run_inputs: RunInputs, metrics: dict[str, list[list[float]]],
 def check_finite(metrics: dict[str, list[list[float]]], dtype) -> None:
     bad = [name for name, rows in metrics.items() if not all(math.isfinite(v) for row in rows for v in row)]
     if bad:
-        raise ReapError(f"non-finite scores ({', '.join(bad)}): expert outputs overflowed in {dtype}; "
-                        "rerun with --dtype bfloat16 or float32")
+        name = str(dtype).removeprefix("torch.")
+        if name in ("float32", "float64"):  # no overflow in these: the weights (or inputs) themselves are broken
+            raise ReapError(f"non-finite scores ({', '.join(bad)}) in {name}: the checkpoint's weights hold NaN or "
+                            "inf (a corrupt download or a diverged fine-tune); check and replace the model")
+        raise ReapError(f"non-finite scores ({', '.join(bad)}): the expert outputs are NaN or inf — they overflowed "
+                        f"in {name}, or the checkpoint's weights hold NaN/inf; rerun with --dtype float32 to tell")

@@ -332,3 +332,52 @@ def test_a_check_that_could_not_run_is_incomplete_not_pass(tiny_model, tmp_path,
     code, out, err = run_cli("test_pruned_model", "--model", str(pruned), "--reference", "none", "--output",
                              "report3", *fast, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code in (0, 1) and not out.startswith("INCOMPLETE")
+
+
+# ----------------------------------------------------------------------------------------------- (6) bad samples
+
+def test_skip_bad_samples_skips_every_kind_it_can_detect(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from reap_vlm.calibration.files import load_calibration
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    truncated = (tmp_path / "small.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(truncated[:len(truncated) // 2])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 stands for a decompression bomb
+    bad = {
+        "junk": ({"image": "junk.png", "regions": ["a"]}, "image junk.png cannot be read"),
+        "cut": ({"image": "cut.png", "regions": ["a"]}, "image cut.png cannot be read"),
+        "bomb": ({"image": "big.png", "regions": ["a"]}, "image big.png is too large to decode safely"),
+        "role": ({"messages": [{"role": 3, "content": "hi"}]}, "role must be a non-empty string"),
+    }
+    for name, (item, problem) in bad.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps([{"image": "small.png", "regions": ["a"]}, item]))
+        with pytest.raises(ReapError, match="pass --skip-bad-samples") as caught:
+            load_calibration(path, 100)
+        assert problem in str(caught.value) and "\n" not in str(caught.value)
+        calib = load_calibration(path, 100, skip_bad=True)
+        assert len(calib.samples) == 1 and problem in calib.skipped[0]
+    # when the flag cannot help, the message does not recommend it
+    path = tmp_path / "all-bad.json"
+    path.write_text(json.dumps([bad["junk"][0], bad["role"][0]]))
+    with pytest.raises(ReapError) as caught:
+        load_calibration(path, 100, skip_bad=True)
+    assert "every drawn item was bad" in str(caught.value) and "--skip-bad-samples" not in str(caught.value)
+    from reap_vlm.calibration.encode import open_image
+
+    with pytest.raises(ReapError) as caught:
+        open_image(tmp_path / "junk.png", 0)
+    assert "--skip-bad-samples" not in str(caught.value)
+
+
+
+def test_nan_weights_are_not_blamed_on_the_dtype(tiny_model, calibration, tmp_path):
+    model = copy_model(tiny_model, tmp_path / "model")
+    rewrite_shard(model, ROUTER, lambda t: t.update({ROUTER: torch.full_like(t[ROUTER], float("nan"))}))
+    with pytest.raises(ReapError, match="in float32: the checkpoint's weights hold NaN or inf"):
+        run_reap(settings(model, calibration / "calibration_data.json", tmp_path / "out"))
+    assert not (tmp_path / "out" / "reap_metadata.json").exists()
