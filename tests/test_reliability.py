@@ -381,3 +381,23 @@ def test_nan_weights_are_not_blamed_on_the_dtype(tiny_model, calibration, tmp_pa
     with pytest.raises(ReapError, match="in float32: the checkpoint's weights hold NaN or inf"):
         run_reap(settings(model, calibration / "calibration_data.json", tmp_path / "out"))
     assert not (tmp_path / "out" / "reap_metadata.json").exists()
+
+# ----------------------------------------------------------------------------------------------- (7) progress bars
+
+def test_an_error_ends_on_its_own_line_after_the_bar_is_closed(capsys):
+    import re
+
+    from tqdm.auto import tqdm
+
+    from reap_vlm.cli import run_main
+
+    def main(argv):
+        bar = tqdm(total=10, desc="REAP scoring")  # left open, as a bar is when an error escapes its loop
+        bar.update(3)
+        raise ReapError("scoring failed\nand a second problem")
+
+    assert run_main(main, []) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"(^|[\r\n])error: scoring failed\nerror: and a second problem\n$", err), repr(err)
+    head = err[:err.index("error: scoring failed")]
+    assert head.endswith(("\n", "\r")) and "REAP scoring" in head  # the bar was finished before the message
