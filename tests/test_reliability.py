@@ -401,3 +401,31 @@ def test_an_error_ends_on_its_own_line_after_the_bar_is_closed(capsys):
     assert re.search(r"(^|[\r\n])error: scoring failed\nerror: and a second problem\n$", err), repr(err)
     head = err[:err.index("error: scoring failed")]
     assert head.endswith(("\n", "\r")) and "REAP scoring" in head  # the bar was finished before the message
+
+
+# ----------------------------------------------------------------------------------------------- (8) model card
+
+def test_the_pruned_model_has_its_own_card(tiny_model, calibration, tmp_path):
+    from reap_vlm.prune.card import front_matter
+    from reap_vlm.prune.rewrite import prune_checkpoint
+
+    source = copy_model(tiny_model, tmp_path / "Tiny-VL-MoE")
+    (source / "README.md").write_text("---\nlicense: apache-2.0\nmodel_name: someone/Tiny-VL-MoE\n---\n# Tiny\n")
+    metadata = run_reap(settings(source, calibration / "calibration_data.json", tmp_path / "reap"))
+    keep = {int(k): v for k, v in metadata["experts_to_keep"].items()}
+    out = tmp_path / "pruned"
+    prune_checkpoint(source, out, keep, reap_metadata_path=tmp_path / "reap" / "reap_metadata.json", verify=True,
+                     progress=False, selection={"source": "metadata", "criterion": "reap"})
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == "someone/Tiny-VL-MoE" and meta["license"] == "apache-2.0"
+    assert {"reap", "expert-pruning"} <= set(meta["tags"]) and meta["pipeline_tag"] == "image-text-to-text"
+    assert "from 12 to 9 (prune ratio 0.25)" in card and "selection criterion: reap" in card
+    assert f"calibration: {metadata['num_samples']} samples from calibration_data.json" in card
+    assert f"| 0 | {', '.join(map(str, keep[0]))} |" in card
+    assert (out / "SOURCE_README.md").read_text() == (source / "README.md").read_text()
+    # without a card or a license, the folder's name and no license
+    (source / "README.md").unlink()
+    prune_checkpoint(source, out, keep, force=True, progress=False)
+    meta = front_matter((out / "README.md").read_text())
+    assert meta["base_model"] == "Tiny-VL-MoE" and "license" not in meta and not (out / "SOURCE_README.md").exists()

@@ -8,6 +8,7 @@ source shard; ``checkpoint.safetensors_io`` copies them file to file; ``config_e
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from ..checkpoint.reader import INDEX_NAME, Checkpoint
 from ..checkpoint.safetensors_io import read_header, write_from_spans
 from ..metadata import METADATA_NAME
 from ..outputs import check_writable, output_lock
+from .card import CARD_NAME, SOURCE_CARD_NAME, model_card
 from .config_edit import prune_config_text
 from .keep import check_experts_to_keep
 from .output import (
@@ -121,10 +123,15 @@ def prune_checkpoint(source: Path, output: Path, experts_to_keep: dict[int, list
             write_index(source, tmp, plan)
         atomic_write_bytes(tmp / "config.json", config_text.encode("utf-8"))
         carry_files(carried, tmp)
+        if (tmp / CARD_NAME).is_file():  # the source's card describes the source: kept, under another name
+            os.replace(tmp / CARD_NAME, tmp / SOURCE_CARD_NAME)
         if reap_metadata is not None:
             atomic_write_json(tmp / METADATA_NAME, reap_metadata)
         elif reap_metadata_path is not None:
             shutil.copyfile(reap_metadata_path, tmp / METADATA_NAME)
+        card_metadata = reap_metadata if reap_metadata is not None else \
+            read_json(tmp / METADATA_NAME, "REAP metadata") if (tmp / METADATA_NAME).is_file() else None
+        atomic_write_bytes(tmp / CARD_NAME, model_card(source, ckpt.config, record, card_metadata).encode())
         if verify:
             record["verify"] = verify_pruned(ckpt, tmp, keep)
         atomic_write_json(tmp / PRUNING_RECORD, record)
