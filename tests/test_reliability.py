@@ -429,3 +429,18 @@ def test_the_pruned_model_has_its_own_card(tiny_model, calibration, tmp_path):
     prune_checkpoint(source, out, keep, force=True, progress=False)
     meta = front_matter((out / "README.md").read_text())
     assert meta["base_model"] == "Tiny-VL-MoE" and "license" not in meta and not (out / "SOURCE_README.md").exists()
+
+
+def test_a_reference_with_another_vocabulary_is_refused(tiny_model, tmp_path, monkeypatch, capsys):
+    from reap_vlm.prune.rewrite import prune_checkpoint
+
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(tiny_model, pruned, {layer: list(range(8)) for layer in range(4)}, progress=False)
+    other = copy_model(tiny_model, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["text_config"]["vocab_size"] += 64
+    (other / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli("test_pruned_model", "--model", str(pruned), "--reference", str(other), "--output",
+                             "report", "--device", "cpu", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1 and "has a vocabulary of" in err
+    assert not (tmp_path / "report").exists()

@@ -136,6 +136,13 @@ def read_record(path: Path) -> dict:
     }, fix)
 
 
+def _vocab_size(ckpt: Checkpoint) -> int | None:
+    try:
+        return ckpt.family.vocab_size(ckpt.config)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def resolve_inputs(settings: Settings) -> Inputs:
     pruned_path = _require_checkpoint(settings, "pruned_output_path")
     pruned = Checkpoint(pruned_path)
@@ -154,6 +161,10 @@ def resolve_inputs(settings: Settings) -> Inputs:
             raise ReapError(f"the original {reference} ({original.family.name}, MoE layers {original.moe_layers[:4]}"
                             f"...) does not match the pruned model ({pruned.family.name}, {pruned.moe_layers[:4]}"
                             "...); pass the checkpoint it was pruned from")
+        vocab = [_vocab_size(c) for c in (original, pruned)]
+        if None not in vocab and vocab[0] != vocab[1]:  # unknown: the loader tells
+            raise ReapError(f"the original {reference} has a vocabulary of {vocab[0]} tokens, the pruned model "
+                            f"{vocab[1]}; their logits cannot be compared — pass the checkpoint it was pruned from")
         expected = (record or {}).get("source_num_experts")
         if expected is not None and int(expected) != original.num_experts:
             raise ReapError(f"the original {reference} has {original.num_experts} experts per layer, but the pruned "
