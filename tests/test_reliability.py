@@ -444,3 +444,29 @@ def test_a_reference_with_another_vocabulary_is_refused(tiny_model, tmp_path, mo
                              "report", "--device", "cpu", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 1 and err.count("\n") == 1 and "has a vocabulary of" in err
     assert not (tmp_path / "report").exists()
+
+
+# ----------------------------------------------------------------------------------------------- outputs beside models
+
+def test_reap_leftovers_in_a_model_folder_are_not_carried_into_the_pruned_model(tiny_model, tmp_path):
+    from reap_vlm.prune.rewrite import prune_checkpoint
+
+    source = copy_model(tiny_model, tmp_path / "model")
+    (source / "reap_state.pt").write_bytes(b"state")
+    (source / "reap_heatmap.png").write_bytes(b"png")
+    out = tmp_path / "pruned"
+    prune_checkpoint(source, out, {layer: list(range(8)) for layer in range(4)}, progress=False)
+    assert not (out / "reap_state.pt").exists() and not (out / "reap_heatmap.png").exists()
+
+
+def test_the_report_may_not_go_inside_a_model_folder(tiny_model, tmp_path, monkeypatch, capsys):
+    from reap_vlm.prune.rewrite import prune_checkpoint
+
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(tiny_model, pruned, {layer: list(range(8)) for layer in range(4)}, progress=False)
+    before = snapshot(pruned)
+    code, out, err = run_cli("test_pruned_model", "--model", str(pruned), "--reference", "none", "--output",
+                             str(pruned / "report"), "--device", "cpu", cwd=tmp_path, monkeypatch=monkeypatch,
+                             capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "is inside the pruned model folder" in err
+    assert snapshot(pruned) == before
