@@ -470,3 +470,9 @@ def test_the_report_may_not_go_inside_a_model_folder(tiny_model, tmp_path, monke
                              capsys=capsys)
     assert code == 2 and err.count("\n") == 1 and "is inside the pruned model folder" in err
     assert snapshot(pruned) == before
+
+
+def test_a_non_utf8_env_file_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / ".env").write_bytes(b"REAP_PRUNE_RATIO=0.5\nREAP_MODEL_PATH=/mod\xe8les\n")
+    code, out, err = run_cli("prune_model", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not UTF-8 text (byte 0xe8 at line 2, column 21)" in err
