@@ -303,6 +303,45 @@ requirements_hash() {
     done | file_hash
 }
 
+SETUP_LOG=.venv/setup.log
+SETUP_LOG_FALLBACK=.reap-setup.log
+
+# step N/M WHAT LOG COMMAND...: one line for a set-up step, a progress indication while it runs (on a terminal:
+# elapsed time and packages seen so far), its output in LOG; on failure the log's last lines and its name.
+step() {
+    local number=$1 what=$2 log=$3 pid rc=0 seen start=$SECONDS
+    shift 3
+    mkdir -p "$(dirname "$log")"
+    printf 'run.sh: [%s] %s ...' "$number" "$what" >&2
+    "$@" >"$log" 2>&1 &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        if [[ -t 2 ]]; then
+            seen=$(grep -c -E '^(Collecting|Requirement already satisfied)' "$log" 2>/dev/null || true)
+            printf '\rrun.sh: [%s] %s ... %ds, %s packages' "$number" "$what" $((SECONDS - start)) "${seen:-0}" >&2
+        fi
+        read -r -t 1 <> <(:) || true  # a one-second pause with bash alone
+    done
+    wait "$pid" || rc=$?
+    if ((rc == 0)); then
+        if [[ -t 2 ]]; then
+            printf '\rrun.sh: [%s] %s ... done (%ds)\n' "$number" "$what" $((SECONDS - start)) >&2
+        else
+            printf ' done\n' >&2
+        fi
+        if [[ $log == "$SETUP_LOG_FALLBACK" ]]; then rm -f "$log"; fi
+        return 0
+    fi
+    printf ' failed\n' >&2
+    local lines=() line
+    while IFS= read -r line || [[ -n $line ]]; do  # the log's last lines (bash 3 has no mapfile)
+        lines+=("$line")
+        if ((${#lines[@]} > 12)); then lines=("${lines[@]:1}"); fi
+    done <"$log"
+    if ((${#lines[@]})); then printf '    %s\n' "${lines[@]}" >&2; fi
+    return "$rc"
+}
+
 PY=""
 ensure_python() {
     local custom base want
@@ -317,18 +356,15 @@ ensure_python() {
         base=$(command -v python3) || die "python3 not found: install Python 3.10 or newer (or set REAP_PYTHON, or use Docker)"
         "$base" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
             || die "$base is $("$base" --version 2>&1): Python 3.10 or newer is needed (or set REAP_PYTHON)"
-        echo "run.sh: creating .venv with $("$base" --version 2>&1) ($base)" >&2
-        if ! "$base" -m venv .venv; then
-            rm -rf .venv
-            die "could not create .venv with $base (Debian/Ubuntu: apt install python3-venv)"
-        fi
+        step "1/2" "creating .venv with $("$base" --version 2>&1) ($base)" "${SETUP_LOG_FALLBACK}" "$base" -m venv .venv \
+            || { rm -rf .venv; die "could not create .venv with $base (the full log: $SETUP_LOG_FALLBACK; Debian/Ubuntu: apt install python3-venv)"; }
     fi
     want=$(requirements_hash)
     if [[ ! -f $STAMP || "$(cat "$STAMP")" != "$want" ]]; then
-        echo "run.sh: installing requirements-dev.txt and the project into .venv (the first time downloads PyTorch, several GB)" >&2
         rm -f "$STAMP"
-        .venv/bin/python -m pip install --disable-pip-version-check -r requirements-dev.txt -e . \
-            || die "installing into .venv failed (see above); fix it and rerun: the install is repeated until it succeeds"
+        step "2/2" "installing requirements-dev.txt and the project into .venv (the first time downloads PyTorch, several GB)" \
+            "$SETUP_LOG" .venv/bin/python -m pip install --disable-pip-version-check -r requirements-dev.txt -e . \
+            || die "installing into .venv failed (the full log: $SETUP_LOG); fix it and rerun: the install is repeated until it succeeds"
         printf '%s\n' "$want" >"$STAMP"
     fi
     PY=.venv/bin/python

@@ -4,7 +4,9 @@
 
 The original is --reference, else --original, else the source named in the pruned folder's
 pruning_record.json, else REAP_MODEL_PATH; --reference none checks the pruned model alone.
-Exit status: 0 every enabled check passed, 1 a check failed (or the run could not complete), 2 bad settings.
+Exit status: 0 PASS (every check asked for ran and passed), 1 FAIL (a check failed, or bad data), 2 bad settings,
+3 INCOMPLETE (no check failed, but one that was asked for could not run: surgery, by default, needs the original
+and the kept experts' ids; --reference none asks for no comparison).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
     outcome = run_test(settings)
     print(outcome.verdict)
     print(f"report: {outcome.report_paths[1]}", file=sys.stderr)
-    return 0 if outcome.passed else 1
+    return outcome.exit_code
 
 
 if __name__ == "__main__":

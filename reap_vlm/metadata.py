@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .checkpoint.fsutil import atomic_write_json, read_json
 from .errors import ReapError
+from .schema import int_list, is_int, is_int_key, is_number, matrix, validate
 
 if TYPE_CHECKING:
     import torch
@@ -52,12 +53,38 @@ class ReapMetadata:
 
 def load_metadata(path: Path) -> ReapMetadata:
     raw = read_json(path, "REAP metadata")
-    if not isinstance(raw, dict):
-        raise ReapError(f"{path} is not a reap_metadata.json object; rerun reap.py")
-    missing = [k for k in ("moe_layers", "experts_to_keep", "num_experts") if k not in raw]
-    if missing:
-        raise ReapError(f"{path} lacks {', '.join(missing)}; it was not written by reap.py (rerun ./run.sh reap)")
-    return ReapMetadata(raw, Path(path))
+    return ReapMetadata(validate_metadata(raw, Path(path)), Path(path))
+
+
+def validate_metadata(raw, path: Path) -> dict:
+    """Types, ranges and integers of every field pruning and checking use, before any is used."""
+    fix = "it was edited by hand or not written by reap.py — rerun reap.py (./run.sh reap)"
+    validate(raw, path, "REAP metadata", {
+        "num_experts": (lambda v: is_int(v, 1), "a positive integer", True),
+        "moe_layers": (lambda v: int_list(v) and v and len(set(v)) == len(v), "a list of distinct layer numbers",
+                       True),
+        "experts_to_keep": (lambda v: isinstance(v, dict) and v and all(map(is_int_key, v)),
+                            "an object from layer number to expert ids", True),
+    }, fix)
+    experts, layers = raw["num_experts"], raw["moe_layers"]
+    rows = matrix(len(layers), experts)
+    validate(raw, path, "REAP metadata", {
+        "experts_to_keep": (lambda v: all(int_list(ids, 0, experts) and ids for ids in v.values()),
+                            f"lists of expert ids in 0..{experts - 1}", True),
+        "top_k": (lambda v: is_int(v, 1), "a positive integer", False),
+        "num_experts_to_keep": (lambda v: is_int(v, 1), "a positive integer", False),
+        "prune_ratio": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)", False),
+        "keep_multiple": (lambda v: is_int(v, 1), "a positive integer", False),
+        "criterion": (lambda v: isinstance(v, str), "a string", False),
+        "scoring_mode": (lambda v: isinstance(v, str), "a string", False),
+        "model_path": (lambda v: isinstance(v, str) and v, "a path string", False),
+        "calibration_path": (lambda v: isinstance(v, str), "a path string", False),
+        "calibration_samples": (int_list, "a list of item numbers", False),
+        "metrics": (lambda v: isinstance(v, dict) and all(rows(m) for m in v.values()),
+                    f"an object of {len(layers)} x {experts} number tables", False),
+        "mean_scores": (rows, f"a {len(layers)} x {experts} number table", False),
+    }, fix)
+    return raw
 
 
 def write_metadata(folder: Path, metadata: dict) -> Path:
@@ -112,5 +139,9 @@ def build_metadata(run_inputs: RunInputs, metrics: dict[str, list[list[float]]],
 def check_finite(metrics: dict[str, list[list[float]]], dtype) -> None:
     bad = [name for name, rows in metrics.items() if not all(math.isfinite(v) for row in rows for v in row)]
     if bad:
-        raise ReapError(f"non-finite scores ({', '.join(bad)}): expert outputs overflowed in {dtype}; "
-                        "rerun with --dtype bfloat16 or float32")
+        name = str(dtype).removeprefix("torch.")
+        if name in ("float32", "float64"):  # no overflow in these: the weights (or inputs) themselves are broken
+            raise ReapError(f"non-finite scores ({', '.join(bad)}) in {name}: the checkpoint's weights hold NaN or "
+                            "inf (a corrupt download or a diverged fine-tune); check and replace the model")
+        raise ReapError(f"non-finite scores ({', '.join(bad)}): the expert outputs are NaN or inf — they overflowed "
+                        f"in {name}, or the checkpoint's weights hold NaN/inf; rerun with --dtype float32 to tell")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,7 +22,8 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-from .errors import ConfigError
+from .checkpoint.fsutil import read_text
+from .errors import ConfigError, ReapError
 
 SCORING_MODES = ("full", "routed", "router")
 DEVICES = ("auto", "cpu", "cuda")
@@ -289,7 +291,11 @@ def _env_file_values(environ: dict[str, str]) -> dict[str, str]:
         raise ConfigError(f"REAP_ENV_FILE={name}: no such file; point it at an existing .env file or unset it")
     if not path.is_file():
         return {}
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    try:
+        text = read_text(path, "settings file")  # non-UTF-8 bytes are one line, not a traceback
+    except ReapError as exc:
+        raise ConfigError(str(exc)) from None
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
 def resolve(names: Sequence[str], cli_values: dict[str, Any], flags: dict[str, str] | None = None,

@@ -434,7 +434,7 @@ def test_refuses_the_pruned_model_as_its_own_original(tmp_path, tiny_model):
     prune_checkpoint(tiny_model, pruned, KEEP, progress=False)
     with pytest.raises(ConfigError, match="pruned model itself"):
         resolve_inputs(settings_for(["--model", str(pruned), "--reference", str(pruned)]))
-    with pytest.raises(ConfigError, match="is a model folder"):
+    with pytest.raises(ConfigError, match="is the original model folder"):
         resolve_inputs(settings_for(["--model", str(pruned), "--output", str(tiny_model)]))
     other = _fake_checkpoint(tmp_path / "other", num_experts=16)
     with pytest.raises(ReapError, match="cut from one with 12"):

@@ -64,6 +64,9 @@ FAKE = textwrap.dedent(
         if args[:1] == ["--version"]:
             print("Python 3.11.7")
             sys.exit(0)
+        if args[:3] == ["-m", "pip", "install"]:  # pip's chatter, which run.sh keeps in a log
+            print("Collecting torch==2.11.0\\n  Downloading torch-2.11.0.whl (800 MB)\\nERROR: pip said no"
+                  if args[0] == os.environ.get("FAKE_PY_FAIL_ON") else "Collecting torch==2.11.0\\n  Downloading")
         if args[:1] and args[0] == os.environ.get("FAKE_PY_FAIL_ON"):
             sys.exit(3)
     sys.exit(0)
@@ -564,6 +567,18 @@ def test_venv_created_once_and_reinstalled_when_requirements_change(box):
     assert third.returncode == 0
 
 
+def test_first_run_prints_one_line_per_step_and_keeps_pip_log(box):
+    box.add_fake("python3")
+    result = box.run("reap", engine=False, native_python=False)
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stderr.splitlines() if line.startswith("run.sh: [")]
+    assert [line.split("]")[0] for line in steps] == ["run.sh: [1/2", "run.sh: [2/2"]
+    assert all(line.endswith(" done") for line in steps), steps
+    assert "Collecting" not in result.stderr and "Downloading" not in result.stderr
+    assert "Collecting torch" in (box.root / ".venv/setup.log").read_text()
+    assert not (box.root / ".reap-setup.log").exists()
+
+
 def test_existing_venv_without_stamp_gets_installed(box):
     bindir = box.root / ".venv/bin"
     bindir.mkdir(parents=True)
@@ -579,6 +594,8 @@ def test_failed_install_leaves_no_stamp(box):
     shutil.copy2(box.fake_python, bindir / "python")
     result = box.run("reap", engine=False, native_python=False, FAKE_PY_FAIL_ON="-m")
     assert result.returncode == 1 and "rerun" in result.stderr
+    assert "... failed" in result.stderr and "    ERROR: pip said no" in result.stderr  # the log's last lines
+    assert "the full log: .venv/setup.log" in result.stderr
     assert not (box.root / ".venv/.reap-requirements.sha256").exists()
     assert [c["argv"][0] for c in box.calls("python")] == ["-m"]  # reap.py never ran
 

@@ -19,10 +19,14 @@ def open_image(path: Path, max_pixels: int):
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-    except OSError as exc:
-        raise ReapError(f"cannot read image {path} ({exc}); replace the file or pass --skip-bad-samples") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        # files.image_problem checked it when the calibration was read: it changed since, or came another way
+        raise ReapError(f"cannot read image {path} ({exc}); replace the file") from None
     if max_pixels and image.width * image.height > max_pixels:
         scale = math.sqrt(max_pixels / (image.width * image.height))
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))

@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint.fsutil import json_type, read_text
 from ..errors import ReapError
 
 GROUNDING_TEMPLATES = (
@@ -62,17 +63,18 @@ class CalibrationSet:
 
 
 def _read_items(path: Path) -> list:
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path, "calibration file")
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         data = []
         for lineno, line in enumerate(raw.splitlines(), 1):
             if line.strip():
                 try:
                     data.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ReapError(f"{path}: line {lineno} is not JSON ({exc.msg}); the file must be a JSON list "
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise ReapError(f"{path}: line {lineno} is not JSON ({getattr(exc, 'msg', exc)}, column "
+                                    f"{getattr(exc, 'colno', '?')}); the file must be a JSON list "
                                     "or JSONL with one item per line") from None
     if isinstance(data, dict):
         data = [data]
@@ -87,7 +89,32 @@ def _image(base: Path, value, where: str) -> Path:
     path = (base / value) if not Path(value).is_absolute() else Path(value)
     if not path.is_file():
         raise ValueError(f"{where}: image {value} not found (looked at {path})")
+    problem = image_problem(path)
+    if problem:
+        raise ValueError(f"{where}: image {value} {problem}")
     return path
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used (unreadable, not an image, too many pixels to decode safely), or None.
+    Reads the header and checks the data, without decoding the pixels."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                img.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"is too large to decode safely ({str(exc).split('could be')[0].strip()})"
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying "not a readable image"
+        return f"cannot be read ({str(exc) or type(exc).__name__})"
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        return f"is too large to decode safely ({width} x {height} pixels)"
+    return None
 
 
 def _chat_sample(index: int, messages, base: Path, where: str) -> CalibrationSample:
@@ -97,6 +124,9 @@ def _chat_sample(index: int, messages, base: Path, where: str) -> CalibrationSam
     for m, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{where}: message {m} needs role and content")
+        if not isinstance(message["role"], str) or not message["role"].strip():
+            raise ValueError(f"{where}: message {m} role must be a non-empty string (user, assistant, system), "
+                             f"not {json_type(message['role'])}")
         content = message["content"]
         if isinstance(content, str):
             rendered.append({"role": message["role"], "content": content})
@@ -166,6 +196,7 @@ def load_calibration(path: Path, max_samples: int, seed: int = 42, skip_bad: boo
                 raise ReapError(f"{exc}; fix the item or pass --skip-bad-samples") from None
             skipped.append(str(exc))
     if not samples:
-        raise ReapError(f"{path}: every drawn item was bad ({skipped[0]})")
+        raise ReapError(f"{path}: every drawn item was bad, nothing left to score (the first: {skipped[0]}); "
+                        "fix the items")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return CalibrationSet(path, samples, len(items), skipped, digest)

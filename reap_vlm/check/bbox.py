@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint.fsutil import atomic_save
 from ..families import BoxFormat
 from ..families.base import NORMALIZED_1000
 
@@ -249,9 +250,4 @@ def draw_boxes(image_path: Path, boxes: list[tuple[str, Box | None, tuple[int, i
         if box is not None:
             x1, y1, x2, y2 = box.to_pixels(image.width, image.height, coord_max)
             draw.rectangle([x1, y1 + legend_height, x2, y2 + legend_height], outline=color, width=width)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    canvas.save(tmp)
-    tmp.replace(out_path)
-    return out_path
+    return atomic_save(Path(out_path), lambda tmp: canvas.save(tmp, format="PNG"))

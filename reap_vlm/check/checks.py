@@ -65,12 +65,18 @@ def bbox_summary(rows: list[dict | None], has_reference: bool) -> tuple[dict, st
 
 def _surgery_check(inputs: Inputs, diffs: list[LogitDiff | None], layers: dict[int, LayerCheck],
                    divergence: str | None, tol: Tolerance) -> Check:
-    if inputs.reference is None:
-        return Check("surgery", "skipped", "surgery not checked", "no original model to compare with")
+    if inputs.reference is None and inputs.reference_declined:
+        return Check("surgery", "skipped", "surgery not checked", f"not asked for ({inputs.reference_source})")
+    if inputs.reference is None:  # asked for (the default) but impossible: never a PASS
+        return Check("surgery", "incomplete", "surgery not checked",
+                     "no original model found to compare with; pass --reference <the original's folder>, or "
+                     "--reference none to check the pruned model alone")
     if inputs.keep_problem:
         return Check("surgery", "fail", "surgery", inputs.keep_problem)
     if inputs.keep is None:
-        return Check("surgery", "skipped", "surgery not checked", "which experts were kept is unknown")
+        return Check("surgery", "incomplete", "surgery not checked",
+                     "which experts were kept is unknown (the pruned folder has no pruning_record.json or "
+                     "reap_metadata.json that fits it); pass --reference none to check the pruned model alone")
     diffs = [d for d in diffs if d is not None]
     total = sum(d.positions for d in diffs)
     mismatched = sum(d.mismatched for d in diffs)

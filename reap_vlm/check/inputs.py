@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.fsutil import read_json
+from ..checkpoint.integrity import check_checkpoint
 from ..checkpoint.reader import Checkpoint
 from ..errors import ConfigError, ReapError
 from ..metadata import METADATA_NAME, load_metadata
+from ..outputs import check_output_folder
 from ..prune.output import PRUNING_RECORD
+from ..schema import int_list, is_int, is_int_key, validate
 from ..settings import OPTIONS, Settings
 from .options import NO_REFERENCE, TEST_FLAGS, flag_of
 
@@ -26,6 +29,11 @@ class Inputs:
     keep_source: str | None = None
     keep_problem: str | None = None  # the record contradicts the pruned checkpoint (a failure)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def reference_declined(self) -> bool:
+        """--reference none: the user asked for no comparison with the original."""
+        return self.reference is None and self.reference_source.startswith(f"{NO_REFERENCE} (")
 
 
 def _is_checkpoint(path: Path | None) -> bool:
@@ -113,11 +121,33 @@ def _kept_experts(inputs: Inputs) -> None:
     inputs.keep, inputs.order, inputs.keep_source = keep, order, where
 
 
+def read_record(path: Path) -> dict:
+    """pruning_record.json, its fields checked before use."""
+    fix = "it was edited by hand or not written by prune_model.py — prune again"
+    return validate(read_json(path, PRUNING_RECORD), path, PRUNING_RECORD, {
+        "source_path": (lambda v: isinstance(v, str), "a path string", False),
+        "source_num_experts": (lambda v: is_int(v, 1), "a positive integer", False),
+        "experts_to_keep": (lambda v: isinstance(v, dict) and all(is_int_key(k) and int_list(ids)
+                                                                  for k, ids in v.items()),
+                            "an object from layer number to expert ids", False),
+        "id_map": (lambda v: isinstance(v, dict) and all(
+            is_int_key(k) and isinstance(m, dict) and all(is_int_key(o) and is_int(n) for o, n in m.items())
+            for k, m in v.items()), "an object from layer number to {old id: new id}", False),
+    }, fix)
+
+
+def _vocab_size(ckpt: Checkpoint) -> int | None:
+    try:
+        return ckpt.family.vocab_size(ckpt.config)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def resolve_inputs(settings: Settings) -> Inputs:
     pruned_path = _require_checkpoint(settings, "pruned_output_path")
     pruned = Checkpoint(pruned_path)
     record_path = pruned_path / PRUNING_RECORD
-    record = read_json(record_path, PRUNING_RECORD) if record_path.is_file() else None
+    record = read_record(record_path) if record_path.is_file() else None
     notes: list[str] = []
     reference, reference_source = find_reference(settings, record, notes)
     if reference is not None and _same(reference, pruned_path):
@@ -131,6 +161,10 @@ def resolve_inputs(settings: Settings) -> Inputs:
             raise ReapError(f"the original {reference} ({original.family.name}, MoE layers {original.moe_layers[:4]}"
                             f"...) does not match the pruned model ({pruned.family.name}, {pruned.moe_layers[:4]}"
                             "...); pass the checkpoint it was pruned from")
+        vocab = [_vocab_size(c) for c in (original, pruned)]
+        if None not in vocab and vocab[0] != vocab[1]:  # unknown: the loader tells
+            raise ReapError(f"the original {reference} has a vocabulary of {vocab[0]} tokens, the pruned model "
+                            f"{vocab[1]}; their logits cannot be compared — pass the checkpoint it was pruned from")
         expected = (record or {}).get("source_num_experts")
         if expected is not None and int(expected) != original.num_experts:
             raise ReapError(f"the original {reference} has {original.num_experts} experts per layer, but the pruned "
@@ -141,8 +175,10 @@ def resolve_inputs(settings: Settings) -> Inputs:
         if original.num_experts < pruned.num_experts:
             raise ReapError(f"the original {reference} has fewer experts ({original.num_experts}) than the pruned "
                             f"model ({pruned.num_experts}); are --model and --reference swapped?")
-    output = Path(settings.test_output_path)
-    for folder in (pruned_path, reference):
-        if folder is not None and output.exists() and _same(output, folder):
-            raise ConfigError(f"{flag_of('test_output_path')}={output} is a model folder; choose a report folder")
+    check_output_folder(Path(settings.test_output_path), flag_of("test_output_path"),
+                        {"pruned model folder": pruned_path, "original model folder": reference},
+                        what="the test report")
+    check_checkpoint(pruned)
+    if reference is not None:
+        check_checkpoint(Checkpoint(reference))
     return inputs

@@ -29,6 +29,7 @@ import torch
 
 from ..checkpoint.loading import resolve_device, resolve_dtype
 from ..errors import ConfigError
+from ..outputs import output_lock
 from ..settings import Settings
 from .accuracy import accuracy_section, load_eval_items, ratio_check
 from .checks import _bbox_rows, _generation_check, _surgery_check, _threshold_check, bbox_summary
@@ -44,7 +45,7 @@ from .compare import (
     tolerance_for,
 )
 from .inputs import Inputs, resolve_inputs
-from .options import TEST_OPTIONS
+from .options import TEST_OPTIONS, flag_of
 from .passes import ModelPass, log, run_original, run_pruned
 from .prompts import EvalPrompt, choose_prompts
 from .report import Check, fmt, verdict, write_report
@@ -59,10 +60,15 @@ def _num(value: float | None) -> float | None:
 @dataclass
 class Outcome:
     passed: bool
-    verdict: str
+    verdict: str  # PASS / FAIL / INCOMPLETE: ...
     checks: list[Check]
     report: dict
     report_paths: tuple[Path, Path]
+
+    @property
+    def exit_code(self) -> int:
+        """0 PASS, 1 FAIL, 3 INCOMPLETE (a check that was asked for could not run)."""
+        return 0 if self.passed else 3 if self.verdict.startswith("INCOMPLETE") else 1
 
 
 @dataclass
@@ -205,7 +211,7 @@ def _accuracy_part(settings: Settings, items, pruned: ModelPass, original: Model
 def build_report(settings: Settings, inputs: Inputs, judged: Judgement, rows: list[dict], compared: Comparison,
                  prompts_source: str, device: str, dtype, tol: Tolerance, seconds: dict) -> dict:
     """test_report.json's content."""
-    passed = not any(c.failed for c in judged.checks)
+    passed = not any(c.failed or c.incomplete for c in judged.checks)
     layers = compared.layers
     router_key = inputs.pruned.family.router_weight_name()
     return {
@@ -246,6 +252,11 @@ def run_test(settings: Settings) -> Outcome:
     tol = tolerance_for(dtype)
     torch.manual_seed(settings.seed)
     out = Path(settings.test_output_path)
+    with output_lock(out, flag_of("test_output_path")):
+        return _run_checks(settings, inputs, device, dtype, tol, out)
+
+
+def _run_checks(settings: Settings, inputs: Inputs, device: str, dtype, tol: Tolerance, out: Path) -> Outcome:
     out.mkdir(parents=True, exist_ok=True)
     prompts, prompts_source = choose_prompts(settings, out, inputs.notes, inputs.pruned.path)
     eval_items = load_eval_items(settings.eval_path) if settings.eval_path is not None else None

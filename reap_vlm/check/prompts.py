@@ -153,7 +153,7 @@ def scored_calibration(pruned_path: Path | None, calibration: Path) -> tuple[set
     if not _same_file(Path(recorded), Path(calibration)):
         return set(), None
     samples = raw.get("calibration_samples")
-    if not isinstance(samples, list):
+    if not isinstance(samples, list) or not all(isinstance(i, int) for i in samples):
         return None, (f"{calibration} is the file the experts were scored on, and {METADATA_NAME} does not list "
                       "which of its items were used (calibration_samples; rerun reap.py to record it): prompts may "
                       "repeat scored samples")

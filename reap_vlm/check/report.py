@@ -17,13 +17,17 @@ class Check:
     """One enabled (or skipped) check and how it went."""
 
     name: str
-    status: str  # "pass" | "fail" | "skipped"
+    status: str  # "pass" | "fail" | "skipped" (not asked for) | "incomplete" (asked for, could not run)
     summary: str  # short, for the verdict line
     why: str = ""  # why it failed or was skipped
 
     @property
     def failed(self) -> bool:
         return self.status == "fail"
+
+    @property
+    def incomplete(self) -> bool:
+        return self.status == "incomplete"
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -40,12 +44,13 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def verdict(checks: list[Check], metrics: list[str]) -> str:
-    """One line: PASS with the headline numbers, or FAIL naming each failed check and why."""
-    failed = [c for c in checks if c.failed]
+    """One line: PASS with the headline numbers, FAIL naming each failed check and why, or INCOMPLETE naming each
+    check that was asked for but could not run (and why)."""
+    failed = [c for c in checks if c.failed] or [c for c in checks if c.incomplete]
     passed = [c.summary for c in checks if c.status == "pass"]
     if not failed:
         return "PASS: " + ", ".join(passed + metrics)
-    head = "FAIL: " + "; ".join(f"{c.name}: {c.why}" for c in failed)
+    head = ("FAIL: " if failed[0].failed else "INCOMPLETE: ") + "; ".join(f"{c.name}: {c.why}" for c in failed)
     tail = passed + metrics
     return head + (" | " + ", ".join(tail) if tail else "")
 
@@ -60,7 +65,7 @@ def _cell(text, limit: int = 90) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Pruned model check: {'PASS' if report['passed'] else 'FAIL'}", "", f"`{report['verdict']}`", ""]
+    lines = [f"# Pruned model check: {report['verdict'].split(':')[0]}", "", f"`{report['verdict']}`", ""]
     lines += [f"- pruned model: `{report['pruned']['path']}` ({report['pruned']['num_experts']} experts per MoE "
               "layer)",
               f"- original: `{report['reference']['path']}` ({report['reference']['source']})"

@@ -12,7 +12,6 @@ so every layer is checked on its own, free of the rounding that two full forward
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 
 from ..calibration.encode import EncodedSample, collate, encode_sample
 from ..calibration.files import CalibrationSample
+from ..checkpoint.fsutil import read_json
 from ..checkpoint.loading import load_model, load_processor
 from ..checkpoint.reader import Checkpoint
 from .masked_routing import masked_routing
@@ -259,7 +259,7 @@ def vllm_generate(path: Path, samples: list[CalibrationSample], *, max_new_token
     end_ids = set(_as_list(tokenizer.eos_token_id))
     generation_config = Path(path) / "generation_config.json"
     if generation_config.is_file():
-        end_ids.update(_as_list(json.loads(generation_config.read_text()).get("eos_token_id")))
+        end_ids.update(_as_list(read_json(generation_config, "generation config", expect=dict).get("eos_token_id")))
     requests = []
     for sample in samples:
         request = {"prompt": render_text(processor, sample)}

@@ -57,7 +57,9 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
     quant = ckpt.quant_format  # a ReapError here for quantizations we cannot dequantize
     if not ckpt.has_per_expert_keys and quant is None:
         device_map = "auto" if spread and device == "cuda" and torch.cuda.device_count() > 1 else device
-        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, device_map=device_map)
+        model, info = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, device_map=device_map,
+                                                                  output_loading_info=True)
+        check_loading_info(path, info)
         return model.eval()
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -73,10 +75,24 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
     if config.tie_word_embeddings and "lm_head.weight" not in state:
         state["lm_head.weight"] = state[family.embedding_key]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ReapError(f"{path}: checkpoint does not match {family.name} "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    check_loading_info(path, {"missing_keys": missing, "unexpected_keys": unexpected})
     return model.to(device).eval()
+
+
+def check_loading_info(path: Path | str, info: dict) -> None:
+    """The loader's report: any key missing from the checkpoint (which transformers would initialise at random),
+    unexpected or of another shape is an error; a model that is not the checkpoint is never scored or checked."""
+    problems = []
+    for field, what in (("missing_keys", "missing from the checkpoint (would be newly initialized)"),
+                        ("unexpected_keys", "in the checkpoint but not in the model"),
+                        ("mismatched_keys", "of another shape than the config implies")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(field) or ())
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} weight(s) {what}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise ReapError(f"{path}: the checkpoint does not match its config.json — {'; '.join(problems)}; "
+                        "re-download the model or fix the checkpoint")
 
 
 def load_processor(path: Path | str):
@@ -84,6 +100,6 @@ def load_processor(path: Path | str):
 
     try:
         return AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # decode and JSON errors are ValueErrors
         raise ReapError(f"cannot load the processor/tokenizer from {path} ({str(exc).splitlines()[0]}); "
                         "the folder needs tokenizer and preprocessor files") from None

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from ..errors import ReapError
 from ..families import KeyRole, ModelFamily, family_for_config
-from .fsutil import read_json
+from .fsutil import json_type, read_json
 from .quant import QuantFormat, detect_format, quantization_config
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -34,7 +34,12 @@ class Checkpoint:
 
     @cached_property
     def config(self) -> dict:
-        return read_json(self.path / "config.json", "config.json")
+        config = read_json(self.path / "config.json", "config.json", expect=dict)
+        text = family_for_config(config).text_section(config)
+        if not isinstance(text, dict):
+            raise ReapError(f"config.json {self.path / 'config.json'}: the text section should be an object, found "
+                            f"{json_type(text)}; fix config.json or re-download the model")
+        return config
 
     @cached_property
     def family(self) -> ModelFamily:
@@ -44,8 +49,9 @@ class Checkpoint:
     def weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
         if index.is_file():
-            weight_map = read_json(index, "safetensors index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
+            weight_map = read_json(index, "safetensors index", expect=dict).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or \
+                    not all(isinstance(v, str) and v and "/" not in v for v in weight_map.values()):
                 raise ReapError(f"{index} has no weight_map; regenerate the index or re-download the model")
             missing = sorted({s for s in weight_map.values() if not (self.path / s).is_file()})
             if missing:
@@ -71,17 +77,31 @@ class Checkpoint:
         """How the weights are quantized (None: plain); a ReapError for formats we cannot read."""
         return detect_format(self.config, self.family.config_sections(self.config))
 
+    def _from_config(self, read, what: str):
+        """A value the family reads from config.json; a missing key or a wrong type is one line."""
+        try:
+            return read(self.config)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise ReapError(f"config.json {self.path / 'config.json'}: {what} is missing or of the wrong type "
+                            f"({type(exc).__name__}: {exc}); fix config.json or re-download the model") from None
+
     @property
     def num_experts(self) -> int:
-        return self.family.num_experts(self.config)
+        return self._check_count(self._from_config(self.family.num_experts, "the expert count"), "expert count")
 
     @property
     def top_k(self) -> int:
-        return self.family.top_k(self.config)
+        return self._check_count(self._from_config(self.family.top_k, "the experts per token (top-k)"), "top-k")
 
     @property
     def moe_layers(self) -> list[int]:
-        return self.family.moe_layers(self.config)
+        return self._from_config(self.family.moe_layers, "the MoE layers (num_hidden_layers, decoder_sparse_step)")
+
+    def _check_count(self, value: int, what: str) -> int:
+        if value < 1:
+            raise ReapError(f"config.json {self.path / 'config.json'}: {what} {value} is not a positive integer; "
+                            "fix config.json or re-download the model")
+        return value
 
     @cached_property
     def has_per_expert_keys(self) -> bool:

@@ -70,9 +70,12 @@ def read_header(path: Path) -> ShardHeader:
             tensors[key] = SourceTensor(key, spec["dtype"], tuple(spec["shape"]), base + begin, base + end)
     except (AttributeError, KeyError, TypeError, ValueError):
         raise ReapError(f"{path} has a malformed safetensors header; re-download the shard") from None
-    size = path.stat().st_size
-    if tensors and max(t.end for t in tensors.values()) > size:
-        raise ReapError(f"{path} is truncated ({size} bytes, header says more); re-download the shard")
+    size, data_end = path.stat().st_size, max((t.end for t in tensors.values()), default=base)
+    if data_end > size:
+        raise ReapError(f"{path} is truncated ({size} bytes, its header says {data_end}); re-download the shard")
+    if data_end < size:
+        raise ReapError(f"{path} has {size - data_end} bytes its header does not cover (a corrupt or foreign file); "
+                        "re-download the shard")
     return ShardHeader(metadata, tensors)
 
 

@@ -7,23 +7,25 @@ import shlex
 import shutil
 from pathlib import Path
 
+from .. import outputs
 from ..checkpoint.reader import INDEX_NAME
 from ..errors import ReapError
 from ..metadata import METADATA_NAME
 
 PRUNING_RECORD = "pruning_record.json"
-DISK_MARGIN = 64 << 20  # headers, config, filesystem slack
 
 # ----------------------------------------------------------------------------------------------- other files
 
 SKIPPED_FILES = {INDEX_NAME, METADATA_NAME, PRUNING_RECORD, "config.json"}
+REAP_LEFTOVERS = ("reap_state", "reap_heatmap")  # reap.py's, should an older version have written them there
 
 
 def files_to_carry(source: Path) -> list[Path]:
     """Everything in the source folder but weights, the index, config.json (rewritten), stale REAP files and
     hidden entries (download caches)."""
     return sorted(p for p in source.iterdir()
-                  if not p.name.startswith(".") and p.name not in SKIPPED_FILES and p.suffix != ".safetensors")
+                  if not p.name.startswith(".") and p.name not in SKIPPED_FILES and p.suffix != ".safetensors"
+                  and not p.name.startswith(REAP_LEFTOVERS))
 
 
 def carry_files(paths: list[Path], out: Path) -> None:
@@ -106,11 +108,5 @@ def describe_stale(output: Path, stale: list[tuple[Path, int]]) -> str:
 
 
 def check_free_space(output: Path, needed: int, stale: list[tuple[Path, int]] | None = None) -> None:
-    folder = Path(output).absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if free < needed + DISK_MARGIN:
-        hint = f"; {describe_stale(output, stale)}" if stale else ""
-        raise ReapError(f"not enough disk space in {folder}: the pruned checkpoint needs {needed / 1e9:.2f} GB, "
-                        f"{free / 1e9:.2f} GB are free; free some space or choose another --output{hint}")
+    hint = f"; {describe_stale(output, stale)}" if stale else ""
+    outputs.check_free_space(output, needed, "the pruned checkpoint", hint=hint)

@@ -2,8 +2,8 @@
 
 An output tensor is the whole source tensor, or one slab per kept expert on dim 0.  Byte ranges make the
 plan dtype-agnostic (bf16, fp8, packed int4 in int32, scales...): a fused tensor [E, ...] is E equal
-slabs, whatever its element type.  Only headers are read to make the plan; ``safe_open`` remains the
-authority on what a file holds, so every source shard's keys and metadata are cross-checked against it.
+slabs, whatever its element type.  Only headers are read to make the plan, checked first
+(``checkpoint.integrity``: complete, consistent with the index and config.json).
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from safetensors import safe_open
-
-from ..checkpoint.reader import INDEX_NAME, Checkpoint
-from ..checkpoint.safetensors_io import ShardHeader, SourceTensor, header_bytes, read_header
+from ..checkpoint.integrity import check_checkpoint, expert_dim_check
+from ..checkpoint.reader import Checkpoint
+from ..checkpoint.safetensors_io import SourceTensor, header_bytes
 from ..errors import ReapError
 from ..families import KeyRole, ModelFamily
 
@@ -70,12 +68,6 @@ def new_ids(keep: dict[int, list[int]]) -> dict[int, dict[int, int]]:
     return {layer: {old: new for new, old in enumerate(sorted(ids))} for layer, ids in keep.items()}
 
 
-def _expert_dim_check(tensor: SourceTensor, num_experts: int, what: str) -> None:
-    if not tensor.shape or tensor.shape[0] != num_experts or tensor.nbytes % num_experts:
-        raise ReapError(f"{tensor.key}: {what} tensor of shape {list(tensor.shape)} should have the "
-                        f"{num_experts} experts of config.json on dim 0; the checkpoint does not match its config")
-
-
 def plan_tensor(family: ModelFamily, tensor: SourceTensor, num_experts: int, keep: dict[int, list[int]],
                 id_map: dict[int, dict[int, int]]) -> tuple[str, OutputTensor | None]:
     """What happens to one source tensor: (action, output tensor or None when dropped)."""
@@ -96,7 +88,7 @@ def plan_tensor(family: ModelFamily, tensor: SourceTensor, num_experts: int, kee
         new_key = f"{info.prefix}.{new_id}.{info.name}"
         return "renumbered", OutputTensor(new_key, tensor.dtype, tensor.shape, ((tensor.begin, tensor.end),))
     what = "fused expert" if info.role is KeyRole.FUSED_EXPERTS else "router"
-    _expert_dim_check(tensor, num_experts, what)
+    expert_dim_check(tensor, num_experts, what)
     slabs = tensor.slabs(num_experts)
     shape = (len(kept), *tensor.shape[1:])
     return "sliced", OutputTensor(tensor.key, tensor.dtype, shape, _merge_adjacent([slabs[e] for e in kept]))
@@ -113,27 +105,13 @@ def _merge_adjacent(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]
     return tuple(merged)
 
 
-def _check_shard_against_index(path: Path, header: ShardHeader, indexed: list[str]) -> None:
-    with safe_open(path, "pt") as f:  # the reference parser agrees with ours on keys and metadata
-        if set(f.keys()) != set(header.tensors) or (f.metadata() or None) != (header.metadata or None):
-            raise ReapError(f"{path}: safetensors header could not be read consistently; re-download the shard")
-    missing, unindexed = set(indexed) - set(header.tensors), set(header.tensors) - set(indexed)
-    if missing or unindexed:
-        sample = sorted(missing or unindexed)[:2]
-        raise ReapError(f"{path.name} and {INDEX_NAME} disagree ({len(missing)} indexed keys missing from the "
-                        f"shard, {len(unindexed)} shard keys not indexed, e.g. {sample}); the download is "
-                        "incomplete or the index is stale — re-download the model")
-
-
 def plan_pruning(ckpt: Checkpoint, keep: dict[int, list[int]]) -> PrunePlan:
     """Read every shard's header and decide, tensor by tensor, what goes where."""
     family, num_experts = ckpt.family, ckpt.num_experts
     id_map = new_ids(keep)
     counts: Counter = Counter(copied=0, sliced=0, renumbered=0, dropped=0)
     shards, source_numel, output_numel = [], 0, 0
-    for name, keys in sorted(ckpt.keys_by_shard().items()):
-        header = read_header(ckpt.path / name)
-        _check_shard_against_index(ckpt.path / name, header, keys)
+    for name, header in check_checkpoint(ckpt).items():
         shard = ShardPlan(name, name, header.metadata)
         for tensor in header.tensors.values():
             action, out = plan_tensor(family, tensor, num_experts, keep, id_map)

@@ -8,6 +8,7 @@ source shard; ``checkpoint.safetensors_io`` copies them file to file; ``config_e
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from ..checkpoint.fsutil import atomic_output_dir, atomic_write_bytes, atomic_wr
 from ..checkpoint.reader import INDEX_NAME, Checkpoint
 from ..checkpoint.safetensors_io import read_header, write_from_spans
 from ..metadata import METADATA_NAME
+from ..outputs import check_writable, output_lock
+from .card import CARD_NAME, SOURCE_CARD_NAME, model_card
 from .config_edit import prune_config_text
 from .keep import check_experts_to_keep
 from .output import (
@@ -95,6 +98,7 @@ def prune_checkpoint(source: Path, output: Path, experts_to_keep: dict[int, list
     check_output_location(source, output)
     check_output_replaceable(output, force, {"the REAP metadata being read": reap_metadata_path,
                                              "the reap.py output folder": reap_output})
+    check_writable(output.absolute().parent, "--output")  # the output is made beside it, then renamed
     stale = stale_partials(output)
     if stale:
         warnings.warn(describe_stale(output, stale), stacklevel=2)
@@ -109,7 +113,7 @@ def prune_checkpoint(source: Path, output: Path, experts_to_keep: dict[int, list
     check_free_space(output, plan.shard_bytes + sum(tree_size(p) for p in carried), stale)
 
     record = pruning_record(source, ckpt, keep, id_map, config_keys, plan, selection)
-    with atomic_output_dir(output, force=force, source=source) as tmp:
+    with output_lock(output, "--output"), atomic_output_dir(output, force=force, source=source) as tmp:
         with tqdm(total=plan.tensor_bytes, unit="B", unit_scale=True, desc="pruning", disable=not progress) as bar:
             for shard in plan.shards:
                 bar.set_postfix_str(shard.name)
@@ -119,10 +123,15 @@ def prune_checkpoint(source: Path, output: Path, experts_to_keep: dict[int, list
             write_index(source, tmp, plan)
         atomic_write_bytes(tmp / "config.json", config_text.encode("utf-8"))
         carry_files(carried, tmp)
+        if (tmp / CARD_NAME).is_file():  # the source's card describes the source: kept, under another name
+            os.replace(tmp / CARD_NAME, tmp / SOURCE_CARD_NAME)
         if reap_metadata is not None:
             atomic_write_json(tmp / METADATA_NAME, reap_metadata)
         elif reap_metadata_path is not None:
             shutil.copyfile(reap_metadata_path, tmp / METADATA_NAME)
+        card_metadata = reap_metadata if reap_metadata is not None else \
+            read_json(tmp / METADATA_NAME, "REAP metadata") if (tmp / METADATA_NAME).is_file() else None
+        atomic_write_bytes(tmp / CARD_NAME, model_card(source, ckpt.config, record, card_metadata).encode())
         if verify:
             record["verify"] = verify_pruned(ckpt, tmp, keep)
         atomic_write_json(tmp / PRUNING_RECORD, record)

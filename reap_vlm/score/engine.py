@@ -53,8 +53,8 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
     base = family.multimodal_model(model)
     tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True)
-    with observer.attached(family.moe_blocks(model)), torch.inference_mode():
+    with tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True) as bar, \
+            observer.attached(family.moe_blocks(model)), torch.inference_mode():
         remaining = samples[done * batch_size:]  # batches already summed are not even encoded again
         stream = batches(processor, remaining, batch_size, max_seq_len, max_pixels, family)
         for i, batch in enumerate(stream, start=done):
@@ -69,6 +69,5 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
                 resume.save(observer.stats, completed)
             if completed >= end:
                 break
-    bar.close()
     return {"batches": total, "resumed_from": done, "tokens_this_run": tokens,
             "seconds": time.perf_counter() - start}

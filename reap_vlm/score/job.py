@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration
+from ..checkpoint.integrity import check_checkpoint_folder
 from ..checkpoint.loading import load_model, load_processor, resolve_device, resolve_dtype
 from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
 from ..metadata import REAP_VERSION, RunInputs, build_metadata, check_finite, write_metadata
+from ..outputs import check_output_folder, output_lock
 from ..selection import num_to_keep, select_experts
 from ..settings import Settings
 from .distributed import DistContext
@@ -18,7 +21,7 @@ from .engine import choose_engine, run_batches
 from .hooks import ReapObserver
 from .layerwise import run_layerwise
 from .report import write_heatmap
-from .resume import STATE_NAME, ResumeState, files_signature, fingerprint, last_batch
+from .resume import STATE_NAME, ResumeState, files_signature, fingerprint, last_batch, weights_signature
 from .stats import METRICS_BY_MODE, ExpertStats
 
 
@@ -51,9 +54,9 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, d
     if not settings.resume:
         return None
     inputs = [p for sample in calib.samples for p in sample.images] + [
-        p for p in Path(ckpt.path).iterdir() if p.suffix in (".json", ".jinja", ".txt")
-        and not p.name.startswith("model.safetensors")]
+        p for p in Path(ckpt.path).iterdir() if p.suffix in (".json", ".jinja", ".txt")]
     key = fingerprint(config=ckpt.config, calibration=calib.digest, files=files_signature(inputs),
+                      weights=weights_signature(ckpt.path, ckpt.shards),
                       version=REAP_VERSION, samples=[s.index for s in calib.samples], mode=settings.scoring_mode,
                       batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                       max_pixels=settings.max_pixels, seed=settings.seed, dtype=str(dtype),
@@ -86,7 +89,20 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
 def _run_reap(settings: Settings, dist: DistContext, device: str) -> dict:
     t0 = time.perf_counter()
     check_criterion(settings)
-    ckpt = Checkpoint(settings.model_path)
+    ckpt = check_checkpoint_folder(settings.model_path)  # before the calibration is read or a model loaded
+    check_output_folder(settings.output_path, "--output", {"model folder": ckpt.path},
+                        needed=_output_bytes(ckpt, dist), what="reap.py's output")
+    with output_lock(settings.output_path, "--output") if dist.is_main else nullcontext():
+        return _score_and_write(settings, dist, device, ckpt, t0)
+
+
+def _output_bytes(ckpt: Checkpoint, dist: DistContext) -> int:
+    """What reap.py writes: metadata (a few numbers per expert), heatmap, saved sums (one set per rank)."""
+    cells = len(ckpt.moe_layers) * ckpt.num_experts
+    return cells * (400 + 200 * dist.world_size) + (4 << 20)
+
+
+def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float) -> dict:
     keep = num_to_keep(ckpt.num_experts, settings.prune_ratio, settings.keep_multiple, ckpt.top_k)
     calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
                              settings.skip_bad_samples)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint.fsutil import atomic_save
+
 
 def write_heatmap(path: Path, scores: list[list[float]], moe_layers: list[int], keep: dict[int, list[int]],
                   criterion: str) -> Path | None:
@@ -29,11 +31,10 @@ def write_heatmap(path: Path, scores: list[list[float]], moe_layers: list[int], 
     ax.set_title(f"{criterion} per expert (dots: kept)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def summary_lines(metadata: dict) -> list[str]:

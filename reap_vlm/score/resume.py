@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.fsutil import atomic_save
 from .stats import ExpertStats
 
 STATE_NAME = "reap_state.pt"
@@ -53,6 +53,21 @@ def files_signature(paths) -> list:
     return out
 
 
+def weights_signature(folder: Path, shards: list[str]) -> list:
+    """(name, size, mtime, digest of the safetensors header) of every shard: other weights under the same names
+    (a re-download, a fine-tune copied over) are another run, never a resumed one."""
+    out = []
+    for name in sorted(shards):
+        path = Path(folder) / name
+        stat = path.stat()
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest = hashlib.sha256(head + handle.read(min(length, 100 << 20))).hexdigest()
+        out.append((name, stat.st_size, stat.st_mtime_ns, digest))
+    return out
+
+
 @dataclass
 class ResumeState:
     path: Path
@@ -72,8 +87,5 @@ class ResumeState:
         return int(state["batches_done"])
 
     def save(self, stats: ExpertStats, batches_done: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save({"fingerprint": self.fingerprint, "batches_done": batches_done, "stats": stats.state_dict()},
-                   tmp)
-        os.replace(tmp, self.path)
+        state = {"fingerprint": self.fingerprint, "batches_done": batches_done, "stats": stats.state_dict()}
+        atomic_save(self.path, lambda tmp: torch.save(state, tmp))
