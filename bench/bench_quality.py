@@ -130,6 +130,7 @@ def run_grid(args) -> dict:
     from reference.tasks import TASK_FAMILIES
 
     work = Path(tempfile.mkdtemp(prefix="bench-quality-", dir=args.workdir))
+    saved = dict(os.environ)
     clean_environment(work)
     evaluate = Evaluator(Path(args.eval), args.per_task, args.max_new_tokens)
     model = Path(args.model)
@@ -164,6 +165,8 @@ def run_grid(args) -> dict:
                 print(f"none   {ratio:.2f} random (x{args.random_seeds})   {json.dumps(accuracy)}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved)  # the caller's environment as it was (tests run this in-process)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -234,6 +235,7 @@ def test_quality_benchmark_small_grid(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_quality
 
+    environment = dict(os.environ)
     result = bench_quality.main(["--ratios", "0.5", "--criteria", "reap,frequency,random", "--calibrations",
                                  "mixed", "--per-task", "1", "--max-samples", "16", "--random-seeds", "2",
                                  "--out", str(tmp_path), "--workdir", str(tmp_path)])
@@ -247,3 +249,4 @@ def test_quality_benchmark_small_grid(tmp_path):
     assert "## grounding (grounding): unpruned 100" in md and "| reap |" in md
     assert (tmp_path / "RESULTS_quality.png").stat().st_size > 10_000
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench-quality-")] == []  # cleaned up
+    assert dict(os.environ) == environment  # the grid's own settings do not leak into the caller's
