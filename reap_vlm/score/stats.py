@@ -24,6 +24,8 @@ full mode too: that is the activation the model really produces (and the paper m
 the token that produced the maximum is the larger of the two.  These are maxima, not sums: batches, resumed
 states and torchrun ranks combine them with max.
 
+``reap_balanced`` is derived from reap_image / reap_text (``reap_vlm.selection.balanced_reap``).
+
 This module is the one place that formula lives: ``LayerStats.observe`` adds a batch,
 ``LayerStats.metrics`` divides.
 """
@@ -35,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..selection import with_derived
+
 _SUMS = (
     "count", "weighted_frequency", "reap_sum", "ean_sum", "soft_frequency", "reap_dense_sum",
     "count_image", "reap_image_sum", "count_text", "reap_text_sum",
@@ -45,10 +49,11 @@ MAXIMA = ("max_image", "max_text")  # combined by max, not sum
 METRICS_BY_MODE = {
     "router": ("frequency", "weighted_frequency", "soft_frequency", "frequency_image", "frequency_text"),
     "routed": ("reap", "ean", "frequency", "weighted_frequency", "soft_frequency", "reap_image", "reap_text",
-               "frequency_image", "frequency_text", "max_activation", "max_activation_image", "max_activation_text"),
+               "frequency_image", "frequency_text", "reap_balanced", "max_activation", "max_activation_image",
+               "max_activation_text"),
     "full": ("reap", "ean", "frequency", "weighted_frequency", "soft_frequency", "reap_dense", "reap_image",
-             "reap_text", "frequency_image", "frequency_text", "max_activation", "max_activation_image",
-             "max_activation_text"),
+             "reap_text", "frequency_image", "frequency_text", "reap_balanced", "max_activation",
+             "max_activation_image", "max_activation_text"),
 }
 
 
@@ -185,9 +190,10 @@ class ExpertStats:
         return cls({layer: LayerStats(num_experts, device) for layer in moe_layers})
 
     def metrics(self, mode: str) -> dict[str, list[list[float]]]:
-        per_layer = {layer: stats.metrics() for layer, stats in sorted(self.layers.items())}
-        return {name: [per_layer[layer][name].tolist() for layer in sorted(per_layer)]
-                for name in METRICS_BY_MODE[mode]}
+        per_layer = [stats.metrics() for _, stats in sorted(self.layers.items())]
+        measured = {name: [m[name].tolist() for m in per_layer] for name in METRICS_BY_MODE[mode]
+                    if per_layer and name in per_layer[0]}
+        return with_derived(measured)
 
     @property
     def n_tokens(self) -> int:
