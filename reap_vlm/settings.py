@@ -132,24 +132,21 @@ def _optional_float(raw: str) -> float | None:
     return value
 
 
-def _share(raw: str) -> float:
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        raise _Invalid("a number in (0, 1]") from None
-    if not 0.0 < value <= 1.0:
-        raise _Invalid("a number in (0, 1]")
-    return value
+def _float_in(accepts: Callable[[float], bool], allowed: str) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            raise _Invalid(allowed) from None
+        if not accepts(value):
+            raise _Invalid(allowed)
+        return value
+
+    return parse
 
 
-def _percent(raw: str) -> float:
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        raise _Invalid("a percentile in [0, 100]") from None
-    if not 0.0 <= value <= 100.0:
-        raise _Invalid("a percentile in [0, 100]")
-    return value
+_share = _float_in(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+_percent = _float_in(lambda v: 0.0 <= v <= 100.0, "a percentile in [0, 100]")
 
 
 @dataclass(frozen=True)
