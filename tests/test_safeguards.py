@@ -4,6 +4,7 @@ criterion, and the calibration's image coverage."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -156,6 +157,8 @@ def test_prune_model_recomputes_with_protection(planted, calibration, tmp_path, 
     reap_out = tmp_path / "reap"
     run_reap(_settings(model, calibration / "calibration_data.json", reap_out, criterion="frequency"))
     monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.startswith("REAP_")]:  # the caller's settings (or a test's) stay out
+        monkeypatch.delenv(name)
     assert main(["--reap-output", str(reap_out), "--output", str(tmp_path / "pruned"),
                  "--protect-super-experts"]) == 0
     out = capsys.readouterr().out
