@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Write a pruned copy of a Qwen3-VL-MoE checkpoint that keeps only the experts chosen in reap_metadata.json.
 
-The metadata's experts_to_keep is used as is, unless a prune ratio, criterion or keep multiple set by flag,
-environment or .env differs from what the metadata recorded: then the selection is recomputed from the metrics
-the metadata stores (a line says so, and pruning_record.json records it).
+The metadata's experts_to_keep is used as is, unless a prune ratio, criterion, keep multiple or super-expert
+setting set by flag, environment or .env differs from what the metadata recorded: then the selection is
+recomputed from the metrics the metadata stores (a line says so, and pruning_record.json records it).
 The source model is --model / REAP_MODEL_PATH, else the model_path recorded in the metadata."""
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import sys
 import time
 
 from reap_vlm.cli import run_main
+from reap_vlm.safeguards import safeguard_lines
 from reap_vlm.settings import parse_settings, require_dir
 
 OPTIONS = ("model_path", "pruned_output_path", "output_path", "metadata_path", "prune_ratio", "keep_multiple",
-           "criterion", "force", "verify")
+           "criterion", "force", "verify", "protect_super_experts", "super_expert_quantile", "super_expert_fraction",
+           "super_expert_layers")
 # --output is this script's product (the pruned checkpoint); reap.py's folder is the input here.
 FLAGS = {"pruned_output_path": "--output", "output_path": "--reap-output"}
 HELP = {
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
         "tensors          " + ", ".join(f"{n} {action}" for action, n in counts.items()),
         f"written          {output} ({record['bytes_written'] / 1e9:.2f} GB in {seconds:.1f}s)",
     ]
+    safeguards = record.get("selection", {}).get("safeguards") or {}
+    lines[-1:-1] = safeguard_lines(safeguards)
     if "verify" in record:
         lines.append(f"verify           {record['verify']['tensors_checked']} tensors ok, forward "
                      f"{record['verify']['forward']}")

@@ -10,7 +10,10 @@ checkpoint (recomputing the selection from the stored metrics, as a user's --cri
 does), and the pruned folder is loaded and answers the evaluation items (reference/eval.jsonl) with the
 check's own code (reap_vlm.check.accuracy, what test_pruned_model.py --eval runs).  ``random`` keeps a
 uniformly random set of experts per layer (the mean of --random-seeds seeds; no calibration involved),
-written by the same pruning code.  The unpruned model is the baseline.
+written by the same pruning code.  ``NAME+protect`` (e.g. ``reap+protect``) is --criterion NAME
+--protect-super-experts; ``reap_balanced`` is the modality-balanced REAP.  The unpruned model is the baseline.
+Each scoring run's super-expert profile (flagged experts, thresholds, the largest max activations per layer)
+and calibration coverage go into the JSON under "profiles".
 
 Writes RESULTS_quality.json ({"baseline": {task: acc}, "runs": [{"criterion", "ratio", "calibration",
 "accuracy": {task: acc}}], ...}), RESULTS_quality.md (a table per task family) and RESULTS_quality.png
@@ -32,7 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CRITERIA = ("reap", "reap_dense", "ean", "frequency", "weighted_frequency", "random")
+CRITERIA = ("reap", "reap_dense", "ean", "frequency", "weighted_frequency", "random", "reap_balanced",
+            "reap+protect")
+# A criterion NAME+protect is --criterion NAME --protect-super-experts.
+PROTECT = "+protect"
 CALIBRATIONS = ("mixed", "text", "image")
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -103,7 +109,9 @@ def prune(reap_out: Path, pruned: Path, criterion: str, ratio: float) -> None:
     import prune_model as prune_script
 
     shutil.rmtree(pruned, ignore_errors=True)
-    run_script(prune_script, ["--reap-output", str(reap_out), "--output", str(pruned), "--criterion", criterion,
+    flags = ["--criterion", criterion.removesuffix(PROTECT)] + (["--protect-super-experts"]
+                                                                 if criterion.endswith(PROTECT) else [])
+    run_script(prune_script, ["--reap-output", str(reap_out), "--output", str(pruned), *flags,
                               "--prune-ratio", str(ratio)])
 
 
@@ -120,6 +128,16 @@ def prune_random(model: Path, reap_out: Path, pruned: Path, ratio: float, seed: 
                  "num_experts_to_keep": keep}
     prune_checkpoint(ckpt.path, pruned, kept, force=False, reap_metadata_path=reap_out / "reap_metadata.json",
                      verify=False, selection=selection, reap_output=reap_out)
+
+
+def super_expert_profile(reap_out: Path) -> dict:
+    """What the scoring run measured of the super-expert criterion: the experts it flags, its thresholds, the
+    coverage, and per MoE layer the largest max activations beside the 99.5th percentile over every expert."""
+    metadata = json.loads((reap_out / "reap_metadata.json").read_text())
+    peaks = metadata["metrics"]["max_activation"]
+    return {"super_experts": metadata["super_experts"], "calibration_coverage": metadata["calibration_coverage"],
+            "layers": {str(layer): sorted(((v, e) for e, v in enumerate(row)), reverse=True)[:4]
+                       for layer, row in zip(metadata["moe_layers"], peaks)}}
 
 
 def mean_accuracy(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -145,6 +163,7 @@ def run_grid(args) -> dict:
         for calibration in args.calibrations:
             reap_out = score(model, Path(args.calibration_dir) / f"{calibration}.json", work / f"reap-{calibration}",
                              args.max_samples)
+            result.setdefault("profiles", {})[calibration] = super_expert_profile(reap_out)
             for ratio in args.ratios:
                 for criterion in [c for c in args.criteria if c != "random"]:
                     prune(reap_out, pruned, criterion, ratio)

@@ -347,7 +347,7 @@ def bench_layer(name: str, shape: dict, args, device, dtype, timer, peak_tflops)
         x = torch.nn.functional.rms_norm(hidden.reshape(-1, cfg.hidden_size)[:2048], (cfg.hidden_size,))
         _, w, ids = layer.mlp.gate(x)
         own = experts(x, ids, w)
-        out, norms = family.routed_forward(experts, x, ids, w)
+        out, norms, _ = family.routed_forward(experts, x, ids, w)
         res["check_routed_output_bitwise"] = bool(torch.equal(out, own))
         probe = x[:256]
         ref = torch.stack([torch.linalg.vector_norm(

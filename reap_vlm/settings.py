@@ -41,6 +41,7 @@ CRITERIA = (
     "reap_text",
     "frequency_image",
     "frequency_text",
+    "reap_balanced",
 )
 
 # Seed-era variables that no longer do anything, and what replaced them.
@@ -133,6 +134,23 @@ def _optional_float(raw: str) -> float | None:
     return value
 
 
+def _float_in(accepts: Callable[[float], bool], allowed: str) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(str(raw).strip())
+        except ValueError:
+            raise _Invalid(allowed) from None
+        if not accepts(value):
+            raise _Invalid(allowed)
+        return value
+
+    return parse
+
+
+_share = _float_in(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+_percent = _float_in(lambda v: 0.0 <= v <= 100.0, "a percentile in [0, 100]")
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -163,6 +181,15 @@ OPTIONS: dict[str, Option] = {
                "round the kept count up to a multiple of N (e.g. the expert-parallel size)"),
         Option("criterion", "--criterion", "REAP_CRITERION", _choice(CRITERIA), "reap",
                "metric that ranks experts (router mode: frequency unless set)"),
+        Option("protect_super_experts", "--protect-super-experts", "REAP_PROTECT_SUPER_EXPERTS", _bool, False,
+               "keep the super experts whatever their score (they displace the lowest-ranked kept experts)",
+               is_switch=True),
+        Option("super_expert_quantile", "--super-expert-quantile", "REAP_SUPER_EXPERT_QUANTILE", _percent, 99.5,
+               "super expert: max activation above this percentile of every expert's (and the fraction below)"),
+        Option("super_expert_fraction", "--super-expert-fraction", "REAP_SUPER_EXPERT_FRACTION", _share, 0.1,
+               "super expert: max activation above this fraction of the largest expert's (and the percentile)"),
+        Option("super_expert_layers", "--super-expert-layers", "REAP_SUPER_EXPERT_LAYERS", _share, 0.75,
+               "super experts are looked for in this first fraction of the MoE layers"),
         Option("scoring_mode", "--mode", "REAP_SCORING_MODE", _choice(SCORING_MODES), "full",
                "full: every expert on every token; routed: routed pairs only; router: router statistics only"),
         Option("max_samples", "--max-samples", "REAP_MAX_SAMPLES", _int(1), 300,
@@ -223,6 +250,10 @@ class Settings:
     prune_ratio: float = 0.40
     keep_multiple: int = 1
     criterion: str = "reap"
+    protect_super_experts: bool = False
+    super_expert_quantile: float = 99.5
+    super_expert_fraction: float = 0.1
+    super_expert_layers: float = 0.75
     scoring_mode: str = "full"
     max_samples: int = 300
     max_seq_len: int = 2048

@@ -154,6 +154,18 @@ def _brute_norms(family, experts, hidden, ids):
     return out
 
 
+def _brute_peaks(family, experts, hidden, ids) -> torch.Tensor:
+    """max_h |E_j(x)_h| of each routed pair, in float64 from float64 weights."""
+    out = torch.zeros(ids.shape, dtype=torch.float64)
+    gate_up, down = experts.gate_up_proj.double(), experts.down_proj.double()
+    for t in range(ids.shape[0]):
+        for s in range(ids.shape[1]):
+            j = int(ids[t, s])
+            g, u = (gate_up[j] @ hidden[t].double()).chunk(2)
+            out[t, s] = (down[j] @ (torch.nn.functional.silu(g) * u)).abs().max()
+    return out
+
+
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm", "eager"])
 def test_routed_forward_is_the_model_forward(experts_case, impl):
     family, block, hidden, ids, weights = experts_case
@@ -162,11 +174,12 @@ def test_routed_forward_is_the_model_forward(experts_case, impl):
     experts.config._experts_implementation = impl
     try:
         own = experts(hidden, ids, weights)
-        out, norms = family.routed_forward(experts, hidden, ids, weights)
+        out, norms, peaks = family.routed_forward(experts, hidden, ids, weights)
     finally:
         experts.config._experts_implementation = saved
     assert torch.equal(out, own)  # bitwise: same ops as transformers' own forward
     assert torch.allclose(norms.double(), _brute_norms(family, experts, hidden, ids), rtol=1e-5)
+    assert torch.allclose(peaks.double(), _brute_peaks(family, experts, hidden, ids), rtol=1e-5)
 
 
 def test_observer_routed_swaps_forward_and_restores(experts_case):
@@ -196,7 +209,9 @@ def test_all_expert_norms_brute_force(experts_case, budget):
     norms = all_expert_norms(family, experts, hidden, chunk_budget_bytes=budget)  # budget 1: one token a chunk
     assert norms.shape == (hidden.shape[0], experts.num_experts)
     assert torch.allclose(norms.double(), _brute_norms(family, experts, hidden, all_ids), rtol=1e-5)
-    assert torch.allclose(routed_expert_norms(family, experts, hidden, all_ids[:, :3]), norms[:, :3], rtol=1e-5)
+    routed_norms, routed_peaks = routed_expert_norms(family, experts, hidden, all_ids[:, :3])
+    assert torch.allclose(routed_norms, norms[:, :3], rtol=1e-5)
+    assert torch.allclose(routed_peaks.double(), _brute_peaks(family, experts, hidden, all_ids[:, :3]), rtol=1e-5)
 
 
 def test_choosing_the_full_mode_path_times_within_the_scoring_memory():

@@ -236,12 +236,15 @@ def test_quality_benchmark_small_grid(tmp_path):
     import bench_quality
 
     environment = dict(os.environ)
-    result = bench_quality.main(["--ratios", "0.5", "--criteria", "reap,frequency,random", "--calibrations",
+    result = bench_quality.main(["--ratios", "0.5", "--criteria", "reap,reap+protect,random", "--calibrations",
                                  "mixed", "--per-task", "1", "--max-samples", "16", "--random-seeds", "2",
                                  "--out", str(tmp_path), "--workdir", str(tmp_path)])
     assert result["baseline"] == dict.fromkeys(TASKS, 1.0)
     assert [(r["criterion"], r["ratio"], r["calibration"]) for r in result["runs"]] == [
-        ("reap", 0.5, "mixed"), ("frequency", 0.5, "mixed"), ("random", 0.5, "none")]
+        ("reap", 0.5, "mixed"), ("reap+protect", 0.5, "mixed"), ("random", 0.5, "none")]
+    profile = result["profiles"]["mixed"]
+    assert profile["super_experts"]["criteria"] == {"quantile": 99.5, "fraction": 0.1, "layers": 0.75}
+    assert len(profile["layers"]) == 6 and profile["calibration_coverage"]["image_share"] > 0
     assert len(result["runs"][-1]["seeds"]) == 2
     saved = json.loads((tmp_path / "RESULTS_quality.json").read_text())
     assert saved["runs"] == result["runs"]

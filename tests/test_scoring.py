@@ -41,7 +41,8 @@ def brute_force(model_path: Path, calib_file: Path, max_seq_len: int = 2048) -> 
     hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].detach()))
              for i, layer in enumerate(layers)]
     sums = {name: np.zeros((len(layers), E)) for name in
-            ("count", "g", "gn", "n", "p", "pn", "count_img", "gn_img", "count_txt", "gn_txt")}
+            ("count", "g", "gn", "n", "p", "pn", "count_img", "gn_img", "count_txt", "gn_txt", "peak_img",
+             "peak_txt")}
     n_tokens = 0
     torch.set_grad_enabled(False)
     for sample in load_calibration(calib_file, 100).samples:
@@ -78,6 +79,7 @@ def brute_force(model_path: Path, calib_file: Path, max_seq_len: int = 2048) -> 
                         tag = "img" if is_image[t] else "txt"
                         sums[f"count_{tag}"][li, j] += 1
                         sums[f"gn_{tag}"][li, j] += g * norm
+                        sums[f"peak_{tag}"][li, j] = max(sums[f"peak_{tag}"][li, j], float(out.abs().max()))
     for h in hooks:
         h.remove()
     torch.set_grad_enabled(True)
@@ -85,6 +87,8 @@ def brute_force(model_path: Path, calib_file: Path, max_seq_len: int = 2048) -> 
     def div(a, b):
         return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
 
+    reap_image, reap_text = div(sums["gn_img"], sums["count_img"]), div(sums["gn_txt"], sums["count_txt"])
+    shares = [m / m.sum(axis=1, keepdims=True) for m in (reap_image, reap_text)]  # both modalities in every layer
     return {
         "reap": div(sums["gn"], sums["count"]),
         "ean": div(sums["n"], sums["count"]),
@@ -96,6 +100,10 @@ def brute_force(model_path: Path, calib_file: Path, max_seq_len: int = 2048) -> 
         "reap_text": div(sums["gn_txt"], sums["count_txt"]),
         "frequency_image": sums["count_img"],
         "frequency_text": sums["count_txt"],
+        "reap_balanced": np.maximum(*shares),
+        "max_activation": np.maximum(sums["peak_img"], sums["peak_txt"]),
+        "max_activation_image": sums["peak_img"],
+        "max_activation_text": sums["peak_txt"],
         "n_tokens": n_tokens,
         "n_image": sum(sums["count_img"][0]) / k,
     }

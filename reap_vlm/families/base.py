@@ -27,6 +27,12 @@ from torch import nn
 from ..errors import ReapError
 
 
+def output_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||y||_2, max |y_h|) over the last dim of expert outputs y, float32: REAP's norm and the super-experts
+    statistic (the largest absolute element of the down_proj output)."""
+    return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32), y.abs().amax(dim=-1).float()
+
+
 class KeyRole(Enum):
     FUSED_EXPERTS = "fused_experts"  # one tensor holds every expert of a layer, expert on dim 0
     PER_EXPERT = "per_expert"  # one tensor per expert: ...experts.{e}.<proj>.<suffix>
@@ -385,6 +391,7 @@ class ModelFamily:
 
     def routed_forward(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The experts' forward that also returns ||E_j(x)|| of every routed pair ([T, k] float32),
-        computed once; None where the family cannot reproduce the module's own forward."""
+        """The experts' forward that also returns ||E_j(x)|| and max_h |E_j(x)_h| of every routed pair
+        ((out, norms, peaks), both [T, k] float32, ``output_stats``), computed once; None where the family
+        cannot reproduce the module's own forward."""
         return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ModelFamily
+from .base import ModelFamily, output_stats
 
 
 class FusedGateUpFamily(ModelFamily):
@@ -90,7 +90,8 @@ class FusedGateUpFamily(ModelFamily):
 
     def routed_forward(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor):
-        """The experts' own forward (the implementation its config names) plus the routed pairs' norms."""
+        """The experts' own forward (the implementation its config names) plus the routed pairs' norms and
+        maximum absolute output elements."""
         impl = getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
         if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
             return None
@@ -107,7 +108,8 @@ class FusedGateUpFamily(ModelFamily):
 
 # For reap_vlm.score's fast paths.  ``_routed_*`` reproduce transformers 5's experts forwards
 # (integrations/moe.py: eager, batched_mm, grouped_mm) op for op, so the output is the model's own, and
-# keep the per-pair expert outputs' norms on the way (||E_j(x)||, before gate weighting).
+# keep the per-pair expert outputs' norms and peaks on the way (||E_j(x)||, max_h |E_j(x)_h|, before gate
+# weighting).
 
 
 def _gate(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:
@@ -142,13 +144,14 @@ def _routed_grouped(experts, hidden_states, top_k_index, top_k_weights):
     proj_out = _gate(experts, proj_out)
     proj_out = _grouped_linear(proj_out, experts.down_proj, offsets, bias=None, is_transposed=False)
     proj_out = proj_out.masked_fill(sentinel_mask, 0.0)
-    norms_g = torch.linalg.vector_norm(proj_out, dim=-1, dtype=torch.float32)  # the one addition
+    norms_g, peaks_g = output_stats(proj_out)  # the one addition
     weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=device)
     weighted_out = weighted_out[inv_perm]
     final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
-    return final_hidden_states.to(hidden_states.dtype), norms_g[inv_perm].view(num_tokens, num_top_k)
+    return (final_hidden_states.to(hidden_states.dtype), norms_g[inv_perm].view(num_tokens, num_top_k),
+            peaks_g[inv_perm].view(num_tokens, num_top_k))
 
 
 def _routed_batched(experts, hidden_states, top_k_index, top_k_weights):
@@ -164,15 +167,17 @@ def _routed_batched(experts, hidden_states, top_k_index, top_k_weights):
                                is_transposed=False)
     proj_out = _gate(experts, proj_out)
     proj_out = _batched_linear(proj_out, experts.down_proj[expert_ids], bias=None, is_transposed=False)
-    norms = torch.linalg.vector_norm(proj_out, dim=-1, dtype=torch.float32)
+    norms, peaks = output_stats(proj_out)
     weighted_out = proj_out * sample_weights.unsqueeze(-1)
     final_hidden_states = weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
-    return final_hidden_states.to(hidden_states.dtype), norms.view(num_tokens, num_top_k)
+    return (final_hidden_states.to(hidden_states.dtype), norms.view(num_tokens, num_top_k),
+            peaks.view(num_tokens, num_top_k))
 
 
 def _routed_eager(experts, hidden_states, top_k_index, top_k_weights):
     final_hidden_states = torch.zeros_like(hidden_states)
     norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden_states.device)
+    peaks = torch.zeros_like(norms)
     with torch.no_grad():
         expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=experts.num_experts)
         expert_mask = expert_mask.permute(2, 1, 0)
@@ -186,7 +191,7 @@ def _routed_eager(experts, hidden_states, top_k_index, top_k_weights):
         gate, up = nn.functional.linear(current_state, experts.gate_up_proj[expert_idx]).chunk(2, dim=-1)
         current_hidden_states = experts.act_fn(gate) * up
         current_hidden_states = nn.functional.linear(current_hidden_states, experts.down_proj[expert_idx])
-        norms[token_idx, top_k_pos] = torch.linalg.vector_norm(current_hidden_states, dim=-1, dtype=torch.float32)
+        norms[token_idx, top_k_pos], peaks[token_idx, top_k_pos] = output_stats(current_hidden_states)
         current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
         final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
-    return final_hidden_states, norms
+    return final_hidden_states, norms, peaks

@@ -7,7 +7,13 @@ from pathlib import Path
 from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
 from ..metadata import METADATA_NAME, load_metadata
-from .keep import keep_from_metadata, recomputed_metadata, recorded_selection, selection_changes
+from .keep import (
+    keep_from_metadata,
+    recomputed_metadata,
+    recorded_selection,
+    selection_changes,
+    selection_from_metadata,
+)
 from .rewrite import prune_checkpoint
 
 
@@ -31,8 +37,10 @@ def prune_from_settings(settings) -> tuple[dict, Path]:
         print(why, flush=True)
         chosen = {**recorded, **overrides}
         chosen["criterion"] = chosen["criterion"] or "reap"
-        keep = keep_from_metadata(metadata, ckpt.num_experts, ckpt.top_k, **chosen)
+        keep, safeguards = selection_from_metadata(metadata, ckpt.num_experts, ckpt.top_k, **chosen)
         selection = {"source": "recomputed", **chosen, "why": why}
+        if safeguards:
+            selection["safeguards"] = safeguards
     else:
         keep = keep_from_metadata(metadata, ckpt.num_experts, ckpt.top_k)
         selection = {"source": "metadata", **recorded}

@@ -8,7 +8,8 @@ from collections import Counter
 
 from ..errors import ReapError
 from ..metadata import ReapMetadata
-from ..selection import num_to_keep, select_experts
+from ..safeguards import select_with_safeguards, super_expert_criteria
+from ..selection import num_to_keep, with_derived
 from ..settings import OPTIONS
 
 
@@ -40,15 +41,25 @@ def check_experts_to_keep(experts_to_keep: dict, moe_layers: list[int], num_expe
     return keep
 
 
-def keep_from_metadata(metadata: ReapMetadata, num_experts: int, top_k: int, *, prune_ratio: float | None = None,
-                       criterion: str | None = None, keep_multiple: int | None = None) -> dict[int, list[int]]:
-    """The metadata's selection, or — when any of the three is given — one recomputed from its stored metrics."""
+def keep_from_metadata(metadata: ReapMetadata, num_experts: int, top_k: int, **chosen) -> dict[int, list[int]]:
+    """The metadata's selection, or — when any setting is given — one recomputed from its stored metrics
+    (``selection_from_metadata``)."""
+    return selection_from_metadata(metadata, num_experts, top_k, **chosen)[0]
+
+
+def selection_from_metadata(metadata: ReapMetadata, num_experts: int, top_k: int, *, prune_ratio: float | None = None,
+                            criterion: str | None = None, keep_multiple: int | None = None,
+                            **safeguard_settings) -> tuple[dict[int, list[int]], dict | None]:
+    """The metadata's selection, or — when any of prune ratio, criterion, keep multiple is given — one recomputed
+    from its stored metrics, with the super-expert settings given or recorded (``safeguards``); returns the kept
+    ids and, when recomputed, what the safeguards found and did."""
     raw = metadata.raw
     if int(raw["num_experts"]) != num_experts:
         raise ReapError(f"{metadata.path} was computed for a model with {raw['num_experts']} experts per layer, "
                         f"but the model to prune has {num_experts}; pass the matching --model or rerun reap.py")
-    if prune_ratio is None and criterion is None and keep_multiple is None:
-        return metadata.experts_to_keep
+    if prune_ratio is None and criterion is None and keep_multiple is None and \
+            all(v is None for v in safeguard_settings.values()):
+        return metadata.experts_to_keep, None
     ratio = raw.get("prune_ratio") if prune_ratio is None else prune_ratio
     multiple = raw.get("keep_multiple", 1) if keep_multiple is None else keep_multiple
     criterion = raw.get("criterion", "reap") if criterion is None else criterion
@@ -58,24 +69,35 @@ def keep_from_metadata(metadata: ReapMetadata, num_experts: int, top_k: int, *, 
         raise ReapError(f"{metadata.path} stores no metrics to recompute the selection from; rerun reap.py "
                         "with the new --prune-ratio / --criterion")
     keep = num_to_keep(num_experts, float(ratio), int(multiple), top_k)
-    return select_experts(metadata.metrics, metadata.moe_layers, criterion, keep)
+    settings = {**{name: raw.get(name) for name in SAFEGUARD_SETTINGS},
+                **{k: v for k, v in safeguard_settings.items() if v is not None}}
+    protect = bool(settings["protect_super_experts"])
+    kept, safeguards = select_with_safeguards(metadata.metrics, metadata.moe_layers, criterion, keep,
+                                              protect=protect, criteria=super_expert_criteria(settings))
+    return kept, (safeguards if protect or safeguards["super_experts"] is not None else None)
 
 
 # The settings that decide the selection, as the messages name them.
-SELECTION_SETTINGS = {"prune_ratio": "prune ratio", "criterion": "criterion", "keep_multiple": "keep multiple"}
+SAFEGUARD_SETTINGS = {"protect_super_experts": "super-expert protection",
+                      "super_expert_quantile": "super-expert quantile",
+                      "super_expert_fraction": "super-expert fraction", "super_expert_layers": "super-expert layers"}
+SELECTION_SETTINGS = {"prune_ratio": "prune ratio", "criterion": "criterion", "keep_multiple": "keep multiple",
+                      **SAFEGUARD_SETTINGS}
 
 
 def recorded_selection(raw: dict) -> dict:
-    """What the metadata's experts_to_keep was made with (metadata from before keep_multiple existed: 1)."""
+    """What the metadata's experts_to_keep was made with (metadata from before keep_multiple existed: 1; from
+    before super-expert protection: off, thresholds not recorded)."""
     return {"prune_ratio": raw.get("prune_ratio"), "criterion": raw.get("criterion"),
-            "keep_multiple": raw.get("keep_multiple", 1)}
+            "keep_multiple": raw.get("keep_multiple", 1),
+            **{name: raw[name] for name in SAFEGUARD_SETTINGS if name in raw}}
 
 
 def _same_setting(name: str, value, recorded) -> bool:
     if recorded is None:
         return False
     try:
-        if name == "prune_ratio":
+        if isinstance(value, float):
             return math.isclose(float(value), float(recorded), rel_tol=0.0, abs_tol=1e-9)
         if name == "keep_multiple":
             return int(value) == int(recorded)
@@ -132,6 +154,9 @@ def recomputed_metadata(raw: dict, keep: dict[int, list[int]], selection: dict) 
             "reap_selection": {**recorded_selection(raw), "num_experts_to_keep": raw.get("num_experts_to_keep")},
         },
     })
-    if criterion in (raw.get("metrics") or {}):  # mean_scores holds the criterion's values
-        metadata["mean_scores"] = raw["metrics"][criterion]
+    derived = with_derived(raw.get("metrics") or {})
+    if criterion in derived:  # mean_scores holds the criterion's values
+        metadata["mean_scores"] = derived[criterion]
+    metadata.update({name: selection[name] for name in SAFEGUARD_SETTINGS if name in selection})
+    metadata.update(selection.get("safeguards") or {})
     return metadata

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..calibration.encode import num_batches
-from .stats import ExpertStats
+from .stats import MAXIMA, ExpertStats
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,13 @@ class DistContext:
                 for s in samples[b * batch_size:(b + 1) * batch_size]]
 
     def all_reduce(self, stats: ExpertStats) -> None:
-        """Sum every rank's float64 sums and token counts into every rank's ``stats``."""
+        """Sum every rank's float64 sums and token counts into every rank's ``stats``; the maxima (``MAXIMA``)
+        are reduced with max."""
         if not self.enabled:
             return
         for layer in sorted(stats.layers):
             layer_stats = stats.layers[layer]
-            names = sorted(layer_stats.sums)
+            names = sorted(n for n in layer_stats.sums if n not in MAXIMA)
             flat = torch.cat([layer_stats.sums[n] for n in names] + [
                 torch.tensor([layer_stats.n_tokens, layer_stats.n_image_tokens], dtype=torch.float64,
                              device=layer_stats.sums[names[0]].device)])
@@ -89,4 +90,8 @@ class DistContext:
             for i, name in enumerate(names):
                 layer_stats.sums[name] = flat[i * size:(i + 1) * size].clone()
             layer_stats.n_tokens, layer_stats.n_image_tokens = (int(v) for v in flat[-2:].tolist())
+            peaks = torch.cat([layer_stats.sums[n] for n in MAXIMA])
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+            for i, name in enumerate(MAXIMA):
+                layer_stats.sums[name] = peaks[i * size:(i + 1) * size].clone()
 

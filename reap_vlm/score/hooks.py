@@ -112,28 +112,34 @@ class ReapObserver:
             if result is None:  # the family cannot reproduce this forward: norms computed apart
                 self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach())
                 return own_forward(experts, *args, **kwargs)
-            out, norms = result
+            out, norms, peaks = result
             self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach(),
-                         routed_norms=norms.detach())
+                         routed=(norms.detach(), peaks.detach()))
             return out
 
         return forward
 
     @torch.no_grad()
     def observe(self, layer: int, experts: nn.Module, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor, routed_norms: torch.Tensor | None = None) -> None:
+                topk_weights: torch.Tensor, routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Feed one layer's batch to its stats; ``routed`` = (norms, peaks) of the routed pairs where the forward
+        computed them.  The peaks (max |E_j(x)|) always come from the routed pairs, in full mode too (a routed
+        pass of the family's own forward, about top_k / num_experts of the all-experts work), so the all-experts
+        path (bmm or the Triton kernels, which give norms only) is unchanged."""
         masks = self.masks
         if masks is None or masks.valid.numel() != hidden.shape[0]:
             raise RuntimeError("ReapObserver.set_masks must be called with the batch's masks before the forward")
         logits = self._logits.pop(layer)
         valid = masks.valid.to(hidden.device)
-        routed = all_norms = None
+        all_norms = routed_norms = peaks = None
+        if self.mode in ("full", "routed") and routed is None:
+            routed = routed_expert_norms(self.family, experts, hidden[valid], topk_ids[valid])
+        if routed is not None:
+            routed_norms, peaks = routed
         if self.mode == "full":
             all_norms = all_expert_norms(self.family, experts, hidden[valid], self.chunk_budget_bytes)
-        elif self.mode == "routed":
-            routed = routed_norms
-            if routed is None:
-                routed = routed_expert_norms(self.family, experts, hidden[valid], topk_ids[valid])
+            routed_norms = None  # REAP's norms gathered from all_norms, as before
         self.stats.layers[layer].observe(router_logits=logits, topk_ids=topk_ids, topk_weights=topk_weights,
-                                         valid=valid, image=masks.image, routed_norms=routed, all_norms=all_norms,
-                                         n_valid=masks.n_valid, n_image=masks.n_image)
+                                         valid=valid, image=masks.image, routed_norms=routed_norms,
+                                         all_norms=all_norms, n_valid=masks.n_valid, n_image=masks.n_image,
+                                         routed_max=peaks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
 from ..metadata import REAP_VERSION, RunInputs, build_metadata, check_finite, write_metadata
 from ..outputs import check_output_folder, output_lock
-from ..selection import num_to_keep, select_experts
+from ..safeguards import select_for_run
+from ..selection import num_to_keep
 from ..settings import Settings
 from .distributed import DistContext
 from .engine import choose_engine, run_batches
@@ -119,10 +121,12 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
 
     metrics = stats.metrics(settings.scoring_mode)
     check_finite(metrics, dtype)
-    kept = select_experts(metrics, ckpt.moe_layers, settings.criterion, keep)
+    kept, safeguards = select_for_run(settings, metrics, ckpt.moe_layers, keep, stats.n_tokens, stats.n_image_tokens,
+                                      ckpt.config)
     metadata = build_metadata(RunInputs(ckpt, calib, settings, dtype, keep), metrics, kept, stats.n_tokens,
                               stats.n_image_tokens, {**run, "engine": engine, "world_size": dist.world_size},
                               {"load": t_load - t0, "scoring": t_score - t_load, "total": time.perf_counter() - t0})
+    metadata.update(safeguards)
     if last_batch(run["resumed_from"], run["batches"]) < run["batches"]:
         return metadata  # simulated kill: state saved, nothing final written
     if not dist.is_main:
@@ -130,5 +134,8 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     out = Path(settings.output_path)
     out.mkdir(parents=True, exist_ok=True)
     write_metadata(out, metadata)
-    write_heatmap(out / "reap_heatmap.png", metrics[settings.criterion], ckpt.moe_layers, kept, settings.criterion)
+    if metadata["calibration_coverage"]["warning"]:
+        warnings.warn(metadata["calibration_coverage"]["warning"], stacklevel=2)
+    write_heatmap(out / "reap_heatmap.png", metrics[settings.criterion], ckpt.moe_layers, kept, settings.criterion,
+                  marked=(metadata["super_experts"] or {}).get("experts"))
     return metadata

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..checkpoint.loading import free_memory_bytes
 from ..families import ModelFamily
+from ..families.base import output_stats
 
 _MIN_CHUNK = 128  # tokens: below this the batched matmuls lose efficiency
 
@@ -46,21 +47,22 @@ def all_expert_norms(family: ModelFamily, experts: nn.Module, x: torch.Tensor,
 
 
 def routed_expert_norms(family: ModelFamily, experts: nn.Module, x: torch.Tensor,
-                        topk_ids: torch.Tensor) -> torch.Tensor:
-    """||E_j(x_t)|| for the routed pairs only: [T, k], matching ``topk_ids``.
+                        topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||E_j(x_t)||, max_h |E_j(x_t)_h|) for the routed pairs only: two [T, k] float32, matching ``topk_ids``.
 
     Through the family's routed forward where it has one (grouped or batched matmuls, as the
     experts are configured), else one expert at a time."""
+    norms = torch.zeros(topk_ids.shape, dtype=torch.float32, device=x.device)
+    peaks = torch.zeros_like(norms)
     if topk_ids.numel() == 0:
-        return torch.zeros(topk_ids.shape, dtype=torch.float32, device=x.device)
+        return norms, peaks
     weights = torch.ones(topk_ids.shape, dtype=x.dtype, device=x.device)
     result = family.routed_forward(experts, x, topk_ids, weights)
     if result is not None:
-        return result[1]
-    norms = torch.zeros(topk_ids.shape, dtype=torch.float32, device=x.device)
+        return result[1], result[2]
     for expert in torch.unique(topk_ids).tolist():
         token, slot = torch.where(topk_ids == expert)
         ids = torch.tensor([expert], device=x.device)
         y = family.expert_outputs(experts, x[token], ids)[0]
-        norms[token, slot] = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
-    return norms
+        norms[token, slot], peaks[token, slot] = output_stats(y)
+    return norms, peaks

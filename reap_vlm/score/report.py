@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoint.fsutil import atomic_save
+from ..safeguards import safeguard_lines
 
 
 def write_heatmap(path: Path, scores: list[list[float]], moe_layers: list[int], keep: dict[int, list[int]],
-                  criterion: str) -> Path | None:
-    """Layers x experts image of the criterion; kept experts get a dot."""
+                  criterion: str, marked: dict | None = None) -> Path | None:
+    """Layers x experts image of the criterion; kept experts get a dot, ``marked`` ones (the super experts, by
+    layer) a red ring."""
     try:
         import matplotlib
 
@@ -24,11 +26,15 @@ def write_heatmap(path: Path, scores: list[list[float]], moe_layers: list[int], 
     kept = [(row, e) for row, layer in enumerate(moe_layers) for e in keep.get(layer, [])]
     ys, xs = zip(*kept) if kept else ((), ())
     ax.scatter(xs, ys, s=4, c="white", marker=".", linewidths=0, label="kept")
+    rings = [(moe_layers.index(int(layer)), e) for layer, ids in (marked or {}).items() for e in ids]
+    if rings:
+        ry, rx = zip(*rings)
+        ax.scatter(rx, ry, s=40, facecolors="none", edgecolors="red", linewidths=1.2, label="super expert")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     step = max(1, len(moe_layers) // 24)
     ax.set_yticks(range(0, len(moe_layers), step), [str(moe_layers[i]) for i in range(0, len(moe_layers), step)])
-    ax.set_title(f"{criterion} per expert (dots: kept)")
+    ax.set_title(f"{criterion} per expert (dots: kept" + (", red rings: super experts)" if rings else ")"))
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     try:
@@ -62,6 +68,7 @@ def summary_lines(metadata: dict) -> list[str]:
     share, layer = max(worst)
     lines.append(f"pruned share     at most {share:.1%} of a layer's total {metadata['criterion']} "
                  f"(layer {layer})")
+    lines += safeguard_lines(metadata)
     timings = metadata.get("timings", {})
     if timings:
         lines.append("timings          " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))

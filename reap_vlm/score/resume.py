@@ -83,7 +83,10 @@ class ResumeState:
             return 0
         if state.get("fingerprint") != self.fingerprint:
             return 0
-        stats.load_state_dict(state["stats"])
+        try:
+            stats.load_state_dict(state["stats"])
+        except KeyError:  # an older version's sums (no maxima): start over
+            return 0
         return int(state["batches_done"])
 
     def save(self, stats: ExpertStats, batches_done: int) -> None:

@@ -13,6 +13,19 @@ g_j(x) is the gate weight the model applies (the family's own routing,
 expert's output before gate weighting, computed in the model's dtype.  ``reap_image`` /
 ``reap_text`` restrict reap to image-placeholder / other tokens.  Sums are float64.
 
+The maximum output activation (routed and full modes; the super-experts statistic, arXiv 2507.23279):
+
+    max_activation_j = max_{x routed to j} max_h |E_j(x)_h|
+
+the largest absolute element of expert j's down_proj output (before gate weighting, in the model's dtype,
+then exact in float64) over the valid tokens routed to j (0 if never routed).  Only routed pairs count, in
+full mode too: that is the activation the model really produces (and the paper measures in its forward).
+``max_activation_image`` / ``max_activation_text`` restrict it to image / other tokens, so the modality of
+the token that produced the maximum is the larger of the two.  These are maxima, not sums: batches, resumed
+states and torchrun ranks combine them with max.
+
+``reap_balanced`` is derived from reap_image / reap_text (``reap_vlm.selection.balanced_reap``).
+
 This module is the one place that formula lives: ``LayerStats.observe`` adds a batch,
 ``LayerStats.metrics`` divides.
 """
@@ -24,17 +37,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..selection import with_derived
+
 _SUMS = (
     "count", "weighted_frequency", "reap_sum", "ean_sum", "soft_frequency", "reap_dense_sum",
     "count_image", "reap_image_sum", "count_text", "reap_text_sum",
 )
+MAXIMA = ("max_image", "max_text")  # combined by max, not sum
+
 
 METRICS_BY_MODE = {
     "router": ("frequency", "weighted_frequency", "soft_frequency", "frequency_image", "frequency_text"),
     "routed": ("reap", "ean", "frequency", "weighted_frequency", "soft_frequency", "reap_image", "reap_text",
-               "frequency_image", "frequency_text"),
+               "frequency_image", "frequency_text", "reap_balanced", "max_activation", "max_activation_image",
+               "max_activation_text"),
     "full": ("reap", "ean", "frequency", "weighted_frequency", "soft_frequency", "reap_dense", "reap_image",
-             "reap_text", "frequency_image", "frequency_text"),
+             "reap_text", "frequency_image", "frequency_text", "reap_balanced", "max_activation",
+             "max_activation_image", "max_activation_text"),
 }
 
 
@@ -64,20 +83,25 @@ class LayerStats:
 
     def __post_init__(self):
         if not self.sums:
-            self.sums = {k: torch.zeros(self.num_experts, dtype=torch.float64, device=self.device) for k in _SUMS}
+            self.sums = {k: torch.zeros(self.num_experts, dtype=torch.float64, device=self.device)
+                         for k in (*_SUMS, *MAXIMA)}
 
     def _add(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
         self.sums[name].index_add_(0, ids.reshape(-1), values.reshape(-1).to(torch.float64))
 
+    def _max(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
+        # values are >= 0 and masked rows are 0, so they never raise a maximum
+        self.sums[name].scatter_reduce_(0, ids.reshape(-1), values.reshape(-1), reduce="amax")
+
     def observe(self, *, router_logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 valid: torch.Tensor, image: torch.Tensor, routed_norms: torch.Tensor | None = None,
                 all_norms: torch.Tensor | None = None, n_valid: int | None = None,
-                n_image: int | None = None) -> None:
+                n_image: int | None = None, routed_max: torch.Tensor | None = None) -> None:
         """Add one batch.  Rows are tokens; only rows where ``valid`` is set count.
 
         routed_norms[t, i] = ||E_{topk_ids[t, i]}(x_t)||; all_norms[t, j] = ||E_j(x_t)|| (full mode);
-        either may hold every row or only the valid ones.  ``n_valid`` / ``n_image`` (the counts of
-        valid and valid image rows), when given, spare a device sync.
+        routed_max[t, i] = max_h |E_{topk_ids[t, i]}(x_t)_h|; each may hold every row or only the valid ones.
+        ``n_valid`` / ``n_image`` (the counts of valid and valid image rows), when given, spare a device sync.
 
         Rows are masked with ``torch.where`` rather than selected, so no step waits on the device
         (adding exact zeros leaves float64 sums as they were).
@@ -114,6 +138,10 @@ class LayerStats:
             self._add("ean_sum", ids, norms)
             self._add("reap_image_sum", ids, saliency * image_w)
             self._add("reap_text_sum", ids, saliency * text_w)
+        if routed_max is not None:
+            peaks = _full_rows(routed_max.to(device, f64), valid)
+            self._max("max_image", ids, torch.where(image[:, None], peaks, zero))
+            self._max("max_text", ids, torch.where(text[:, None], peaks, zero))
         self.n_tokens += int(valid.sum()) if n_valid is None else int(n_valid)
         self.n_image_tokens += int(image.sum()) if n_image is None else int(n_image)
 
@@ -130,6 +158,9 @@ class LayerStats:
             "reap_text": _ratio(s["reap_text_sum"], s["count_text"]),
             "frequency_image": s["count_image"].clone(),
             "frequency_text": s["count_text"].clone(),
+            "max_activation": torch.maximum(s["max_image"], s["max_text"]),
+            "max_activation_image": s["max_image"].clone(),
+            "max_activation_text": s["max_text"].clone(),
         }
 
     def state_dict(self) -> dict:
@@ -137,6 +168,11 @@ class LayerStats:
                 "n_image_tokens": self.n_image_tokens}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore saved sums; a state without every sum and maximum (an older version's) raises KeyError
+        before anything changes."""
+        missing = set(self.sums) - set(state["sums"])
+        if missing:
+            raise KeyError(f"saved state lacks {sorted(missing)}")
         device = self.sums["count"].device
         self.sums = {k: v.to(device, torch.float64) for k, v in state["sums"].items()}
         self.n_tokens = int(state["n_tokens"])
@@ -154,9 +190,10 @@ class ExpertStats:
         return cls({layer: LayerStats(num_experts, device) for layer in moe_layers})
 
     def metrics(self, mode: str) -> dict[str, list[list[float]]]:
-        per_layer = {layer: stats.metrics() for layer, stats in sorted(self.layers.items())}
-        return {name: [per_layer[layer][name].tolist() for layer in sorted(per_layer)]
-                for name in METRICS_BY_MODE[mode]}
+        per_layer = [stats.metrics() for _, stats in sorted(self.layers.items())]
+        measured = {name: [m[name].tolist() for m in per_layer] for name in METRICS_BY_MODE[mode]
+                    if per_layer and name in per_layer[0]}
+        return with_derived(measured)
 
     @property
     def n_tokens(self) -> int:
