@@ -29,6 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from reap_vlm.check.accuracy import EvalItem, is_right
+from reap_vlm.check.bbox import check_box
+from reap_vlm.families.qwen3_vl_moe import QWEN3_VL_MOE
+
 from .model_files import Encoder, collate, write_model_files
 from .tasks import draw_items, make_item
 
@@ -146,14 +150,6 @@ def to_device(batch: dict, device) -> dict:
 
 # ----------------------------------------------------------------------------------------- evaluation
 
-def box_iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 @torch.no_grad()
 def teacher_forced_accuracy(model, batches, tokenizer, device) -> dict[str, float]:
     """Per task: the share of items whose every answer token is the argmax given the right prefix —
@@ -169,13 +165,10 @@ def teacher_forced_accuracy(model, batches, tokenizer, device) -> dict[str, floa
         target = labels[:, 1:]
         for i, task in enumerate(tasks):
             mask = target[i] != -100
-            if task == "grounding":
+            if task == "grounding":  # right as the check judges it: IoU >= 0.5
                 text = tokenizer.decode(predicted[i][mask].tolist(), skip_special_tokens=True)
-                try:
-                    box = json.loads(text)["bbox_2d"]
-                    score = float(box_iou(box, answers[i]) >= 0.5)
-                except (ValueError, KeyError, TypeError, IndexError):
-                    score = 0.0
+                item = EvalItem(task, "", None, box=check_box(answers[i]))
+                score = float(is_right(item, text, QWEN3_VL_MOE.box_format))
             else:
                 score = float(bool((predicted[i][mask] == target[i][mask]).all()))
             hits.setdefault(task, []).append(score)
@@ -219,30 +212,13 @@ def build_model(folder: Path, init: Path | None, device):
 
 def export(model, folder: Path, max_shard_bytes: int = 15 * 2**20) -> None:
     """bf16 weights in the official fused on-disk layout, in shards under 16 MiB (git-friendly)."""
-    from safetensors.torch import save_file
-
-    from reap_vlm.families.qwen3_vl_moe import QWEN3_VL_MOE
+    from reap_vlm.fixtures.tiny import write_sharded_safetensors
 
     state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    layout = QWEN3_VL_MOE.to_checkpoint_layout(state, per_expert=False)
-    shards, size = [{}], 0
-    for name, tensor in layout.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
     for old in folder.glob("model*.safetensors*"):
         old.unlink()
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in layout.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_sharded_safetensors(folder, QWEN3_VL_MOE.to_checkpoint_layout(state, per_expert=False),
+                              max_shard_bytes=max_shard_bytes)
 
 
 def train(args) -> dict:
