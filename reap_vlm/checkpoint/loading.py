@@ -45,11 +45,15 @@ def free_memory_bytes(device: torch.device | str) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu", spread: bool = False):
+def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu", spread: bool = False,
+               packed: bool = False):
     """The whole model in eval mode: transformers' own loader for the standard fused layout, our
     assembling loader (per-expert keys fused, quantized weights dequantized) otherwise, since
     transformers 5 cannot load those.
-    ``spread``: on ``cuda`` with several GPUs, spread the layers over them (accelerate device_map)."""
+    ``spread``: on ``cuda`` with several GPUs, spread the layers over them (accelerate device_map).
+    ``packed``: a quantized checkpoint's quantized Linears and experts stay in their stored form on ``device``
+    and are dequantized in the forward (``checkpoint.packed``; one device, ``spread`` is ignored); an
+    unquantized checkpoint loads as without it."""
     from transformers import AutoModelForImageTextToText
 
     ckpt = Checkpoint(Path(path))
@@ -71,11 +75,18 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
                 delattr(cfg, "quantization_config")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    state = memory_state_dict(ckpt, dtype=dtype, device=device)
+    keys, installed = None, set()
+    if packed and quant is not None:
+        from .packed import install_packed, packed_buffer_names
+
+        keys = install_packed(model, ckpt, dtype, device)
+        installed = packed_buffer_names(model)
+    state = memory_state_dict(ckpt, keys, dtype=dtype, device=device)
     if config.tie_word_embeddings and "lm_head.weight" not in state:
         state["lm_head.weight"] = state[family.embedding_key]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    check_loading_info(path, {"missing_keys": missing, "unexpected_keys": unexpected})
+    check_loading_info(path, {"missing_keys": [k for k in missing if k not in installed],
+                              "unexpected_keys": unexpected})
     return model.to(device).eval()
 
 

@@ -136,7 +136,8 @@ class QuantFormat:
     def dequantize(self, tensors: Mapping[str, torch.Tensor], device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None, name: str = "") -> torch.Tensor:
         """{suffix: tensor} of one Linear -> its weight [out, in] on ``device`` in ``dtype``
-        (default float32)."""
+        (default float32).  Tensors stacked along leading dims (a range of experts, each tensor [n, ...] with
+        n Linears' stored tensors) give the stacked weights [n, out, in], each what its own Linear gives."""
         missing = [s for s in self.required if s not in tensors]
         if missing:
             raise ReapError(f"{name or 'module'}: {self.name} quantized Linear lacks {', '.join(missing)}")
@@ -145,7 +146,8 @@ class QuantFormat:
         return weight.to(dtype or torch.float32).contiguous()
 
     def _dequantize(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """The weight [out, in] in float32 (may be a view)."""
+        """The weight [..., out, in] in float32 (may be a view); elementwise, so a stack of Linears gives each
+        Linear's weight bit for bit."""
         raise NotImplementedError
 
     @property
@@ -200,14 +202,15 @@ class AwqFormat(QuantFormat):
     def _dequantize(self, tensors, name):
         qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
         columns = scales.shape[-1]
-        rows = qweight.shape[0]
-        if scales.ndim != 2 or qzeros.shape[0] != scales.shape[0]:
-            raise ReapError(f"{name}: AWQ scales {tuple(scales.shape)} and qzeros {tuple(qzeros.shape)} disagree")
-        q = awq_unpack(qweight, columns)  # [in, out]
-        z = awq_unpack(qzeros, columns)  # [groups, out]
-        group = _expand_groups(scales.shape[0], rows, self.group_size, None, q.device, name)
-        weight = (q - z.index_select(0, group)).to(torch.float32) * scales.to(torch.float32).index_select(0, group)
-        return weight.t()
+        rows = qweight.shape[-2]
+        if scales.ndim < 2 or qzeros.shape[:-1] != scales.shape[:-1] or qweight.shape[:-2] != scales.shape[:-2]:
+            raise ReapError(f"{name}: AWQ qweight {tuple(qweight.shape)}, scales {tuple(scales.shape)} and qzeros "
+                            f"{tuple(qzeros.shape)} disagree")
+        q = awq_unpack(qweight, columns)  # [..., in, out]
+        z = awq_unpack(qzeros, columns)  # [..., groups, out]
+        group = _expand_groups(scales.shape[-2], rows, self.group_size, None, q.device, name)
+        weight = (q - z.index_select(-2, group)).to(torch.float32) * scales.to(torch.float32).index_select(-2, group)
+        return weight.transpose(-1, -2)
 
     def ignores(self, module):
         # AutoAWQ and vLLM skip a module when a fragment is a substring of its name.
@@ -242,34 +245,44 @@ class PackQuantizedFormat(QuantFormat):
 
     def _dequantize(self, tensors, name):
         packed, scale = tensors["weight_packed"], tensors["weight_scale"]
-        shape = [int(v) for v in tensors["weight_shape"].reshape(-1).tolist()]
-        if len(shape) != 2 or packed.ndim != 2 or packed.shape[0] != shape[0]:
-            raise ReapError(f"{name}: weight_shape {shape} does not match weight_packed {tuple(packed.shape)}")
+        lead = tuple(packed.shape[:-2])  # stacked Linears (e.g. a tile of experts), each its own weight_shape
+        shapes = tensors["weight_shape"].reshape(-1, 2)
+        shape = [int(v) for v in shapes[0].tolist()] if shapes.numel() else []
+        if len(shape) != 2 or packed.ndim < 2 or packed.shape[-2] != shape[0] or \
+                (shapes.shape[0] > 1 and not bool((shapes == shapes[:1]).all())):
+            raise ReapError(f"{name}: weight_shape {shapes.tolist()} does not match weight_packed "
+                            f"{tuple(packed.shape)}")
         rows, columns = shape
         bits = self._bits_for(packed, columns, name)
         offset = 1 << (bits - 1)
-        q = unpack_int32(packed, bits, columns) - offset  # signed [out, in]
-        if scale.numel() == 1:
-            scale = scale.reshape(1, 1).expand(rows, 1)
-        elif scale.ndim == 1:
-            scale = scale.reshape(-1, 1)
-        if scale.ndim != 2 or scale.shape[0] != rows:
+        q = unpack_int32(packed, bits, columns) - offset  # signed [..., out, in]
+        if scale.numel() == math.prod(lead):  # strategy "tensor": one scale per Linear
+            scale = scale.reshape(*lead, 1, 1).expand(*lead, rows, 1)
+        elif scale.ndim == len(lead) + 1:  # one scale per output row, stored [..., out]
+            scale = scale.unsqueeze(-1)
+        if scale.shape[:-1] != (*lead, rows):
             raise ReapError(f"{name}: weight_scale {tuple(scale.shape)} does not fit weight_shape {shape}")
-        groups = scale.shape[1]
+        groups = scale.shape[-1]
         zero = tensors.get("weight_zero_point")
         if zero is None:
-            zero = torch.zeros((rows, groups), dtype=torch.int32, device=q.device)
-        elif zero.dtype == torch.int32 and zero.ndim == 2 and zero.shape[0] == math.ceil(rows * bits / 32) != rows:
-            zero = unpack_int32(zero.t().contiguous(), bits, rows).t() - offset  # packed along the output dim
-        elif zero.numel() == rows * groups:
-            zero = zero.reshape(rows, groups)  # stored unpacked (signed)
+            zero = torch.zeros((*lead, rows, groups), dtype=torch.int32, device=q.device)
+        elif zero.dtype == torch.int32 and zero.shape == (*lead, math.ceil(rows * bits / 32), groups) and \
+                zero.shape[-2] != rows:  # packed along the output dim
+            zero = unpack_int32(zero.transpose(-1, -2).contiguous(), bits, rows).transpose(-1, -2) - offset
+        elif zero.numel() == math.prod(lead) * rows * groups:
+            zero = zero.reshape(*lead, rows, groups)  # stored unpacked (signed)
         else:
             raise ReapError(f"{name}: weight_zero_point {tuple(zero.shape)} fits neither packed nor plain "
                             f"[{rows}, {groups}] zero points")
-        group = _expand_groups(groups, columns, self._group_size(groups, columns), tensors.get("weight_g_idx"),
-                               q.device, name)
-        weight = (q - zero.index_select(1, group)).to(torch.float32)
-        weight = weight * scale.to(torch.float32).index_select(1, group)
+        g_idx = tensors.get("weight_g_idx")
+        if g_idx is not None and g_idx.ndim > 1:  # stacked Linears: one ordering each
+            if g_idx.shape != (*lead, columns):
+                raise ReapError(f"{name}: g_idx {tuple(g_idx.shape)} does not fit {columns} input columns")
+            index = g_idx.to(device=q.device, dtype=torch.long).unsqueeze(-2).expand(*lead, rows, columns)
+            return (q - zero.gather(-1, index)).to(torch.float32) * scale.to(torch.float32).gather(-1, index)
+        group = _expand_groups(groups, columns, self._group_size(groups, columns), g_idx, q.device, name)
+        weight = (q - zero.index_select(-1, group)).to(torch.float32)
+        weight = weight * scale.to(torch.float32).index_select(-1, group)
         return weight
 
     def ignores(self, module):
@@ -286,17 +299,17 @@ class Fp8BlockFormat(QuantFormat):
 
     def _dequantize(self, tensors, name):
         weight, scale_inv = tensors["weight"], tensors["weight_scale_inv"]
-        if weight.ndim != 2:
+        if weight.ndim < 2:
             raise ReapError(f"{name}: fp8 weight has shape {tuple(weight.shape)}, expected [out, in]")
-        rows, columns = weight.shape
+        *lead, rows, columns = weight.shape
         block_rows, block_columns = self.block
-        expected = (math.ceil(rows / block_rows), math.ceil(columns / block_columns))
+        expected = (*lead, math.ceil(rows / block_rows), math.ceil(columns / block_columns))
         if tuple(scale_inv.shape) != expected:
             raise ReapError(f"{name}: weight_scale_inv {tuple(scale_inv.shape)} should be {list(expected)} for "
                             f"weight {[rows, columns]} in blocks of {list(self.block)}")
         scale = scale_inv.to(torch.float32)
-        scale = scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_columns, 1)[:, :columns]
-        return weight.to(torch.float32) * scale
+        scale = scale.repeat_interleave(block_rows, -2)[..., :rows, :].repeat_interleave(block_columns, -1)
+        return weight.to(torch.float32) * scale[..., :columns]
 
     def ignores(self, module):
         # transformers' rule (should_convert_module): prefix regex match, or the name ends with the entry.
