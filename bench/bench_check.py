@@ -298,6 +298,8 @@ def measure(path: Path, label: str, fmt: str, args, clock: Clock, prompts: torch
         f"(packed_model_bytes {run.packed_model_bytes / 1e9:.2f} GB, shards {run.disk_bytes / 1e9:.2f} GB)")
     try:
         run.batch, run.prompt_tokens = prompts.shape
+        if clock.left() > 0:  # warm-up: kernels, cuBLAS handles, the allocator's first blocks
+            generate(model, prompts[:1, :8].to(device), 2, clock.left())
         if clock.left() > 0:
             continuation, run.prefill_s, run.step_s, run.experts_per_layer_step = generate(
                 model, prompts.to(device), args.new_tokens, clock.left())
@@ -383,7 +385,7 @@ def gb(n: float) -> str:
 
 def report(runs: list[Run], projections: list[dict], args, shape: Shape, capacity: int, wall: float) -> str:
     lines = ["# The check with packed quantized weights (bench/bench_check.py)", "",
-             f"Command: `python bench/bench_check.py {' '.join(sys.argv[1:])}`; device {args.device_name}, "
+             f"Command: `python bench/bench_check.py {' '.join(args.argv)}`; device {args.device_name}, "
              f"{args.dtype}, wall {wall:.0f}s.", "",
              f"Checkpoint: Qwen3-VL-235B-A22B decoder shapes (hidden {shape.hidden}, {shape.heads}/{shape.kv_heads} "
              f"heads, head_dim {shape.head_dim}, {shape.experts} experts x {shape.inter}, top-{shape.top_k}), "
@@ -391,8 +393,8 @@ def report(runs: list[Run], projections: list[dict], args, shape: Shape, capacit
              "1-block vision tower (text prompts). Prompts: "
              f"{args.prompts} x {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy.", "",
              "| format | model | layers | experts | shards GB | packed_model_bytes GB | on GPU after load GB | "
-             "load s | peak (generate) GB | prefill s | s/step (batch) | s/step (1 prompt) | experts deq./layer/step "
-             "| surgery max abs dlogit | top-1 agree |",
+             "load s | peak (load + generate) GB | prefill s | s/step (batch) | s/step (1 prompt) | "
+             "experts deq./layer/step | surgery max abs dlogit | top-1 agree |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r.surgery
@@ -424,7 +426,7 @@ def report(runs: list[Run], projections: list[dict], args, shape: Shape, capacit
 # ------------------------------------------------------------------------------------ main
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for RESULTS_check_packed.md/.json")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
@@ -432,7 +434,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (< 1 minute)")
     parser.add_argument("--formats", default="awq,fp8", help="comma-separated: awq, fp8 (default both)")
     parser.add_argument("--layers", type=int, default=None,
-                        help="decoder layers written (default 12, fewer when disk or --write-minutes run out)")
+                        help="decoder layers written (default 8, fewer when disk or --write-minutes run out)")
     parser.add_argument("--write-minutes", type=float, default=None,
                         help="time cap for writing each checkpoint (default 1.0; 0.3 with --tiny)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts generated together (default 8)")
@@ -441,14 +443,15 @@ def main() -> int:
     parser.add_argument("--prune-ratio", type=float, default=0.4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-minutes", type=float, default=None, help="bound on the whole run (default 6; 1 tiny)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
 
     from reap_vlm.checkpoint.loading import resolve_device
     from reap_vlm.prune.rewrite import prune_checkpoint
 
     tiny = args.tiny
     shape = TINY if tiny else Shape()
-    args.layers = args.layers or (2 if tiny else 12)
+    args.layers = args.layers or (2 if tiny else 8)
     args.write_minutes = args.write_minutes if args.write_minutes is not None else (0.3 if tiny else 1.0)
     args.prompts = args.prompts or (2 if tiny else 8)
     args.prompt_tokens = args.prompt_tokens or (8 if tiny else 128)
@@ -502,7 +505,7 @@ def main() -> int:
     text = report(runs, projections, args, shape, capacity, wall)
     print("\n" + text)
     (args.out / "RESULTS_check_packed.md").write_text(text)
-    payload = {"shape": asdict(shape), "device": args.device_name, "wall_s": wall, "argv": sys.argv[1:],
+    payload = {"shape": asdict(shape), "device": args.device_name, "wall_s": wall, "argv": args.argv,
                "runs": [asdict(r) for r in runs], "projections": projections}
     (args.out / "RESULTS_check_packed.json").write_text(json.dumps(payload, indent=2))
     return 0

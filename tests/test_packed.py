@@ -72,12 +72,14 @@ def _ids(batch=2, length=12, seed=0) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ dequantizer
 
 
+@pytest.mark.parametrize("rows,columns", [(48, 64), (64, 96)])  # FP8 blocks of 32: partial edge blocks, whole
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
-def test_stacked_linears_dequantize_each_as_alone(variant):
+def test_stacked_linears_dequantize_each_as_alone(variant, rows, columns):
     """The packed experts dequantize a tile of experts at once: each expert's weight is what its own
-    Linear gives (the dequantizers are elementwise over the stack)."""
+    Linear gives (the dequantizers are elementwise over the stack), and what the format's definition gives
+    (the quantizer's reference: groups and blocks expanded, where the dequantizer broadcasts whole ones)."""
     fmt, symmetric = variant
-    weights = torch.randn(3, 48, 64, generator=torch.Generator().manual_seed(1)) * 0.1
+    weights = torch.randn(3, rows, columns, generator=torch.Generator().manual_seed(1)) * 0.1
     if fmt == "awq":
         tensors, expected = quantize_awq(weights, GROUP)
         config = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm"}
@@ -91,8 +93,9 @@ def test_stacked_linears_dequantize_each_as_alone(variant):
             "weights": {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
                         "group_size": GROUP}}}}
     quant = detect_format({"quantization_config": config})
+    assert torch.equal(quant.dequantize(tensors), expected)
     stacked = quant.dequantize(tensors, dtype=torch.bfloat16)
-    assert stacked.shape == (3, 48, 64) and torch.equal(stacked, expected.to(torch.bfloat16))
+    assert stacked.shape == (3, rows, columns) and torch.equal(stacked, expected.to(torch.bfloat16))
     for e in range(3):
         alone = quant.dequantize({k: v[e] for k, v in tensors.items()}, dtype=torch.bfloat16)
         assert torch.equal(stacked[e], alone)
@@ -230,3 +233,30 @@ def test_a_missing_or_extra_quantized_tensor_is_one_clear_line(awq_from_fused, t
     with pytest.raises(ReapError, match=message) as err:
         load_model(folder, packed=True)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------ the GPU benchmark, tiny
+
+
+def test_bench_check_runs_tiny_on_the_cpu(tmp_path):
+    """bench/bench_check.py --tiny: both formats written, pruned by prune_model's code, generated with packed
+    weights; the pruned model reproduces the masked original exactly (same experts, same bits)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_check
+
+    assert bench_check.main(["--tiny", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")]) == 0
+    result = json.loads((tmp_path / "out" / "RESULTS_check_packed.json").read_text())
+    assert (tmp_path / "out" / "RESULTS_check_packed.md").is_file()
+    assert [(r["fmt"], r["label"]) for r in result["runs"]] == [("awq", "original"), ("awq", "pruned"),
+                                                                 ("fp8", "original"), ("fp8", "pruned")]
+    shape = result["shape"]
+    for run in result["runs"]:
+        assert run["new_tokens"] == 4 and run["packed_model_bytes"] > 0
+        assert 0 < run["experts_per_layer_step"] <= 2 * shape["top_k"]  # 2 prompts: at most 8 routed experts
+        assert run["experts"] == (shape["experts"] if run["label"] == "original" else 10)
+        if run["label"] == "pruned":
+            assert run["surgery"]["max_abs_logit_diff"] == 0 and run["surgery"]["top1_agreement"] == 1
+    assert len(result["projections"]) == 4 and all(p["weights_bytes"] > 0 for p in result["projections"])
+    assert list((tmp_path / "work").iterdir()) == []  # the checkpoints are removed

@@ -115,6 +115,19 @@ def _expand_groups(groups: int, columns: int, group_size: int | None, g_idx: tor
     return torch.arange(columns, device=device) // group_size
 
 
+def _affine(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group: torch.Tensor, group_size: int | None,
+            dim: int) -> torch.Tensor:
+    """``(q - zero[group]) * scale[group]`` in float32, ``group`` indexing ``dim`` of zero and scale (-1 or -2).
+    Groups that are equal runs (``group_size`` dividing the length) are broadcast rather than expanded: the very
+    same operations per element, two fewer passes over the weight."""
+    length, groups = q.shape[dim], scale.shape[dim]
+    if group_size and group_size > 0 and groups * group_size == length:
+        runs = (*q.shape[:dim], groups, group_size, *q.shape[dim:][1:])  # dim split into (groups, group_size)
+        weight = (q.reshape(runs) - zero.unsqueeze(dim)).to(torch.float32) * scale.to(torch.float32).unsqueeze(dim)
+        return weight.reshape(q.shape)
+    return (q - zero.index_select(dim, group)).to(torch.float32) * scale.to(torch.float32).index_select(dim, group)
+
+
 # ------------------------------------------------------------------------------------ formats
 
 
@@ -209,8 +222,7 @@ class AwqFormat(QuantFormat):
         q = awq_unpack(qweight, columns)  # [..., in, out]
         z = awq_unpack(qzeros, columns)  # [..., groups, out]
         group = _expand_groups(scales.shape[-2], rows, self.group_size, None, q.device, name)
-        weight = (q - z.index_select(-2, group)).to(torch.float32) * scales.to(torch.float32).index_select(-2, group)
-        return weight.transpose(-1, -2)
+        return _affine(q, z, scales, group, self.group_size, -2).transpose(-1, -2)
 
     def ignores(self, module):
         # AutoAWQ and vLLM skip a module when a fragment is a substring of its name.
@@ -280,10 +292,9 @@ class PackQuantizedFormat(QuantFormat):
                 raise ReapError(f"{name}: g_idx {tuple(g_idx.shape)} does not fit {columns} input columns")
             index = g_idx.to(device=q.device, dtype=torch.long).unsqueeze(-2).expand(*lead, rows, columns)
             return (q - zero.gather(-1, index)).to(torch.float32) * scale.to(torch.float32).gather(-1, index)
-        group = _expand_groups(groups, columns, self._group_size(groups, columns), g_idx, q.device, name)
-        weight = (q - zero.index_select(-1, group)).to(torch.float32)
-        weight = weight * scale.to(torch.float32).index_select(-1, group)
-        return weight
+        size = self._group_size(groups, columns)
+        group = _expand_groups(groups, columns, size, g_idx, q.device, name)
+        return _affine(q, zero, scale, group, size if g_idx is None else None, -1)
 
     def ignores(self, module):
         # compressed-tensors: an entry is an exact module name, or a regex after "re:" (re.match).
@@ -308,6 +319,9 @@ class Fp8BlockFormat(QuantFormat):
             raise ReapError(f"{name}: weight_scale_inv {tuple(scale_inv.shape)} should be {list(expected)} for "
                             f"weight {[rows, columns]} in blocks of {list(self.block)}")
         scale = scale_inv.to(torch.float32)
+        if rows % block_rows == 0 and columns % block_columns == 0:  # whole blocks: broadcast, the same products
+            blocks = weight.to(torch.float32).reshape(*lead, expected[-2], block_rows, expected[-1], block_columns)
+            return (blocks * scale[..., :, None, :, None]).reshape(weight.shape)
         scale = scale.repeat_interleave(block_rows, -2)[..., :rows, :].repeat_interleave(block_columns, -1)
         return weight.to(torch.float32) * scale[..., :columns]
 
