@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -140,6 +141,7 @@ def write_checkpoint(folder: Path, fmt: str, shape: Shape, layers: int, device: 
     folder.mkdir(parents=True)
     shapes = memory_shapes(bench_config(shape, layers))
     generator = torch.Generator(device=device).manual_seed(0)
+    torch.manual_seed(0)  # random_quantized draws from the default generators
     started = time.perf_counter()
     weight_map, total, written = {}, 0, 0
 
@@ -339,6 +341,7 @@ def measure(path: Path, label: str, fmt: str, args, clock: Clock, prompts: torch
 # ------------------------------------------------------------------------------------ projection
 
 
+@functools.lru_cache(maxsize=1)
 def real_outside_layers_bytes(dtype_bytes: int = 2) -> int:
     """Embeddings, lm_head (not tied in the 235B release), final norm and the real vision tower, in bf16."""
     shapes = memory_shapes(bench_config(Shape(vocab=REAL_VOCAB), 1, vision=True))
@@ -357,10 +360,10 @@ def layer_bytes(path: Path) -> int:
     return total // max(1, len(ckpt.moe_layers))
 
 
-def project(run: Run, per_layer: int, shape: Shape, capacity: int) -> dict:
-    """The 94-layer model: weights, peak, fit, time for the prompts x tokens measured."""
+def project(run: Run, per_layer: int, shape: Shape, capacity: int, new_tokens: int) -> dict:
+    """The 94-layer model: weights, peak, fit, time for the prompts x ``new_tokens``."""
     kv_per_token_layer = 2 * shape.kv_heads * shape.head_dim * 2
-    tokens = run.batch * (run.prompt_tokens + run.new_tokens)
+    tokens = run.batch * (run.prompt_tokens + new_tokens)
     kv_measured = kv_per_token_layer * tokens * run.layers
     weights = real_outside_layers_bytes() + REAL_LAYERS * per_layer
     working = max(0, run.peak_bytes - run.loaded_bytes - kv_measured) if run.peak_bytes else 0
@@ -368,7 +371,7 @@ def project(run: Run, per_layer: int, shape: Shape, capacity: int) -> dict:
     scale = REAL_LAYERS / max(1, run.layers)
     step, prefill = run.step_s * scale, run.prefill_s * scale
     one_step, one_prefill = run.one_prompt_step_s * scale, run.one_prompt_prefill_s * scale
-    steps = max(0, run.new_tokens - 1)
+    steps = max(0, new_tokens - 1)
     return {"label": run.label, "fmt": run.fmt, "experts": run.experts, "weights_bytes": weights,
             "working_bytes": working, "peak_bytes": peak, "capacity_bytes": capacity,
             "fits": peak + CUDA_RESERVE <= capacity,
@@ -442,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 64)")
     parser.add_argument("--prune-ratio", type=float, default=0.4)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="activations and dequantized weights (default bfloat16)")
     parser.add_argument("--max-minutes", type=float, default=None, help="bound on the whole run (default 6; 1 tiny)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
@@ -458,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args.new_tokens = args.new_tokens or (4 if tiny else 64)
     args.max_minutes = args.max_minutes or (1.0 if tiny else 6.0)
     args.device = resolve_device(args.device)
-    args.dtype = torch.bfloat16
+    args.dtype = getattr(torch, args.dtype)
     args.device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if bad := [f for f in formats if f not in ("awq", "fp8")]:
@@ -498,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                                 reference=out.get("masked"))
             runs += [original, pruned]
             for run, folder in ((original, work / "original"), (pruned, work / "pruned")):
-                projections.append(project(run, layer_bytes(folder), shape, capacity))
+                projections.append(project(run, layer_bytes(folder), shape, capacity, args.new_tokens))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     wall = clock.limit - clock.left()

@@ -240,13 +240,15 @@ def test_a_missing_or_extra_quantized_tensor_is_one_clear_line(awq_from_fused, t
 
 def test_bench_check_runs_tiny_on_the_cpu(tmp_path):
     """bench/bench_check.py --tiny: both formats written, pruned by prune_model's code, generated with packed
-    weights; the pruned model reproduces the masked original exactly (same experts, same bits)."""
+    weights; the pruned model reproduces the masked original (float32: up to the router's softmax over 16 vs
+    10 logits, summed in another order)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_check
 
-    assert bench_check.main(["--tiny", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")]) == 0
+    assert bench_check.main(["--tiny", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+                             "--dtype", "float32"]) == 0
     result = json.loads((tmp_path / "out" / "RESULTS_check_packed.json").read_text())
     assert (tmp_path / "out" / "RESULTS_check_packed.md").is_file()
     assert [(r["fmt"], r["label"]) for r in result["runs"]] == [("awq", "original"), ("awq", "pruned"),
@@ -257,6 +259,6 @@ def test_bench_check_runs_tiny_on_the_cpu(tmp_path):
         assert 0 < run["experts_per_layer_step"] <= 2 * shape["top_k"]  # 2 prompts: at most 8 routed experts
         assert run["experts"] == (shape["experts"] if run["label"] == "original" else 10)
         if run["label"] == "pruned":
-            assert run["surgery"]["max_abs_logit_diff"] == 0 and run["surgery"]["top1_agreement"] == 1
+            assert run["surgery"]["max_abs_logit_diff"] < 1e-4 and run["surgery"]["top1_agreement"] == 1
     assert len(result["projections"]) == 4 and all(p["weights_bytes"] > 0 for p in result["projections"])
     assert list((tmp_path / "work").iterdir()) == []  # the checkpoints are removed
