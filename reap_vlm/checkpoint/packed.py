@@ -10,12 +10,12 @@ bf16 size (~470 GB):
   ``nn.Linear`` does; the output is bit for bit the dequantized model's.
 * ``PackedExperts`` replaces a family's fused experts module whose experts are quantized one Linear per
   expert (the releases' ``experts.{e}.{proj}.<suffix>``): each projection's tensors are stacked over the
-  experts ([E, ...], stored dtypes).  Its forward is the experts class's own eager forward, run on this
-  module, where the fused weights (``gate_up_proj``...) are ``DequantizedExperts`` views: indexing one
-  expert dequantizes, for the experts the current tokens are routed to, a tile of them (at most
-  ``tile_bytes`` of working memory) into the family's fused layout.  Experts nobody is routed to are never
-  dequantized, so a decode step touches ~top_k x batch experts per layer, not 128.  The forward does the
-  very operations of the dequantized model in the same order: bitwise equal.
+  experts ([E, ...], stored dtypes).  Its forward is the replaced class's own forward (the experts
+  implementation its config names), run on the experts the current tokens are routed to: their fused weights
+  dequantized a tile at a time (``TILE_BYTES`` of float32 temporaries) into a compact [n routed, ...] tensor,
+  the routing ids renumbered 0..n-1 in the same order.  Experts nobody is routed to are never dequantized, so
+  a decode step touches ~top_k x batch experts per layer, not 128, and the output is the dequantized model's
+  bit for bit (same rows, same order, same operations).
 
 Nothing here knows a model by name: which tensors make a fused one and where they sit is the family's
 (``fused_sources``, ``fused_shape``, ``fused_slot``).  ``packed_model_bytes`` is the device memory a
