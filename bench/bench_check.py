@@ -218,6 +218,7 @@ class Run:
     one_prompt_step_s: float = 0.0
     experts_per_layer_step: float = 0.0
     surgery: dict = field(default_factory=dict)
+    exactness: dict = field(default_factory=dict)  # packed vs the dequantized model loaded whole
     notes: list = field(default_factory=list)
 
 
@@ -320,6 +321,7 @@ def measure(path: Path, label: str, fmt: str, args, clock: Clock, prompts: torch
                 f"{run.one_prompt_step_s * 1000:.0f} ms per step")
         if keep is not None and "forced" in out and clock.left() > 0:
             out["masked"] = teacher_forced(model, out["forced"].to(device), args.new_tokens, keep)
+            out["logits"] = teacher_forced(model, out["forced"].to(device), args.new_tokens)
         if reference is not None and clock.left() > 0:
             logits = teacher_forced(model, forced.to(device), args.new_tokens)
             diff = (logits - reference).abs()
@@ -336,6 +338,29 @@ def measure(path: Path, label: str, fmt: str, args, clock: Clock, prompts: torch
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return run, out
+
+
+def exactness(path: Path, run: Run, args, clock: Clock, forced: torch.Tensor, packed_logits: torch.Tensor) -> None:
+    """The original loaded whole (every quantized weight dequantized at load) on the same tokens: the packed
+    model's logits must be the same bits (``run.exactness``)."""
+    from reap_vlm.checkpoint.loading import load_model
+
+    if clock.left() < min(60.0, 0.15 * clock.limit):  # a whole load takes about as long as a packed one
+        run.notes.append("exactness against the whole dequantized model skipped: --max-minutes nearly reached")
+        return
+    model = load_model(path, dtype=args.dtype, device=args.device)
+    try:
+        logits = teacher_forced(model, forced.to(args.device), args.new_tokens)
+    finally:
+        del model
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    run.exactness = {"bitwise": bool(torch.equal(logits, packed_logits)),
+                     "max_abs_logit_diff": (logits - packed_logits).abs().max().item(),
+                     "top1_agreement": (logits.argmax(-1) == packed_logits.argmax(-1)).float().mean().item()}
+    log(f"  exactness: packed vs whole dequantized: bitwise {run.exactness['bitwise']}, max |logit diff| "
+        f"{run.exactness['max_abs_logit_diff']:.3g}")
 
 
 # ------------------------------------------------------------------------------------ projection
@@ -386,6 +411,12 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
+def exact_cell(exact: dict) -> str:
+    if not exact:
+        return ""
+    return f"{'bitwise' if exact['bitwise'] else 'NO'} ({exact['max_abs_logit_diff']:.3g})"
+
+
 def report(runs: list[Run], projections: list[dict], args, shape: Shape, capacity: int, wall: float) -> str:
     lines = ["# The check with packed quantized weights (bench/bench_check.py)", "",
              f"Command: `python bench/bench_check.py {' '.join(args.argv)}`; device {args.device_name}, "
@@ -397,15 +428,15 @@ def report(runs: list[Run], projections: list[dict], args, shape: Shape, capacit
              f"{args.prompts} x {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy.", "",
              "| format | model | layers | experts | shards GB | packed_model_bytes GB | on GPU after load GB | "
              "load s | peak (load + generate) GB | prefill s | s/step (batch) | s/step (1 prompt) | "
-             "experts deq./layer/step | surgery max abs dlogit | top-1 agree |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "experts deq./layer/step | surgery max abs dlogit | top-1 agree | packed == whole (max abs dlogit) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r.surgery
         lines.append(f"| {r.fmt} | {r.label} | {r.layers} | {r.experts} | {gb(r.disk_bytes)} | "
                      f"{gb(r.packed_model_bytes)} | {gb(r.loaded_bytes)} | {r.load_s:.1f} | {gb(r.peak_bytes)} | "
                      f"{r.prefill_s:.2f} | {r.step_s:.3f} | {r.one_prompt_step_s:.3f} | "
                      f"{r.experts_per_layer_step:.1f} | {s.get('max_abs_logit_diff', float('nan')):.3g} | "
-                     f"{s.get('top1_agreement', float('nan')):.4f} |")
+                     f"{s.get('top1_agreement', float('nan')):.4f} | {exact_cell(r.exactness)} |")
     lines += ["", f"## Projection: {REAL_LAYERS} layers, vocab {REAL_VOCAB}, real vision tower, on "
               f"{gb(capacity)} GB ({'this GPU' if args.device.startswith('cuda') else 'an H200, 143,771 MiB'}; "
               f"{gb(CUDA_RESERVE)} GB kept free)", "",
@@ -444,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt (default 128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 64)")
     parser.add_argument("--prune-ratio", type=float, default=0.4)
+    parser.add_argument("--no-exactness", action="store_true",
+                        help="skip loading the original whole (dequantized) to compare logits with the packed one")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="activations and dequantized weights (default bfloat16)")
@@ -501,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             original, out = measure(work / "original", "original", fmt, args, clock, prompts, keep=keep)
             pruned, _ = measure(work / "pruned", "pruned", fmt, args, clock, prompts, forced=out.get("forced"),
                                 reference=out.get("masked"))
+            if "logits" in out and not args.no_exactness:
+                exactness(work / "original", original, args, clock, out["forced"], out["logits"])
             runs += [original, pruned]
             for run, folder in ((original, work / "original"), (pruned, work / "pruned")):
                 projections.append(project(run, layer_bytes(folder), shape, capacity, args.new_tokens))

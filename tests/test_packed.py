@@ -260,5 +260,7 @@ def test_bench_check_runs_tiny_on_the_cpu(tmp_path):
         assert run["experts"] == (shape["experts"] if run["label"] == "original" else 10)
         if run["label"] == "pruned":
             assert run["surgery"]["max_abs_logit_diff"] < 1e-4 and run["surgery"]["top1_agreement"] == 1
+        else:  # the packed original against itself loaded whole, dequantized
+            assert run["exactness"]["bitwise"] is True
     assert len(result["projections"]) == 4 and all(p["weights_bytes"] > 0 for p in result["projections"])
     assert list((tmp_path / "work").iterdir()) == []  # the checkpoints are removed
