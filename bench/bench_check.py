@@ -303,9 +303,11 @@ def measure(path: Path, label: str, fmt: str, args, clock: Clock, prompts: torch
         run.batch, run.prompt_tokens = prompts.shape
         if clock.left() > 0:  # warm-up: kernels, cuBLAS handles, the allocator's first blocks
             generate(model, prompts[:1, :8].to(device), 2, clock.left())
+        # generation's share of what is left: this model's two runs, and the pruned model's after the original's
+        share = clock.left() / (4 if keep is not None else 2)
         if clock.left() > 0:
             continuation, run.prefill_s, run.step_s, run.experts_per_layer_step = generate(
-                model, prompts.to(device), args.new_tokens, clock.left())
+                model, prompts.to(device), args.new_tokens, share)
             run.peak_bytes, run.new_tokens = memory(device, peak=True), continuation.shape[1]
             log(f"  {label}: {run.batch} prompts x {run.new_tokens} tokens: prefill {run.prefill_s:.2f}s, "
                 f"{run.step_s * 1000:.0f} ms per step, {run.experts_per_layer_step:.1f} experts dequantized per "
@@ -316,7 +318,7 @@ def measure(path: Path, label: str, fmt: str, args, clock: Clock, prompts: torch
             run.notes.append("generation skipped: --max-minutes reached")
         if clock.left() > 0:
             _, run.one_prompt_prefill_s, run.one_prompt_step_s, _ = generate(
-                model, prompts[:1].to(device), args.new_tokens, clock.left())
+                model, prompts[:1].to(device), args.new_tokens, share)
             log(f"  {label}: one prompt: prefill {run.one_prompt_prefill_s:.2f}s, "
                 f"{run.one_prompt_step_s * 1000:.0f} ms per step")
         if keep is not None and "forced" in out and clock.left() > 0:
@@ -511,10 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, shape.vocab - 8, (args.prompts, args.prompt_tokens), generator=generator)
     runs, projections = [], []
-    for fmt in formats:
+    for done, fmt in enumerate(formats):
         if clock.left() < 0:
             log(f"{fmt}: skipped (--max-minutes reached)")
             continue
+        whole = clock
+        clock = Clock(whole.left() / (len(formats) - done) / 60)  # this format's share of the time left
         work = Path(tempfile.mkdtemp(prefix=f"bench-check-{fmt}-", dir=args.workdir))
         try:
             per_layer_disk = (3 * shape.experts * shape.hidden * shape.inter) * (0.53 if fmt == "awq" else 1.0)
@@ -541,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                 projections.append(project(run, layer_bytes(folder), shape, capacity, args.new_tokens))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            clock = whole
     wall = clock.limit - clock.left()
     text = report(runs, projections, args, shape, capacity, wall)
     print("\n" + text)
