@@ -96,8 +96,8 @@ def make_generation(ids: list[int], tokenizer, end_ids: set[int], close_ids: lis
     thought, answer = split_thinking(kept, close_ids or [], opened)
     if thought is None:
         return Generation(kept, cut is not None, tokenizer.decode(kept, skip_special_tokens=True), raw)
-    answer = answer or []
-    return Generation(kept, cut is not None, tokenizer.decode(answer, skip_special_tokens=True), raw,
+    answer = answer or []  # its text without the newlines after the close marker (as the templates strip them)
+    return Generation(kept, cut is not None, tokenizer.decode(answer, skip_special_tokens=True).lstrip("\n"), raw,
                       thinking=tokenizer.decode(thought, skip_special_tokens=True), answer_ids=answer)
 
 
