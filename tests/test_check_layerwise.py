@@ -12,6 +12,7 @@ import importlib
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,17 @@ def test_check_mode_option(tmp_path):
     assert parse_settings("t", TEST_OPTIONS, [], flags=TEST_FLAGS, environ={}).check_mode == "auto"
     with pytest.raises(ConfigError, match="--check-mode / REAP_CHECK_MODE='fast' is not valid: expected one of auto"):
         parse_settings("t", TEST_OPTIONS, ["--check-mode", "fast"], flags=TEST_FLAGS, environ={})
+
+
+def test_bench_check_layerwise_tiny(tmp_path):
+    """The GPU benchmark's --tiny run: the layer-wise check passes on its generated pair, results written."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    bench = importlib.import_module("bench_check_layerwise")
+    assert bench.main(["--tiny", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+                       "--prompts", "2"]) == 0
+    res = json.loads((tmp_path / "out" / "RESULTS_check_layerwise.json").read_text())
+    assert res["checkpoint"]["layers"] == 2 and len(res["check"]["timing"]["per_layer"]) == 2
+    assert res["check"]["check_mode"]["mode"] == "layerwise" and res["check"]["verdict"].startswith("PASS")
+    assert res["projection"]["layers"] == 94 and res["projection"]["seconds"] > 0
+    assert "## Projection: 94-layer 235B-A22B in bf16" in (tmp_path / "out" / "RESULTS_check_layerwise.md").read_text()
+    assert not (tmp_path / "work" / "original").exists()  # generated checkpoints removed

@@ -281,7 +281,8 @@ def _passes(settings: Settings, inputs: Inputs, prompts: list[EvalPrompt], devic
             inputs.notes.append(f"--eval {settings.eval_path}: not answered (the layer-wise check generates nothing)")
         layers = result.seconds_per_layer
         return result.original, result.pruned, {"layerwise": result.pruned.seconds, "layers": len(layers),
-                                                "seconds_per_layer": sum(layers) / len(layers) if layers else None}
+                                                "seconds_per_layer": sum(layers) / len(layers) if layers else None,
+                                                "per_layer": [round(t, 4) for t in layers]}
     packed = mode.mode == "packed"
     original = run_original(inputs.reference, prompts, settings, device, dtype, inputs.keep, eval_items, packed) \
         if inputs.reference is not None else None

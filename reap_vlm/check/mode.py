@@ -43,11 +43,19 @@ def _gib(n: int) -> str:
     return f"{n / _GiB:.1f} GiB"
 
 
+def _gpu_free_bytes(index: int) -> int:
+    """A GPU's free memory, within this process's cap (``torch.cuda.set_per_process_memory_fraction``)."""
+    cap = torch.cuda.get_per_process_memory_fraction(index) * torch.cuda.get_device_properties(index).total_memory
+    return min(free_memory_bytes(f"cuda:{index}"), int(cap) - torch.cuda.memory_allocated(index))
+
+
 def device_free_bytes(device: str) -> int:
     """Free memory where a whole model would go: every GPU with ``cuda`` (the model is spread over them), else
     the one device."""
-    if device == "cuda" and torch.cuda.device_count() > 1:
-        return sum(free_memory_bytes(f"cuda:{i}") for i in range(torch.cuda.device_count()))
+    if device == "cuda":
+        return sum(_gpu_free_bytes(i) for i in range(torch.cuda.device_count()))
+    if device.startswith("cuda:"):
+        return _gpu_free_bytes(int(device.split(":")[1]))
     return free_memory_bytes(device)
 
 
