@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import shutil
@@ -48,6 +47,9 @@ from reap_vlm.fixtures.tiny import (  # noqa: E402
 from reap_vlm.prune.rewrite import prune_checkpoint  # noqa: E402
 from reap_vlm.settings import parse_settings  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scoring import evict  # noqa: E402  (drops a folder's files from the page cache)
+
 GiB = 1 << 30
 REAL_LAYERS = 94  # Qwen3-VL-235B-A22B
 H200_BYTES = 141 * 10**9
@@ -62,18 +64,6 @@ SHAPE_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, 
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def evict(folder: Path) -> None:
-    """Drop the folder's files from the page cache (after syncing them), so the check reads from the disk."""
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def skeleton_shapes(config: dict) -> dict[str, tuple[torch.Size, torch.dtype]]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import random
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from test_evaluation import KEEP, _clean_environment, edit_tensor  # noqa: F401 (an autouse fixture)
 
 import test_pruned_model
 from reap_vlm.check import mode as check_mode
@@ -28,26 +27,8 @@ from reap_vlm.checkpoint.loading import load_model
 from reap_vlm.cli import run_main
 from reap_vlm.errors import ConfigError, ReapError
 from reap_vlm.prune.rewrite import prune_checkpoint
-from reap_vlm.settings import OPTIONS
 
-KEEP = {layer: sorted(random.Random(layer).sample(range(12), 8)) for layer in range(4)}
 GiB = 1 << 30
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch, tmp_path):
-    for option in OPTIONS.values():
-        monkeypatch.delenv(option.env, raising=False)
-    monkeypatch.delenv("REAP_ENV_FILE", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
-def _edit(folder: Path, key: str, change) -> None:
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    shard = folder / index["weight_map"][key]
-    tensors = load_file(shard)
-    tensors[key] = change(tensors[key]).contiguous()
-    save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +38,7 @@ def pruned(tiny_model, tmp_path_factory) -> dict[str, Path]:
     good, scrambled = root / "good", root / "scrambled"
     prune_checkpoint(tiny_model, good, KEEP, progress=False)
     shutil.copytree(good, scrambled)
-    _edit(scrambled, "model.language_model.layers.2.mlp.gate.weight", lambda w: w[[1, 0, *range(2, 8)]])
+    edit_tensor(scrambled, "model.language_model.layers.2.mlp.gate.weight", lambda w: w[[1, 0, *range(2, 8)]])
     return {"good": good, "scrambled": scrambled}
 
 

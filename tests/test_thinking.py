@@ -9,12 +9,12 @@ Qwen3-VL-*-Thinking templates end it.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from test_evaluation import KEEP, _clean_environment  # noqa: F401 (an autouse fixture)
 
 import test_pruned_model
 from reap_vlm.calibration.files import CalibrationSample
@@ -30,20 +30,10 @@ from reap_vlm.cli import run_main
 from reap_vlm.families import QWEN3_VL_MOE
 from reap_vlm.fixtures.tiny import CHAT_TEMPLATE
 from reap_vlm.prune.rewrite import prune_checkpoint
-from reap_vlm.settings import OPTIONS
 
-KEEP = {layer: sorted(random.Random(layer).sample(range(12), 8)) for layer in range(4)}
 OPEN_PROMPT = "<|im_start|>assistant\n<think>\n"
 CLOSED_PROMPT = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 THINKING_TEMPLATE = CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch, tmp_path):
-    for option in OPTIONS.values():
-        monkeypatch.delenv(option.env, raising=False)
-    monkeypatch.delenv("REAP_ENV_FILE", raising=False)
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
