@@ -250,6 +250,7 @@ def main(argv=None) -> int:
             if cap >= built["bytes"]:
                 raise SystemExit(f"the checkpoint ({built['bytes'] / GiB:.1f} GiB) is not larger than the cap "
                                  f"({cap / GiB:.1f} GiB): raise --max-layers / --build-minutes or lower --cap-gib")
+            torch.cuda.empty_cache()  # the build's cached blocks would count against the cap
             torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory, 0)
         if (time.perf_counter() - t0) / 60 > args.max_minutes:
             raise SystemExit(f"building took more than --max-minutes {args.max_minutes}: the check was not run")
