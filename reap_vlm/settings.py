@@ -30,6 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ENGINES = ("auto", "model", "layerwise")
 BACKENDS = ("transformers", "vllm")
+CHECK_MODES = ("auto", "whole", "packed", "layerwise")
 CRITERIA = (
     "reap",
     "ean",
@@ -234,6 +235,15 @@ OPTIONS: dict[str, Option] = {
                "task accuracy of the original and the pruned model"),
         Option("min_accuracy_ratio", "--min-accuracy-ratio", "REAP_MIN_ACCURACY_RATIO", _optional_float, None,
                "fail when a task's accuracy of the pruned model is below this fraction of the original's"),
+        Option("check_mode", "--check-mode", "REAP_CHECK_MODE", _choice(CHECK_MODES), "auto",
+               "whole: each model loaded whole (quantized weights dequantized); packed: quantized weights kept "
+               "packed; layerwise: surgery and agreement streamed a decoder layer at a time, no generation; auto: "
+               "the first that fits in free memory"),
+        Option("thinking", "--thinking", "REAP_THINKING", _bool, False,
+               "let a Thinking model think (else its chat template's thinking block is closed in the prompt)",
+               is_switch=True),
+        Option("thinking_max_new_tokens", "--thinking-max-new-tokens", "REAP_THINKING_MAX_NEW_TOKENS", _int(1),
+               1024, "tokens generated per prompt with --thinking (the thinking and the answer)"),
     ]
 }
 
@@ -277,6 +287,9 @@ class Settings:
     min_bbox_iou: float | None = None
     eval_path: Path | None = None
     min_accuracy_ratio: float | None = None
+    check_mode: str = "auto"
+    thinking: bool = False
+    thinking_max_new_tokens: int = 1024
     sources: dict[str, str] = field(default_factory=dict)  # name -> "flag" | "env" | ".env" | "default"
 
     def explicitly_set(self, name: str) -> bool:

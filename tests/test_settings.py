@@ -89,6 +89,9 @@ BAD_VALUES = [
     ("min_top1_agreement", "2", "a number in [0, 1]"),
     ("min_bbox_iou", "x", "a number in [0, 1]"),
     ("min_accuracy_ratio", "1.5", "a number in [0, 1]"),
+    ("check_mode", "fast", "one of auto, whole, packed, layerwise"),
+    ("thinking", "perhaps", "true or false"),
+    ("thinking_max_new_tokens", "0", "an integer >= 1"),
 ]
 
 

@@ -45,6 +45,8 @@ from .compare import (
     tolerance_for,
 )
 from .inputs import Inputs, resolve_inputs
+from .layerwise import NO_GENERATION, run_layerwise_check
+from .mode import CheckMode, choose_check_mode
 from .options import TEST_OPTIONS, flag_of
 from .passes import ModelPass, log, run_original, run_pruned
 from .prompts import EvalPrompt, choose_prompts
@@ -107,26 +109,28 @@ def compare_passes(inputs: Inputs, original: ModelPass | None, pruned: ModelPass
 
 def _answer(gen, bad) -> dict:
     return {"text": gen.text, "raw": gen.raw, "tokens": len(gen.token_ids), "ended": gen.ended,
-            "degenerate": str(bad) if bad else None}
+            "thinking": gen.thinking, "unanswered": gen.unanswered, "degenerate": str(bad) if bad else None}
 
 
 def prompt_row(i: int, prompt: EvalPrompt, pruned: ModelPass, original: ModelPass | None, compared: Comparison,
                box: dict | None) -> dict:
-    """One prompt's row of the report: both answers, whether they degenerate, agreement and surgery numbers."""
-    gen = pruned.generations[i]
-    bad = pruned.degenerate(gen)
+    """One prompt's row of the report: both answers, whether they degenerate, agreement and surgery numbers
+    (no answers from the layer-wise check, which generates nothing)."""
+    gen = pruned.generations[i] if pruned.generations else None
+    bad = pruned.degenerate(gen) if gen is not None else None
     row = {"index": i, "id": prompt.id, "kind": prompt.kind, "question": prompt.question,
            "image": str(prompt.sample.images[0]) if prompt.sample.images else None,
-           "pruned": _answer(gen, bad),
+           "pruned": _answer(gen, bad) if gen is not None else None,
            "original": None, "degenerate_fails": bad is not None, "exact_match": None, "tokenizer_match":
            pruned.same_tokens[i], "surgery": None, "agreement": None, "bbox": box,
            "also_calibration": prompt.also_calibration}
     if original is not None:
-        theirs = original.generations[i]
-        their_bad = original.degenerate(theirs)
-        row["original"] = _answer(theirs, their_bad)
-        row["degenerate_fails"] = bad is not None and their_bad is None
-        row["exact_match"] = gen.token_ids == theirs.token_ids
+        if gen is not None:
+            theirs = original.generations[i]
+            their_bad = original.degenerate(theirs)
+            row["original"] = _answer(theirs, their_bad)
+            row["degenerate_fails"] = bad is not None and their_bad is None
+            row["exact_match"] = gen.token_ids == theirs.token_ids
         a = compared.agreements[i]
         row["agreement"] = {"top1": _num(a.top1), "kl": _num(a.kl), "positions": a.positions}
     if compared.diffs[i] is not None:
@@ -156,22 +160,29 @@ def _agreement_part(rows: list[dict], compared: Comparison, judged: Judgement) -
     positions = sum(a.positions for a in agreements if a)
     top1 = sum(a.top1_agree for a in agreements if a) / positions if positions else None
     kl = sum(a.kl_sum for a in agreements if a) / positions if positions else None
-    exact = sum(1 for r in rows if r["exact_match"])
-    judged.summary.update({"top1_agreement": top1, "mean_kl": kl, "compared_positions": positions,
-                           "exact_match": f"{exact}/{len(rows)}",
-                           "original_degenerate": sum(1 for r in rows if r["original"]["degenerate"])})
-    judged.metrics += [f"top-1 agreement {fmt(top1)}", f"KL {fmt(kl)}", f"exact match {exact}/{len(rows)}"]
+    judged.summary.update({"top1_agreement": top1, "mean_kl": kl, "compared_positions": positions})
+    judged.metrics += [f"top-1 agreement {fmt(top1)}", f"KL {fmt(kl)}"]
+    if all(r["original"] is not None for r in rows):  # generated (not the layer-wise check)
+        exact = sum(1 for r in rows if r["exact_match"])
+        judged.summary.update({"exact_match": f"{exact}/{len(rows)}",
+                               "original_degenerate": sum(1 for r in rows if r["original"]["degenerate"])})
+        judged.metrics.append(f"exact match {exact}/{len(rows)}")
     return top1
 
 
 def judge(settings: Settings, inputs: Inputs, prompts: list[EvalPrompt], rows: list[dict], boxes: list,
           compared: Comparison, has_reference: bool, tol: Tolerance) -> Judgement:
     """Every check's verdict, the report's summary and the verdict line's measurements."""
+    generated = all(r["pruned"] is not None for r in rows)
     judged = Judgement(
         [_surgery_check(inputs, compared.diffs, compared.layers, compared.divergence, tol),
-         _generation_check(rows, has_reference)], {"prompts": len(rows),
-         "with_image": sum(1 for p in prompts if p.sample.images),
-         "degenerate": sum(1 for r in rows if r["pruned"]["degenerate"])}, [])
+         _generation_check(rows, has_reference) if generated else
+         Check("generation", "skipped", "generation not checked", NO_GENERATION)],
+        {"prompts": len(rows), "with_image": sum(1 for p in prompts if p.sample.images)}, [])
+    if generated:
+        judged.summary["degenerate"] = sum(1 for r in rows if r["pruned"]["degenerate"])
+    else:
+        judged.metrics.append("generation skipped (layer-wise check)")
     top1 = _agreement_part(rows, compared, judged) if has_reference else None
     box_summary, box_text, mean_iou = bbox_summary(boxes, has_reference)
     judged.summary.update(box_summary)
@@ -182,6 +193,7 @@ def judge(settings: Settings, inputs: Inputs, prompts: list[EvalPrompt], rows: l
                          no_reference if not has_reference else "no positions were compared"),
         _threshold_check("min_bbox_iou", "mean IoU", mean_iou, settings.min_bbox_iou,
                          no_reference if not has_reference else
+                         "the layer-wise check generates no boxes" if not generated else
                          "no grounding prompt got a valid box from the original (use --calibration with image + "
                          "regions items)"),
     ) if c is not None]
@@ -209,7 +221,7 @@ def _accuracy_part(settings: Settings, items, pruned: ModelPass, original: Model
 
 
 def build_report(settings: Settings, inputs: Inputs, judged: Judgement, rows: list[dict], compared: Comparison,
-                 prompts_source: str, device: str, dtype, tol: Tolerance, seconds: dict) -> dict:
+                 prompts_source: str, device: str, dtype, tol: Tolerance, seconds: dict, mode: CheckMode) -> dict:
     """test_report.json's content."""
     passed = not any(c.failed or c.incomplete for c in judged.checks)
     layers = compared.layers
@@ -226,6 +238,7 @@ def build_report(settings: Settings, inputs: Inputs, judged: Judgement, rows: li
         "kept_experts_source": inputs.keep_source,
         "prompts_source": prompts_source,
         "device": device,
+        "check_mode": mode.report(),
         "dtype": str(dtype).removeprefix("torch."),
         "tolerance": asdict(tol),
         "first_divergence": next((c.describe(router_key) for _, c in sorted(layers.items()) if c.failed),
@@ -250,31 +263,59 @@ def run_test(settings: Settings) -> Outcome:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     tol = tolerance_for(dtype)
+    mode = choose_check_mode(settings.check_mode, inputs.pruned.path, inputs.reference, device, dtype)
+    log(f"check mode: {mode.mode} ({mode.why})")
     torch.manual_seed(settings.seed)
     out = Path(settings.test_output_path)
     with output_lock(out, flag_of("test_output_path")):
-        return _run_checks(settings, inputs, device, dtype, tol, out)
+        return _run_checks(settings, inputs, device, dtype, tol, out, mode)
 
 
-def _run_checks(settings: Settings, inputs: Inputs, device: str, dtype, tol: Tolerance, out: Path) -> Outcome:
+def _passes(settings: Settings, inputs: Inputs, prompts: list[EvalPrompt], device: str, dtype, mode: CheckMode,
+            eval_items) -> tuple[ModelPass | None, ModelPass, dict]:
+    """Both models' passes, as ``mode`` holds them; and the seconds they took."""
+    if mode.mode == "layerwise":
+        result = run_layerwise_check(inputs, prompts, settings, device, dtype)
+        inputs.notes += [n for n in (result.thinking_note, NO_GENERATION) if n]
+        if eval_items:
+            inputs.notes.append(f"--eval {settings.eval_path}: not answered (the layer-wise check generates nothing)")
+        layers = result.seconds_per_layer
+        return result.original, result.pruned, {"layerwise": result.pruned.seconds, "layers": len(layers),
+                                                "seconds_per_layer": sum(layers) / len(layers) if layers else None,
+                                                "per_layer": [round(t, 4) for t in layers]}
+    packed = mode.mode == "packed"
+    original = run_original(inputs.reference, prompts, settings, device, dtype, inputs.keep, eval_items, packed) \
+        if inputs.reference is not None else None
+    trace = original is not None and inputs.keep is not None
+    pruned = run_pruned(inputs.pruned.path, prompts, settings, device, dtype, original, trace, eval_items, packed)
+    note = (original or pruned).thinking_note
+    inputs.notes += [note] if note else []
+    return original, pruned, {"original": original.seconds if original else None, "pruned": pruned.seconds}
+
+
+def _run_checks(settings: Settings, inputs: Inputs, device: str, dtype, tol: Tolerance, out: Path,
+                mode: CheckMode) -> Outcome:
     out.mkdir(parents=True, exist_ok=True)
     prompts, prompts_source = choose_prompts(settings, out, inputs.notes, inputs.pruned.path)
     eval_items = load_eval_items(settings.eval_path) if settings.eval_path is not None else None
     for note in inputs.notes:
         log(f"note: {note}")
 
-    original = run_original(inputs.reference, prompts, settings, device, dtype, inputs.keep, eval_items) \
-        if inputs.reference is not None else None
+    original, pruned, seconds = _passes(settings, inputs, prompts, device, dtype, mode, eval_items)
     trace = original is not None and inputs.keep is not None
-    pruned = run_pruned(inputs.pruned.path, prompts, settings, device, dtype, original, trace, eval_items)
     compared = compare_passes(inputs, original, pruned, len(prompts), trace, tol)
 
-    boxes = _bbox_rows(prompts, pruned, original, out, inputs.pruned.family.box_format)
+    generated = bool(pruned.generations)
+    boxes = _bbox_rows(prompts, pruned, original, out, inputs.pruned.family.box_format) if generated \
+        else [None] * len(prompts)
     rows = [prompt_row(i, prompt, pruned, original, compared, boxes[i]) for i, prompt in enumerate(prompts)]
     judged = judge(settings, inputs, prompts, rows, boxes, compared, original is not None, tol)
-    if eval_items:
+    if eval_items and generated:
         _accuracy_part(settings, eval_items, pruned, original, inputs.pruned.family.box_format, judged)
-    seconds = {"original": original.seconds if original else None, "pruned": pruned.seconds}
-    report = build_report(settings, inputs, judged, rows, compared, prompts_source, device, dtype, tol, seconds)
+    elif eval_items and settings.min_accuracy_ratio is not None:
+        judged.checks.append(Check("min_accuracy_ratio", "incomplete", "accuracy ratio not checked",
+                                   "--min-accuracy-ratio needs answers, and the layer-wise check generates none"))
+    report = build_report(settings, inputs, judged, rows, compared, prompts_source, device, dtype, tol, seconds,
+                          mode)
     paths = write_report(out, report)
     return Outcome(report["passed"], report["verdict"], judged.checks, report, paths)

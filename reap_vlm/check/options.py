@@ -6,7 +6,8 @@ from ..settings import OPTIONS
 
 TEST_OPTIONS = ("pruned_output_path", "reference_path", "model_path", "calibration_path", "test_output_path",
                 "max_new_tokens", "num_prompts", "backend", "min_top1_agreement", "min_bbox_iou", "eval_path",
-                "min_accuracy_ratio", "device", "dtype", "seed", "max_pixels")
+                "min_accuracy_ratio", "device", "dtype", "seed", "max_pixels", "check_mode", "thinking",
+                "thinking_max_new_tokens")
 # --model is the pruned model here; the original is --reference (or --original, REAP_MODEL_PATH).
 TEST_FLAGS = {"pruned_output_path": "--model", "model_path": "--original", "test_output_path": "--output"}
 TEST_HELP = {

@@ -12,11 +12,14 @@ from pathlib import Path
 import torch
 
 from ..calibration.encode import EncodedSample
+from ..checkpoint.loading import load_processor
+from ..checkpoint.reader import Checkpoint
 from ..settings import Settings
 from .accuracy import EvalItem, answer_items
 from .degenerate import Degeneracy, detect_degenerate
 from .prompts import EvalPrompt
 from .runner import Generation, ModelRunner, TeacherForced, vllm_generate
+from .thinking import ThinkingPrompts, generation_budget
 
 
 def log(message: str) -> None:
@@ -35,11 +38,12 @@ class ModelPass:
     same_tokens: list[bool | None] = field(default_factory=list)  # prompt encoded as the original's processor does
     degenerate: Callable[[Generation], Degeneracy | None] | None = None  # judged with this model's tokenizer
     answers: list[str] | None = None  # greedy answers to the evaluation items (--eval)
+    thinking_note: str | None = None  # how a chat template's thinking block was handled (ThinkingPrompts.note)
 
 
 def _judge(runner: ModelRunner) -> Callable[[Generation], Degeneracy | None]:
     tokenizer, special, end = runner.tokenizer, runner.special_ids, runner.end_ids
-    return lambda gen: detect_degenerate(gen.token_ids, gen.text, special, end, tokenizer.decode)
+    return lambda gen: detect_degenerate(*gen.judged(), special, end, tokenizer.decode)
 
 
 def _generations(path: Path, prompts: list[EvalPrompt], settings: Settings, dtype) -> list[Generation] | None:
@@ -47,31 +51,36 @@ def _generations(path: Path, prompts: list[EvalPrompt], settings: Settings, dtyp
         return None
     log(f"generating with vLLM: {path} (this generation path has not run in this project's CI, which has no GPU; "
         "what is tested is vLLM's loader on pruned checkpoints: python -m reap_vlm.check.vllm_load)")
-    return vllm_generate(path, [p.sample for p in prompts], max_new_tokens=settings.max_new_tokens, dtype=dtype,
-                         max_pixels=settings.max_pixels, seed=settings.seed)
+    thinking = ThinkingPrompts(load_processor(path), Checkpoint(path).family, settings.thinking)
+    return vllm_generate(path, [thinking.prepare(p.sample) for p in prompts],
+                         max_new_tokens=generation_budget(settings), dtype=dtype, max_pixels=settings.max_pixels,
+                         seed=settings.seed)
 
 
 def _run_model(label: str, path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
-               per_prompt, eval_items: list[EvalItem] | None = None) -> ModelPass:
+               per_prompt, eval_items: list[EvalItem] | None = None, packed: bool = False) -> ModelPass:
     """Load one model, encode and answer every prompt, and let ``per_prompt(runner, i, enc, gen, result)``
     add what this model's side of the comparison needs; then answer the evaluation items, if any.  One model
     is in memory at a time."""
     start = time.perf_counter()
     generated = _generations(path, prompts, settings, dtype)
+    budget = generation_budget(settings)
     log(f"loading the {label}: {path}")
-    runner = ModelRunner(path, device=device, dtype=dtype, max_pixels=settings.max_pixels)
+    runner = ModelRunner(path, device=device, dtype=dtype, max_pixels=settings.max_pixels, think=settings.thinking,
+                         packed=packed)
     result = ModelPass([], [], [], [], degenerate=_judge(runner))
     try:
         for i, prompt in enumerate(prompts):
             enc = runner.encode(prompt.sample)
-            gen = generated[i] if generated else runner.generate(enc, settings.max_new_tokens)
+            gen = generated[i] if generated else runner.generate(enc, budget)
             result.encodings.append(enc)
             result.generations.append(gen)
             per_prompt(runner, i, enc, gen, result)
             log(f"  {label.split()[0]} {i + 1}/{len(prompts)} {prompt.id}: {gen.text[:60]!r}")
         if eval_items:
-            result.answers = answer_items(runner, eval_items, settings.max_new_tokens, progress=lambda done, total:
+            result.answers = answer_items(runner, eval_items, budget, progress=lambda done, total:
                                           log(f"  {label.split()[0]} evaluation items {done}/{total}"))
+        result.thinking_note = runner.prompts.note(budget)
     finally:
         runner.close()
     result.seconds = time.perf_counter() - start
@@ -79,16 +88,18 @@ def _run_model(label: str, path: Path, prompts: list[EvalPrompt], settings: Sett
 
 
 def run_original(path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
-                 keep: dict[int, list[int]] | None, eval_items: list[EvalItem] | None = None) -> ModelPass:
+                 keep: dict[int, list[int]] | None, eval_items: list[EvalItem] | None = None,
+                 packed: bool = False) -> ModelPass:
     def per_prompt(runner, i, enc, gen, result):
         result.teacher_forced.append(runner.teacher_forced(enc, gen.token_ids))
         result.masked.append(runner.teacher_forced(enc, gen.token_ids, keep=keep, trace=True) if keep else None)
 
-    return _run_model("original", path, prompts, settings, device, dtype, per_prompt, eval_items)
+    return _run_model("original", path, prompts, settings, device, dtype, per_prompt, eval_items, packed)
 
 
 def run_pruned(path: Path, prompts: list[EvalPrompt], settings: Settings, device: str, dtype,
-               original: ModelPass | None, trace: bool, eval_items: list[EvalItem] | None = None) -> ModelPass:
+               original: ModelPass | None, trace: bool, eval_items: list[EvalItem] | None = None,
+               packed: bool = False) -> ModelPass:
     def per_prompt(runner, i, enc, gen, result):
         if original is None:
             result.same_tokens.append(None)
@@ -101,4 +112,4 @@ def run_pruned(path: Path, prompts: list[EvalPrompt], settings: Settings, device
             runner.replay(original.masked[i].trace.inputs, forced.trace)
         result.teacher_forced.append(forced)
 
-    return _run_model("pruned model", path, prompts, settings, device, dtype, per_prompt, eval_items)
+    return _run_model("pruned model", path, prompts, settings, device, dtype, per_prompt, eval_items, packed)

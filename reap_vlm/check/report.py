@@ -74,6 +74,9 @@ def markdown(report: dict) -> str:
               f"- prompts: {report['prompts_source']}; backend {report['settings']['backend']}, "
               f"dtype {report['dtype']}, device {report['device']}, max_new_tokens "
               f"{report['settings']['max_new_tokens']}"]
+    mode = report.get("check_mode")
+    if mode:
+        lines.append(f"- check mode: {mode['mode']} ({mode['why']})")
     tol = report["tolerance"]
     lines.append(f"- surgery tolerance ({tol['dtype']}): final logits max |dlogit| <= {tol['rel']:g} x max(1, max "
                  f"|logit|) at all but {tol['max_mismatch_fraction']:.0%} of positions; MoE layers replayed on "
@@ -102,8 +105,8 @@ def markdown(report: dict) -> str:
               "max \\|dlogit\\| | box pruned / original | IoU |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["prompts"]:
-        original = row["original"] or {}
-        degenerate = row["pruned"]["degenerate"] or ""
+        original, pruned = row["original"] or {}, row["pruned"] or {}
+        degenerate = pruned.get("degenerate") or ""
         if degenerate and not row["degenerate_fails"]:
             degenerate += " (original too)"
         agreement, surgery, box = row["agreement"] or {}, row["surgery"] or {}, row["bbox"] or {}
@@ -113,11 +116,23 @@ def markdown(report: dict) -> str:
         same = "" if row["exact_match"] is None else ("yes" if row["exact_match"] else "no")
         lines.append("| " + " | ".join([
             str(row["index"]), _cell(row["id"], 30), row["kind"], _cell(row["question"], 60),
-            _cell(row["pruned"]["text"]), _cell(original.get("text")), _cell(degenerate, 60), same,
+            _cell(_shown_answer(pruned)), _cell(_shown_answer(original)), _cell(degenerate, 60), same,
             fmt(agreement.get("top1")), fmt(agreement.get("kl")), fmt(surgery.get("max_abs_dlogit")),
             _cell(boxes, 160), fmt(box.get("iou")),
         ]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _shown_answer(answer: dict) -> str | None:
+    """A report row's output: the answer, after the start of the thinking that came before it (if any)."""
+    if not answer:
+        return None
+    thinking = answer.get("thinking")
+    if thinking is None:
+        return answer["text"]
+    head = thinking.strip()[:40] + ("\u2026" if len(thinking.strip()) > 40 else "")
+    return f"[thinking: {head}] " + (answer["text"] if not answer.get("unanswered") else "(no answer: thinking "
+                                                                                         "did not end)")
 
 
 def _accuracy_lines(accuracy: dict | None) -> list[str]:

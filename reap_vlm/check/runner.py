@@ -25,6 +25,7 @@ from ..checkpoint.fsutil import read_json
 from ..checkpoint.loading import load_model, load_processor
 from ..checkpoint.reader import Checkpoint
 from .masked_routing import masked_routing
+from .thinking import ThinkingPrompts, opens_thinking, split_thinking
 
 PROMPT_MAX_TOKENS = 8192  # prompts longer than this are cut (an image is never split; see calibration)
 MAX_COMPARED_POSITIONS = 256  # logits kept per prompt: the last text positions of prompt + continuation
@@ -37,8 +38,22 @@ class Generation:
 
     token_ids: list[int]
     ended: bool  # stopped at an end-of-sequence token (else max_new_tokens was reached)
-    text: str  # decoded without special tokens
-    raw: str  # decoded with special tokens (for the report)
+    text: str  # the answer (after the thinking block, if any), decoded without special tokens
+    raw: str  # everything, decoded with special tokens (for the report)
+    thinking: str | None = None  # the thinking block's text; None: the model did not think
+    answer_ids: list[int] | None = None  # the answer's tokens; None: all of token_ids
+
+    @property
+    def unanswered(self) -> bool:
+        """The model thought and gave no answer (the thinking never closed, or nothing followed it)."""
+        return self.thinking is not None and not self.answer_ids
+
+    def judged(self) -> tuple[list[int], str]:
+        """What degenerate detection reads: the answer, or the thinking when no answer came (a thinking loop
+        that never closes is the failure to catch there)."""
+        if self.unanswered:
+            return self.token_ids, self.thinking
+        return (self.token_ids if self.answer_ids is None else self.answer_ids), self.text
 
 
 @dataclass
@@ -71,11 +86,26 @@ def _as_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def make_generation(ids: list[int], tokenizer, end_ids: set[int]) -> Generation:
+def make_generation(ids: list[int], tokenizer, end_ids: set[int], close_ids: list[int] | None = None,
+                    opened: bool = False) -> Generation:
+    """The continuation cut at the first end token, split at the thinking block's ``close_ids`` (``opened``: the
+    prompt left a thinking block open, so the continuation starts inside it)."""
     cut = next((i for i, t in enumerate(ids) if t in end_ids), None)
     kept = ids if cut is None else ids[:cut]
-    return Generation(kept, cut is not None, tokenizer.decode(kept, skip_special_tokens=True),
-                      tokenizer.decode(kept, skip_special_tokens=False))
+    raw = tokenizer.decode(kept, skip_special_tokens=False)
+    thought, answer = split_thinking(kept, close_ids or [], opened)
+    if thought is None:
+        return Generation(kept, cut is not None, tokenizer.decode(kept, skip_special_tokens=True), raw)
+    answer = answer or []  # its text without the newlines after the close marker (as the templates strip them)
+    return Generation(kept, cut is not None, tokenizer.decode(answer, skip_special_tokens=True).lstrip("\n"), raw,
+                      thinking=tokenizer.decode(thought, skip_special_tokens=True), answer_ids=answer)
+
+
+def text_positions(input_ids: torch.Tensor, limit: int, visual_ids: set[int]) -> list[int]:
+    """The last ``limit`` positions whose token is not an image/video placeholder."""
+    ids = input_ids.tolist()
+    start = max(0, len(ids) - limit)
+    return [i for i in range(start, len(ids)) if ids[i] not in visual_ids]
 
 
 def trace_positions(length: int, count: int = TRACE_POSITIONS) -> torch.Tensor:
@@ -108,7 +138,7 @@ def replay_moe(model, family, inputs: dict[int, torch.Tensor], keep: dict[int, l
     (router logits [P, E], block output [P, H]) per layer, float32 on the CPU."""
     router_logits: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
-    with torch.inference_mode(), (masked_routing(model, family, keep) if keep else _nothing()):
+    with torch.inference_mode(), (masked_routing(model, family, keep, layers=inputs) if keep else _nothing()):
         for layer, block in family.moe_blocks(model):
             if layer not in inputs:
                 continue
@@ -132,14 +162,20 @@ def replay_moe(model, family, inputs: dict[int, torch.Tensor], keep: dict[int, l
 class ModelRunner:
     """A checkpoint loaded for the check, with its own processor."""
 
-    def __init__(self, path: Path, *, device: str, dtype: torch.dtype, max_pixels: int = 0):
+    def __init__(self, path: Path, *, device: str, dtype: torch.dtype, max_pixels: int = 0, think: bool = False,
+                 packed: bool = False):
         self.path = Path(path)
         self.ckpt = Checkpoint(self.path)
         self.family = self.ckpt.family
         self.device, self.dtype, self.max_pixels = device, dtype, max_pixels
         self.processor = load_processor(self.path)
         self.tokenizer = self.processor.tokenizer
-        self.model = load_model(self.path, dtype=dtype, device=device, spread=True)  # spread: over all GPUs
+        self.prompts = ThinkingPrompts(self.processor, self.family, think)
+        thinking = self.family.thinking
+        self.close_ids = self.tokenizer.encode(thinking.close, add_special_tokens=False) if thinking else []
+        # spread: over all GPUs; packed: quantized weights kept as stored (--check-mode packed)
+        self.model = load_model(self.path, dtype=dtype, device=device, spread=True,
+                                **({"packed": True} if packed else {}))
         config = self.model.config
         self.visual_ids = self.family.visual_token_ids(config)
         self.end_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
@@ -155,7 +191,15 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def encode(self, sample: CalibrationSample) -> EncodedSample:
-        return encode_sample(self.processor, sample, PROMPT_MAX_TOKENS, self.max_pixels, self.family)
+        return encode_sample(self.processor, self.prompts.prepare(sample), PROMPT_MAX_TOKENS, self.max_pixels,
+                             self.family)
+
+    def opens_thinking(self, enc: EncodedSample) -> bool:
+        """Whether the encoded prompt ends inside an open thinking block (a Thinking template, --thinking)."""
+        return opens_thinking(self.tokenizer.decode(enc.input_ids[-8:].tolist()), self.family.thinking)
+
+    def _generation(self, ids: list[int], enc: EncodedSample) -> Generation:
+        return make_generation(ids, self.tokenizer, self.end_ids, self.close_ids, self.opens_thinking(enc))
 
     def _batch(self, enc: EncodedSample, continuation: list[int] | None = None) -> dict[str, torch.Tensor]:
         """One padded batch of prompt + ``continuation``.  A continuation is cut before any image/video
@@ -181,8 +225,7 @@ class ModelRunner:
         batch = self._batch(enc)
         with torch.inference_mode():
             out = self.model.generate(**batch, generation_config=config)
-        new = out[0, batch["input_ids"].shape[1]:].tolist()
-        return make_generation(new, self.tokenizer, self.end_ids)
+        return self._generation(out[0, batch["input_ids"].shape[1]:].tolist(), enc)
 
     def generate_batch(self, encoded: list[EncodedSample], max_new_tokens: int) -> list[Generation]:
         """Greedy decoding of several prompts at once (left-padded), as ``generate`` does for one."""
@@ -194,13 +237,7 @@ class ModelRunner:
         with torch.inference_mode():
             out = self.model.generate(**batch, generation_config=config)
         width = batch["input_ids"].shape[1]
-        return [make_generation(row[width:].tolist(), self.tokenizer, self.end_ids) for row in out]
-
-    def text_positions(self, input_ids: torch.Tensor, limit: int) -> list[int]:
-        """The last ``limit`` positions whose token is not an image/video placeholder."""
-        ids = input_ids.tolist()
-        start = max(0, len(ids) - limit)
-        return [i for i in range(start, len(ids)) if ids[i] not in self.visual_ids]
+        return [self._generation(row[width:].tolist(), enc) for row, enc in zip(out, encoded)]
 
     def teacher_forced(self, enc: EncodedSample, continuation: list[int], *,
                        keep: dict[int, list[int]] | None = None, trace: bool = False) -> TeacherForced:
@@ -210,7 +247,7 @@ class ModelRunner:
         batch = self._batch(enc, continuation)
         length = batch["input_ids"].shape[1]
         window = min(length, MAX_COMPARED_POSITIONS)
-        positions = self.text_positions(batch["input_ids"][0].cpu(), window)
+        positions = text_positions(batch["input_ids"][0].cpu(), window, self.visual_ids)
         traced = trace_positions(length)
         with torch.inference_mode(), (masked_routing(self.model, self.family, keep) if keep else _nothing()), \
                 (capture_moe_inputs(self.model, self.family, traced) if trace else _nothing()) as captured:

@@ -6,7 +6,7 @@ experts), listed in ``FAMILIES``."""
 from __future__ import annotations
 
 from ..errors import ReapError
-from .base import BoxFormat, ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily
+from .base import BoxFormat, ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily, ThinkingFormat
 from .qwen3_vl_moe import QWEN3_VL_MOE
 
 FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE,)
@@ -33,4 +33,4 @@ def family_for_processor(processor) -> ModelFamily:
 
 
 __all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "KeyInfo", "KeyRole", "ModelFamily", "QWEN3_VL_MOE",
-           "family_for_config", "family_for_processor"]
+           "ThinkingFormat", "family_for_config", "family_for_processor"]

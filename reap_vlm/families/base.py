@@ -94,6 +94,17 @@ NORMALIZED_1000 = BoxFormat(1000.0, frozenset({"bbox2d", "bbox", "box", "box2d",
 
 
 @dataclass(frozen=True)
+class ThinkingFormat:
+    """How a family's Thinking models mark their thinking: the block opens with ``open`` (a Thinking chat template
+    ends the generation prompt with it) and ends with ``close``; ``empty`` is the closed, empty block that the
+    family's templates write for no-thinking generation (appended in place of an open one)."""
+
+    open: str
+    close: str
+    empty: str
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     name: str
     model_types: tuple[str, ...]  # config.json model_type values
@@ -110,6 +121,7 @@ class ModelFamily:
     prelayer: tuple[str, ...]  # key/module prefixes of what runs before decoder layer 0
     box_format: BoxFormat
     fused: tuple[ExpertTensorLayout, ...] = ()
+    thinking: ThinkingFormat | None = None  # None: the family has no thinking block
 
     # ------------------------------------------------------------------ config face
 
@@ -375,6 +387,12 @@ class ModelFamily:
         """What the text model's forward does to the hidden states right after decoder layer ``layer``,
         given the keyword arguments the text model was called with (nothing, unless the family adds)."""
         return hidden
+
+    def head_logits(self, model: nn.Module, hidden: torch.Tensor, keep: int) -> torch.Tensor:
+        """What the model computes after its last decoder layer: the final norm over every position, then the LM
+        head on the last ``keep`` positions (as ``logits_to_keep`` does)."""
+        hidden = self.text_model(model).norm(hidden)
+        return model.get_output_embeddings()(hidden[:, -keep:])
 
     # ------------------------------------------------------------------ fast scoring face
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import NORMALIZED_1000, ExpertTensorLayout
+from .base import NORMALIZED_1000, ExpertTensorLayout, ThinkingFormat
 from .fused_experts import FusedGateUpFamily
 
 
@@ -105,4 +105,7 @@ QWEN3_VL_MOE = Qwen3VLMoeFamily(
         ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("H", "2I")),
         ExpertTensorLayout("down_proj", memory=("H", "I"), disk=("I", "H")),
     ),
+    # The Thinking releases' templates end the generation prompt with "<think>\n"; Qwen3's templates write this
+    # empty block for enable_thinking=False.
+    thinking=ThinkingFormat(open="<think>", close="</think>", empty="<think>\n\n</think>\n\n"),
 )

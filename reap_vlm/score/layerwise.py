@@ -104,6 +104,37 @@ def _meta_params(module: nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if p.device.type == "meta"]
 
 
+def loaded_bytes(ckpt: Checkpoint, keys, dtype: torch.dtype) -> int:
+    """Bytes that tensors ``keys`` take in memory in ``dtype`` (from the safetensors headers; quantized weights
+    counted dequantized)."""
+    from safetensors import safe_open
+
+    by_shard: dict[str, list[str]] = {}
+    for key in keys:
+        by_shard.setdefault(ckpt.weight_map[key], []).append(key)
+    item = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    bits = ckpt.quant_format.weight_bits if ckpt.quantization else 8
+    packed = {"I32": 32 // bits, "U32": 32 // bits, "I8": 8 // bits, "U8": 8 // bits}  # weights per element
+    total = 0
+    for shard, names in by_shard.items():
+        with safe_open(ckpt.path / shard, "pt") as f:
+            for key in names:
+                view = f.get_slice(key)
+                numel = 1
+                for d in view.get_shape():
+                    numel *= d
+                total += numel * item * (packed.get(view.get_dtype(), 1) if ckpt.quantization else 1)
+    return total
+
+
+def head_keys(family, weight_map) -> list[str]:
+    """Checkpoint keys of what runs after the decoder layers (final norm, LM head): neither a layer's nor the
+    pre-layer part's."""
+    in_layers = {k for keys in family.keys_by_layer(weight_map).values() for k in keys}
+    prelayer = set(family.prelayer_keys(weight_map))
+    return [k for k in weight_map if k not in in_layers and k not in prelayer]
+
+
 # ----------------------------------------------------------------------------------------------- the model
 
 
@@ -181,26 +212,8 @@ class LayerwiseModel:
     # -------------------------------------------------------------- sizes
 
     def layer_bytes(self, layer: int) -> int:
-        """Bytes of one layer's weights in ``dtype`` (from the safetensors headers; quantized weights
-        counted dequantized)."""
-        from safetensors import safe_open
-
-        by_shard: dict[str, list[str]] = {}
-        for key in self.layer_keys[layer]:
-            by_shard.setdefault(self.ckpt.weight_map[key], []).append(key)
-        item = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 4
-        bits = self.ckpt.quant_format.weight_bits if self.ckpt.quantization else 8
-        packed = {"I32": 32 // bits, "U32": 32 // bits, "I8": 8 // bits, "U8": 8 // bits}  # weights per element
-        total = 0
-        for shard, keys in by_shard.items():
-            with safe_open(self.ckpt.path / shard, "pt") as f:
-                for key in keys:
-                    view = f.get_slice(key)
-                    numel = 1
-                    for d in view.get_shape():
-                        numel *= d
-                    total += numel * item * (packed.get(view.get_dtype(), 1) if self.ckpt.quantization else 1)
-        return total
+        """Bytes of one layer's weights in ``dtype`` (quantized weights counted dequantized)."""
+        return loaded_bytes(self.ckpt, self.layer_keys[layer], self.dtype)
 
     def workspace_bytes(self, tokens: int, mode: str) -> int:
         """Working memory of one batch of ``tokens`` tokens through one decoder layer (an estimate)."""
@@ -231,6 +244,29 @@ class LayerwiseModel:
         for name, module in self.model.named_modules():
             if (name + ".").startswith(prefixes):
                 _release(module)
+
+    # -------------------------------------------------------------- head (the layer-wise check's logits)
+
+    def load_head(self) -> None:
+        """The weights after the decoder layers (final norm, LM head; the embeddings when the head is tied to
+        them) on the device."""
+        keys = head_keys(self.family, self.ckpt.weight_map)
+        state = memory_state_dict(self.ckpt, keys, self.dtype, "cpu")
+        head = {id(m): n for n, m in self.model.named_modules()}[id(self.model.get_output_embeddings())] + ".weight"
+        if head not in state and getattr(self.model.config, "tie_word_embeddings", False):
+            state[head] = memory_state_dict(self.ckpt, [self.family.embedding_key], self.dtype, "cpu")[
+                self.family.embedding_key]
+        state = {k: to_device(v, self.device) for k, v in state.items()}
+        _, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
+        if unexpected or head not in state:
+            raise ReapError(f"{self.ckpt.path}: the head's tensors do not match the model (unexpected "
+                            f"{unexpected[:3]}, LM head {head!r} {'found' if head in state else 'missing'})")
+        self._head_modules = [self.model.get_submodule(k.rsplit(".", 1)[0]) for k in state]
+
+    def release_head(self) -> None:
+        for module in getattr(self, "_head_modules", []):
+            _release(module)
+        self._head_modules = []
 
     def capture(self, batch: dict[str, torch.Tensor]) -> BatchState:
         """Run the model's own forward up to decoder layer 0 and keep what the layers get."""
@@ -263,6 +299,24 @@ class LayerwiseModel:
 
     # -------------------------------------------------------------- decoder layers
 
+    def load_layer(self, i: int, state: dict[str, torch.Tensor]) -> nn.Module:
+        """Decoder layer ``i`` with the real weights ``state`` (a ``LayerLoader.take``); ``_release`` drops them."""
+        layer, prefix = self.layers[i], self.layer_prefix[i]
+        missing, unexpected = layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()},
+                                                    strict=False, assign=True)
+        if missing or unexpected:
+            raise ReapError(f"decoder layer {i}: checkpoint tensors do not match the model "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return layer
+
+    def release_layer(self, i: int) -> None:
+        _release(self.layers[i])
+
+    def forward_layer(self, layer: nn.Module, i: int, state: BatchState) -> torch.Tensor:
+        """What the text model's forward does at decoder layer ``i`` (the layer, then the family's additions, e.g.
+        deepstack): the new hidden states of ``state``."""
+        return self.after_layer(self.text, i, layer(state.hidden, **state.layer_kwargs), state.text_inputs)
+
     def run_layers(self, group: list[BatchState], observer: ReapObserver, loader: LayerLoader, last_layer: int,
                    on_host: bool, desc: str = "layers", on_layer: Callable[[int], None] | None = None) -> None:
         """Every batch of ``group`` through decoder layers 0..last_layer, one layer in memory at a time.
@@ -271,20 +325,11 @@ class LayerwiseModel:
         for i in range(last_layer + 1):
             if i < last_layer:
                 loader.request(i + 1)  # queued behind layer i's read: the disk never waits for the GPU
-            state = loader.take(i)
-            layer = self.layers[i]
-            prefix = self.layer_prefix[i]
-            missing, unexpected = layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()},
-                                                        strict=False, assign=True)
-            del state
-            if missing or unexpected:
-                raise ReapError(f"decoder layer {i}: checkpoint tensors do not match the model "
-                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            layer = self.load_layer(i, loader.take(i))
             for b in group:
                 s = b.to(self.device) if on_host else b
                 observer.use_masks(s.masks)
-                hidden = layer(s.hidden, **s.layer_kwargs)
-                hidden = self.after_layer(self.text, i, hidden, s.text_inputs)
+                hidden = self.forward_layer(layer, i, s)
                 if on_host:
                     b.hidden.copy_(hidden, non_blocking=True)
                 else:
