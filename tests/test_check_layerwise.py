@@ -24,6 +24,8 @@ from reap_vlm.check import runner
 from reap_vlm.check.layerwise import NO_GENERATION
 from reap_vlm.check.mode import choose_check_mode, layerwise_bytes, whole_bytes
 from reap_vlm.checkpoint.loading import load_model
+from reap_vlm.checkpoint.packed import packed_model_bytes
+from reap_vlm.checkpoint.reader import Checkpoint
 from reap_vlm.cli import run_main
 from reap_vlm.errors import ConfigError, ReapError
 from reap_vlm.prune.rewrite import prune_checkpoint
@@ -55,8 +57,8 @@ def quantized_pair(fixture_root, tmp_path_factory) -> tuple[Path, Path]:
 def _check(model: Path, reference: Path, calibration: Path, out: Path, mode: str, monkeypatch) -> tuple[int, dict]:
     with monkeypatch.context() as m:
         if mode == "whole":  # the prompts' own tokens, as the layer-wise check measures them
-            m.setattr(runner.ModelRunner, "generate",
-                      lambda self, enc, n: runner.make_generation([], self.tokenizer, self.end_ids))
+            m.setattr(runner.ModelRunner, "generate_batch", lambda self, encs, n: [
+                runner.make_generation([], self.tokenizer, self.end_ids) for _ in encs])
         code = run_main(test_pruned_model.main, [
             "--model", str(model), "--reference", str(reference), "--calibration",
             str(calibration / "calibration_data.json"), "--output", str(out), "--num-prompts", "4",
@@ -108,6 +110,27 @@ def test_layerwise_check_of_a_quantized_pair_equals_the_whole_model_check(quanti
     assert _figures(layerwise) == _figures(whole)
 
 
+def test_packed_check_of_a_quantized_pair_equals_the_whole_model_check(quantized_pair, calibration, tmp_path):
+    """AWQ per-expert, --check-mode packed: generation included, every figure and every answer is the whole
+    (dequantized) check's, since the packed forward is the dequantized one bit for bit (tests/test_packed.py)."""
+    original, pruned_awq = quantized_pair
+    reports = {}
+    for mode in ("whole", "packed"):
+        code = run_main(test_pruned_model.main, [
+            "--model", str(pruned_awq), "--reference", str(original), "--calibration",
+            str(calibration / "calibration_data.json"), "--output", str(tmp_path / mode), "--num-prompts", "4",
+            "--max-new-tokens", "6", "--device", "cpu", "--check-mode", mode])
+        assert code == 0
+        reports[mode] = json.loads((tmp_path / mode / "test_report.json").read_text())
+    whole, packed = reports["whole"], reports["packed"]
+    assert packed["check_mode"]["mode"] == "packed"
+    assert _figures(packed) == _figures(whole)
+    answers = [(r["original"], r["pruned"]) for r in whole["prompts"]]
+    assert [(r["original"], r["pruned"]) for r in packed["prompts"]] == answers
+    assert any(pruned is not None for _, pruned in answers)  # generation ran
+    assert packed["verdict"] == whole["verdict"]
+
+
 def test_auto_picks_layerwise_in_the_check(tiny_model, pruned, calibration, tmp_path, monkeypatch):
     """Auto, with free memory faked below the model's size: the layer-wise check runs and the report says why."""
     need = whole_bytes(tiny_model, torch.float32)
@@ -152,6 +175,10 @@ def test_auto_choices_and_why(tiny_model, pruned, quantized_pair, monkeypatch):
     # loader's; its figure is faked here)
     original, pruned_awq = quantized_pair
     dequantized = whole_bytes(original, dtype)
+    # the packed need is the weights as stored plus the forward's working memory, at least one layer's experts in bf16
+    ckpt = Checkpoint(original)
+    sizes, experts = ckpt.family.sizes(ckpt.config), ckpt.family.num_experts(ckpt.config)
+    assert check_mode.packed_bytes(original) - packed_model_bytes(original) > experts * 3 * sizes["H"] * sizes["I"] * 2
     monkeypatch.setattr(check_mode, "packed_bytes", lambda path: dequantized // 2)
     chosen = choose_check_mode("auto", pruned_awq, original, "cpu", dtype, free_bytes=dequantized)
     assert chosen.mode == "packed" and "does not fit" in chosen.why and chosen.needs["packed"] == dequantized // 2

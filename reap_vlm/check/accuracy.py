@@ -24,7 +24,6 @@ from ..families import BoxFormat
 from .bbox import Box, check_box, iou, parse_bbox
 
 IOU_RIGHT = 0.5
-GENERATION_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -98,20 +97,12 @@ def is_right(item: EvalItem, answer: str, fmt: BoxFormat) -> bool:
     return parsed.valid and iou(parsed.box, item.box) >= IOU_RIGHT
 
 
-def answer_items(runner, items: list[EvalItem], max_new_tokens: int, batch_size: int = GENERATION_BATCH,
+def answer_items(runner, items: list[EvalItem], max_new_tokens: int, batch_size: int | None = None,
                  progress=None) -> list[str]:
-    """The model's greedy answer to every item, in the items' order; prompts of similar length are
-    batched together so that little padding is decoded."""
+    """The model's greedy answer to every item, in the items' order (``ModelRunner.generate_all``)."""
     encoded = [runner.encode(item.sample(i)) for i, item in enumerate(items)]
-    order = sorted(range(len(items)), key=lambda i: (items[i].image is not None, encoded[i].input_ids.numel()))
-    answers: list[str] = [""] * len(items)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        for i, generation in zip(chunk, runner.generate_batch([encoded[i] for i in chunk], max_new_tokens)):
-            answers[i] = generation.text
-        if progress is not None:
-            progress(min(start + batch_size, len(order)), len(order))
-    return answers
+    batch = {} if batch_size is None else {"batch_size": batch_size}
+    return [g.text for g in runner.generate_all(encoded, max_new_tokens, progress=progress, **batch)]
 
 
 def accuracy_by_task(items: list[EvalItem], answers: list[str], fmt: BoxFormat) -> dict[str, float]:

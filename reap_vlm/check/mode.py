@@ -25,6 +25,9 @@ from ..score.layerwise import head_keys, loaded_bytes
 from .options import flag_of
 
 LAYERWISE_WORKSPACE = 1 << 30  # hidden states of the prompts and one layer's activations, beside the weights
+# A packed model's working memory is counted in its need (``packed_bytes``), so it may take nearly all free memory:
+# 85% would refuse a 235B-A22B AWQ model (125 GB + ~7 GB working) on a 141 GB H200, where it runs (bench_check).
+PACKED_MEMORY_FRACTION = 0.97
 _GiB = 1 << 30
 
 
@@ -66,10 +69,15 @@ def whole_bytes(path: Path, dtype: torch.dtype) -> int:
 
 
 def packed_bytes(path: Path) -> int:
-    """The model loaded with its quantized weights kept as stored."""
-    from ..checkpoint.packed import packed_model_bytes  # the packed loader's own measure
+    """The model loaded with its quantized weights kept as stored, plus its forward's working memory: one MoE
+    layer's experts dequantized in bf16 (a prefill routes tokens to all of them), a tile of float32 temporaries,
+    and the prompts' activations and KV cache."""
+    from ..checkpoint.packed import TILE_BYTES, packed_model_bytes  # the packed loader's own measures
 
-    return packed_model_bytes(path)
+    ckpt = Checkpoint(path)
+    sizes = ckpt.family.sizes(ckpt.config)
+    layer_experts = ckpt.family.num_experts(ckpt.config) * 3 * sizes["H"] * sizes["I"] * 2
+    return packed_model_bytes(path) + layer_experts + TILE_BYTES + LAYERWISE_WORKSPACE
 
 
 def layerwise_bytes(path: Path, dtype: torch.dtype) -> int:
@@ -106,9 +114,10 @@ def choose_check_mode(requested: str, pruned: Path, reference: Path | None, devi
                                   f"{str(dtype).removeprefix('torch.')}; {where}", free, needs)
     if quantized:
         needs["packed"] = max(packed_bytes(p) for p in paths)
-        if needs["packed"] <= room:
+        if needs["packed"] <= int(PACKED_MEMORY_FRACTION * free):
             return CheckMode("packed", f"auto: {_gib(needs['whole'])} dequantized does not fit, "
-                                       f"{_gib(needs['packed'])} packed does; {where}", free, needs)
+                                       f"{_gib(needs['packed'])} packed (weights + working memory) fits in "
+                                       f"{PACKED_MEMORY_FRACTION:.0%} of {_gib(free)} free on {device}", free, needs)
     too_big = f"{_gib(needs['whole'])} whole" + (f", {_gib(needs['packed'])} packed" if "packed" in needs else "")
     if reference is None:
         raise ReapError(f"the pruned model does not fit ({too_big}; {where}), and without the original the "

@@ -70,16 +70,16 @@ def _run_model(label: str, path: Path, prompts: list[EvalPrompt], settings: Sett
                          packed=packed)
     result = ModelPass([], [], [], [], degenerate=_judge(runner))
     try:
-        for i, prompt in enumerate(prompts):
-            enc = runner.encode(prompt.sample)
-            gen = generated[i] if generated else runner.generate(enc, budget)
-            result.encodings.append(enc)
-            result.generations.append(gen)
+        result.encodings = [runner.encode(prompt.sample) for prompt in prompts]
+        name = label.split()[0]
+        result.generations = generated or runner.generate_all(
+            result.encodings, budget, progress=lambda done, total: log(f"  {name} generated {done}/{total}"))
+        for i, (prompt, enc, gen) in enumerate(zip(prompts, result.encodings, result.generations)):
             per_prompt(runner, i, enc, gen, result)
-            log(f"  {label.split()[0]} {i + 1}/{len(prompts)} {prompt.id}: {gen.text[:60]!r}")
+            log(f"  {name} {i + 1}/{len(prompts)} {prompt.id}: {gen.text[:60]!r}")
         if eval_items:
             result.answers = answer_items(runner, eval_items, budget, progress=lambda done, total:
-                                          log(f"  {label.split()[0]} evaluation items {done}/{total}"))
+                                          log(f"  {name} evaluation items {done}/{total}"))
         result.thinking_note = runner.prompts.note(budget)
     finally:
         runner.close()

@@ -29,6 +29,7 @@ from .thinking import ThinkingPrompts, opens_thinking, split_thinking
 
 PROMPT_MAX_TOKENS = 8192  # prompts longer than this are cut (an image is never split; see calibration)
 MAX_COMPARED_POSITIONS = 256  # logits kept per prompt: the last text positions of prompt + continuation
+GENERATION_BATCH = 32  # prompts decoded together (left-padded): a 235B AWQ decode step costs ~ the same for 1 or 8
 TRACE_POSITIONS = 16  # tokens per prompt whose MoE block inputs are captured and replayed
 
 
@@ -174,8 +175,7 @@ class ModelRunner:
         thinking = self.family.thinking
         self.close_ids = self.tokenizer.encode(thinking.close, add_special_tokens=False) if thinking else []
         # spread: over all GPUs; packed: quantized weights kept as stored (--check-mode packed)
-        self.model = load_model(self.path, dtype=dtype, device=device, spread=True,
-                                **({"packed": True} if packed else {}))
+        self.model = load_model(self.path, dtype=dtype, device=device, spread=True, packed=packed)
         config = self.model.config
         self.visual_ids = self.family.visual_token_ids(config)
         self.end_ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
@@ -238,6 +238,22 @@ class ModelRunner:
             out = self.model.generate(**batch, generation_config=config)
         width = batch["input_ids"].shape[1]
         return [self._generation(row[width:].tolist(), enc) for row, enc in zip(out, encoded)]
+
+    def generate_all(self, encoded: list[EncodedSample], max_new_tokens: int, batch_size: int = GENERATION_BATCH,
+                     progress=None) -> list[Generation]:
+        """Greedy answers to every prompt, in the prompts' order; prompts of similar length (images apart) are
+        decoded together so that little padding is decoded.  Batching changes the arithmetic's order, not the
+        method (a test shows the answers equal one-at-a-time ``generate``'s)."""
+        order = sorted(range(len(encoded)), key=lambda i: (encoded[i].pixel_values is not None,
+                                                           encoded[i].input_ids.numel()))
+        answers: list[Generation | None] = [None] * len(encoded)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for i, generation in zip(chunk, self.generate_batch([encoded[i] for i in chunk], max_new_tokens)):
+                answers[i] = generation
+            if progress is not None:
+                progress(min(start + batch_size, len(order)), len(order))
+        return answers
 
     def teacher_forced(self, enc: EncodedSample, continuation: list[int], *,
                        keep: dict[int, list[int]] | None = None, trace: bool = False) -> TeacherForced:
