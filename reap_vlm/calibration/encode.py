@@ -27,11 +27,18 @@ def open_image(path: Path, max_pixels: int):
             Image.DecompressionBombWarning) as exc:
         # files.image_problem checked it when the calibration was read: it changed since, or came another way
         raise ReapError(f"cannot read image {path} ({exc}); replace the file") from None
-    if max_pixels and image.width * image.height > max_pixels:
-        scale = math.sqrt(max_pixels / (image.width * image.height))
-        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    size = capped_size(image.width, image.height, max_pixels)
+    if size != image.size:
         image = image.resize(size, Image.Resampling.BICUBIC)
     return image
+
+
+def capped_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of an image once scaled down to at most ``max_pixels`` (0: no cap)."""
+    if max_pixels and width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        return max(1, int(width * scale)), max(1, int(height * scale))
+    return width, height
 
 
 def render_text(processor, sample: CalibrationSample) -> str:
@@ -155,15 +162,28 @@ def collate(encoded: list[EncodedSample], pad_id: int, left: bool = False) -> di
     return batch
 
 
+def pad_token_id(processor) -> int:
+    pad_id = processor.tokenizer.pad_token_id
+    return processor.tokenizer.eos_token_id if pad_id is None else pad_id
+
+
+def encode_batch(processor, chunk: list[CalibrationSample], max_seq_len: int, max_pixels: int = 0,
+                 family: ModelFamily | None = None) -> dict[str, torch.Tensor]:
+    """One padded batch of the samples of ``chunk``."""
+    return collate([encode_sample(processor, s, max_seq_len, max_pixels, family) for s in chunk],
+                   pad_token_id(processor))
+
+
+def batch_chunks(samples: list, batch_size: int) -> list[list]:
+    """The samples of each batch, in order."""
+    return [samples[start:start + batch_size] for start in range(0, len(samples), batch_size)]
+
+
 def batches(processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int, max_pixels: int = 0,
             family: ModelFamily | None = None):
     """Yield padded batches in sample order."""
-    pad_id = processor.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = processor.tokenizer.eos_token_id
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        yield collate([encode_sample(processor, s, max_seq_len, max_pixels, family) for s in chunk], pad_id)
+    for chunk in batch_chunks(samples, batch_size):
+        yield encode_batch(processor, chunk, max_seq_len, max_pixels, family)
 
 
 def num_batches(samples: list, batch_size: int) -> int:
