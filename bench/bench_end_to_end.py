@@ -277,23 +277,20 @@ def forward_over(model, family, batches: list[dict], device: str, observer: Reap
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    with torch.inference_mode():
-        if observer is not None:
-            with observer.attached(family.moe_blocks(model)):
-                one(batches[0])  # warm: kernels chosen and tuned once
-                sync()
-                t0 = time.perf_counter()
-                for batch in batches:
-                    one(batch)
-                sync()
-                return time.perf_counter() - t0
-        one(batches[0])
+    def timed() -> float:
+        one(batches[0])  # warm: kernels chosen and tuned once
         sync()
         t0 = time.perf_counter()
         for batch in batches:
             one(batch)
         sync()
         return time.perf_counter() - t0
+
+    if observer is None:
+        with torch.inference_mode():
+            return timed()
+    with observer.attached(family.moe_blocks(model)), torch.inference_mode():  # as the engine nests them
+        return timed()
 
 
 def baselines(args, model_dir: Path, calib: Path, modes: list[str], clock: Clock) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,45 @@ def test_estimated_lengths_are_the_encoded_lengths_and_windows_sort_longest_firs
     for window, batch_size in ((0, 4), (8, 1)):  # off, or nothing to pad
         unsorted, _ = length_order(processor, samples, batch_size, window, 256)
         assert unsorted.samples == samples and unsorted.window == 0
+
+
+def test_a_sample_known_too_long_goes_straight_to_smaller_images_with_the_same_result(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """encode_sample skips encoding photos at full size when the processor's own count says they cannot fit;
+    the tokens and pixels are those of encoding first and shrinking after."""
+    from PIL import Image
+
+    import reap_vlm.calibration.encode as encode
+
+    processor = load_processor(tiny_model)
+    samples = []
+    for i, size in enumerate([(300, 200), (160, 160), (90, 400)]):
+        path = tmp_path / f"{i}.png"
+        Image.effect_noise(size, 40).convert("RGB").save(path)
+        samples.append(CalibrationSample(index=i, kind="chat", images=[path], messages=[{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]))
+    budgets = range(8, 60, 3)
+
+    calls = []
+    real_encode = encode._encode
+    monkeypatch.setattr(encode, "_encode", lambda *a: calls.append(1) or real_encode(*a))
+
+    def encode_all():
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scaled down / dropped to fit
+            return [encode_sample(processor, s, n) for n in budgets for s in samples], len(calls)
+
+    direct, direct_calls = encode_all()
+    monkeypatch.setattr(encode, "image_token_count", lambda *a: None)  # a processor that cannot count
+    first_full, first_full_calls = encode_all()
+    assert direct_calls < first_full_calls - len(samples)  # the full-size encodings were skipped
+    for a, b in zip(direct, first_full):
+        for field in ("input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), field
+    image_tokens = [int(e.image_grid_thw.prod()) // 4 if e.image_grid_thw is not None else 0 for e in direct]
+    assert 0 in image_tokens and len(set(image_tokens)) > 4  # dropped, scaled down to several sizes, whole
 
 
 def _float64_stats(model, processor, ckpt, samples, mode) -> tuple[ExpertStats, dict]:

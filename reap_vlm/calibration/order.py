@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import ReapError
 from ..families import ModelFamily, family_for_processor
-from .encode import batch_chunks, capped_size, render_text
+from .encode import batch_chunks, capped_size, image_token_count, render_text, text_token_count
 from .files import CalibrationSample
 
 
@@ -30,20 +30,15 @@ def image_size(path) -> tuple[int, int]:
         raise ReapError(f"cannot read image {path} ({exc}); replace the file") from None
 
 
-def image_token_count(processor, family: ModelFamily, width: int, height: int) -> int:
-    try:
-        return int(processor._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0])
-    except (AttributeError, NotImplementedError, TypeError, KeyError):  # a processor without the count
-        return width * height // family.pixels_per_image_token(processor)
-
-
 def estimated_length(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int,
                      family: ModelFamily) -> int:
     """Tokens ``encode_sample`` will give ``sample``, about (a sort key: exact for text, close for images)."""
-    text = len(processor.tokenizer(render_text(processor, sample), add_special_tokens=False)["input_ids"])
-    images = sum(image_token_count(processor, family, *capped_size(*image_size(p), max_pixels)) - 1
-                 for p in sample.images)  # each image's one placeholder in the text becomes its tokens
-    return min(text + images, max_seq_len)
+    total = text_token_count(processor, render_text(processor, sample))
+    for path in sample.images:  # each image's one placeholder in the text becomes its tokens
+        width, height = capped_size(*image_size(path), max_pixels)
+        count = image_token_count(processor, width, height)
+        total += (width * height // family.pixels_per_image_token(processor) if count is None else count) - 1
+    return min(total, max_seq_len)
 
 
 @dataclass
