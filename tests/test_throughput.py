@@ -49,6 +49,12 @@ def test_encoding_ahead_gives_the_inline_batches_in_order(tiny_model, calibratio
             assert torch.equal(got[key], want[key]), key
     assert stream.report(10, 9)["padding_share"] == pytest.approx(0.1)
     assert not _encode_threads()
+    # the encoding threads ran their torch ops single-threaded; threads started afterwards get the old default
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [torch.get_num_threads()]
 
 
 def test_an_encoding_error_surfaces_at_its_batch_and_leaves_no_thread(tiny_model, calibration, tmp_path):

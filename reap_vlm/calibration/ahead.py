@@ -37,6 +37,14 @@ def default_workers(processes_on_host: int = 1) -> int:
     return max(1, min(8, share - 1))
 
 
+def _one_op_thread() -> None:
+    """An encoding thread runs its torch ops on itself alone.  Under OpenMP every thread that runs a parallel op
+    leads a team of its own as large as the core count: 8 encoding threads would keep 8 x cores threads busy and
+    starve the main thread, whose kernel launches keep the GPU fed.  The setting is the calling thread's, but it
+    also becomes the default of threads started later, hence ``BatchStream.close`` restores it."""
+    torch.set_num_threads(1)
+
+
 class BatchStream:
     """The padded batches of ``samples`` (from batch ``first`` on), in order, encoded by ``workers`` threads up
     to ``AHEAD_PER_WORKER * workers`` batches ahead of the consumer (``workers`` 0: inline, when asked).
@@ -58,7 +66,9 @@ class BatchStream:
         self.lock = threading.Lock()
         self.encode_seconds = 0.0  # encoding time summed over the threads
         self.wait_seconds = 0.0  # time the consumer waited for a batch not ready yet
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="reap-encode") if workers > 0 else None
+        self.op_threads = torch.get_num_threads()  # restored at close: see _one_op_thread
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="reap-encode",
+                                       initializer=_one_op_thread) if workers > 0 else None
         self._fill()
 
     def _processor(self):
@@ -118,6 +128,7 @@ class BatchStream:
             self.pending.clear()
             self.pool.shutdown(wait=True, cancel_futures=True)  # at most one batch per worker still finishing
             self.pool = None
+            torch.set_num_threads(self.op_threads)
 
     def __enter__(self) -> BatchStream:
         return self
