@@ -1,12 +1,14 @@
 """Encoding ahead: calibration batches prepared on background threads while the model runs the previous ones.
 
 Threads, not processes.  The costly parts of encoding a sample release the GIL: JPEG decoding and resizing in
-Pillow, the processor's torch resize / rescale / normalize / patchify (about 75% of an image sample's time with
-Qwen3-VL's processor and a 1-4 MP photo), the Rust tokenizer.  Measured on this project's 2-core CI machine
-(Qwen3-VL processor, 1-4 MP JPEGs, 2 workers) threads and processes reached the same rate for the torch and
-Pillow steps, while a process pool first spent 6-7 s per worker importing transformers and loading the processor,
-needs the processor to pickle, and hands every batch back through shared memory (one more copy of the pixels).
-``bench/bench_end_to_end.py`` measures the encoding rate of 1 thread, N threads and N processes on the GPU host.
+Pillow, the processor's torch resize / rescale / normalize / patchify (three quarters of a 1-4 MP photo's
+encoding with Qwen3-VL's processor, by cProfile), the Rust tokenizer.  A process pool would first spend 6-7 s per
+worker importing transformers and loading the processor (measured), needs the processor to pickle, and hands
+every batch back through shared memory (one more copy of the pixels).  On this project's shared 2-core CI machine
+(load 3-8 from other jobs) neither kind scaled reliably: 12 photos took 3.4 s on 1 thread, 3.4 s on 2 threads,
+2.0 s on 2 processes in one run, while the processor's torch patchify and Pillow's resize alone ran 1.0x on 2
+threads and 0.9x on 2 processes in another (no core was free).  ``bench/bench_end_to_end.py`` measures 1 thread,
+N threads and N processes on the GPU host: the figure that decides.
 
 Order is kept: batch i is always the i-th batch of ``batch_chunks(samples)``, whatever thread made it, so the
 sums, resume and the torchrun shares are those of inline encoding, bitwise.
