@@ -300,7 +300,8 @@ def baselines(args, model_dir: Path, calib: Path, modes: list[str], clock: Clock
     order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
     cuda = args.device == "cuda"
     batches, wall, cpu = pre_encode(processor, order.samples, args, ckpt.family, default_workers(), cuda)
-    res = {"pre_encode_wall_s": wall, "pre_encode_cpu_s": cpu, "encode_threads": default_workers()}
+    res = {"pre_encode_wall_s": wall, "pre_encode_cpu_s": cpu, "encode_threads": default_workers(),
+           "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
     log(f"  pre-encoded {len(batches)} batches: {wall:.1f}s wall, {cpu:.1f}s summed over threads")
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     res["plain_forward_s"] = forward_over(model, ckpt.family, batches, args.device, None)
@@ -397,15 +398,17 @@ def table(results: dict) -> str:
     lines = [f"# End-to-end REAP scoring ({results['device']}, {results['shape']})", "",
              f"{results['samples']} samples per set, batch {results['batch_size']}, max_seq_len "
              f"{results['max_seq_len']}, reap.py --engine model, {results['dtype']}", ""]
-    lines += ["| set | run | tokens | load s | scoring s | reduce s | encode s (threads) | waited s | padding | "
-              "target ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| set | run | tokens | load s | scoring s | tok/s | reduce s | encode s (threads) | waited s | "
+              "padding | target ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results["sets"].items():
         base = s.get("baselines", {})
         for run_name, r in s.get("runs", {}).items():
             if r is None:
                 continue
             ref = base.get("plain_forward_s") if run_name.startswith("routed") else base.get("full_observer_s")
-            ratio = f"{r['scoring_s'] / ref:.2f}x" if ref and not run_name.endswith("2gpu") else ""
+            # per token: the inline runs score fewer samples
+            ratio = (f"{r['scoring_s'] / r['tokens'] / (ref / base['tokens']):.2f}x"
+                     if ref and not run_name.endswith("2gpu") else "")
             if run_name.endswith("2gpu") and s["runs"].get(run_name.replace("2gpu", "1gpu")):
                 one = s["runs"][run_name.replace("2gpu", "1gpu")]
                 ratio = (f"{(one['scoring_s'] + one['reduce_s']) / (r['scoring_s'] + r['reduce_s']):.2f}x speed-up, "
@@ -414,7 +417,8 @@ def table(results: dict) -> str:
             if r.get("padding_file_order") is not None:
                 padding += f" (file order ~{r['padding_file_order']:.0%})"
             lines.append(f"| {name} | {run_name} | {r['tokens']:,} ({r['image_tokens']:,} img) | {r['load_s']:.1f} | "
-                         f"{r['scoring_s']:.2f} | {r['reduce_s']:.2f} | {r['encode_cpu_s']:.1f} "
+                         f"{r['scoring_s']:.2f} | {r['tokens'] / r['scoring_s']:,.0f} | {r['reduce_s']:.2f} | "
+                         f"{r['encode_cpu_s']:.1f} "
                          f"({r['encode_workers']}) | {r['encode_wait_s']:.2f} | {padding} | {ratio} |")
         if base:
             nan = float("nan")
@@ -422,7 +426,7 @@ def table(results: dict) -> str:
                      f"{base.get('routed_observer_s', nan):.2f} / full obs {base.get('full_observer_s', nan):.2f}")
             encoded = (f"pre-encode {base['pre_encode_cpu_s']:.1f} cpu, {base['pre_encode_wall_s']:.1f} wall "
                        f"({base['encode_threads']})")
-            lines.append(f"| {name} | baselines over pre-encoded batches | | | {timed} | | {encoded} | | | |")
+            lines.append(f"| {name} | baselines over pre-encoded batches | | | {timed} | | | {encoded} | | | |")
     enc = results.get("encode_rates")
     if enc:
         lines += ["", f"Encoding {enc['samples']} image samples (1-4 MP): 1 thread {enc['serial_s']:.1f}s, "
@@ -449,7 +453,7 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=None, help="time budget (default 4; --tiny 1.8)")
     parser.add_argument("--layers", type=int, default=4, help="full-width MoE decoder layers")
     parser.add_argument("--vision", default="full", choices=tuple(VISION))
-    parser.add_argument("--sets", default="text,image")
+    parser.add_argument("--sets", default="image,text")
     parser.add_argument("--modes", default="routed,full")
     parser.add_argument("--samples", type=int, default=256, help="calibration samples per set")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -457,9 +461,11 @@ def main() -> None:
     parser.add_argument("--encode-samples", type=int, default=48, help="image samples for the encoding rates")
     parser.add_argument("--inline", action=argparse.BooleanOptionalAction, default=True,
                         help="also run routed with --encode-workers 0 --sort-window 0 (before issue 18)")
+    parser.add_argument("--inline-samples", type=int, default=96, help="samples of the inline runs")
     parser.add_argument("--gpus", default="auto", help="auto (2 when two are visible), 1 or 2")
     parser.add_argument("--skip-baselines", action="store_true")
-    parser.add_argument("--skip-encode-rates", action="store_true")
+    parser.add_argument("--skip-encode-rates", action="store_true",
+                        help="skip the encoding rates and the GPU image preprocessing")
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"  # bf16 matmuls on the CPU are slow
@@ -468,6 +474,7 @@ def main() -> None:
         args.batch_size = min(args.batch_size, 4)
         args.max_seq_len = min(args.max_seq_len, 512)
         args.encode_samples = min(args.encode_samples, 8)
+        args.inline_samples = min(args.inline_samples, 8)
         args.workdir = args.workdir + "-tiny"
     gpus_visible = torch.cuda.device_count() if args.device == "cuda" else 0
     two = gpus_visible >= 2 if args.gpus == "auto" else args.gpus == "2"
@@ -516,17 +523,20 @@ def main() -> None:
         if not args.skip_baselines and clock.allows(f"baselines on {kind}", 2 * per_run):
             log(f"baselines over pre-encoded batches, {kind} set")
             res["baselines"] = baselines(args, model, calib, modes, clock)
-        if args.inline and "routed" in modes and clock.allows(f"reap.py routed inline on {kind}", per_run):
-            log(f"reap.py routed on the {kind} set, inline encoding in file order")
-            res["runs"]["routed inline, file order"] = reap_run(args, model, calib, "routed", 1, clock,
-                                                                 ("--encode-workers", "0", "--sort-window", "0"))
     if "image" in calibs and not args.skip_encode_rates and clock.allows("encoding rates", 40 if not args.tiny else 20):
         log("encoding rates, image set")
         results["encode_rates"] = encode_rates(args, model, calibs["image"], default_workers())
-    if "image" in calibs and args.device == "cuda" and clock.allows("GPU image preprocessing", 20):
+    if "image" in calibs and args.device == "cuda" and not args.skip_encode_rates and clock.allows(
+            "GPU image preprocessing", 20):
         results["gpu_preprocessing"] = gpu_preprocessing(model, calibs["image"], 16)
     elif args.device != "cuda":
         clock.skipped.append("image preprocessing with device=cuda (no GPU)")
+    for kind, calib in calibs.items():  # last: inline encoding of image samples is slow by nature
+        if args.inline and "routed" in modes and clock.allows(f"reap.py routed inline on {kind}", per_run):
+            log(f"reap.py routed on the {kind} set, inline encoding in file order, {args.inline_samples} samples")
+            results["sets"][kind]["runs"]["routed inline, file order"] = reap_run(
+                args, model, calib, "routed", 1, clock,
+                ("--encode-workers", "0", "--sort-window", "0", "--max-samples", str(args.inline_samples)))
 
     for s in results["sets"].values():  # the per-expert scores were kept only for the 2-GPU comparison
         for r in s["runs"].values():
