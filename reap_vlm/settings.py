@@ -148,6 +148,15 @@ def _float_in(accepts: Callable[[float], bool], allowed: str) -> Callable[[str],
     return parse
 
 
+def _workers(raw: str) -> int | str:
+    if str(raw).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _int(0, 64)(raw)
+    except _Invalid:
+        raise _Invalid("auto or an integer in [0, 64]") from None
+
+
 _share = _float_in(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 _percent = _float_in(lambda v: 0.0 <= v <= 100.0, "a percentile in [0, 100]")
 
@@ -201,6 +210,10 @@ OPTIONS: dict[str, Option] = {
                "cap on pixels per image before the processor (0: the processor's own sizing)"),
         Option("batch_size", "--batch-size", "REAP_BATCH_SIZE", _int(1), 1,
                "samples per forward (padded; padding is never counted)"),
+        Option("sort_window", "--sort-window", "REAP_SORT_WINDOW", _int(0), 16,
+               "batches per window within which samples are sorted by token length, less padding (0: file order)"),
+        Option("encode_workers", "--encode-workers", "REAP_ENCODE_WORKERS", _workers, "auto",
+               "threads encoding batches ahead of the forward (auto: cores - 1, at most 8; 0: inline)"),
         Option("seed", "--seed", "REAP_SEED", _int(0), 42, "seed for sample drawing and prompt templates"),
         Option("device", "--device", "REAP_DEVICE", _device, "auto", "auto, cpu, cuda or cuda:N"),
         Option("dtype", "--dtype", "REAP_DTYPE", _choice(DTYPES), "auto",
@@ -269,6 +282,8 @@ class Settings:
     max_seq_len: int = 2048
     max_pixels: int = 0
     batch_size: int = 1
+    sort_window: int = 16
+    encode_workers: int | str = "auto"
     seed: int = 42
     device: str = "auto"
     dtype: str = "auto"

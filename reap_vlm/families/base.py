@@ -27,10 +27,17 @@ from torch import nn
 from ..errors import ReapError
 
 
+def float32_norm(y: torch.Tensor) -> torch.Tensor:
+    """||y||_2 over the last dim, as float32; a float64 model's (the exactness tests') computed in float64."""
+    if y.dtype == torch.float64:
+        return torch.linalg.vector_norm(y, dim=-1).float()
+    return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
+
+
 def output_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(||y||_2, max |y_h|) over the last dim of expert outputs y, float32: REAP's norm and the super-experts
     statistic (the largest absolute element of the down_proj output)."""
-    return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32), y.abs().amax(dim=-1).float()
+    return float32_norm(y), y.abs().amax(dim=-1).float()
 
 
 class KeyRole(Enum):
@@ -399,7 +406,7 @@ class ModelFamily:
     def all_expert_norms(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """||E_j(x_t)|| for every row t of x and every expert j: [T, E] float32 (E_j in x's dtype)."""
         ids = torch.arange(experts.num_experts, device=x.device)
-        return torch.linalg.vector_norm(self.expert_outputs(experts, x, ids), dim=-1, dtype=torch.float32).T
+        return float32_norm(self.expert_outputs(experts, x, ids)).T
 
     def full_bytes_per_token(self, experts: nn.Module, dtype: torch.dtype) -> int:
         """Peak working memory per token of ``all_expert_norms`` (for chunk sizing)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ModelFamily, output_stats
+from .base import ModelFamily, float32_norm, output_stats
 
 
 class FusedGateUpFamily(ModelFamily):
@@ -80,7 +80,7 @@ class FusedGateUpFamily(ModelFamily):
         del h
         y = torch.bmm(act, down.transpose(1, 2))  # [E, T, H]
         del act
-        return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).T
+        return float32_norm(y).T
 
     def full_bytes_per_token(self, experts: nn.Module, dtype: torch.dtype) -> int:
         num, two_i, hidden = experts.gate_up_proj.shape

@@ -8,12 +8,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration.encode import batches, num_batches
+from ..calibration.ahead import BatchStream
+from ..calibration.encode import num_batches
 from ..checkpoint.loading import free_memory_bytes
 from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
 from ..settings import ENGINES
-from .hooks import ReapObserver
+from .hooks import ReapObserver, TokenMasks
 from .resume import ResumeState, last_batch
 
 AUTO_MEMORY_FRACTION = 0.85  # auto: layer-wise when the model needs more than this share of free memory
@@ -44,24 +45,35 @@ def choose_engine(ckpt: Checkpoint, device: str, requested: str, *, free_bytes: 
 
 
 def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size: int, max_seq_len: int,
-                max_pixels: int, resume: ResumeState | None, checkpoint_every: int, device: str) -> dict:
-    """Run every batch through the model's own forward (no LM head); return counts for the summary."""
+                max_pixels: int, resume: ResumeState | None, checkpoint_every: int, device: str,
+                encode_workers: int = 0, stream: BatchStream | None = None) -> dict:
+    """Run every batch through the model's own forward (no LM head); return counts for the summary.
+
+    Batches come from ``stream`` (one started before the model loaded, over the samples not yet summed) or
+    are encoded ahead here by ``encode_workers`` threads; on cuda in pinned memory, copied without blocking."""
     total = num_batches(samples, batch_size)
     done = resume.load(observer.stats) if resume else 0
     end = last_batch(done, total)
     family = observer.family
     base = family.multimodal_model(model)
-    tokens = 0
-    start = time.perf_counter()
-    with tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True) as bar, \
-            observer.attached(family.moe_blocks(model)), torch.inference_mode():
+    if stream is None:
         remaining = samples[done * batch_size:]  # batches already summed are not even encoded again
-        stream = batches(processor, remaining, batch_size, max_seq_len, max_pixels, family)
+        stream = BatchStream(processor, remaining, batch_size, max_seq_len, max_pixels, family,
+                             workers=encode_workers, pin=torch.device(device).type == "cuda")
+    if len(stream) != total - done:
+        raise ValueError(f"the batch stream holds {len(stream)} batches, {total - done} remain")
+    tokens = positions = 0
+    start = time.perf_counter()
+    with stream, tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True) as bar, \
+            observer.attached(family.moe_blocks(model)), torch.inference_mode():
         for i, batch in enumerate(stream, start=done):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            observer.set_masks(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
+            # masks and counts from the host copy: no device sync between batches
+            masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            observer.use_masks(masks.to(device))
             base(**batch, use_cache=False)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += masks.n_valid
+            positions += batch["attention_mask"].numel()
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
             completed = i + 1
@@ -70,4 +82,4 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
             if completed >= end:
                 break
     return {"batches": total, "resumed_from": done, "tokens_this_run": tokens,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, **stream.report(positions, tokens)}

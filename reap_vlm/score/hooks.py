@@ -28,6 +28,10 @@ class TokenMasks:
         image = image_mask.reshape(-1).bool()
         return cls(valid, image, int(valid.sum()), int((image & valid).sum()))
 
+    def to(self, device: str | torch.device) -> TokenMasks:
+        return TokenMasks(self.valid.to(device, non_blocking=True), self.image.to(device, non_blocking=True),
+                          self.n_valid, self.n_image)
+
 
 class ReapObserver:
     """Hooks on every MoE block: the router's logits and the experts' call feed ``ExpertStats``.

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
+from ..calibration.ahead import BatchStream, default_workers
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration
+from ..calibration.order import BatchOrder, length_order, padding_share
 from ..checkpoint.integrity import check_checkpoint_folder
 from ..checkpoint.loading import load_model, load_processor, resolve_device, resolve_dtype
 from ..checkpoint.reader import Checkpoint
@@ -50,16 +53,18 @@ def run_reap(settings: Settings) -> dict:
     return metadata
 
 
-def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, dtype, dist: DistContext) -> \
-        ResumeState | None:
-    """Where this run's sums are saved, under the fingerprint of every input that shapes them."""
+def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, order: BatchOrder, dtype,
+                  dist: DistContext) -> ResumeState | None:
+    """Where this run's sums are saved, under the fingerprint of every input that shapes them (the batch order
+    too: a resumed run must form the same batches)."""
     if not settings.resume:
         return None
     inputs = [p for sample in calib.samples for p in sample.images] + [
         p for p in Path(ckpt.path).iterdir() if p.suffix in (".json", ".jinja", ".txt")]
     key = fingerprint(config=ckpt.config, calibration=calib.digest, files=files_signature(inputs),
                       weights=weights_signature(ckpt.path, ckpt.shards),
-                      version=REAP_VERSION, samples=[s.index for s in calib.samples], mode=settings.scoring_mode,
+                      version=REAP_VERSION, samples=order.indices, sort_window=order.window,
+                      mode=settings.scoring_mode,
                       batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                       max_pixels=settings.max_pixels, seed=settings.seed, dtype=str(dtype),
                       model=str(Path(ckpt.path).resolve()), rank=dist.rank, world_size=dist.world_size)
@@ -67,25 +72,40 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, d
     return ResumeState(Path(settings.output_path) / name, key)
 
 
+def encode_workers(settings: Settings) -> int:
+    """Threads encoding ahead: ``--encode-workers``, auto sharing the host's cores among its torchrun ranks."""
+    if settings.encode_workers != "auto":
+        return int(settings.encode_workers)
+    return default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserver, samples: list,
            resume: ResumeState | None, engine: str, dtype, device: str, dist: DistContext) -> tuple[dict, float]:
     """Run the engine over this rank's samples; returns its counts and when loading ended."""
     total = num_batches(samples, settings.batch_size)
     t_load = time.perf_counter()
-    if resume is not None and resume.load(observer.stats) >= total:
+    done = resume.load(observer.stats) if resume is not None else 0
+    if done >= total:
         # scored before with these inputs (e.g. rerun for another --prune-ratio): select again, load nothing
         return {"batches": total, "resumed_from": total, "tokens_this_run": 0, "seconds": 0.0}, t_load
     common = dict(batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                   max_pixels=settings.max_pixels, resume=resume, checkpoint_every=settings.checkpoint_every,
                   device=device)
+    workers = encode_workers(settings)
     if engine != "model":
-        return run_layerwise(ckpt, processor, samples, observer, dtype=dtype, **common), t_load
-    model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
-    found = [layer for layer, _ in ckpt.family.moe_blocks(model)]
-    if found != ckpt.moe_layers:
-        raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {ckpt.moe_layers}")
-    t_load = time.perf_counter()
-    return run_batches(model, processor, samples, observer, **common), t_load
+        return run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
+                             **common), t_load
+    # the first batches are encoded while the model loads
+    stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
+                         settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
+                         pin=device.startswith("cuda"))
+    with stream:
+        model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
+        found = [layer for layer, _ in ckpt.family.moe_blocks(model)]
+        if found != ckpt.moe_layers:
+            raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {ckpt.moe_layers}")
+        t_load = time.perf_counter()
+        return run_batches(model, processor, samples, observer, stream=stream, **common), t_load
 
 
 def _run_reap(settings: Settings, dist: DistContext, device: str) -> dict:
@@ -96,6 +116,16 @@ def _run_reap(settings: Settings, dist: DistContext, device: str) -> dict:
                         needed=_output_bytes(ckpt, dist), what="reap.py's output")
     with output_lock(settings.output_path, "--output") if dist.is_main else nullcontext():
         return _score_and_write(settings, dist, device, ckpt, t0)
+
+
+def _order_record(order: BatchOrder, given: BatchOrder, batch_size: int) -> dict:
+    """How the batches were formed, for reap_metadata.json's "run": the sort window, the order (calibration
+    indices) when sorted, and the padding the estimated lengths give in this order and in the file's."""
+    if not order.window:
+        return {"sort_window": 0}
+    return {"sort_window": order.window, "sample_order": order.indices,
+            "padding_share_estimated": round(padding_share(order.lengths, batch_size), 4),
+            "padding_share_file_order_estimated": round(padding_share(given.lengths, batch_size), 4)}
 
 
 def _output_bytes(ckpt: Checkpoint, dist: DistContext) -> int:
@@ -113,11 +143,14 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     engine = choose_engine(ckpt, device, settings.engine)
     stats = ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, device)
     observer = ReapObserver(ckpt.family, stats, settings.scoring_mode)
-    resume = _resume_state(settings, ckpt, calib, dtype, dist)
-    samples = dist.my_samples(calib.samples, settings.batch_size)
+    order, given = length_order(processor, calib.samples, settings.batch_size, settings.sort_window,
+                                settings.max_seq_len, settings.max_pixels, ckpt.family)
+    resume = _resume_state(settings, ckpt, calib, order, dtype, dist)
+    samples = dist.my_samples(order.samples, settings.batch_size)
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist)
-    dist.all_reduce(stats)
     t_score = time.perf_counter()
+    dist.all_reduce(stats)
+    run.update(_order_record(order, given, settings.batch_size))
 
     metrics = stats.metrics(settings.scoring_mode)
     check_finite(metrics, dtype)
@@ -125,7 +158,8 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
                                       ckpt.config)
     metadata = build_metadata(RunInputs(ckpt, calib, settings, dtype, keep), metrics, kept, stats.n_tokens,
                               stats.n_image_tokens, {**run, "engine": engine, "world_size": dist.world_size},
-                              {"load": t_load - t0, "scoring": t_score - t_load, "total": time.perf_counter() - t0})
+                              {"load": t_load - t0, "scoring": t_score - t_load,
+                               "reduce": time.perf_counter() - t_score, "total": time.perf_counter() - t0})
     metadata.update(safeguards)
     if last_batch(run["resumed_from"], run["batches"]) < run["batches"]:
         return metadata  # simulated kill: state saved, nothing final written

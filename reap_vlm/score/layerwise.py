@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.encode import batches, num_batches
+from ..calibration.ahead import BatchStream
+from ..calibration.encode import num_batches
 from ..checkpoint.loading import free_memory_bytes
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.tensors import memory_state_dict
@@ -372,7 +373,7 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
                   max_seq_len: int, max_pixels: int, resume: ResumeState | None, checkpoint_every: int,
                   device: str, dtype: torch.dtype, prefetch: str = "host",
                   storage: str = "auto", max_group_bytes: int | None = None,
-                  model: LayerwiseModel | None = None) -> dict:
+                  model: LayerwiseModel | None = None, encode_workers: int = 0) -> dict:
     """Score ``samples`` layer by layer; same meaning and return value as ``engine.run_batches``.
 
     The sums are saved after every group of batches (``checkpoint_every`` is accepted for the same
@@ -380,7 +381,8 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
     there.  ``prefetch``: "host" (next layer read into pinned host memory; the GPU holds one layer)
     or "device" (read onto the GPU on a side stream; two layers).
     ``storage``: where the group's hidden states live, "auto" (GPU while they fit, else pinned host
-    memory), "device" or "host".  ``max_group_bytes`` caps a group (tests use it).
+    memory), "device" or "host".  ``max_group_bytes`` caps a group (tests use it).  ``encode_workers``: threads
+    encoding batches ahead (``calibration.ahead``; 0: inline).
     """
     if storage not in STORAGE_MODES:
         raise ReapError(f"storage {storage!r} is not one of {', '.join(STORAGE_MODES)}")
@@ -403,8 +405,9 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
     loader = LayerLoader(ckpt, lw.layer_keys, lw.device, dtype, prefetch)
     layer_bytes = max(lw.layer_bytes(i) for i in range(last_layer + 1))
     remaining = samples[done * batch_size:]
-    it = iter(batches(processor, remaining, batch_size, max_seq_len, max_pixels, observer.family))
-    completed, tokens = done, 0
+    it = BatchStream(processor, remaining, batch_size, max_seq_len, max_pixels, observer.family,
+                     workers=encode_workers)
+    completed, tokens, positions = done, 0, 0
     try:
         with observer.attached(observer.family.moe_blocks(lw.model)), torch.inference_mode():
             while completed < end:
@@ -417,6 +420,7 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
                               desc=f"REAP layer-wise, batches {first}-{completed + len(group)}/{total}")
                 completed += len(group)
                 tokens += sum(b.tokens for b in group)
+                positions += sum(b.hidden.shape[0] * b.hidden.shape[1] for b in group)
                 result["groups"] += 1
                 del group
                 if resume:
@@ -424,9 +428,10 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
                 if cuda:
                     torch.cuda.empty_cache()
     finally:
+        it.close()
         loader.close()
         lw.release_prelayer()
-    result.update(tokens_this_run=tokens, seconds=time.perf_counter() - t_start)
+    result.update(tokens_this_run=tokens, seconds=time.perf_counter() - t_start, **it.report(positions, tokens))
     result["load"] = loader.stats.report()
     return result
 

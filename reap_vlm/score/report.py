@@ -68,8 +68,24 @@ def summary_lines(metadata: dict) -> list[str]:
     share, layer = max(worst)
     lines.append(f"pruned share     at most {share:.1%} of a layer's total {metadata['criterion']} "
                  f"(layer {layer})")
+    lines += batching_lines(metadata.get("run", {}))
     lines += safeguard_lines(metadata)
     timings = metadata.get("timings", {})
     if timings:
         lines.append("timings          " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return lines
+
+
+def batching_lines(run: dict) -> list[str]:
+    """Padding and encoding of the batches this run scored (none when it scored nothing: a finished run reused)."""
+    if "padding_share" not in run:
+        return []
+    padding = f"padding {run['padding_share']:.1%} of token positions"
+    if run.get("sort_window"):
+        padding += (f" (sorted by length in windows of {run['sort_window']} batches; file order would pad "
+                    f"~{run['padding_share_file_order_estimated']:.0%})")
+    workers = run["encode_workers"]
+    where = f"{workers} background thread{'s' if workers > 1 else ''}" if workers else "the main thread (inline)"
+    encode = (f"encoding {run['encode_seconds']:.1f}s on {where}, the forward waited "
+              f"{run['encode_wait_seconds']:.1f}s for batches")
+    return [f"batches          {padding}", f"                 {encode}"]

@@ -1,0 +1,560 @@
+"""End-to-end REAP scoring throughput (issue 18): reap.py's phases against forwards over pre-encoded batches.
+
+Run on the GPU machine from the repository root (one GPU, or two for the torchrun rows):
+
+    PYTHONUNBUFFERED=1 python3 bench/bench_end_to_end.py --out $OUT            # about 4 device-minutes
+    python3 bench/bench_end_to_end.py --tiny --out /tmp/e2e                     # CPU, tiny shapes, < 2 min
+
+What it builds (in ``--workdir``, reused when present): a Qwen3-VL-30B-A3B-shaped checkpoint with ``--layers``
+full-width MoE decoder layers (hidden 2048, expert intermediate 768, 128 experts top-8, 32 heads / 4 KV,
+head_dim 128, random bf16 weights through the fixture builders: ``fixture_config``, ``to_checkpoint_layout``,
+``write_sharded_safetensors``) and the real vision tower's size (27 blocks, hidden 1152, deepstack after 8/16/24;
+``--vision reduced``: 4 blocks), the real processor sizing (images up to 16.8 MP before the sequence budget);
+two calibration sets like a user's: text-heavy (90% plain texts of 100-2,000 tokens, 10% photos) and
+image-heavy (every item a 1-4 MP JPEG photo plus a question).
+
+What it times, per set:
+
+* reap.py routed and full, a subprocess each as a user runs it (``--engine model``, defaults for encoding ahead and
+  length sorting; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from reap_metadata.json (load, scoring, reduce),
+  the encoding time summed over the threads and the part the forward waited for, the padding share;
+  ``--inline``: also routed with ``--encode-workers 0 --sort-window 0`` (the behaviour before issue 18);
+* the baselines in this process over the same batches, encoded beforehand into pinned memory: the plain model
+  forward (no hooks), the routed and the full observer; warm (one batch first);
+* the encoding rate of 1 thread, N threads and N processes (spawned, start-up apart) on the image-heavy set, and
+  the processor's image preprocessing on the CPU against ``device="cuda"`` (transformers' torchvision backend);
+* with two GPUs visible: reap.py under ``torchrun --nproc-per-node 2`` in both modes, its speed-up over one GPU
+  (scoring + reduce, which holds the wait for the other rank) and its scores against the one-GPU run's.
+
+Targets (issue 18): routed scoring <= 1.1x the plain forward, full scoring <= 1.1x the full observer, on both
+sets; two GPUs >= 1.9x one.  Every phase is skipped, and said so, once ``--max-minutes`` would be passed.
+Writes ``RESULTS_end_to_end.md`` and ``.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reap_vlm.calibration.ahead import BatchStream, default_workers  # noqa: E402
+from reap_vlm.calibration.encode import batch_chunks, encode_batch, open_image  # noqa: E402
+from reap_vlm.calibration.files import load_calibration  # noqa: E402
+from reap_vlm.calibration.order import length_order  # noqa: E402
+from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
+from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
+from reap_vlm.fixtures.tiny import (  # noqa: E402
+    FixtureSpec,
+    fixture_config,
+    write_processor_files,
+    write_sharded_safetensors,
+    write_tokenizer,
+)
+from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
+from reap_vlm.score.stats import ExpertStats  # noqa: E402
+
+SHAPE_30B = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32,
+                 num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8)
+VISION = {  # Qwen3-VL-30B-A3B's vision tower, and a 4-block one of the same width
+    "full": dict(vision_depth=27, vision_hidden_size=1152, vision_intermediate_size=4304, vision_heads=16,
+                 deepstack_visual_indexes=(8, 16, 24), num_position_embeddings=2304),
+    "reduced": dict(vision_depth=4, vision_hidden_size=1152, vision_intermediate_size=4304, vision_heads=16,
+                    deepstack_visual_indexes=(1, 2), num_position_embeddings=2304),
+}
+REAL_IMAGE_SIZE = {"shortest_edge": 65536, "longest_edge": 16777216}  # Qwen3-VL's preprocessor_config.json
+WORDS = ("the of and to in is was for on that with as by at from this be are an which or have it not had his "
+         "but were they all one their has been more there when some would what about time who into only other "
+         "image model expert router token layer picture photo street river mountain city window light shadow "
+         "person table chair dog cat tree car road building sky cloud water green blue red yellow small large "
+         "left right above below near far inside outside describe count find where how many colour shape").split()
+QUESTIONS = ("Describe this photo in detail.", "How many people are in the picture?", "What is on the left side?",
+             "Find the bounding box of the red car.", "Is it day or night? Explain.", "Read any text you can see.")
+
+T0 = time.perf_counter()
+
+
+def log(*parts) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *parts, flush=True)
+
+
+class Clock:
+    """The run's time budget: a phase starts only when its estimate fits in what is left."""
+
+    def __init__(self, minutes: float):
+        self.end = T0 + 60 * minutes
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+    def allows(self, what: str, estimate_s: float) -> bool:
+        if self.left() >= estimate_s:
+            return True
+        self.skipped.append(f"{what} (needs ~{estimate_s:.0f}s, {max(self.left(), 0):.0f}s left)")
+        log("skipped:", self.skipped[-1])
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def spec_for(args) -> FixtureSpec:
+    if args.tiny:
+        return FixtureSpec(num_hidden_layers=args.layers, dtype="bfloat16", num_shards=1)
+    return FixtureSpec(**SHAPE_30B, **VISION[args.vision], num_hidden_layers=args.layers, dtype="bfloat16")
+
+
+def random_state(config: dict, device: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the model described by ``config``, random (norms 1, biases 0, router std 0.05, else
+    std 0.02), bf16 on the CPU, drawn on ``device``."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    with init_empty_weights():
+        skeleton = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**config))
+    gen = torch.Generator(device).manual_seed(0)
+    state = {}
+    for name, meta in skeleton.state_dict().items():
+        if name.endswith("bias"):
+            t = torch.zeros(meta.shape, device=device)
+        elif "norm" in name:
+            t = torch.ones(meta.shape, device=device)
+        else:
+            t = torch.randn(meta.shape, device=device, generator=gen) * (0.05 if name.endswith("mlp.gate.weight")
+                                                                         else 0.02)
+        state[name] = t.to(torch.bfloat16).cpu()
+    return state
+
+
+def write_model(folder: Path, spec: FixtureSpec, tiny: bool, device: str) -> Path:
+    from reap_vlm.families import QWEN3_VL_MOE
+
+    stamp = json.dumps({"spec": repr(spec), "tiny": tiny})
+    if (folder / "DONE").is_file() and (folder / "DONE").read_text() == stamp:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    token_ids = write_tokenizer(folder)
+    write_processor_files(folder)
+    if not tiny:  # the real processor's sizing: a 4 MP photo is ~4,000 tokens before the sequence budget
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+        pre["size"] = REAL_IMAGE_SIZE
+        (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    config = fixture_config(spec, token_ids)
+    if spec.head_dim == 128:
+        config["text_config"]["rope_scaling"]["mrope_section"] = [24, 20, 20]  # Qwen3-VL-30B-A3B's
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": token_ids["<|im_end|>"],
+                                                               "pad_token_id": token_ids["<|endoftext|>"]}))
+    state = QWEN3_VL_MOE.to_checkpoint_layout(random_state(config, device), per_expert=False)
+    write_sharded_safetensors(folder, state, max_shard_bytes=2 << 30)
+    (folder / "DONE").write_text(stamp)
+    return folder
+
+
+def _photo(path: Path, megapixels: float, seed: int) -> None:
+    """A JPEG that decodes like a photo: smooth colour fields, edges and grain."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = random.Random(seed)
+    aspect = rng.choice((4 / 3, 3 / 2, 16 / 9, 1.0, 3 / 4))
+    width = int(math.sqrt(megapixels * 1e6 * aspect))
+    height = int(megapixels * 1e6 / width)
+    base = Image.frombytes("RGB", (8, 6), bytes(rng.randrange(256) for _ in range(8 * 6 * 3)))
+    image = base.resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(30):
+        x, y = rng.randrange(width), rng.randrange(height)
+        draw.ellipse([x, y, x + rng.randrange(width // 4 + 1), y + rng.randrange(height // 4 + 1)],
+                     fill=tuple(rng.randrange(256) for _ in range(3)))
+    image = image.filter(ImageFilter.GaussianBlur(2))
+    grain = Image.effect_noise((width, height), 12).convert("RGB")
+    Image.blend(image, grain, 0.08).save(path, quality=88)
+
+
+def write_calibration(folder: Path, kind: str, n: int, megapixels: tuple[float, float], seed: int = 0) -> Path:
+    """``kind`` "text" (90% texts of 100-2,000 tokens, 10% photos) or "image" (every item a photo + question)."""
+    path = folder / f"{kind}.json"
+    stamp = folder / f"{kind}.DONE"
+    key = json.dumps([n, megapixels, seed])
+    if stamp.is_file() and stamp.read_text() == key:
+        return path
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{kind}:{seed}")
+    items, photos = [], []
+    for i in range(n):
+        if kind == "image" or rng.random() < 0.1:
+            rel = f"images/{kind}-{i:05d}.jpg"
+            photos.append((folder / rel, rng.uniform(*megapixels), rng.randrange(1 << 30)))
+            items.append({"messages": [{"role": "user", "content": [{"type": "image", "image": rel},
+                                                                    {"type": "text", "text": rng.choice(QUESTIONS)}]}]})
+        else:
+            words = rng.randint(40, 800)  # the fixture tokenizer gives about 2.5 tokens per word
+            items.append({"text": " ".join(rng.choice(WORDS) for _ in range(words)) + "."})
+    with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:  # Pillow releases the GIL
+        list(pool.map(lambda p: _photo(*p), photos))
+    path.write_text(json.dumps(items))
+    stamp.write_text(key)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- reap.py runs
+
+
+def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock, extra=()) -> dict | None:
+    """reap.py as a user runs it; its phases from reap_metadata.json."""
+    out = Path(args.workdir) / "runs" / f"{calib.stem}-{mode}-{gpus}gpu-{time.time_ns()}"
+    cmd = [str(ROOT / "reap.py"), "--model", str(model), "--calibration", str(calib), "--output", str(out),
+           "--mode", mode, "--batch-size", str(args.batch_size), "--max-samples", str(args.samples),
+           "--max-seq-len", str(args.max_seq_len), "--prune-ratio", "0.5", "--engine", "model", "--no-resume",
+           "--device", args.device, "--dtype", args.dtype, *extra]
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    if gpus > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
+                    "--master-addr=127.0.0.1", "--master-port=29533"]
+    else:
+        launcher = [sys.executable]
+        if args.device == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    t0 = time.perf_counter()
+    try:
+        result = subprocess.run(launcher + cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                                timeout=max(10, clock.left()))
+    except subprocess.TimeoutExpired:
+        clock.skipped.append(f"reap.py {mode} {calib.stem} {gpus} GPU: cut at the time limit")
+        return None
+    wall = time.perf_counter() - t0
+    if result.returncode != 0:
+        log(f"reap.py failed ({mode}, {calib.stem}, {gpus} GPU):", result.stderr[-2000:])
+        return None
+    meta = json.loads((out / "reap_metadata.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    run, t = meta["run"], meta["timings"]
+    return {"wall_s": wall, "load_s": t["load"], "scoring_s": t["scoring"], "reduce_s": t.get("reduce", 0.0),
+            "encode_cpu_s": run.get("encode_seconds"), "encode_wait_s": run.get("encode_wait_seconds"),
+            "encode_workers": run.get("encode_workers"), "padding_share": run.get("padding_share"),
+            "padding_file_order": run.get("padding_share_file_order_estimated"),
+            "tokens": meta["num_tokens"]["total"], "image_tokens": meta["num_tokens"]["image"],
+            "reap": meta["metrics"]["reap"], "keep": meta["experts_to_keep"]}
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+
+
+def pre_encode(processor, samples, args, family, workers: int, pin: bool) -> tuple[list[dict], float, float]:
+    t0 = time.perf_counter()
+    with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, family, workers=workers,
+                     pin=pin) as stream:
+        batches = list(stream)
+    return batches, time.perf_counter() - t0, stream.encode_seconds
+
+
+def forward_over(model, family, batches: list[dict], device: str, observer: ReapObserver | None) -> tuple[float, float]:
+    """Seconds for the model's forward over ``batches`` (copied from pinned memory as the engine does), warm, and
+    seconds of the warming call (the first batch, once more)."""
+    base = family.multimodal_model(model)
+
+    def one(batch):
+        masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if observer is not None:
+            observer.use_masks(masks.to(device))
+        base(**batch, use_cache=False)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        one(batches[0])  # warm: kernels chosen and tuned once (reap.py's scoring phase holds this too)
+        sync()
+        t1 = time.perf_counter()
+        for batch in batches:
+            one(batch)
+        sync()
+        return time.perf_counter() - t1, t1 - t0
+
+    if observer is None:
+        with torch.inference_mode():
+            return timed()
+    with observer.attached(family.moe_blocks(model)), torch.inference_mode():  # as the engine nests them
+        return timed()
+
+
+def baselines(args, model_dir: Path, calib: Path, modes: list[str], clock: Clock) -> dict:
+    ckpt = Checkpoint(model_dir)
+    processor = load_processor(model_dir)
+    samples = load_calibration(calib, args.samples).samples
+    order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
+    cuda = args.device == "cuda"
+    batches, wall, cpu = pre_encode(processor, order.samples, args, ckpt.family, default_workers(), cuda)
+    res = {"pre_encode_wall_s": wall, "pre_encode_cpu_s": cpu, "encode_threads": default_workers(),
+           "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
+    log(f"  pre-encoded {len(batches)} batches: {wall:.1f}s wall, {cpu:.1f}s summed over threads")
+    model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    res["plain_forward_s"], res["plain_warmup_s"] = forward_over(model, ckpt.family, batches, args.device, None)
+    log(f"  plain forward {res['plain_forward_s']:.2f}s (+{res['plain_warmup_s']:.2f}s first batch)")
+    for mode in modes:
+        if not clock.allows(f"{mode} observer baseline on {calib.stem}", 1.5 * res["plain_forward_s"] * (
+                3 if mode == "full" else 1)):
+            continue
+        stats = ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, args.device)
+        res[f"{mode}_observer_s"], res[f"{mode}_warmup_s"] = forward_over(
+            model, ckpt.family, batches, args.device, ReapObserver(ckpt.family, stats, mode))
+        log(f"  {mode} observer {res[f'{mode}_observer_s']:.2f}s (+{res[f'{mode}_warmup_s']:.2f}s first batch)")
+    del model, batches
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+_WORKER: dict = {}
+
+
+def _process_init(model_dir: str) -> None:
+    torch.set_num_threads(1)
+    _WORKER["processor"] = load_processor(model_dir)
+
+
+def _process_encode(chunk, max_seq_len: int) -> int:
+    return encode_batch(_WORKER["processor"], chunk, max_seq_len)["input_ids"].numel()
+
+
+def encode_rates(args, model_dir: Path, calib: Path, workers: int) -> dict:
+    """Batches per second of 1 thread, ``workers`` threads and ``workers`` spawned processes."""
+    import multiprocessing
+
+    processor = load_processor(model_dir)
+    samples = load_calibration(calib, args.encode_samples).samples
+    chunks = batch_chunks(samples, args.batch_size)
+    res = {"samples": len(samples), "workers": workers}
+    encode_batch(processor, chunks[0], args.max_seq_len)  # warm: the processor's first call imports and compiles
+    for name, n in (("serial", 0), ("threads", workers)):
+        t0 = time.perf_counter()
+        with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, None, workers=n) as stream:
+            for _ in stream:
+                pass
+        res[f"{name}_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_process_init,
+                             initargs=(str(model_dir),)) as pool:
+        list(pool.map(_process_encode, chunks[:workers], [args.max_seq_len] * workers))  # start-up
+        res["processes_start_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        list(pool.map(_process_encode, chunks, [args.max_seq_len] * len(chunks)))
+        res["processes_s"] = time.perf_counter() - t0
+    log("  encoding {samples} image samples: serial {serial_s:.1f}s, {workers} threads {threads_s:.1f}s, "
+        "{workers} processes {processes_s:.1f}s (+{processes_start_s:.1f}s start-up)".format(**res))
+    return res
+
+
+def gpu_preprocessing(model_dir: Path, calib: Path, n: int) -> dict:
+    """The processor's image preprocessing (resize, rescale, normalize, patchify) on the CPU and with
+    device="cuda" (transformers' torchvision backend), decoded images given."""
+    processor = load_processor(model_dir)
+    samples = load_calibration(calib, n).samples
+    images = [open_image(p, 0) for s in samples for p in s.images]
+    res = {"images": len(images)}
+    for device in ("cpu", "cuda"):
+        processor.image_processor(images=images[:1], device=device, return_tensors="pt")  # warm
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for image in images:
+            out = processor.image_processor(images=[image], device=device, return_tensors="pt")
+        torch.cuda.synchronize()
+        res[f"{device}_s"] = time.perf_counter() - t0
+        res[f"{device}_pixel_device"] = str(out["pixel_values"].device)
+    log(f"  image preprocessing of {len(images)} photos: cpu {res['cpu_s']:.2f}s, cuda {res['cuda_s']:.2f}s")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def max_rel(a: list[list[float]], b: list[list[float]]) -> float:
+    worst = 0.0
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra, rb):
+            worst = max(worst, abs(x - y) / max(abs(x), 1e-30))
+    return worst
+
+
+def table(results: dict) -> str:
+    lines = [f"# End-to-end REAP scoring ({results['device']}, {results['shape']})", "",
+             f"{results['samples']} samples per set, batch {results['batch_size']}, max_seq_len "
+             f"{results['max_seq_len']}, reap.py --engine model, {results['dtype']}. Target ratio: reap.py's "
+             "scoring phase per token over the warm baseline's (routed: plain forward; full: full observer); "
+             "baselines warm, (+first batch once more).", ""]
+    lines += ["| set | run | tokens | load s | scoring s | tok/s | reduce s | encode s (threads) | waited s | "
+              "padding | target ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in results["sets"].items():
+        base = s.get("baselines", {})
+        for run_name, r in s.get("runs", {}).items():
+            if r is None:
+                continue
+            ref = base.get("plain_forward_s") if run_name.startswith("routed") else base.get("full_observer_s")
+            # per token: the inline runs score fewer samples
+            ratio = (f"{r['scoring_s'] / r['tokens'] / (ref / base['tokens']):.2f}x"
+                     if ref and not run_name.endswith("2gpu") else "")
+            if run_name.endswith("2gpu") and s["runs"].get(run_name.replace("2gpu", "1gpu")):
+                one = s["runs"][run_name.replace("2gpu", "1gpu")]
+                ratio = (f"{(one['scoring_s'] + one['reduce_s']) / (r['scoring_s'] + r['reduce_s']):.2f}x speed-up, "
+                         f"rel diff {r.get('rel_diff_vs_1gpu', float('nan')):.1e}, same keep {r.get('same_keep')}")
+            padding = f"{r['padding_share']:.1%}" if r.get("padding_share") is not None else ""
+            if r.get("padding_file_order") is not None:
+                padding += f" (file order ~{r['padding_file_order']:.0%})"
+            lines.append(f"| {name} | {run_name} | {r['tokens']:,} ({r['image_tokens']:,} img) | {r['load_s']:.1f} | "
+                         f"{r['scoring_s']:.2f} | {r['tokens'] / r['scoring_s']:,.0f} | {r['reduce_s']:.2f} | "
+                         f"{r['encode_cpu_s']:.1f} "
+                         f"({r['encode_workers']}) | {r['encode_wait_s']:.2f} | {padding} | {ratio} |")
+        if base:
+            nan = float("nan")
+            timed = " / ".join(f"{what} {base.get(key + '_s', nan):.2f} (+{base.get(warm + '_warmup_s', nan):.2f})"
+                               for what, key, warm in (("plain", "plain_forward", "plain"),
+                                                       ("routed obs", "routed_observer", "routed"),
+                                                       ("full obs", "full_observer", "full")))
+            encoded = (f"pre-encode {base['pre_encode_cpu_s']:.1f} cpu, {base['pre_encode_wall_s']:.1f} wall "
+                       f"({base['encode_threads']})")
+            lines.append(f"| {name} | baselines over pre-encoded batches | | | {timed} | | | {encoded} | | | |")
+    enc = results.get("encode_rates")
+    if enc:
+        lines += ["", f"Encoding {enc['samples']} image samples (1-4 MP): 1 thread {enc['serial_s']:.1f}s, "
+                      f"{enc['workers']} threads {enc['threads_s']:.1f}s ({enc['serial_s'] / enc['threads_s']:.1f}x), "
+                      f"{enc['workers']} processes {enc['processes_s']:.1f}s "
+                      f"({enc['serial_s'] / enc['processes_s']:.1f}x; +{enc['processes_start_s']:.1f}s start-up)"]
+    gpu = results.get("gpu_preprocessing")
+    if gpu:
+        lines += ["", f"Image preprocessing of {gpu['images']} decoded photos: CPU {gpu['cpu_s']:.2f}s, "
+                      f"device=cuda {gpu['cuda_s']:.2f}s (pixels on {gpu['cuda_pixel_device']})"]
+    if results["not_run"]:
+        lines += ["", "Not run: " + "; ".join(results["not_run"])]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and images on the CPU (< 2 min)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--workdir", default="/tmp/reap_e2e")
+    parser.add_argument("--max-minutes", type=float, default=None, help="time budget (default 4; --tiny 1.8)")
+    parser.add_argument("--layers", type=int, default=4, help="full-width MoE decoder layers")
+    parser.add_argument("--vision", default="full", choices=tuple(VISION))
+    parser.add_argument("--sets", default="image,text")
+    parser.add_argument("--modes", default="routed,full")
+    parser.add_argument("--samples", type=int, default=256, help="calibration samples per set")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--encode-samples", type=int, default=48, help="image samples for the encoding rates")
+    parser.add_argument("--inline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run routed with --encode-workers 0 --sort-window 0 (before issue 18)")
+    parser.add_argument("--inline-samples", type=int, default=96, help="samples of the inline runs")
+    parser.add_argument("--gpus", default="auto", help="auto (2 when two are visible), 1 or 2")
+    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--skip-encode-rates", action="store_true",
+                        help="skip the encoding rates and the GPU image preprocessing")
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    args.dtype = "bfloat16" if args.device == "cuda" else "float32"  # bf16 matmuls on the CPU are slow
+    if args.tiny:
+        args.samples = min(args.samples, 12)
+        args.batch_size = min(args.batch_size, 4)
+        args.max_seq_len = min(args.max_seq_len, 512)
+        args.encode_samples = min(args.encode_samples, 8)
+        args.inline_samples = min(args.inline_samples, 8)
+        args.workdir = args.workdir + "-tiny"
+    gpus_visible = torch.cuda.device_count() if args.device == "cuda" else 0
+    two = gpus_visible >= 2 if args.gpus == "auto" else args.gpus == "2"
+    clock = Clock(args.max_minutes or (1.8 if args.tiny else 4.0))
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    modes = args.modes.split(",")
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "gpus_visible": gpus_visible, "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, "
+               f"vision {args.vision}", "samples": args.samples, "batch_size": args.batch_size,
+               "max_seq_len": args.max_seq_len, "dtype": args.dtype, "sets": {}, "not_run": clock.skipped}
+    if not two:
+        clock.skipped.append(f"torchrun on 2 GPUs ({gpus_visible} visible)")
+
+    log("writing the checkpoint and calibration sets in", workdir)
+    model = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
+    megapixels = (0.05, 0.2) if args.tiny else (1.0, 4.0)
+    calibs = {kind: write_calibration(workdir / "calibration", kind, args.samples, megapixels)
+              for kind in args.sets.split(",")}
+    log(f"inputs ready ({clock.left():.0f}s left)")
+
+    per_run = 10 if args.tiny else 25  # start-up + load + scoring, a guess refined by the first run
+    for kind, calib in calibs.items():
+        res = results["sets"].setdefault(kind, {"runs": {}})
+        for mode in modes:
+            if clock.allows(f"reap.py {mode} on {kind}", per_run):
+                log(f"reap.py {mode} on the {kind} set")
+                r = reap_run(args, model, calib, mode, 1, clock)
+                res["runs"][f"{mode} 1gpu" if two else mode] = r
+                if r:
+                    per_run = max(per_run, r["wall_s"])
+                    log(f"  scoring {r['scoring_s']:.2f}s, waited {r['encode_wait_s']:.2f}s for batches, "
+                        f"padding {r['padding_share']:.1%}")
+        if two:
+            for mode in modes:
+                if clock.allows(f"torchrun 2 GPUs {mode} on {kind}", per_run):
+                    log(f"torchrun 2 GPUs, {mode}, {kind} set")
+                    r = reap_run(args, model, calib, mode, 2, clock)
+                    one = res["runs"].get(f"{mode} 1gpu")
+                    if r and one:
+                        r["rel_diff_vs_1gpu"] = max_rel(one["reap"], r["reap"])
+                        r["same_keep"] = one["keep"] == r["keep"]
+                    res["runs"][f"{mode} 2gpu"] = r
+        if not args.skip_baselines and clock.allows(f"baselines on {kind}", 2 * per_run):
+            log(f"baselines over pre-encoded batches, {kind} set")
+            res["baselines"] = baselines(args, model, calib, modes, clock)
+    if "image" in calibs and not args.skip_encode_rates and clock.allows("encoding rates", 40 if not args.tiny else 20):
+        log("encoding rates, image set")
+        results["encode_rates"] = encode_rates(args, model, calibs["image"], default_workers())
+    if "image" in calibs and args.device == "cuda" and not args.skip_encode_rates and clock.allows(
+            "GPU image preprocessing", 20):
+        results["gpu_preprocessing"] = gpu_preprocessing(model, calibs["image"], 16)
+    elif args.device != "cuda":
+        clock.skipped.append("image preprocessing with device=cuda (no GPU)")
+    for kind, calib in calibs.items():  # last: inline encoding of image samples is slow by nature
+        if args.inline and "routed" in modes and clock.allows(f"reap.py routed inline on {kind}", per_run):
+            log(f"reap.py routed on the {kind} set, inline encoding in file order, {args.inline_samples} samples")
+            results["sets"][kind]["runs"]["routed inline, file order"] = reap_run(
+                args, model, calib, "routed", 1, clock,
+                ("--encode-workers", "0", "--sort-window", "0", "--max-samples", str(args.inline_samples)))
+
+    for s in results["sets"].values():  # the per-expert scores were kept only for the 2-GPU comparison
+        for r in s["runs"].values():
+            if r:
+                r.pop("reap", None)
+                r.pop("keep", None)
+    text = table(results)
+    print("\n" + text)
+    (out / "RESULTS_end_to_end.md").write_text(text)
+    (out / "RESULTS_end_to_end.json").write_text(json.dumps(results, indent=2))
+    log(f"written {out}/RESULTS_end_to_end.md and .json")
+
+
+if __name__ == "__main__":
+    main()

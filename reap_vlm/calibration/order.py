@@ -1,0 +1,82 @@
+"""Length-aware batching: samples sorted by token length within windows of batches, so that a padded batch
+holds samples of about one length and the forward spends little on padding.
+
+Each sample's length is estimated without encoding it: its rendered text through the tokenizer, plus each
+image's placeholder tokens from the size in its header (the processor's own count,
+``_get_num_multimodal_tokens``, as vLLM asks it), capped at the sequence budget.  The order is a pure function of
+the samples, the processor and the settings, so a resumed run (whose fingerprint holds the order) and every
+torchrun rank form the same batches.  Sorting changes which samples share a batch, never which tokens are
+scored: the sums are the same up to float64 summation order (tests/test_throughput.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ReapError
+from ..families import ModelFamily, family_for_processor
+from .encode import batch_chunks, capped_size, image_token_count, render_text, text_token_count
+from .files import CalibrationSample
+
+
+def image_size(path) -> tuple[int, int]:
+    """(width, height) from the image's header; the pixels are not decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError) as exc:  # checked when the calibration was read: changed since
+        raise ReapError(f"cannot read image {path} ({exc}); replace the file") from None
+
+
+def estimated_length(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int,
+                     family: ModelFamily) -> int:
+    """Tokens ``encode_sample`` will give ``sample``, about (a sort key: exact for text, close for images)."""
+    total = text_token_count(processor, render_text(processor, sample))
+    for path in sample.images:  # each image's one placeholder in the text becomes its tokens
+        width, height = capped_size(*image_size(path), max_pixels)
+        count = image_token_count(processor, width, height)
+        total += (width * height // family.pixels_per_image_token(processor) if count is None else count) - 1
+    return min(total, max_seq_len)
+
+
+@dataclass
+class BatchOrder:
+    samples: list[CalibrationSample]  # in batch order
+    lengths: list[int]  # estimated tokens of each, same order (empty when not sorted)
+    window: int  # batches per sorted window (0: calibration order)
+
+    @property
+    def indices(self) -> list[int]:
+        return [s.index for s in self.samples]
+
+
+def padding_share(lengths: list[int], batch_size: int) -> float:
+    """Share of a run's token positions that are padding, for samples of ``lengths`` batched in this order."""
+    chunks = batch_chunks(lengths, batch_size)
+    positions = sum(max(c) * len(c) for c in chunks)
+    return 1.0 - sum(lengths) / positions if positions else 0.0
+
+
+def length_order(processor, samples: list[CalibrationSample], batch_size: int, window: int, max_seq_len: int,
+                 max_pixels: int = 0, family: ModelFamily | None = None) -> tuple[BatchOrder, BatchOrder]:
+    """(the order to run, the calibration order) with their estimated lengths.  Within each window of ``window``
+    batches the samples go longest first (the largest batch, the memory peak, comes first, not after an hour),
+    but for a last window that ends in a short batch: shortest first, so the short batch holds the longest;
+    ties in calibration order.  ``window`` 0 or ``batch_size`` 1 (nothing to pad) keep the calibration order."""
+    if window <= 0 or batch_size <= 1:
+        given = BatchOrder(list(samples), [], 0)  # no estimate needed
+        return given, given
+    family = family or family_for_processor(processor)
+    lengths = [estimated_length(processor, s, max_seq_len, max_pixels, family) for s in samples]
+    given = BatchOrder(list(samples), lengths, 0)
+    span = window * batch_size
+    order: list[int] = []
+    for start in range(0, len(samples), span):
+        members = range(start, min(start + span, len(samples)))
+        if len(members) % batch_size:  # the last, short batch is the window's last: shortest first pads least
+            order += sorted(members, key=lambda i: (lengths[i], i))
+        else:
+            order += sorted(members, key=lambda i: (-lengths[i], i))
+    return BatchOrder([samples[i] for i in order], [lengths[i] for i in order], window), given

@@ -1,0 +1,193 @@
+"""Encoding ahead on threads and length-aware batching: same batches, same order, same scores."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reap_vlm.calibration.ahead import BatchStream
+from reap_vlm.calibration.encode import batches, encode_sample
+from reap_vlm.calibration.files import CalibrationSample, load_calibration
+from reap_vlm.calibration.order import length_order, padding_share
+from reap_vlm.checkpoint.loading import load_model, load_processor
+from reap_vlm.checkpoint.reader import Checkpoint
+from reap_vlm.errors import ReapError
+from reap_vlm.score.engine import run_batches
+from reap_vlm.score.hooks import ReapObserver
+from reap_vlm.score.job import run_reap
+from reap_vlm.score.resume import stop_after
+from reap_vlm.score.stats import ExpertStats
+from reap_vlm.selection import select_experts
+from reap_vlm.settings import Settings
+
+
+def _samples(calibration: Path) -> list[CalibrationSample]:
+    """Images, prompts and plain texts of many lengths: something to sort."""
+    return (load_calibration(calibration / "calibration_data.json", 100).samples
+            + load_calibration(calibration / "text.json", 100).samples)
+
+
+def _encode_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("reap-encode")]
+
+
+def test_encoding_ahead_gives_the_inline_batches_in_order(tiny_model, calibration):
+    processor = load_processor(tiny_model)
+    samples = _samples(calibration)
+    inline = list(batches(processor, samples, 3, 256))
+    with BatchStream(processor, samples, 3, 256, 0, None, workers=3) as stream:
+        ahead = list(stream)
+    assert len(ahead) == len(inline) == 5
+    for got, want in zip(ahead, inline):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    assert stream.report(10, 9)["padding_share"] == pytest.approx(0.1)
+    assert not _encode_threads()
+    # the encoding threads ran their torch ops single-threaded; threads started afterwards get the old default
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [torch.get_num_threads()]
+
+
+def test_an_encoding_error_surfaces_at_its_batch_and_leaves_no_thread(tiny_model, calibration, tmp_path):
+    processor = load_processor(tiny_model)
+    good = _samples(calibration)[:4]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    bad = CalibrationSample(index=99, kind="prompt", text="<|vision_start|><|image_pad|><|vision_end|>x",
+                            images=[broken])
+    stream = BatchStream(processor, [*good, bad, *good], 2, 256, 0, None, workers=2)
+    with stream:
+        assert len([next(stream), next(stream)]) == 2  # the batches before it arrive
+        with pytest.raises(ReapError, match="cannot read image .*broken.png"):
+            next(stream)
+    assert not _encode_threads()
+
+
+def test_estimated_lengths_are_the_encoded_lengths_and_windows_sort_longest_first(tiny_model, calibration):
+    processor = load_processor(tiny_model)
+    samples = _samples(calibration)
+    order, given = length_order(processor, samples, 2, 2, 256)
+    assert given.lengths == [encode_sample(processor, s, 256).input_ids.numel() for s in samples]  # no shrinking
+    position = {id(s): i for i, s in enumerate(samples)}  # the two files' indices overlap
+    moved = [position[id(s)] for s in order.samples]
+    assert moved != list(range(len(samples)))
+    assert len(samples) % 4 == 3
+    for start in range(0, len(samples), 4):  # windows of 2 batches of 2: longest first, but in the short last one
+        window = order.lengths[start:start + 4]
+        assert window == sorted(window, reverse=len(window) == 4)
+        assert sorted(moved[start:start + 4]) == list(range(start, min(start + 4, len(samples))))
+    whole, _ = length_order(processor, samples, 2, 8, 256)  # one window
+    assert padding_share(whole.lengths, 2) < padding_share(given.lengths, 2) / 2
+    assert length_order(processor, samples, 2, 2, 256)[0].samples == order.samples  # deterministic
+    for window, batch_size in ((0, 4), (8, 1)):  # off, or nothing to pad
+        unsorted, _ = length_order(processor, samples, batch_size, window, 256)
+        assert unsorted.samples == samples and unsorted.window == 0
+
+
+def test_a_sample_known_too_long_goes_straight_to_smaller_images_with_the_same_result(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """encode_sample skips encoding photos at full size when the processor's own count says they cannot fit;
+    the tokens and pixels are those of encoding first and shrinking after."""
+    from PIL import Image
+
+    import reap_vlm.calibration.encode as encode
+
+    processor = load_processor(tiny_model)
+    samples = []
+    for i, size in enumerate([(300, 200), (160, 160), (90, 400)]):
+        path = tmp_path / f"{i}.png"
+        Image.effect_noise(size, 40).convert("RGB").save(path)
+        samples.append(CalibrationSample(index=i, kind="chat", images=[path], messages=[{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]))
+    budgets = range(8, 60, 3)
+
+    calls = []
+    real_encode = encode._encode
+    monkeypatch.setattr(encode, "_encode", lambda *a: calls.append(1) or real_encode(*a))
+
+    def encode_all():
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scaled down / dropped to fit
+            return [encode_sample(processor, s, n) for n in budgets for s in samples], len(calls)
+
+    direct, direct_calls = encode_all()
+    monkeypatch.setattr(encode, "image_token_count", lambda *a: None)  # a processor that cannot count
+    first_full, first_full_calls = encode_all()
+    assert direct_calls < first_full_calls - len(samples)  # the full-size encodings were skipped
+    for a, b in zip(direct, first_full):
+        for field in ("input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), field
+    image_tokens = [int(e.image_grid_thw.prod()) // 4 if e.image_grid_thw is not None else 0 for e in direct]
+    assert 0 in image_tokens and len(set(image_tokens)) > 4  # dropped, scaled down to several sizes, whole
+
+
+def _float64_stats(model, processor, ckpt, samples, mode) -> tuple[ExpertStats, dict]:
+    stats = ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts)
+    run = run_batches(model, processor, samples, ReapObserver(ckpt.family, stats, mode), batch_size=3,
+                      max_seq_len=256, max_pixels=0, resume=None, checkpoint_every=1, device="cpu",
+                      encode_workers=2)
+    return stats, run
+
+
+@pytest.mark.parametrize("mode", ["full", "routed"])
+def test_sorted_batches_give_the_same_selection_and_scores_within_1e12(tiny_model, calibration, mode):
+    """In float64 a token's expert outputs do not depend on its batch-mates beyond rounding, so sorting changes
+    the scores only by float64 summation order."""
+    ckpt = Checkpoint(tiny_model)
+    processor = load_processor(tiny_model)
+    model = load_model(tiny_model, dtype=torch.float64)
+    for _, block in ckpt.family.moe_blocks(model):
+        block.experts.config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    samples = _samples(calibration)
+    order, given = length_order(processor, samples, 3, 8, 256)
+    assert order.samples != given.samples
+    plain, plain_run = _float64_stats(model, processor, ckpt, given.samples, mode)
+    sorted_, sorted_run = _float64_stats(model, processor, ckpt, order.samples, mode)
+    assert sorted_run["padding_share"] < plain_run["padding_share"]
+    assert sorted_run["tokens_this_run"] == plain_run["tokens_this_run"]
+    plain_metrics, sorted_metrics = plain.metrics(mode), sorted_.metrics(mode)
+    for name, rows in plain_metrics.items():
+        np.testing.assert_allclose(np.array(sorted_metrics[name]), np.array(rows), rtol=1e-12, atol=0, err_msg=name)
+    for criterion in ("reap", "frequency"):
+        assert (select_experts(sorted_metrics, ckpt.moe_layers, criterion, 8)
+                == select_experts(plain_metrics, ckpt.moe_layers, criterion, 8))
+
+
+def _settings(model, calib_file, out, **kw) -> Settings:
+    base = dict(model_path=Path(model), calibration_path=Path(calib_file), output_path=Path(out), device="cpu",
+                dtype="float32", prune_ratio=0.25, max_samples=100, resume=True, batch_size=2, checkpoint_every=1,
+                encode_workers=2)
+    base.update(kw)
+    return Settings(**base)
+
+
+def test_a_resumed_sorted_run_uses_the_recorded_order(tiny_model, calibration, tmp_path):
+    calib = calibration / "text.json"
+    whole = run_reap(_settings(tiny_model, calib, tmp_path / "whole", resume=False, sort_window=4))
+    run = whole["run"]
+    assert run["sort_window"] == 4 and sorted(run["sample_order"]) == whole["calibration_samples"]
+    assert run["sample_order"] != whole["calibration_samples"]
+    assert run["padding_share"] == pytest.approx(run["padding_share_estimated"], abs=1e-4)
+    assert 0 < run["padding_share_file_order_estimated"] < 1
+    killed = _settings(tiny_model, calib, tmp_path / "killed", sort_window=4)
+    with stop_after(2):
+        run_reap(killed)
+    resumed = run_reap(killed)
+    assert resumed["run"]["resumed_from"] == 2
+    assert resumed["metrics"] == whole["metrics"]  # bitwise: same batches in the same order
+    # another window is another batch order: the saved sums are not reused
+    other = run_reap(_settings(tiny_model, calib, tmp_path / "killed", sort_window=0))
+    assert other["run"]["resumed_from"] == 0 and other["run"]["sort_window"] == 0
+    np.testing.assert_allclose(np.array(other["metrics"]["reap"]), np.array(whole["metrics"]["reap"]), rtol=1e-5)
+    assert other["experts_to_keep"] == whole["experts_to_keep"]
