@@ -34,6 +34,7 @@ from reap_vlm.settings import Settings
 
 NAMES = sorted(FIXTURES)
 TEXT_ONLY = [name for name in NAMES if not FIXTURES[name].family.has_vision]
+QUANTIZED = [(name, fmt) for name in NAMES for fmt in FIXTURES[name].quantized]  # the formats each has releases in
 RTOL = 1e-5
 
 
@@ -177,6 +178,18 @@ def _prompt_batch(model_path: Path, calib: Path, family) -> dict[str, torch.Tens
     return collate(encoded, tokenizer_of(processor).pad_token_id)
 
 
+def _config_diff(before: dict, after: dict, path: str = "") -> dict:
+    """{dotted path: new value} of every leaf that differs."""
+    out = {}
+    for key in before.keys() | after.keys():
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_config_diff(a, b, f"{path}{key}."))
+        elif a != b:
+            out[f"{path}{key}"] = b
+    return out
+
+
 def _logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits[batch["attention_mask"].bool()]
@@ -204,6 +217,10 @@ def test_pruned_model_equals_the_masked_original(case, masked_reference, tmp_pat
     prune_checkpoint(source, pruned, keep, verify=True, progress=False)
     assert Checkpoint(pruned).num_experts == 7
     assert Checkpoint(pruned).has_per_expert_keys == Checkpoint(source).has_per_expert_keys
+    assert _config_diff(Checkpoint(source).config, Checkpoint(pruned).config) == dict(fixture.config_changes)
+    for prefix in fixture.dropped:
+        assert any(k.startswith(prefix) for k in Checkpoint(source).weight_map)
+        assert not any(k.startswith(prefix) for k in Checkpoint(pruned).weight_map)
     got = _logits(load_model(pruned), batch)
     assert torch.allclose(got, masked, atol=1e-5, rtol=0)
     assert not torch.allclose(got, unmasked, atol=1e-3), "pruning changed nothing"
@@ -215,11 +232,10 @@ def test_pruned_model_equals_the_masked_original(case, masked_reference, tmp_pat
         assert torch.allclose(_logits(model.eval(), batch), masked, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "awq"])
-def test_pruned_quantized_release_equals_the_masked_dequantized_original(case, tmp_path, fmt):
-    name, fixture, _, calib = case
-    if fmt not in fixture.quantized:
-        pytest.skip(f"{name} has no {fmt} release")  # the family's releases decide; nothing to prove
+@pytest.mark.parametrize("name,fmt", QUANTIZED)
+def test_pruned_quantized_release_equals_the_masked_dequantized_original(name, fmt, tmp_path):
+    fixture = FIXTURES[name]
+    calib = fixture.calibration(tmp_path / "calibration")
     source = fixture.build(tmp_path / "source", per_expert=True)
     quantized, reference = quantize_checkpoint(source, tmp_path / "q", fmt, tmp_path / "q-ref")
     assert Checkpoint(quantized).quant_format.name == fmt

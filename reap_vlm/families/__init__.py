@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from ..errors import ReapError
 from .base import BoxFormat, ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily
+from .qwen3_5_moe import QWEN3_5_MOE
 from .qwen3_moe import QWEN3_MOE
 from .qwen3_vl_moe import QWEN3_VL_MOE
 
-FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, QWEN3_MOE)
+FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, QWEN3_MOE, QWEN3_5_MOE)
 
 
 def family_for_config(config: dict) -> ModelFamily:
@@ -34,5 +35,5 @@ def family_for_processor(processor) -> ModelFamily:
     raise ReapError(f"processor {kind} belongs to no supported model family (supported: {supported})")
 
 
-__all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "KeyInfo", "KeyRole", "ModelFamily", "QWEN3_MOE",
-           "QWEN3_VL_MOE", "family_for_config", "family_for_processor"]
+__all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "KeyInfo", "KeyRole", "ModelFamily", "QWEN3_5_MOE",
+           "QWEN3_MOE", "QWEN3_VL_MOE", "family_for_config", "family_for_processor"]

@@ -38,6 +38,7 @@ class KeyRole(Enum):
     PER_EXPERT = "per_expert"  # one tensor per expert: ...experts.{e}.<proj>.<suffix>
     ROUTER = "router"  # one row per expert on dim 0 (router weight, score bias)
     OTHER = "other"  # copied unchanged
+    DROPPED = "dropped"  # a part the model never loads that holds experts of its own: left out when pruning
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class ModelFamily:
     # with images are refused before anything loads.
     has_vision: bool
     fused: tuple[ExpertTensorLayout, ...] = ()
+    # Key prefixes of parts transformers never loads that carry experts of their own (e.g. next-token-prediction
+    # layers for speculative decoding): never scored, left out of the pruned checkpoint (``KeyRole.DROPPED``),
+    # the config told so by ``config_after_pruning``.  The family's docstring says why.
+    dropped_prefixes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ config face
 
@@ -174,6 +179,11 @@ class ModelFamily:
         inter = int(text["moe_intermediate_size"])
         return {"H": int(text["hidden_size"]), "I": inter, "2I": 2 * inter}
 
+    def config_after_pruning(self, text_section: dict) -> dict[str, int]:
+        """Keys of the text section to set in the pruned config besides the expert count (what the dropped parts
+        took with them), with their new values."""
+        return {}
+
     def set_num_experts(self, config: dict, count: int) -> list[str]:
         """Write ``count`` under every expert-count key the config already has; return the keys."""
         text = self.text_section(config)
@@ -194,6 +204,8 @@ class ModelFamily:
         )
 
     def classify(self, key: str) -> KeyInfo:
+        if self.dropped_prefixes and key.startswith(self.dropped_prefixes):
+            return KeyInfo(KeyRole.DROPPED)
         per_expert, fused, router = self._patterns()
         if m := per_expert.match(key):
             return KeyInfo(KeyRole.PER_EXPERT, int(m["layer"]), int(m["expert"]), m["name"], m["prefix"])
