@@ -263,3 +263,28 @@ def test_a_text_only_family_refuses_images_before_loading(name, tmp_path, monkey
                         dtype="float32", resume=False)
     with pytest.raises(ReapError, match=r"item\(s\) 0, 1, 2, 3, 4 and 1 more carry images, but .* is a text-only"):
         run_reap(settings)
+
+
+@pytest.mark.parametrize("name", TEXT_ONLY)
+def test_a_text_only_family_is_checked_on_text_prompts(name, tmp_path):
+    """test_pruned_model on a pruned text-only model: built-in prompts are text only, surgery is exact."""
+    from reap_vlm.check.job import run_test
+
+    fixture = FIXTURES[name]
+    model = fixture.build(tmp_path / "model")
+    keep = _keep(fixture, Checkpoint(model).num_experts, 7)
+    prune_checkpoint(model, tmp_path / "pruned", keep, verify=True, progress=False)
+    settings = Settings(model_path=model, pruned_output_path=tmp_path / "pruned", test_output_path=tmp_path / "report",
+                        device="cpu", dtype="float32", num_prompts=4, max_new_tokens=4)
+    outcome = run_test(settings)
+    assert outcome.passed, outcome.verdict
+    assert [row["kind"] for row in outcome.report["prompts"]] == ["text"] * 4
+
+
+def test_an_unsupported_model_type_names_every_supported_family():
+    from reap_vlm.families import family_for_config
+
+    with pytest.raises(ReapError) as err:
+        family_for_config({"model_type": "mixtral"})
+    for fixture in FIXTURES.values():
+        assert fixture.family.model_types[0] in str(err.value) and fixture.family.name in str(err.value)
