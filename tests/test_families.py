@@ -290,14 +290,11 @@ def test_an_unsupported_model_type_names_every_supported_family():
         assert fixture.family.model_types[0] in str(err.value) and fixture.family.name in str(err.value)
 
 
-def test_bench_families_runs_tiny_on_the_cpu(tmp_path):
+def test_bench_families_runs_tiny_on_the_cpu(tmp_path, monkeypatch):
     """bench/bench_families.py --tiny: every family's layer timed, the observed forward bitwise the plain one."""
-    import importlib.util
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    import bench_families as bench
 
-    script = Path(__file__).parents[1] / "bench" / "bench_families.py"
-    spec = importlib.util.spec_from_file_location("bench_families", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     results = bench.main(["--tiny", "--out", str(tmp_path), "--tokens", "64", "--reps", "1"])
     assert [r["family"] for r in results] == list(bench.FAMILY_SHAPES)
     for r in results:
