@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +33,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_scoring import Timer  # noqa: E402
 
 from reap_vlm.families import QWEN3_5_MOE, QWEN3_MOE, ModelFamily  # noqa: E402
 from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
@@ -92,25 +94,6 @@ FAMILY_SHAPES: dict[str, FamilyShape] = {
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def median_seconds(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def init_block_(block: nn.Module, router_scale: float) -> None:
     """Random weights: the router at ``router_scale`` (routing spread over the experts as in trained
     models), every other weight at 0.02."""
@@ -125,6 +108,7 @@ def bench_family(name: str, shape: FamilyShape, args, device: torch.device, dtyp
     with torch.device(device):
         block = shape.block(args.tiny).to(dtype).eval().requires_grad_(False)
     init_block_(block, args.router_scale)
+    timer = Timer(device)  # median of ``reps`` after 2 warm-up forwards
     family = shape.family
     experts = family.experts_of(block)
     num = experts.num_experts
@@ -138,7 +122,7 @@ def bench_family(name: str, shape: FamilyShape, args, device: torch.device, dtyp
         f"{res['weight_bytes'] / 2**30:.2f} GiB of weights")
     with torch.inference_mode():
         plain_out = block(x)
-        res["plain_s"] = median_seconds(lambda: block(x), device, args.reps)
+        res["plain_s"] = timer(lambda: block(x), reps=args.reps)
         log(f"plain   {tokens / res['plain_s']:>12,.0f} tok/s")
         for mode in ("routed", "full"):
             if time.monotonic() > deadline:
@@ -151,7 +135,7 @@ def bench_family(name: str, shape: FamilyShape, args, device: torch.device, dtyp
                 observer.use_masks(masks)
                 out = block(x)
                 res[f"{mode}_bitwise"] = bool(torch.equal(out, plain_out))
-                res[f"{mode}_s"] = median_seconds(lambda: block(x), device, args.reps)
+                res[f"{mode}_s"] = timer(lambda: block(x), reps=args.reps)
             forwards = 1 + 2 + args.reps  # the check's, the warmup's, the timed ones
             res[f"{mode}_counted_every_token"] = int(stats.layers[0].n_tokens) == tokens * forwards
             res[f"{mode}_vs_plain"] = res["plain_s"] / res[f"{mode}_s"]
