@@ -89,19 +89,17 @@ def brute_force(fixture: FamilyFixture, model_path: Path, calib_file: Path) -> d
                 probs = torch.softmax(logits, dim=-1)
                 outs = torch.stack([fixture.expert(experts64[layer], j, x) for j in range(num)], dim=1)  # [S, E, H]
                 norms, peaks = outs.norm(dim=-1), outs.abs().amax(dim=-1)
-                for t in range(x.shape[0]):
-                    routed = dict(zip(ids[t].tolist(), gates[t].tolist()))
-                    tag = "img" if is_image[t] else "txt"
-                    for j in range(num):
-                        norm = float(norms[t, j])
-                        sums["p"][li, j] += float(probs[t, j])
-                        sums["pn"][li, j] += float(probs[t, j]) * norm
-                        if j in routed:
-                            g = routed[j]
-                            for key, value in (("count", 1), ("g", g), ("gn", g * norm), ("n", norm),
-                                               (f"count_{tag}", 1), (f"gn_{tag}", g * norm)):
-                                sums[key][li, j] += value
-                            sums[f"peak_{tag}"][li, j] = max(sums[f"peak_{tag}"][li, j], float(peaks[t, j]))
+                routed = torch.zeros_like(norms, dtype=torch.bool).scatter_(1, ids, True)  # [S, E]
+                g = torch.zeros_like(norms).scatter_(1, ids, gates.double())  # the applied gate where routed
+                add = {"p": probs, "pn": probs * norms, "count": routed, "g": g, "gn": g * norms,
+                       "n": routed * norms}
+                image = torch.from_numpy(is_image)[:, None]
+                for tag, rows in (("img", image), ("txt", ~image)):
+                    add[f"count_{tag}"], add[f"gn_{tag}"] = routed & rows, g * norms * rows
+                    seen = (peaks * (routed & rows)).amax(dim=0).numpy()
+                    sums[f"peak_{tag}"][li] = np.maximum(sums[f"peak_{tag}"][li], seen)
+                for key, value in add.items():
+                    sums[key][li] += value.double().sum(dim=0).numpy()
     for h in hooks:
         h.remove()
 
