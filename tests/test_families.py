@@ -300,3 +300,15 @@ def test_bench_families_runs_tiny_on_the_cpu(tmp_path, monkeypatch):
     for r in results:
         assert r["routed_bitwise"] and r["full_bitwise"] and r["routed_counted_every_token"], r
     assert "| qwen3_moe | Qwen3-30B-A3B |" in (tmp_path / "RESULTS_families.md").read_text()
+
+
+def test_a_dropped_part_leaves_the_quantization_lists_and_the_layers_are_renumbered():
+    """Qwen3.5-MoE's FP8 releases name mtp.* modules in modules_to_not_convert: the pruned config names none of
+    them (the part is gone), while a decoder layer's expert names are renumbered as for any family."""
+    from reap_vlm.families import QWEN3_5_MOE
+    from reap_vlm.prune.config_edit import rewrite_module_names
+
+    layer = "model.language_model.layers.1.mlp.experts"
+    names = ["lm_head", "mtp.fc", "mtp.layers.0.mlp.gate", "mtp.layers.0.mlp.experts.3.gate_proj",
+             f"{layer}.4.up_proj", f"{layer}.5.up_proj"]
+    assert rewrite_module_names(names, QWEN3_5_MOE, {1: {5: 0, 9: 1}}) == ["lm_head", f"{layer}.0.up_proj"]

@@ -209,8 +209,12 @@ class ModelFamily:
             re.compile(rf"^(?P<prefix>{layer}{re.escape(self.router_module)})\.(?P<name>[^.]+)$"),
         )
 
+    def is_dropped(self, name: str) -> bool:
+        """Whether a checkpoint key or module name belongs to a part the pruned checkpoint leaves out."""
+        return bool(self.dropped_prefixes) and name.startswith(self.dropped_prefixes)
+
     def classify(self, key: str) -> KeyInfo:
-        if self.dropped_prefixes and key.startswith(self.dropped_prefixes):
+        if self.is_dropped(key):
             return KeyInfo(KeyRole.DROPPED)
         per_expert, fused, router = self._patterns()
         if m := per_expert.match(key):
