@@ -156,7 +156,10 @@ def test_reap_equals_the_float64_brute_force(case, reference, tmp_path, mode, en
     for name, values in meta["metrics"].items():
         np.testing.assert_allclose(np.array(values), reference[name], rtol=RTOL, atol=1e-9, err_msg=name)
     assert ("reap_dense" in meta["metrics"]) == (mode == "full")
-    assert ("reap" in meta["metrics"]) == (mode != "router")
+    if mode == "router":  # the router's statistics only
+        assert set(meta["metrics"]) == {"frequency", "weighted_frequency", "soft_frequency", "frequency_image",
+                                        "frequency_text"}
+    assert fixture.family.routing_description in meta["methodology"]
     reap = reference["reap"]
     assert all(len(np.unique(np.round(row, 6))) == row.size for row in reap), "scores must separate the experts"
 
