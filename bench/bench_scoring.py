@@ -600,7 +600,7 @@ def stream_layers(ckpt: Checkpoint, folder: Path, name: str, entry: str, layers:
         for _ in range(args.lw_batches):
             hidden, kwargs = make_inputs(cfg_shape, batch, seq, device, dtype)
             masks = TokenMasks.of(torch.ones(batch, seq, device=device), torch.zeros(batch, seq, device=device))
-            group.append(BatchState(hidden, kwargs, {}, masks, batch * seq))
+            group.append(BatchState(hidden, [kwargs] * layers, {}, masks, batch * seq))  # one per layer
     group_bytes = sum(b.nbytes() for b in group)
     stats = ExpertStats.empty(list(range(layers)), shape["num_experts"], device)
     observer = ReapObserver(QWEN3_VL_MOE, stats, mode)

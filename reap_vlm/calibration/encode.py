@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.loading import tokenizer_of
 from ..errors import ReapError
 from ..families import ModelFamily, family_for_processor
 from .files import CalibrationSample
@@ -58,7 +59,7 @@ class EncodedSample:
 
 def text_token_count(processor, text: str) -> int:
     """Tokens of ``text`` as the processor tokenizes it, each image placeholder one token."""
-    return len(processor.tokenizer(text)["input_ids"])
+    return len(tokenizer_of(processor)(text)["input_ids"])
 
 
 def image_token_count(processor, width: int, height: int) -> int | None:
@@ -75,9 +76,9 @@ def _truncate(enc: EncodedSample, max_len: int, processor, family: ModelFamily) 
     ids = enc.input_ids
     if ids.numel() <= max_len:
         return enc
-    starts = (ids == family.image_start_id(processor)).nonzero().flatten().tolist()
-    cut, kept_images = max_len, 0
     grid = enc.image_grid_thw
+    starts = (ids == family.image_start_id(processor)).nonzero().flatten().tolist() if grid is not None else []
+    cut, kept_images = max_len, 0
     for i, start in enumerate(starts):
         length = family.image_tokens(processor, grid[i:i + 1]) if grid is not None and i < len(grid) else 0
         end = start + length + family.image_frame_tokens  # start marker, placeholders, end marker
@@ -95,7 +96,8 @@ def _truncate(enc: EncodedSample, max_len: int, processor, family: ModelFamily) 
 
 
 def _encode(processor, text: str, images: list) -> EncodedSample:
-    out = processor(text=[text], images=images or None, return_tensors="pt")
+    # images only when there are some: a text-only family's processor is its tokenizer
+    out = processor(text=[text], return_tensors="pt", **({"images": images} if images else {}))
     return EncodedSample(
         out["input_ids"][0],
         out.get("pixel_values"),
@@ -178,7 +180,9 @@ def collate(encoded: list[EncodedSample], pad_id: int, left: bool = False) -> di
         attention[i, span] = 1
         if e.mm_token_type_ids is not None:
             mm[i, span] = e.mm_token_type_ids
-    batch = {"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": mm}
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    if any(e.mm_token_type_ids is not None for e in encoded):  # a multimodal processor's; a tokenizer has none
+        batch["mm_token_type_ids"] = mm
     with_images = [e for e in encoded if e.image_grid_thw is not None and e.image_grid_thw.numel()]
     if with_images:
         batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
@@ -187,8 +191,8 @@ def collate(encoded: list[EncodedSample], pad_id: int, left: bool = False) -> di
 
 
 def pad_token_id(processor) -> int:
-    pad_id = processor.tokenizer.pad_token_id
-    return processor.tokenizer.eos_token_id if pad_id is None else pad_id
+    tokenizer = tokenizer_of(processor)
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
 
 def encode_batch(processor, chunk: list[CalibrationSample], max_seq_len: int, max_pixels: int = 0,

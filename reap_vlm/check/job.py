@@ -296,7 +296,8 @@ def _passes(settings: Settings, inputs: Inputs, prompts: list[EvalPrompt], devic
 def _run_checks(settings: Settings, inputs: Inputs, device: str, dtype, tol: Tolerance, out: Path,
                 mode: CheckMode) -> Outcome:
     out.mkdir(parents=True, exist_ok=True)
-    prompts, prompts_source = choose_prompts(settings, out, inputs.notes, inputs.pruned.path)
+    prompts, prompts_source = choose_prompts(settings, out, inputs.notes, inputs.pruned.path,
+                                             images=inputs.pruned.family.has_vision)
     eval_items = load_eval_items(settings.eval_path) if settings.eval_path is not None else None
     for note in inputs.notes:
         log(f"note: {note}")

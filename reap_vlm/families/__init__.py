@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from ..errors import ReapError
 from .base import BoxFormat, ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily, ThinkingFormat
+from .qwen3_5_moe import QWEN3_5_MOE
+from .qwen3_moe import QWEN3_MOE
 from .qwen3_vl_moe import QWEN3_VL_MOE
 
-FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE,)
+FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, QWEN3_MOE, QWEN3_5_MOE)
 
 
 def family_for_config(config: dict) -> ModelFamily:
@@ -18,8 +20,9 @@ def family_for_config(config: dict) -> ModelFamily:
         if model_type in family.model_types:
             return family
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    names = ", ".join(f.name for f in FAMILIES)
     raise ReapError(f"model_type {model_type!r} is not supported (supported: {supported}); "
-                    "check REAP_MODEL_PATH points at a Qwen3-VL-MoE checkpoint")
+                    f"check REAP_MODEL_PATH points at a checkpoint of one of {names}")
 
 
 def family_for_processor(processor) -> ModelFamily:
@@ -32,5 +35,6 @@ def family_for_processor(processor) -> ModelFamily:
     raise ReapError(f"processor {kind} belongs to no supported model family (supported: {supported})")
 
 
-__all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "KeyInfo", "KeyRole", "ModelFamily", "QWEN3_VL_MOE",
-           "ThinkingFormat", "family_for_config", "family_for_processor"]
+__all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "KeyInfo", "KeyRole", "ModelFamily", "QWEN3_5_MOE",
+           "QWEN3_MOE", "QWEN3_VL_MOE", "ThinkingFormat",
+           "family_for_config", "family_for_processor"]

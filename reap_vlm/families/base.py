@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 
 import torch
@@ -45,6 +45,7 @@ class KeyRole(Enum):
     PER_EXPERT = "per_expert"  # one tensor per expert: ...experts.{e}.<proj>.<suffix>
     ROUTER = "router"  # one row per expert on dim 0 (router weight, score bias)
     OTHER = "other"  # copied unchanged
+    DROPPED = "dropped"  # a part the model never loads that holds experts of its own: left out when pruning
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,32 @@ class ModelFamily:
     embedding_key: str  # lm_head's source when tie_word_embeddings
     prelayer: tuple[str, ...]  # key/module prefixes of what runs before decoder layer 0
     box_format: BoxFormat
+    # transformers' Auto class that builds the model from config.json ("AutoModelForImageTextToText",
+    # "AutoModelForCausalLM"): the loader, the layer-wise skeleton and the check ask it.
+    auto_model_class: str
+    # Whether the model takes images: a text-only family scores and checks text only, and calibration items
+    # with images are refused before anything loads.
+    has_vision: bool
     fused: tuple[ExpertTensorLayout, ...] = ()
     thinking: ThinkingFormat | None = None  # None: the family has no thinking block
+    # Key prefixes of parts transformers never loads that carry experts of their own (e.g. next-token-prediction
+    # layers for speculative decoding): never scored, left out of the pruned checkpoint (``KeyRole.DROPPED``),
+    # the config told so by ``config_after_pruning``.  The family's docstring says why.
+    dropped_prefixes: tuple[str, ...] = ()
+
+    def derived(self, cls: type[ModelFamily], **changes) -> ModelFamily:
+        """A family of class ``cls`` (a subclass that computes some things its own way) with this family's data
+        but ``changes``: for a family whose checkpoints are laid out like this one's."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return cls(**{**values, **changes})
 
     # ------------------------------------------------------------------ config face
+
+    def auto_model(self):
+        """transformers' Auto class for this family's checkpoints (``from_pretrained`` / ``from_config``)."""
+        import transformers
+
+        return getattr(transformers, self.auto_model_class)
 
     def text_section(self, config):
         """The language model's settings: a config.json dict's section, or a transformers config's attribute."""
@@ -181,6 +204,11 @@ class ModelFamily:
         inter = int(text["moe_intermediate_size"])
         return {"H": int(text["hidden_size"]), "I": inter, "2I": 2 * inter}
 
+    def config_after_pruning(self, text_section: dict) -> dict[str, int]:
+        """Keys of the text section to set in the pruned config besides the expert count (what the dropped parts
+        took with them), with their new values."""
+        return {}
+
     def set_num_experts(self, config: dict, count: int) -> list[str]:
         """Write ``count`` under every expert-count key the config already has; return the keys."""
         text = self.text_section(config)
@@ -200,7 +228,13 @@ class ModelFamily:
             re.compile(rf"^(?P<prefix>{layer}{re.escape(self.router_module)})\.(?P<name>[^.]+)$"),
         )
 
+    def is_dropped(self, name: str) -> bool:
+        """Whether a checkpoint key or module name belongs to a part the pruned checkpoint leaves out."""
+        return bool(self.dropped_prefixes) and name.startswith(self.dropped_prefixes)
+
     def classify(self, key: str) -> KeyInfo:
+        if self.is_dropped(key):
+            return KeyInfo(KeyRole.DROPPED)
         per_expert, fused, router = self._patterns()
         if m := per_expert.match(key):
             return KeyInfo(KeyRole.PER_EXPERT, int(m["layer"]), int(m["expert"]), m["name"], m["prefix"])

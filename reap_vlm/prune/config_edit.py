@@ -64,6 +64,8 @@ def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dic
     unlayered = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(family.experts_module)}\\?\.\d+")
     out = []
     for name in names:
+        if isinstance(name, str) and family.is_dropped(name):
+            continue  # a module of a part the pruned checkpoint leaves out
         m = named.search(name) if isinstance(name, str) and not name.startswith("re:") else None
         if m is None:
             if isinstance(name, str) and unlayered.search(name):
@@ -90,6 +92,10 @@ def prune_config_text(text: str, family: ModelFamily, num_kept: int,
     for key in family.set_num_experts(expected, num_kept):
         for span in json_value_spans(text, (*text_path, key)):
             edits.append((span, str(num_kept), ".".join((*text_path, key))))
+    for key, value in family.config_after_pruning(family.text_section(expected)).items():
+        family.text_section(expected)[key] = value
+        for span in json_value_spans(text, (*text_path, key)):
+            edits.append((span, json.dumps(value), ".".join((*text_path, key))))
     for where in dict.fromkeys([(), text_path]):
         quantization = _get(expected, (*where, "quantization_config"))
         for list_key in QUANTIZATION_LISTS:

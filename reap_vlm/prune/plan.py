@@ -74,6 +74,8 @@ def plan_tensor(family: ModelFamily, tensor: SourceTensor, num_experts: int, kee
     info = family.classify(tensor.key)
     if info.role is KeyRole.OTHER:
         return "copied", OutputTensor(tensor.key, tensor.dtype, tensor.shape, ((tensor.begin, tensor.end),))
+    if info.role is KeyRole.DROPPED:
+        return "dropped", None
     if info.layer not in keep:
         raise ReapError(f"{tensor.key}: experts in layer {info.layer}, which config.json does not list as a MoE "
                         "layer; the checkpoint does not match its config")
