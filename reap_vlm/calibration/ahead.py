@@ -1,42 +1,133 @@
-"""Encoding ahead: calibration batches prepared on background threads while the model runs the previous ones.
+"""Encoding ahead: calibration batches prepared by background workers while the model runs the previous ones.
 
-Threads, not processes.  The costly parts of encoding a sample release the GIL: JPEG decoding and resizing in
-Pillow, the processor's torch resize / rescale / normalize / patchify (three quarters of a 1-4 MP photo's
-encoding with Qwen3-VL's processor, by cProfile), the Rust tokenizer.  A process pool would first spend 6-7 s per
-worker importing transformers and loading the processor (measured), needs the processor to pickle, and hands
-every batch back through shared memory (one more copy of the pixels).  On this project's shared 2-core CI machine
-(load 3-8 from other jobs) neither kind scaled reliably: 12 photos took 3.4 s on 1 thread, 3.4 s on 2 threads,
-2.0 s on 2 processes in one run, while the processor's torch patchify and Pillow's resize alone ran 1.0x on 2
-threads and 0.9x on 2 processes in another (no core was free).  ``bench/bench_end_to_end.py`` measures 1 thread,
-N threads and N processes on the GPU host: the figure that decides.
+Two kinds of worker, one way of handing batches out (``BatchStream``: a queue of futures, batch i always the i-th
+batch of ``batch_chunks(samples)``, so the sums, resume and the torchrun shares are those of inline encoding,
+bitwise):
 
-Order is kept: batch i is always the i-th batch of ``batch_chunks(samples)``, whatever thread made it, so the
-sums, resume and the torchrun shares are those of inline encoding, bitwise.
+* processes (``spawn``; the default on CUDA): each worker unpickles the processor once, runs its torch ops on one
+  thread and sends each batch back through shared memory; one thread of this process pins it.  On an H200 the
+  8-thread kind kept the batches coming (the forward waited 2.3 s in 30 s) yet made reap.py's scoring phase 2.27x
+  a plain forward over pre-encoded batches: the threads' Python between ops (the processor's, the tokenizer
+  call, Pillow's glue) held the GIL the main thread needs to launch the GPU's kernels.  Start-up is ~12 s
+  (importing torch and transformers in every worker), overlapped with loading the model.
+* threads: no start-up; the default on the CPU, where the forward's own ops hold every core, it is the slow part
+  by far, and a small run would not pay back the start-up.  Pillow's decode/resize, the processor's torch ops and
+  the Rust tokenizer release the GIL, so threads scale; they only steal the main thread's GIL.
 """
 
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
+import signal
 import threading
 import time
+import warnings
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 
 import torch
 
-from ..families import ModelFamily
+from ..errors import ReapError
+from ..families import ModelFamily, family_for_processor
 from .encode import batch_chunks, encode_batch
 from .files import CalibrationSample
 
 AHEAD_PER_WORKER = 2  # batches in flight per worker: each worker has the next one queued when it finishes
+WORKER_KINDS = ("auto", "threads", "processes")
+SHM = "/dev/shm"
 
 
 def default_workers(processes_on_host: int = 1) -> int:
-    """Encoding threads for ``--encode-workers auto``: this process's share of the host's cores less its main
+    """Encoding workers for ``--encode-workers auto``: this process's share of the host's cores less its main
     thread, at most 8 (the forward's own host work needs a core)."""
     share = (os.cpu_count() or 2) // max(1, processes_on_host)
     return max(1, min(8, share - 1))
+
+
+def worker_kind(requested: str, device: str) -> str:
+    """``--encode-workers-kind``: auto is processes on CUDA, threads elsewhere (see the module's docstring)."""
+    if requested not in WORKER_KINDS:
+        raise ReapError(f"--encode-workers-kind {requested!r} is not one of {', '.join(WORKER_KINDS)}")
+    if requested != "auto":
+        return requested
+    return "processes" if torch.device(device).type == "cuda" else "threads"
+
+
+@dataclass
+class _Encoded:
+    batch: dict[str, torch.Tensor]
+    seconds: float
+    warnings: list = field(default_factory=list)  # (message, category) from a worker process, raised here in order
+
+
+def _encode_timed(processor, chunk: list, encode_args: tuple, pixel_dtype: torch.dtype | None) -> _Encoded:
+    t0 = time.perf_counter()
+    batch = encode_batch(processor, chunk, *encode_args)
+    if pixel_dtype is not None and batch.get("pixel_values") is not None and batch["pixel_values"].is_floating_point():
+        # the model's first step on pixels is this same cast (to its vision tower's dtype): done here, the
+        # batch crosses shared memory and the pinned copy at half the bytes, to the same values
+        batch["pixel_values"] = batch["pixel_values"].to(pixel_dtype)
+    return _Encoded(batch, time.perf_counter() - t0)
+
+
+def _pinned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.pin_memory() for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------- worker processes
+
+_PROCESS: dict = {}  # a worker process's processor and encoding arguments, set once by _process_start
+
+
+def _process_start(processor_bytes: bytes, encode_args: tuple, pixel_dtype: torch.dtype | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes the pool
+    torch.set_num_threads(1)  # see _one_op_thread
+    threading.Thread(target=_exit_with_parent, args=(multiprocessing.parent_process().sentinel,),
+                     daemon=True).start()
+    _PROCESS.update(processor=pickle.loads(processor_bytes), encode_args=encode_args, pixel_dtype=pixel_dtype)
+
+
+def _exit_with_parent(sentinel) -> None:
+    # A parent killed (SIGKILL, SIGTERM, OOM) runs no cleanup: without this the worker would wait on its task
+    # queue for ever.  The sentinel is ready once the parent is gone, however it went.
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
+
+
+def _process_encode(chunk: list) -> _Encoded:
+    """One batch in a worker process; its warnings travel with it (the parent raises them again in order)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoded = _encode_timed(_PROCESS["processor"], chunk, _PROCESS["encode_args"], _PROCESS["pixel_dtype"])
+    encoded.warnings = [(str(w.message), w.category) for w in caught]
+    return encoded
+
+
+def batch_bytes_bound(processor, family: ModelFamily | None, batch_size: int, max_seq_len: int,
+                      pixel_dtype: torch.dtype | None) -> int:
+    """Most bytes one batch can take: every position an image token, its pixels (3 channels, a frame possibly
+    repeated over a temporal patch of 2) in ``pixel_dtype`` (float32 when None), plus the id/mask rows."""
+    family = family or family_for_processor(processor)
+    positions = batch_size * max_seq_len
+    per_position = 8 * 3  # input_ids, attention_mask (int64), mm_token_type_ids (int32)
+    if family.has_vision:
+        itemsize = (pixel_dtype or torch.float32).itemsize
+        per_position += family.pixels_per_image_token(processor) * 3 * 2 * itemsize
+    return positions * per_position
+
+
+def shm_free_bytes() -> int | None:
+    try:
+        stat = os.statvfs(SHM)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def _one_op_thread() -> None:
@@ -48,30 +139,61 @@ def _one_op_thread() -> None:
 
 
 class BatchStream:
-    """The padded batches of ``samples`` (from batch ``first`` on), in order, encoded by ``workers`` threads up
-    to ``AHEAD_PER_WORKER * workers`` batches ahead of the consumer (``workers`` 0: inline, when asked).
+    """The padded batches of ``samples`` (from batch ``first`` on), in order, encoded by ``workers`` threads or
+    processes (``kind``) up to ``AHEAD_PER_WORKER * workers`` batches ahead of the consumer (``workers`` 0:
+    inline, when asked).  ``pixel_dtype``: the dtype pixel values are cast to (the model's).
 
-    Encoding starts at construction, so batches are ready by the time a model finishes loading.  ``pin``: the
-    batches come in page-locked memory, so that ``.to("cuda", non_blocking=True)`` overlaps the forward before.
-    Use as a context manager or call ``close``: a consumer that stops early (a kill, an error) leaves no thread
-    behind."""
+    Encoding starts at construction (processes: their start-up too), so batches are ready by the time a model
+    finishes loading.  ``pin``: the batches come in page-locked memory, so that ``.to("cuda",
+    non_blocking=True)`` overlaps the forward before.  Use as a context manager or call ``close``: a consumer
+    that stops early (a kill, an error) leaves no thread or process behind."""
 
     def __init__(self, processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int,
-                 max_pixels: int, family: ModelFamily | None, *, workers: int, pin: bool = False):
+                 max_pixels: int, family: ModelFamily | None, *, workers: int, pin: bool = False,
+                 kind: str = "threads", pixel_dtype: torch.dtype | None = None):
+        if kind not in WORKER_KINDS[1:]:
+            raise ValueError(f"kind {kind!r}: threads or processes")
         self.chunks = batch_chunks(samples, batch_size)
         self.encode_args = (max_seq_len, max_pixels, family)
-        self.processor, self.pin, self.workers = processor, pin, workers
+        self.processor, self.pin, self.workers, self.pixel_dtype = processor, pin, workers, pixel_dtype
+        self.kind = kind if workers > 0 else "inline"
         self.next_index = 0  # the next batch to hand out
         self.submitted = 0
         self.pending: deque[Future] = deque()
         self.local = threading.local()
         self.lock = threading.Lock()
-        self.encode_seconds = 0.0  # encoding time summed over the threads
+        self.encode_seconds = 0.0  # encoding time summed over the workers
         self.wait_seconds = 0.0  # time the consumer waited for a batch not ready yet
         self.op_threads = torch.get_num_threads()  # restored at close: see _one_op_thread
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="reap-encode",
-                                       initializer=_one_op_thread) if workers > 0 else None
+        self.pool = self.receiver = None
+        if self.kind == "threads":
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="reap-encode", initializer=_one_op_thread)
+        elif self.kind == "processes":
+            self._check_shm(batch_size, max_seq_len)
+            self.pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_process_start,
+                initargs=(self._processor_bytes(), self.encode_args, pixel_dtype))
+            self.receiver = ThreadPoolExecutor(1, thread_name_prefix="reap-encode-pin")
         self._fill()
+
+    def _processor_bytes(self) -> bytes:
+        try:
+            return pickle.dumps(self.processor)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise ReapError(f"the processor cannot be sent to encoding processes ({exc}); use "
+                            "--encode-workers-kind threads") from None
+
+    def _check_shm(self, batch_size: int, max_seq_len: int) -> None:
+        """Batches come back from the processes in shared memory: it must hold the batches in flight."""
+        free = shm_free_bytes()
+        family = self.encode_args[2]
+        need = AHEAD_PER_WORKER * self.workers * batch_bytes_bound(self.processor, family, batch_size,
+                                                                  max_seq_len, self.pixel_dtype)
+        if free is not None and free < need:
+            raise ReapError(f"{SHM} has {free / 2**30:.1f} GiB free, encoding processes may need "
+                            f"{need / 2**30:.1f} GiB for {AHEAD_PER_WORKER * self.workers} batches in flight; "
+                            "give the container more shared memory (docker --shm-size 16g), lower "
+                            "--encode-workers, or use --encode-workers-kind threads")
 
     def _processor(self):
         # Each thread its own copy: a tokenizer whose padding or truncation settings change on its first call
@@ -80,21 +202,33 @@ class BatchStream:
             self.local.processor = copy.deepcopy(self.processor)
         return self.local.processor
 
-    def _encode(self, index: int) -> dict[str, torch.Tensor]:
-        t0 = time.perf_counter()
-        processor = self._processor() if self.pool is not None else self.processor
-        batch = encode_batch(processor, self.chunks[index], *self.encode_args)
+    def _encode_here(self, index: int, processor) -> _Encoded:
+        encoded = _encode_timed(processor, self.chunks[index], self.encode_args, self.pixel_dtype)
         if self.pin:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        with self.lock:
-            self.encode_seconds += time.perf_counter() - t0
-        return batch
+            encoded.batch = _pinned(encoded.batch)
+        return encoded
+
+    def _receive(self, future: Future) -> _Encoded:
+        """A worker process's batch, out of shared memory into pinned memory (on the receiving thread)."""
+        try:
+            encoded = future.result()
+        except BrokenProcessPool as exc:
+            raise ReapError(f"an encoding process died ({exc}); if the host ran out of memory, lower "
+                            "--encode-workers or use --encode-workers-kind threads") from None
+        if self.pin:
+            encoded.batch = _pinned(encoded.batch)
+        return encoded
+
+    def _submit(self, index: int) -> Future:
+        if self.kind == "threads":
+            return self.pool.submit(lambda: self._encode_here(index, self._processor()))
+        return self.receiver.submit(self._receive, self.pool.submit(_process_encode, self.chunks[index]))
 
     def _fill(self) -> None:
         if self.pool is None:
             return
         while self.submitted < len(self.chunks) and len(self.pending) < AHEAD_PER_WORKER * self.workers:
-            self.pending.append(self.pool.submit(self._encode, self.submitted))
+            self.pending.append(self._submit(self.submitted))
             self.submitted += 1
 
     def __len__(self) -> int:
@@ -108,29 +242,45 @@ class BatchStream:
             raise StopIteration
         t0 = time.perf_counter()
         if self.pool is None:
-            batch = self._encode(self.next_index)
+            encoded = self._encode_here(self.next_index, self.processor)
         else:
-            batch = self.pending.popleft().result()  # an encoding error is raised here, in order
+            encoded = self.pending.popleft().result()  # an encoding error is raised here, in order
             self._fill()
         self.wait_seconds += time.perf_counter() - t0
+        self.encode_seconds += encoded.seconds
+        for message, category in encoded.warnings:
+            warnings.warn(message, category, stacklevel=2)
         self.next_index += 1
-        return batch
+        return encoded.batch
 
     def report(self, positions: int, tokens: int) -> dict:
-        """The run summary's figures: padding share of the token positions run, encoding time (all threads) and
+        """The run summary's figures: padding share of the token positions run, encoding time (all workers) and
         the part of it the consumer waited for."""
         return {"padding_share": 1.0 - tokens / positions if positions else 0.0,
-                "encode_workers": self.workers, "encode_seconds": round(self.encode_seconds, 3),
+                "encode_workers": self.workers, "encode_kind": self.kind,
+                "encode_seconds": round(self.encode_seconds, 3),
                 "encode_wait_seconds": round(self.wait_seconds, 3)}
 
     def close(self) -> None:
-        if self.pool is not None:
-            for future in self.pending:
-                future.cancel()
-            self.pending.clear()
+        for future in self.pending:
+            future.cancel()
+        self.pending.clear()
+        if self.kind == "processes" and self.pool is not None:
+            # the batches in progress are not wanted: end the workers now rather than wait for them
+            processes = list((getattr(self.pool, "_processes", None) or {}).values())
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.join(5)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+            self.receiver.shutdown(wait=True, cancel_futures=True)
+        elif self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)  # at most one batch per worker still finishing
-            self.pool = None
             torch.set_num_threads(self.op_threads)
+        self.pool = self.receiver = None
 
     def __enter__(self) -> BatchStream:
         return self
