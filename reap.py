@@ -10,7 +10,8 @@ from reap_vlm.score.report import summary_lines
 from reap_vlm.settings import parse_settings, require_dir, require_file
 
 OPTIONS = ("model_path", "calibration_path", "output_path", "scoring_mode", "batch_size", "max_samples",
-           "max_seq_len", "max_pixels", "sort_window", "encode_workers", "prune_ratio", "keep_multiple", "criterion",
+           "max_seq_len", "max_pixels", "sort_window", "encode_workers",
+           "encode_workers_kind", "prune_ratio", "keep_multiple", "criterion",
            "device", "dtype", "engine", "seed", "resume", "checkpoint_every", "skip_bad_samples",
            "protect_super_experts", "super_expert_quantile", "super_expert_fraction", "super_expert_layers")
 

@@ -29,6 +29,7 @@ SCORING_MODES = ("full", "routed", "router")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ENGINES = ("auto", "model", "layerwise")
+ENCODE_WORKER_KINDS = ("auto", "threads", "processes")
 BACKENDS = ("transformers", "vllm")
 CHECK_MODES = ("auto", "whole", "packed", "layerwise")
 CRITERIA = (
@@ -213,7 +214,10 @@ OPTIONS: dict[str, Option] = {
         Option("sort_window", "--sort-window", "REAP_SORT_WINDOW", _int(0), 16,
                "batches per window within which samples are sorted by token length, less padding (0: file order)"),
         Option("encode_workers", "--encode-workers", "REAP_ENCODE_WORKERS", _workers, "auto",
-               "threads encoding batches ahead of the forward (auto: cores - 1, at most 8; 0: inline)"),
+               "workers encoding batches ahead of the forward (auto: cores - 1, at most 8; 0: inline)"),
+        Option("encode_workers_kind", "--encode-workers-kind", "REAP_ENCODE_WORKERS_KIND",
+               _choice(ENCODE_WORKER_KINDS), "auto",
+               "processes (spawned, batches through shared memory) or threads (auto: processes on CUDA)"),
         Option("seed", "--seed", "REAP_SEED", _int(0), 42, "seed for sample drawing and prompt templates"),
         Option("device", "--device", "REAP_DEVICE", _device, "auto", "auto, cpu, cuda or cuda:N"),
         Option("dtype", "--dtype", "REAP_DTYPE", _choice(DTYPES), "auto",
@@ -284,6 +288,7 @@ class Settings:
     batch_size: int = 1
     sort_window: int = 16
     encode_workers: int | str = "auto"
+    encode_workers_kind: str = "auto"
     seed: int = 42
     device: str = "auto"
     dtype: str = "auto"

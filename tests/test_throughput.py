@@ -1,8 +1,13 @@
-"""Encoding ahead on threads and length-aware batching: same batches, same order, same scores."""
+"""Encoding ahead on threads or processes and length-aware batching: same batches, same order, same scores."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import subprocess
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -10,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import reap_vlm.calibration.ahead as ahead
 from reap_vlm.calibration.ahead import BatchStream
 from reap_vlm.calibration.encode import batches, encode_sample
 from reap_vlm.calibration.files import CalibrationSample, load_calibration
@@ -57,19 +63,117 @@ def test_encoding_ahead_gives_the_inline_batches_in_order(tiny_model, calibratio
     assert seen == [torch.get_num_threads()]
 
 
-def test_an_encoding_error_surfaces_at_its_batch_and_leaves_no_thread(tiny_model, calibration, tmp_path):
+def _encoded_with_warnings(make) -> tuple[list[dict], list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = make()
+    return got, [str(w.message) for w in caught if "fit REAP_MAX_SEQ_LEN" in str(w.message)]
+
+
+def test_encoding_processes_give_the_inline_batches_in_order_with_their_warnings(tiny_model, calibration):
+    """Bitwise the inline batches (pixels cast to the model's dtype, as the model would), in order; the warnings
+    of images shrunk to fit, raised in the workers, come to this process in the inline order; no process is
+    left once the stream is closed."""
+    processor = load_processor(tiny_model)
+    samples = _samples(calibration)
+    inline, inline_warnings = _encoded_with_warnings(lambda: list(batches(processor, samples, 3, 16)))
+    assert inline_warnings  # a budget that drops an image
+
+    def ahead_batches():
+        with BatchStream(processor, samples, 3, 16, 0, None, workers=2, kind="processes",
+                         pixel_dtype=torch.bfloat16) as stream:
+            assert len(multiprocessing.active_children()) == 2
+            return list(stream), stream
+
+    (got, stream), got_warnings = _encoded_with_warnings(ahead_batches)
+    assert got_warnings == inline_warnings
+    assert len(got) == len(inline) == 5 and any("pixel_values" in b for b in inline)
+    for mine, want in zip(got, inline):
+        assert mine.keys() == want.keys()
+        for key in want:
+            expected = want[key].to(torch.bfloat16) if key == "pixel_values" else want[key]
+            assert mine[key].dtype == expected.dtype and torch.equal(mine[key], expected), key
+    assert stream.report(10, 9)["encode_kind"] == "processes" and stream.encode_seconds > 0
+    assert multiprocessing.active_children() == []
+
+
+def test_pixels_cast_ahead_give_the_models_own_result(tiny_model, calibration):
+    """The model's vision tower casts pixel values to its dtype before anything else: the batch cast in the
+    encoding workers gives the same hidden states, bitwise."""
+    ckpt = Checkpoint(tiny_model)
+    processor = load_processor(tiny_model)
+    model = load_model(tiny_model, dtype=torch.bfloat16)
+    batch = next(batches(processor, load_calibration(calibration / "calibration_data.json", 2).samples, 2, 256))
+    assert batch["pixel_values"].dtype == torch.float32
+    cast = {**batch, "pixel_values": batch["pixel_values"].to(torch.bfloat16)}
+    base = ckpt.family.multimodal_model(model)
+    with torch.inference_mode():
+        want = base(**batch, use_cache=False).last_hidden_state
+        got = base(**cast, use_cache=False).last_hidden_state
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_an_encoding_error_surfaces_at_its_batch_and_leaves_no_worker(tiny_model, calibration, tmp_path, kind):
     processor = load_processor(tiny_model)
     good = _samples(calibration)[:4]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     bad = CalibrationSample(index=99, kind="prompt", text="<|vision_start|><|image_pad|><|vision_end|>x",
                             images=[broken])
-    stream = BatchStream(processor, [*good, bad, *good], 2, 256, 0, None, workers=2)
-    with stream:
+    stream = BatchStream(processor, [*good, bad, *good], 2, 256, 0, None, workers=2, kind=kind)
+    with pytest.raises(ReapError, match="cannot read image .*broken.png"), stream:
         assert len([next(stream), next(stream)]) == 2  # the batches before it arrive
-        with pytest.raises(ReapError, match="cannot read image .*broken.png"):
-            next(stream)
+        next(stream)
     assert not _encode_threads()
+    assert multiprocessing.active_children() == []
+
+
+def test_encoding_processes_end_when_their_parent_is_killed(tiny_model, calibration, tmp_path):
+    """A parent killed outright (no cleanup runs) takes its encoding processes with it."""
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import multiprocessing, sys, time
+from reap_vlm.calibration.ahead import BatchStream
+from reap_vlm.calibration.files import load_calibration
+from reap_vlm.checkpoint.loading import load_processor
+if __name__ == "__main__":
+    samples = load_calibration({str(calibration / "text.json")!r}, 100).samples
+    stream = BatchStream(load_processor({str(tiny_model)!r}), samples, 1, 256, 0, None, workers=2,
+                         kind="processes")
+    next(stream)  # the workers are up
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+    time.sleep(600)
+""")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+    finally:
+        parent.kill()
+        parent.wait()
+    assert len(pids) == 2
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped by init) is gone
+        return f.read().split(") ")[-1][0] != "Z"
+
+
+def test_too_little_shared_memory_is_said_before_any_process_starts(tiny_model, calibration, monkeypatch):
+    monkeypatch.setattr(ahead, "shm_free_bytes", lambda: 1 << 20)
+    with pytest.raises(ReapError, match=r"/dev/shm has 0.0 GiB free.*--encode-workers-kind threads"):
+        BatchStream(load_processor(tiny_model), _samples(calibration), 3, 256, 0, None, workers=2,
+                    kind="processes")
+    assert multiprocessing.active_children() == []
 
 
 def test_estimated_lengths_are_the_encoded_lengths_and_windows_sort_longest_first(tiny_model, calibration):
@@ -180,11 +284,12 @@ def test_a_resumed_sorted_run_uses_the_recorded_order(tiny_model, calibration, t
     assert run["sample_order"] != whole["calibration_samples"]
     assert run["padding_share"] == pytest.approx(run["padding_share_estimated"], abs=1e-4)
     assert 0 < run["padding_share_file_order_estimated"] < 1
-    killed = _settings(tiny_model, calib, tmp_path / "killed", sort_window=4)
+    # encoded by processes, killed and resumed: the thread-encoded run's sums, bitwise
+    killed = _settings(tiny_model, calib, tmp_path / "killed", sort_window=4, encode_workers_kind="processes")
     with stop_after(2):
         run_reap(killed)
     resumed = run_reap(killed)
-    assert resumed["run"]["resumed_from"] == 2
+    assert resumed["run"]["resumed_from"] == 2 and resumed["run"]["encode_kind"] == "processes"
     assert resumed["metrics"] == whole["metrics"]  # bitwise: same batches in the same order
     # another window is another batch order: the saved sums are not reused
     other = run_reap(_settings(tiny_model, calib, tmp_path / "killed", sort_window=0))

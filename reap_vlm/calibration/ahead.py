@@ -35,11 +35,11 @@ import torch
 
 from ..errors import ReapError
 from ..families import ModelFamily, family_for_processor
+from ..settings import ENCODE_WORKER_KINDS
 from .encode import batch_chunks, encode_batch
 from .files import CalibrationSample
 
 AHEAD_PER_WORKER = 2  # batches in flight per worker: each worker has the next one queued when it finishes
-WORKER_KINDS = ("auto", "threads", "processes")
 SHM = "/dev/shm"
 
 
@@ -52,8 +52,8 @@ def default_workers(processes_on_host: int = 1) -> int:
 
 def worker_kind(requested: str, device: str) -> str:
     """``--encode-workers-kind``: auto is processes on CUDA, threads elsewhere (see the module's docstring)."""
-    if requested not in WORKER_KINDS:
-        raise ReapError(f"--encode-workers-kind {requested!r} is not one of {', '.join(WORKER_KINDS)}")
+    if requested not in ENCODE_WORKER_KINDS:
+        raise ReapError(f"--encode-workers-kind {requested!r} is not one of {', '.join(ENCODE_WORKER_KINDS)}")
     if requested != "auto":
         return requested
     return "processes" if torch.device(device).type == "cuda" else "threads"
@@ -151,7 +151,7 @@ class BatchStream:
     def __init__(self, processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int,
                  max_pixels: int, family: ModelFamily | None, *, workers: int, pin: bool = False,
                  kind: str = "threads", pixel_dtype: torch.dtype | None = None):
-        if kind not in WORKER_KINDS[1:]:
+        if kind not in ENCODE_WORKER_KINDS[1:]:
             raise ValueError(f"kind {kind!r}: threads or processes")
         self.chunks = batch_chunks(samples, batch_size)
         self.encode_args = (max_seq_len, max_pixels, family)

@@ -8,7 +8,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..calibration.ahead import BatchStream, default_workers
+from ..calibration.ahead import BatchStream, default_workers, worker_kind
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration, require_text_only
 from ..calibration.order import BatchOrder, length_order, padding_share
@@ -73,7 +73,7 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, o
 
 
 def encode_workers(settings: Settings) -> int:
-    """Threads encoding ahead: ``--encode-workers``, auto sharing the host's cores among its torchrun ranks."""
+    """Workers encoding ahead: ``--encode-workers``, auto sharing the host's cores among its torchrun ranks."""
     if settings.encode_workers != "auto":
         return int(settings.encode_workers)
     return default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -91,14 +91,14 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
     common = dict(batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                   max_pixels=settings.max_pixels, resume=resume, checkpoint_every=settings.checkpoint_every,
                   device=device)
-    workers = encode_workers(settings)
+    workers, kind = encode_workers(settings), worker_kind(settings.encode_workers_kind, device)
     if engine != "model":
         return run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
-                             **common), t_load
-    # the first batches are encoded while the model loads
+                             encode_kind=kind, **common), t_load
+    # the workers start, and the first batches are encoded, while the model loads
     stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
                          settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
-                         pin=device.startswith("cuda"))
+                         pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype)
     with stream:
         model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
         found = [layer for layer, _ in ckpt.family.moe_blocks(model)]

@@ -393,7 +393,8 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
                   max_seq_len: int, max_pixels: int, resume: ResumeState | None, checkpoint_every: int,
                   device: str, dtype: torch.dtype, prefetch: str = "host",
                   storage: str = "auto", max_group_bytes: int | None = None,
-                  model: LayerwiseModel | None = None, encode_workers: int = 0) -> dict:
+                  model: LayerwiseModel | None = None, encode_workers: int = 0,
+                  encode_kind: str = "threads") -> dict:
     """Score ``samples`` layer by layer; same meaning and return value as ``engine.run_batches``.
 
     The sums are saved after every group of batches (``checkpoint_every`` is accepted for the same
@@ -402,7 +403,7 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
     or "device" (read onto the GPU on a side stream; two layers).
     ``storage``: where the group's hidden states live, "auto" (GPU while they fit, else pinned host
     memory), "device" or "host".  ``max_group_bytes`` caps a group (tests use it).  ``encode_workers``: threads
-    encoding batches ahead (``calibration.ahead``; 0: inline).
+    or processes (``encode_kind``) encoding batches ahead (``calibration.ahead``; 0: inline).
     """
     if storage not in STORAGE_MODES:
         raise ReapError(f"storage {storage!r} is not one of {', '.join(STORAGE_MODES)}")
@@ -426,7 +427,7 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
     layer_bytes = max(lw.layer_bytes(i) for i in range(last_layer + 1))
     remaining = samples[done * batch_size:]
     it = BatchStream(processor, remaining, batch_size, max_seq_len, max_pixels, observer.family,
-                     workers=encode_workers)
+                     workers=encode_workers, kind=encode_kind)
     completed, tokens, positions = done, 0, 0
     try:
         with observer.attached(observer.family.moe_blocks(lw.model)), torch.inference_mode():

@@ -85,7 +85,8 @@ def batching_lines(run: dict) -> list[str]:
         padding += (f" (sorted by length in windows of {run['sort_window']} batches; file order would pad "
                     f"~{run['padding_share_file_order_estimated']:.0%})")
     workers = run["encode_workers"]
-    where = f"{workers} background thread{'s' if workers > 1 else ''}" if workers else "the main thread (inline)"
+    kind = ("process", "processes") if run.get("encode_kind") == "processes" else ("thread", "threads")
+    where = f"{workers} background {kind[workers > 1]}" if workers else "the main thread (inline)"
     encode = (f"encoding {run['encode_seconds']:.1f}s on {where}, the forward waited "
               f"{run['encode_wait_seconds']:.1f}s for batches")
     return [f"batches          {padding}", f"                 {encode}"]
