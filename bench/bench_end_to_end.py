@@ -2,7 +2,7 @@
 
 Run on the GPU machine from the repository root (one GPU, or two for the torchrun rows):
 
-    PYTHONUNBUFFERED=1 python3 bench/bench_end_to_end.py --out $OUT            # about 4 device-minutes
+    PYTHONUNBUFFERED=1 python3 bench/bench_end_to_end.py --out $OUT            # about 6 device-minutes
     python3 bench/bench_end_to_end.py --tiny --out /tmp/e2e                     # CPU, tiny shapes, < 2 min
 
 What it builds (in ``--workdir``, reused when present): a Qwen3-VL-30B-A3B-shaped checkpoint with ``--layers``
@@ -16,18 +16,25 @@ image-heavy (every item a 1-4 MP JPEG photo plus a question).
 What it times, per set:
 
 * reap.py routed and full, a subprocess each as a user runs it (``--engine model``, defaults for encoding ahead and
-  length sorting; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from reap_metadata.json (load, scoring, reduce),
-  the encoding time summed over the threads and the part the forward waited for, the padding share;
+  length sorting: encoding processes on CUDA; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from
+  reap_metadata.json (load, scoring, reduce), the encoding time summed over the workers and the part the forward
+  waited for, the padding share; on the image-heavy set also routed with ``--encode-workers-kind threads``
+  (``--other-kind``: the kind round 1 measured at 2.27x, to show the difference; processes on the CPU);
   ``--inline``: also routed with ``--encode-workers 0 --sort-window 0`` (the behaviour before issue 18);
-* the baselines in this process over the same batches, encoded beforehand into pinned memory: the plain model
-  forward (no hooks), the routed and the full observer; warm (one batch first);
-* the encoding rate of 1 thread, N threads and N processes (spawned, start-up apart) on the image-heavy set, and
-  the processor's image preprocessing on the CPU against ``device="cuda"`` (transformers' torchvision backend);
+* the baselines in this process over the same batches, encoded beforehand into pinned memory (pixels in the
+  model's dtype, as reap.py's workers give them): the plain model forward (no hooks), the full observer
+  (``--observer-modes``: the routed one too); warm (one batch first), the first batch's extra time apart;
+* ``--encode-rates``: the encoding rate of 1 thread, N threads and N processes (``BatchStream``'s, start-up
+  apart) on the image-heavy set, and the processor's image preprocessing on the CPU against ``device="cuda"``
+  (transformers' torchvision backend); measured in round 1, off by default;
 * with two GPUs visible: reap.py under ``torchrun --nproc-per-node 2`` in both modes, its speed-up over one GPU
   (scoring + reduce, which holds the wait for the other rank) and its scores against the one-GPU run's.
 
 Targets (issue 18): routed scoring <= 1.1x the plain forward, full scoring <= 1.1x the full observer, on both
-sets; two GPUs >= 1.9x one.  Every phase is skipped, and said so, once ``--max-minutes`` would be passed.
+sets; two GPUs >= 1.9x one.  The ratio is given twice: against the warm baseline, and against the baseline with
+its first batch cold (as reap.py's scoring phase runs it).  Every phase is skipped, and said so, once
+``--max-minutes`` would be passed; the order is the image set's runs and baselines, the text set's, then the
+2-GPU runs, then the extras.
 Writes ``RESULTS_end_to_end.md`` and ``.json`` to ``--out``.
 """
 
@@ -42,7 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,8 +57,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reap_vlm.calibration.ahead import BatchStream, default_workers  # noqa: E402
-from reap_vlm.calibration.encode import batch_chunks, encode_batch, open_image  # noqa: E402
+from reap_vlm.calibration.ahead import BatchStream, default_workers, shm_free_bytes  # noqa: E402
+from reap_vlm.calibration.encode import encode_batch, open_image  # noqa: E402
 from reap_vlm.calibration.files import load_calibration  # noqa: E402
 from reap_vlm.calibration.order import length_order  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
@@ -245,7 +252,8 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
     run, t = meta["run"], meta["timings"]
     return {"wall_s": wall, "load_s": t["load"], "scoring_s": t["scoring"], "reduce_s": t.get("reduce", 0.0),
             "encode_cpu_s": run.get("encode_seconds"), "encode_wait_s": run.get("encode_wait_seconds"),
-            "encode_workers": run.get("encode_workers"), "padding_share": run.get("padding_share"),
+            "encode_workers": run.get("encode_workers"), "encode_kind": run.get("encode_kind"),
+            "padding_share": run.get("padding_share"),
             "padding_file_order": run.get("padding_share_file_order_estimated"),
             "tokens": meta["num_tokens"]["total"], "image_tokens": meta["num_tokens"]["image"],
             "reap": meta["metrics"]["reap"], "keep": meta["experts_to_keep"]}
@@ -257,7 +265,7 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
 def pre_encode(processor, samples, args, family, workers: int, pin: bool) -> tuple[list[dict], float, float]:
     t0 = time.perf_counter()
     with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, family, workers=workers,
-                     pin=pin) as stream:
+                     pin=pin, pixel_dtype=getattr(torch, args.dtype)) as stream:
         batches = list(stream)
     return batches, time.perf_counter() - t0, stream.encode_seconds
 
@@ -303,7 +311,7 @@ def baselines(args, model_dir: Path, calib: Path, modes: list[str], clock: Clock
     cuda = args.device == "cuda"
     batches, wall, cpu = pre_encode(processor, order.samples, args, ckpt.family, default_workers(), cuda)
     res = {"pre_encode_wall_s": wall, "pre_encode_cpu_s": cpu, "encode_threads": default_workers(),
-           "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
+           "tokens": sum(int(b["attention_mask"].sum()) for b in batches), "batches": len(batches)}
     log(f"  pre-encoded {len(batches)} batches: {wall:.1f}s wall, {cpu:.1f}s summed over threads")
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     res["plain_forward_s"], res["plain_warmup_s"] = forward_over(model, ckpt.family, batches, args.device, None)
@@ -325,43 +333,24 @@ def baselines(args, model_dir: Path, calib: Path, modes: list[str], clock: Clock
 # ----------------------------------------------------------------------------------------------- encoding
 
 
-_WORKER: dict = {}
-
-
-def _process_init(model_dir: str) -> None:
-    torch.set_num_threads(1)
-    _WORKER["processor"] = load_processor(model_dir)
-
-
-def _process_encode(chunk, max_seq_len: int) -> int:
-    return encode_batch(_WORKER["processor"], chunk, max_seq_len)["input_ids"].numel()
-
-
 def encode_rates(args, model_dir: Path, calib: Path, workers: int) -> dict:
-    """Batches per second of 1 thread, ``workers`` threads and ``workers`` spawned processes."""
-    import multiprocessing
-
+    """Encoding time of the image samples on 1 thread, ``workers`` threads and ``workers`` processes (reap.py's
+    BatchStream each, pixels cast as reap.py does); the processes' time to their first batch (start-up) too."""
     processor = load_processor(model_dir)
     samples = load_calibration(calib, args.encode_samples).samples
-    chunks = batch_chunks(samples, args.batch_size)
     res = {"samples": len(samples), "workers": workers}
-    encode_batch(processor, chunks[0], args.max_seq_len)  # warm: the processor's first call imports and compiles
-    for name, n in (("serial", 0), ("threads", workers)):
+    encode_batch(processor, samples[:1], args.max_seq_len)  # warm: the processor's first call imports and compiles
+    for name, n, kind in (("serial", 0, "threads"), ("threads", workers, "threads"),
+                          ("processes", workers, "processes")):
         t0 = time.perf_counter()
-        with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, None, workers=n) as stream:
-            for _ in stream:
-                pass
+        with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, None, workers=n, kind=kind,
+                         pixel_dtype=getattr(torch, args.dtype)) as stream:
+            for i, _ in enumerate(stream):
+                if i == 0:
+                    res[f"{name}_first_s"] = time.perf_counter() - t0
         res[f"{name}_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_process_init,
-                             initargs=(str(model_dir),)) as pool:
-        list(pool.map(_process_encode, chunks[:workers], [args.max_seq_len] * workers))  # start-up
-        res["processes_start_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        list(pool.map(_process_encode, chunks, [args.max_seq_len] * len(chunks)))
-        res["processes_s"] = time.perf_counter() - t0
     log("  encoding {samples} image samples: serial {serial_s:.1f}s, {workers} threads {threads_s:.1f}s, "
-        "{workers} processes {processes_s:.1f}s (+{processes_start_s:.1f}s start-up)".format(**res))
+        "{workers} processes {processes_s:.1f}s ({processes_first_s:.1f}s to the first batch)".format(**res))
     return res
 
 
@@ -396,49 +385,65 @@ def max_rel(a: list[list[float]], b: list[list[float]]) -> float:
     return worst
 
 
+def _ratios(r: dict, base: dict, ref_key: str) -> str:
+    """reap.py's scoring per token over the baseline's: warm, and with the baseline's first batch cold (reap.py's
+    scoring phase holds its own cold first batch)."""
+    ref, extra = base.get(ref_key + "_s"), base.get(ref_key.split("_")[0] + "_warmup_s")
+    if not ref:
+        return ""
+    per_token = r["scoring_s"] / r["tokens"]
+    warm = ref / base["tokens"]
+    text = f"{per_token / warm:.2f}x"
+    if extra is not None:  # the warm-up call ran the first batch cold: one warm batch of it is in ``ref``
+        cold = (ref + extra - ref / base["batches"]) / base["tokens"]
+        text += f" ({per_token / cold:.2f}x)"
+    return text
+
+
 def table(results: dict) -> str:
     lines = [f"# End-to-end REAP scoring ({results['device']}, {results['shape']})", "",
              f"{results['samples']} samples per set, batch {results['batch_size']}, max_seq_len "
-             f"{results['max_seq_len']}, reap.py --engine model, {results['dtype']}. Target ratio: reap.py's "
-             "scoring phase per token over the warm baseline's (routed: plain forward; full: full observer); "
-             "baselines warm, (+first batch once more).", ""]
-    lines += ["| set | run | tokens | load s | scoring s | tok/s | reduce s | encode s (threads) | waited s | "
+             f"{results['max_seq_len']}, reap.py --engine model, {results['dtype']}; host: {results['cpus']} CPUs, "
+             f"/dev/shm {results['shm_free_gib']} GiB free. Target ratio: reap.py's scoring phase per token over "
+             "the warm baseline's (routed: plain forward; full: full observer), in brackets over the baseline with "
+             "its first batch cold as reap.py runs it; baselines warm, (+first batch once more).", ""]
+    lines += ["| set | run | tokens | load s | scoring s | tok/s | reduce s | encode s (workers) | waited s | "
               "padding | target ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results["sets"].items():
         base = s.get("baselines", {})
         for run_name, r in s.get("runs", {}).items():
             if r is None:
                 continue
-            ref = base.get("plain_forward_s") if run_name.startswith("routed") else base.get("full_observer_s")
-            # per token: the inline runs score fewer samples
-            ratio = (f"{r['scoring_s'] / r['tokens'] / (ref / base['tokens']):.2f}x"
-                     if ref and not run_name.endswith("2gpu") else "")
-            if run_name.endswith("2gpu") and s["runs"].get(run_name.replace("2gpu", "1gpu")):
-                one = s["runs"][run_name.replace("2gpu", "1gpu")]
-                ratio = (f"{(one['scoring_s'] + one['reduce_s']) / (r['scoring_s'] + r['reduce_s']):.2f}x speed-up, "
-                         f"rel diff {r.get('rel_diff_vs_1gpu', float('nan')):.1e}, same keep {r.get('same_keep')}")
+            if run_name.endswith("2gpu"):
+                one = s["runs"].get(run_name.removesuffix(" 2gpu"))
+                ratio = "" if not one else (
+                    f"{(one['scoring_s'] + one['reduce_s']) / (r['scoring_s'] + r['reduce_s']):.2f}x speed-up, "
+                    f"rel diff {r.get('rel_diff_vs_1gpu', float('nan')):.1e}, same keep {r.get('same_keep')}")
+            else:  # per token: the inline runs score fewer samples
+                ratio = _ratios(r, base, "plain_forward" if run_name.startswith("routed") else "full_observer")
             padding = f"{r['padding_share']:.1%}" if r.get("padding_share") is not None else ""
             if r.get("padding_file_order") is not None:
                 padding += f" (file order ~{r['padding_file_order']:.0%})"
+            kind = {"processes": " proc", "threads": " thr"}.get(r.get("encode_kind"), "")
             lines.append(f"| {name} | {run_name} | {r['tokens']:,} ({r['image_tokens']:,} img) | {r['load_s']:.1f} | "
                          f"{r['scoring_s']:.2f} | {r['tokens'] / r['scoring_s']:,.0f} | {r['reduce_s']:.2f} | "
-                         f"{r['encode_cpu_s']:.1f} "
-                         f"({r['encode_workers']}) | {r['encode_wait_s']:.2f} | {padding} | {ratio} |")
+                         f"{r['encode_cpu_s']:.1f} ({r['encode_workers']}{kind}) | {r['encode_wait_s']:.2f} | "
+                         f"{padding} | {ratio} |")
         if base:
-            nan = float("nan")
-            timed = " / ".join(f"{what} {base.get(key + '_s', nan):.2f} (+{base.get(warm + '_warmup_s', nan):.2f})"
+            timed = " / ".join(f"{what} {base[key + '_s']:.2f} (+{base[warm + '_warmup_s']:.2f})"
                                for what, key, warm in (("plain", "plain_forward", "plain"),
                                                        ("routed obs", "routed_observer", "routed"),
-                                                       ("full obs", "full_observer", "full")))
+                                                       ("full obs", "full_observer", "full"))
+                               if key + "_s" in base)
             encoded = (f"pre-encode {base['pre_encode_cpu_s']:.1f} cpu, {base['pre_encode_wall_s']:.1f} wall "
-                       f"({base['encode_threads']})")
+                       f"({base['encode_threads']} thr)")
             lines.append(f"| {name} | baselines over pre-encoded batches | | | {timed} | | | {encoded} | | | |")
     enc = results.get("encode_rates")
     if enc:
         lines += ["", f"Encoding {enc['samples']} image samples (1-4 MP): 1 thread {enc['serial_s']:.1f}s, "
                       f"{enc['workers']} threads {enc['threads_s']:.1f}s ({enc['serial_s'] / enc['threads_s']:.1f}x), "
-                      f"{enc['workers']} processes {enc['processes_s']:.1f}s "
-                      f"({enc['serial_s'] / enc['processes_s']:.1f}x; +{enc['processes_start_s']:.1f}s start-up)"]
+                      f"{enc['workers']} processes {enc['processes_s']:.1f}s, of which {enc['processes_first_s']:.1f}s "
+                      "to the first batch (start-up)"]
     gpu = results.get("gpu_preprocessing")
     if gpu:
         lines += ["", f"Image preprocessing of {gpu['images']} decoded photos: CPU {gpu['cpu_s']:.2f}s, "
@@ -456,22 +461,28 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and images on the CPU (< 2 min)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--workdir", default="/tmp/reap_e2e")
-    parser.add_argument("--max-minutes", type=float, default=None, help="time budget (default 4; --tiny 1.8)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="time budget (default 5.5; --tiny 2.5)")
     parser.add_argument("--layers", type=int, default=4, help="full-width MoE decoder layers")
     parser.add_argument("--vision", default="full", choices=tuple(VISION))
     parser.add_argument("--sets", default="image,text")
     parser.add_argument("--modes", default="routed,full")
-    parser.add_argument("--samples", type=int, default=256, help="calibration samples per set")
+    parser.add_argument("--observer-modes", default="full", help="observer baselines (routed's target is the plain "
+                        "forward, always run)")
+    parser.add_argument("--samples", type=int, default=160, help="calibration samples per set")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--other-kind", action=argparse.BooleanOptionalAction, default=True,
+                        help="on the image set also reap.py routed with the encoding workers auto does not pick "
+                             "(threads on CUDA, processes on the CPU)")
+    parser.add_argument("--encode-rates", action="store_true",
+                        help="also the encoding rates (1 thread, N threads, N processes) and the GPU image "
+                             "preprocessing (measured in round 1)")
     parser.add_argument("--encode-samples", type=int, default=48, help="image samples for the encoding rates")
-    parser.add_argument("--inline", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run routed with --encode-workers 0 --sort-window 0 (before issue 18)")
+    parser.add_argument("--inline", action=argparse.BooleanOptionalAction, default=False,
+                        help="also run routed with --encode-workers 0 --sort-window 0 (before issue 18; round 1)")
     parser.add_argument("--inline-samples", type=int, default=96, help="samples of the inline runs")
     parser.add_argument("--gpus", default="auto", help="auto (2 when two are visible), 1 or 2")
     parser.add_argument("--skip-baselines", action="store_true")
-    parser.add_argument("--skip-encode-rates", action="store_true",
-                        help="skip the encoding rates and the GPU image preprocessing")
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"  # bf16 matmuls on the CPU are slow
@@ -484,16 +495,18 @@ def main() -> None:
         args.workdir = args.workdir + "-tiny"
     gpus_visible = torch.cuda.device_count() if args.device == "cuda" else 0
     two = gpus_visible >= 2 if args.gpus == "auto" else args.gpus == "2"
-    clock = Clock(args.max_minutes or (1.8 if args.tiny else 4.0))
+    clock = Clock(args.max_minutes or (2.5 if args.tiny else 5.5))
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = args.modes.split(",")
+    shm = shm_free_bytes()
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "gpus_visible": gpus_visible, "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, "
                f"vision {args.vision}", "samples": args.samples, "batch_size": args.batch_size,
-               "max_seq_len": args.max_seq_len, "dtype": args.dtype, "sets": {}, "not_run": clock.skipped}
+               "max_seq_len": args.max_seq_len, "dtype": args.dtype, "cpus": os.cpu_count(),
+               "shm_free_gib": None if shm is None else round(shm / 2**30, 1), "sets": {}, "not_run": clock.skipped}
     if not two:
         clock.skipped.append(f"torchrun on 2 GPUs ({gpus_visible} visible)")
 
@@ -504,45 +517,49 @@ def main() -> None:
               for kind in args.sets.split(",")}
     log(f"inputs ready ({clock.left():.0f}s left)")
 
-    per_run = 10 if args.tiny else 25  # start-up + load + scoring, a guess refined by the first run
-    for kind, calib in calibs.items():
+    walls: dict[str, float] = {}  # the longest reap.py run per set: the estimate of its next one
+
+    def estimate(kind: str) -> float:
+        return walls.get(kind) or max(walls.values(), default=10 if args.tiny else 25)
+
+    def run(kind: str, calib: Path, name: str, mode: str, gpus: int, extra=()) -> dict | None:
+        if not clock.allows(f"reap.py {name} on {kind}", estimate(kind)):
+            return None
+        log(f"reap.py {name} on the {kind} set")
+        r = reap_run(args, model, calib, mode, gpus, clock, extra)
+        if r:
+            walls[kind] = max(walls.get(kind, 0.0), r["wall_s"])
+            log(f"  scoring {r['scoring_s']:.2f}s, waited {r['encode_wait_s']:.2f}s for batches "
+                f"({r['encode_workers']} {r['encode_kind']}), padding {r['padding_share']:.1%}")
+        results["sets"][kind]["runs"][name] = r
+        return r
+
+    for kind, calib in calibs.items():  # one GPU, then the baselines, per set
         res = results["sets"].setdefault(kind, {"runs": {}})
         for mode in modes:
-            if clock.allows(f"reap.py {mode} on {kind}", per_run):
-                log(f"reap.py {mode} on the {kind} set")
-                r = reap_run(args, model, calib, mode, 1, clock)
-                res["runs"][f"{mode} 1gpu" if two else mode] = r
-                if r:
-                    per_run = max(per_run, r["wall_s"])
-                    log(f"  scoring {r['scoring_s']:.2f}s, waited {r['encode_wait_s']:.2f}s for batches, "
-                        f"padding {r['padding_share']:.1%}")
-        if two:
-            for mode in modes:
-                if clock.allows(f"torchrun 2 GPUs {mode} on {kind}", per_run):
-                    log(f"torchrun 2 GPUs, {mode}, {kind} set")
-                    r = reap_run(args, model, calib, mode, 2, clock)
-                    one = res["runs"].get(f"{mode} 1gpu")
-                    if r and one:
-                        r["rel_diff_vs_1gpu"] = max_rel(one["reap"], r["reap"])
-                        r["same_keep"] = one["keep"] == r["keep"]
-                    res["runs"][f"{mode} 2gpu"] = r
-        if not args.skip_baselines and clock.allows(f"baselines on {kind}", 2 * per_run):
+            run(kind, calib, mode, mode, 1)
+        if kind == "image" and args.other_kind and "routed" in modes:  # the kind auto does not pick here
+            other = "threads" if args.device == "cuda" else "processes"
+            run(kind, calib, f"routed {other}", "routed", 1, ("--encode-workers-kind", other))
+        if not args.skip_baselines and clock.allows(f"baselines on {kind}", 1.5 * estimate(kind)):
             log(f"baselines over pre-encoded batches, {kind} set")
-            res["baselines"] = baselines(args, model, calib, modes, clock)
-    if "image" in calibs and not args.skip_encode_rates and clock.allows("encoding rates", 40 if not args.tiny else 20):
+            res["baselines"] = baselines(args, model, calib, args.observer_modes.split(","), clock)
+    for kind, calib in calibs.items() if two else ():
+        for mode in modes:
+            r = run(kind, calib, f"{mode} 2gpu", mode, 2)
+            one = results["sets"][kind]["runs"].get(mode)
+            if r and one:
+                r["rel_diff_vs_1gpu"] = max_rel(one["reap"], r["reap"])
+                r["same_keep"] = one["keep"] == r["keep"]
+    if "image" in calibs and args.encode_rates and clock.allows("encoding rates", 40 if not args.tiny else 20):
         log("encoding rates, image set")
         results["encode_rates"] = encode_rates(args, model, calibs["image"], default_workers())
-    if "image" in calibs and args.device == "cuda" and not args.skip_encode_rates and clock.allows(
+    if "image" in calibs and args.device == "cuda" and args.encode_rates and clock.allows(
             "GPU image preprocessing", 20):
         results["gpu_preprocessing"] = gpu_preprocessing(model, calibs["image"], 16)
-    elif args.device != "cuda":
-        clock.skipped.append("image preprocessing with device=cuda (no GPU)")
-    for kind, calib in calibs.items():  # last: inline encoding of image samples is slow by nature
-        if args.inline and "routed" in modes and clock.allows(f"reap.py routed inline on {kind}", per_run):
-            log(f"reap.py routed on the {kind} set, inline encoding in file order, {args.inline_samples} samples")
-            results["sets"][kind]["runs"]["routed inline, file order"] = reap_run(
-                args, model, calib, "routed", 1, clock,
-                ("--encode-workers", "0", "--sort-window", "0", "--max-samples", str(args.inline_samples)))
+    for kind, calib in calibs.items() if args.inline and "routed" in modes else ():
+        run(kind, calib, "routed inline, file order", "routed", 1,
+            ("--encode-workers", "0", "--sort-window", "0", "--max-samples", str(args.inline_samples)))
 
     for s in results["sets"].values():  # the per-expert scores were kept only for the 2-GPU comparison
         for r in s["runs"].values():

@@ -138,19 +138,99 @@ def _one_op_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _process_ready() -> None:
+    """A task that only makes the pool start a worker (ProcessPoolExecutor spawns one per task submitted)."""
+
+
+class EncodingProcesses:
+    """``workers`` spawned encoding processes, started at construction (their ~12 s of start-up can then overlap
+    whatever comes next: reading the calibration, loading the model) and handed to a ``BatchStream``, which closes
+    them.  Each batch comes back through shared memory and is pinned (``pin``) on one receiving thread."""
+
+    def __init__(self, processor, workers: int, batch_size: int, max_seq_len: int, max_pixels: int,
+                 family: ModelFamily | None, *, pin: bool = False, pixel_dtype: torch.dtype | None = None):
+        self.workers, self.pin = workers, pin
+        self.encode_args, self.pixel_dtype = (max_seq_len, max_pixels, family), pixel_dtype
+        self._check_shm(processor, batch_size)
+        initargs = (self._processor_bytes(processor), self.encode_args, pixel_dtype)
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_process_start, initargs=initargs)
+        self.receiver = ThreadPoolExecutor(1, thread_name_prefix="reap-encode-pin")
+        for _ in range(workers):
+            self.pool.submit(_process_ready)
+
+    @staticmethod
+    def _processor_bytes(processor) -> bytes:
+        try:
+            return pickle.dumps(processor)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise ReapError(f"the processor cannot be sent to encoding processes ({exc}); use "
+                            "--encode-workers-kind threads") from None
+
+    def _check_shm(self, processor, batch_size: int) -> None:
+        """Batches come back from the processes in shared memory: it must hold the batches in flight."""
+        free = shm_free_bytes()
+        max_seq_len, _, family = self.encode_args
+        in_flight = AHEAD_PER_WORKER * self.workers
+        need = in_flight * batch_bytes_bound(processor, family, batch_size, max_seq_len, self.pixel_dtype)
+        if free is not None and free < need:
+            raise ReapError(f"{SHM} has {free / 2**30:.1f} GiB free, encoding processes may need "
+                            f"{need / 2**30:.1f} GiB for {in_flight} batches in flight; give the container more "
+                            "shared memory (docker --shm-size 16g), lower --encode-workers, or use "
+                            "--encode-workers-kind threads")
+
+    def submit(self, chunk: list) -> Future:
+        return self.receiver.submit(self._receive, self.pool.submit(_process_encode, chunk))
+
+    def _receive(self, future: Future) -> _Encoded:
+        """A worker process's batch, out of shared memory into pinned memory (on the receiving thread)."""
+        try:
+            encoded = future.result()
+        except BrokenProcessPool as exc:
+            raise ReapError(f"an encoding process died ({exc}); if the host ran out of memory, lower "
+                            "--encode-workers or use --encode-workers-kind threads") from None
+        if self.pin:
+            encoded.batch = _pinned(encoded.batch)
+        return encoded
+
+    def close(self) -> None:
+        """End the workers now, the batches in progress unwanted (waiting for them could take seconds)."""
+        if self.pool is None:
+            return
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())  # the executor's own list
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.receiver.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
+
+    def __enter__(self) -> EncodingProcesses:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class BatchStream:
     """The padded batches of ``samples`` (from batch ``first`` on), in order, encoded by ``workers`` threads or
     processes (``kind``) up to ``AHEAD_PER_WORKER * workers`` batches ahead of the consumer (``workers`` 0:
-    inline, when asked).  ``pixel_dtype``: the dtype pixel values are cast to (the model's).
+    inline, when asked).  ``pixel_dtype``: the dtype pixel values are cast to (the model's).  ``processes``:
+    encoding processes started before (the stream closes them), else the stream starts its own.
 
-    Encoding starts at construction (processes: their start-up too), so batches are ready by the time a model
-    finishes loading.  ``pin``: the batches come in page-locked memory, so that ``.to("cuda",
-    non_blocking=True)`` overlaps the forward before.  Use as a context manager or call ``close``: a consumer
-    that stops early (a kill, an error) leaves no thread or process behind."""
+    Encoding starts at construction, so batches are ready by the time a model finishes loading.  ``pin``: the
+    batches come in page-locked memory, so that ``.to("cuda", non_blocking=True)`` overlaps the forward before.
+    Use as a context manager or call ``close``: a consumer that stops early (a kill, an error) leaves no thread or
+    process behind."""
 
     def __init__(self, processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int,
                  max_pixels: int, family: ModelFamily | None, *, workers: int, pin: bool = False,
-                 kind: str = "threads", pixel_dtype: torch.dtype | None = None):
+                 kind: str = "threads", pixel_dtype: torch.dtype | None = None,
+                 processes: EncodingProcesses | None = None):
         if kind not in ENCODE_WORKER_KINDS[1:]:
             raise ValueError(f"kind {kind!r}: threads or processes")
         self.chunks = batch_chunks(samples, batch_size)
@@ -161,39 +241,24 @@ class BatchStream:
         self.submitted = 0
         self.pending: deque[Future] = deque()
         self.local = threading.local()
-        self.lock = threading.Lock()
         self.encode_seconds = 0.0  # encoding time summed over the workers
         self.wait_seconds = 0.0  # time the consumer waited for a batch not ready yet
         self.op_threads = torch.get_num_threads()  # restored at close: see _one_op_thread
-        self.pool = self.receiver = None
-        if self.kind == "threads":
-            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="reap-encode", initializer=_one_op_thread)
-        elif self.kind == "processes":
-            self._check_shm(batch_size, max_seq_len)
-            self.pool = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_process_start,
-                initargs=(self._processor_bytes(), self.encode_args, pixel_dtype))
-            self.receiver = ThreadPoolExecutor(1, thread_name_prefix="reap-encode-pin")
-        self._fill()
-
-    def _processor_bytes(self) -> bytes:
+        self.threads = self.processes = None
         try:
-            return pickle.dumps(self.processor)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            raise ReapError(f"the processor cannot be sent to encoding processes ({exc}); use "
-                            "--encode-workers-kind threads") from None
-
-    def _check_shm(self, batch_size: int, max_seq_len: int) -> None:
-        """Batches come back from the processes in shared memory: it must hold the batches in flight."""
-        free = shm_free_bytes()
-        family = self.encode_args[2]
-        need = AHEAD_PER_WORKER * self.workers * batch_bytes_bound(self.processor, family, batch_size,
-                                                                  max_seq_len, self.pixel_dtype)
-        if free is not None and free < need:
-            raise ReapError(f"{SHM} has {free / 2**30:.1f} GiB free, encoding processes may need "
-                            f"{need / 2**30:.1f} GiB for {AHEAD_PER_WORKER * self.workers} batches in flight; "
-                            "give the container more shared memory (docker --shm-size 16g), lower "
-                            "--encode-workers, or use --encode-workers-kind threads")
+            if self.kind == "threads":
+                self.threads = ThreadPoolExecutor(workers, thread_name_prefix="reap-encode",
+                                                  initializer=_one_op_thread)
+            elif self.kind == "processes":
+                self.processes = processes or EncodingProcesses(processor, workers, batch_size, *self.encode_args,
+                                                                pin=pin, pixel_dtype=pixel_dtype)
+                if (self.processes.encode_args, self.processes.pixel_dtype, self.processes.workers,
+                        self.processes.pin) != (self.encode_args, pixel_dtype, workers, pin):
+                    raise ValueError("the encoding processes were started for other batches")
+            self._fill()
+        except BaseException:
+            self.close()
+            raise
 
     def _processor(self):
         # Each thread its own copy: a tokenizer whose padding or truncation settings change on its first call
@@ -208,24 +273,13 @@ class BatchStream:
             encoded.batch = _pinned(encoded.batch)
         return encoded
 
-    def _receive(self, future: Future) -> _Encoded:
-        """A worker process's batch, out of shared memory into pinned memory (on the receiving thread)."""
-        try:
-            encoded = future.result()
-        except BrokenProcessPool as exc:
-            raise ReapError(f"an encoding process died ({exc}); if the host ran out of memory, lower "
-                            "--encode-workers or use --encode-workers-kind threads") from None
-        if self.pin:
-            encoded.batch = _pinned(encoded.batch)
-        return encoded
-
     def _submit(self, index: int) -> Future:
-        if self.kind == "threads":
-            return self.pool.submit(lambda: self._encode_here(index, self._processor()))
-        return self.receiver.submit(self._receive, self.pool.submit(_process_encode, self.chunks[index]))
+        if self.threads is not None:
+            return self.threads.submit(lambda: self._encode_here(index, self._processor()))
+        return self.processes.submit(self.chunks[index])
 
     def _fill(self) -> None:
-        if self.pool is None:
+        if self.kind == "inline":
             return
         while self.submitted < len(self.chunks) and len(self.pending) < AHEAD_PER_WORKER * self.workers:
             self.pending.append(self._submit(self.submitted))
@@ -241,7 +295,7 @@ class BatchStream:
         if self.next_index >= len(self.chunks):
             raise StopIteration
         t0 = time.perf_counter()
-        if self.pool is None:
+        if self.kind == "inline":
             encoded = self._encode_here(self.next_index, self.processor)
         else:
             encoded = self.pending.popleft().result()  # an encoding error is raised here, in order
@@ -265,22 +319,12 @@ class BatchStream:
         for future in self.pending:
             future.cancel()
         self.pending.clear()
-        if self.kind == "processes" and self.pool is not None:
-            # the batches in progress are not wanted: end the workers now rather than wait for them
-            processes = list((getattr(self.pool, "_processes", None) or {}).values())
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.join(5)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-            self.receiver.shutdown(wait=True, cancel_futures=True)
-        elif self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)  # at most one batch per worker still finishing
+        if self.processes is not None:
+            self.processes.close()
+        if self.threads is not None:
+            self.threads.shutdown(wait=True, cancel_futures=True)  # at most one batch per worker still finishing
             torch.set_num_threads(self.op_threads)
-        self.pool = self.receiver = None
+        self.threads = self.processes = None
 
     def __enter__(self) -> BatchStream:
         return self

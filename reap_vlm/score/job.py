@@ -8,7 +8,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..calibration.ahead import BatchStream, default_workers, worker_kind
+from ..calibration.ahead import BatchStream, EncodingProcesses, default_workers, worker_kind
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration, require_text_only
 from ..calibration.order import BatchOrder, length_order, padding_share
@@ -79,8 +79,20 @@ def encode_workers(settings: Settings) -> int:
     return default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: str, dtype,
+                     device: str) -> EncodingProcesses | None:
+    """The whole-model engine's encoding processes, started as soon as the processor is known: their start-up
+    then overlaps reading the calibration and loading the model."""
+    workers = encode_workers(settings)
+    if engine != "model" or not workers or worker_kind(settings.encode_workers_kind, device) != "processes":
+        return None
+    return EncodingProcesses(processor, workers, settings.batch_size, settings.max_seq_len, settings.max_pixels,
+                             ckpt.family, pin=device.startswith("cuda"), pixel_dtype=dtype)
+
+
 def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserver, samples: list,
-           resume: ResumeState | None, engine: str, dtype, device: str, dist: DistContext) -> tuple[dict, float]:
+           resume: ResumeState | None, engine: str, dtype, device: str, dist: DistContext,
+           processes: EncodingProcesses | None) -> tuple[dict, float]:
     """Run the engine over this rank's samples; returns its counts and when loading ended."""
     total = num_batches(samples, settings.batch_size)
     t_load = time.perf_counter()
@@ -95,10 +107,10 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
     if engine != "model":
         return run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
                              encode_kind=kind, **common), t_load
-    # the workers start, and the first batches are encoded, while the model loads
+    # the first batches are encoded while the model loads
     stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
                          settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
-                         pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype)
+                         pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype, processes=processes)
     with stream:
         model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
         found = [layer for layer, _ in ckpt.family.moe_blocks(model)]
@@ -136,20 +148,27 @@ def _output_bytes(ckpt: Checkpoint, dist: DistContext) -> int:
 
 def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float) -> dict:
     keep = num_to_keep(ckpt.num_experts, settings.prune_ratio, settings.keep_multiple, ckpt.top_k)
+    dtype = resolve_dtype(settings.dtype, device)
+    processor = load_processor(ckpt.path)
+    engine = choose_engine(ckpt, device, settings.engine)
+    with _early_processes(settings, ckpt, processor, engine, dtype, device) or nullcontext() as processes:
+        return _score_calibration(settings, dist, device, ckpt, t0, processor, engine, dtype, keep, processes)
+
+
+def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float,
+                       processor, engine: str, dtype, keep: int, processes: EncodingProcesses | None) -> dict:
     calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
                              settings.skip_bad_samples)
     if not ckpt.family.has_vision:
         require_text_only(calib, ckpt.family.name)
-    dtype = resolve_dtype(settings.dtype, device)
-    processor = load_processor(ckpt.path)
-    engine = choose_engine(ckpt, device, settings.engine)
     stats = ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, device)
     observer = ReapObserver(ckpt.family, stats, settings.scoring_mode)
     order, given = length_order(processor, calib.samples, settings.batch_size, settings.sort_window,
                                 settings.max_seq_len, settings.max_pixels, ckpt.family)
     resume = _resume_state(settings, ckpt, calib, order, dtype, dist)
     samples = dist.my_samples(order.samples, settings.batch_size)
-    run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist)
+    run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
+                         processes)
     t_score = time.perf_counter()
     dist.all_reduce(stats)
     run.update(_order_record(order, given, settings.batch_size))
