@@ -296,3 +296,19 @@ def test_a_resumed_sorted_run_uses_the_recorded_order(tiny_model, calibration, t
     assert other["run"]["resumed_from"] == 0 and other["run"]["sort_window"] == 0
     np.testing.assert_allclose(np.array(other["metrics"]["reap"]), np.array(whole["metrics"]["reap"]), rtol=1e-5)
     assert other["experts_to_keep"] == whole["experts_to_keep"]
+
+
+def test_reap_py_ends_its_early_encoding_processes_when_the_calibration_is_bad(tiny_model, tmp_path, monkeypatch):
+    """reap.py starts its encoding processes before it reads the calibration: a bad calibration file still
+    leaves none behind."""
+    import reap_vlm.score.job as job
+
+    started = []
+    monkeypatch.setattr(job, "EncodingProcesses", lambda *a, **kw: started.append(
+        ahead.EncodingProcesses(*a, **kw)) or started[-1])
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"image": "missing.png", "regions": ["a red car"]}]')
+    with pytest.raises(ReapError, match="missing.png"):
+        run_reap(_settings(tiny_model, bad, tmp_path / "out", encode_workers_kind="processes"))
+    assert len(started) == 1 and started[0].pool is None  # started, then closed
+    assert multiprocessing.active_children() == []
