@@ -74,6 +74,7 @@ BAD_VALUES = [
     ("sort_window", "-1", "an integer >= 0"),
     ("encode_workers", "many", "auto or an integer in [0, 64]"),
     ("encode_workers", "65", "auto or an integer in [0, 64]"),
+    ("encode_workers_kind", "fibers", "one of auto, threads, processes"),
     ("keep_multiple", "0", "an integer >= 1"),
     ("checkpoint_every", "0", "an integer >= 1"),
     ("resume", "maybe", "true or false"),
