@@ -130,6 +130,19 @@ def shm_free_bytes() -> int | None:
     return stat.f_bavail * stat.f_frsize
 
 
+def shm_problem(processor, family: ModelFamily | None, workers: int, batch_size: int, max_seq_len: int,
+                pixel_dtype: torch.dtype | None) -> str | None:
+    """Batches come back from encoding processes in shared memory: what is wrong when it cannot hold the batches
+    in flight, else None."""
+    free = shm_free_bytes()
+    in_flight = AHEAD_PER_WORKER * workers
+    need = in_flight * batch_bytes_bound(processor, family, batch_size, max_seq_len, pixel_dtype)
+    if free is None or free >= need:
+        return None
+    return (f"{SHM} has {free / 2**30:.1f} GiB free, encoding processes may need {need / 2**30:.1f} GiB for "
+            f"{in_flight} batches in flight")
+
+
 def _one_op_thread() -> None:
     """An encoding thread runs its torch ops on itself alone.  Under OpenMP every thread that runs a parallel op
     leads a team of its own as large as the core count: 8 encoding threads would keep 8 x cores threads busy and
@@ -168,16 +181,11 @@ class EncodingProcesses:
                             "--encode-workers-kind threads") from None
 
     def _check_shm(self, processor, batch_size: int) -> None:
-        """Batches come back from the processes in shared memory: it must hold the batches in flight."""
-        free = shm_free_bytes()
         max_seq_len, _, family = self.encode_args
-        in_flight = AHEAD_PER_WORKER * self.workers
-        need = in_flight * batch_bytes_bound(processor, family, batch_size, max_seq_len, self.pixel_dtype)
-        if free is not None and free < need:
-            raise ReapError(f"{SHM} has {free / 2**30:.1f} GiB free, encoding processes may need "
-                            f"{need / 2**30:.1f} GiB for {in_flight} batches in flight; give the container more "
-                            "shared memory (docker --shm-size 16g), lower --encode-workers, or use "
-                            "--encode-workers-kind threads")
+        problem = shm_problem(processor, family, self.workers, batch_size, max_seq_len, self.pixel_dtype)
+        if problem:
+            raise ReapError(f"{problem}; give the container more shared memory (docker --shm-size 16g), lower "
+                            "--encode-workers, or use --encode-workers-kind threads")
 
     def submit(self, chunk: list) -> Future:
         return self.receiver.submit(self._receive, self.pool.submit(_process_encode, chunk))

@@ -8,7 +8,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..calibration.ahead import BatchStream, EncodingProcesses, default_workers, worker_kind
+from ..calibration.ahead import BatchStream, EncodingProcesses, default_workers, shm_problem, worker_kind
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration, require_text_only
 from ..calibration.order import BatchOrder, length_order, padding_share
@@ -72,19 +72,28 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, o
     return ResumeState(Path(settings.output_path) / name, key)
 
 
-def encode_workers(settings: Settings) -> int:
-    """Workers encoding ahead: ``--encode-workers``, auto sharing the host's cores among its torchrun ranks."""
-    if settings.encode_workers != "auto":
-        return int(settings.encode_workers)
-    return default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+def encode_workers(settings: Settings, ckpt: Checkpoint, processor, device: str, dtype) -> tuple[int, str]:
+    """Workers encoding ahead and their kind: ``--encode-workers``, auto sharing the host's cores among its
+    torchrun ranks; ``--encode-workers-kind``, auto falling back to threads (with a warning) where shared memory
+    is too small for processes."""
+    workers = (default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if settings.encode_workers == "auto"
+               else int(settings.encode_workers))
+    kind = worker_kind(settings.encode_workers_kind, device)
+    if kind == "processes" and workers and settings.encode_workers_kind == "auto":
+        problem = shm_problem(processor, ckpt.family, workers, settings.batch_size, settings.max_seq_len, dtype)
+        if problem:
+            warnings.warn(f"{problem}: encoding on threads instead (slower end to end on a GPU); give the "
+                          "container more shared memory (docker --shm-size 16g)", stacklevel=2)
+            kind = "threads"
+    return workers, kind
 
 
-def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: str, dtype,
-                     device: str) -> EncodingProcesses | None:
+def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: str, dtype, device: str,
+                     encoding: tuple[int, str]) -> EncodingProcesses | None:
     """The whole-model engine's encoding processes, started as soon as the processor is known: their start-up
     then overlaps reading the calibration and loading the model."""
-    workers = encode_workers(settings)
-    if engine != "model" or not workers or worker_kind(settings.encode_workers_kind, device) != "processes":
+    workers, kind = encoding
+    if engine != "model" or not workers or kind != "processes":
         return None
     return EncodingProcesses(processor, workers, settings.batch_size, settings.max_seq_len, settings.max_pixels,
                              ckpt.family, pin=device.startswith("cuda"), pixel_dtype=dtype)
@@ -92,7 +101,7 @@ def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: st
 
 def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserver, samples: list,
            resume: ResumeState | None, engine: str, dtype, device: str, dist: DistContext,
-           processes: EncodingProcesses | None) -> tuple[dict, float]:
+           encoding: tuple[int, str], processes: EncodingProcesses | None) -> tuple[dict, float]:
     """Run the engine over this rank's samples; returns its counts and when loading ended."""
     total = num_batches(samples, settings.batch_size)
     t_load = time.perf_counter()
@@ -103,7 +112,7 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
     common = dict(batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                   max_pixels=settings.max_pixels, resume=resume, checkpoint_every=settings.checkpoint_every,
                   device=device)
-    workers, kind = encode_workers(settings), worker_kind(settings.encode_workers_kind, device)
+    workers, kind = encoding
     if engine != "model":
         return run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
                              encode_kind=kind, **common), t_load
@@ -151,12 +160,15 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
-    with _early_processes(settings, ckpt, processor, engine, dtype, device) or nullcontext() as processes:
-        return _score_calibration(settings, dist, device, ckpt, t0, processor, engine, dtype, keep, processes)
+    encoding = encode_workers(settings, ckpt, processor, device, dtype)
+    with _early_processes(settings, ckpt, processor, engine, dtype, device, encoding) or nullcontext() as processes:
+        return _score_calibration(settings, dist, device, ckpt, t0, processor, engine, dtype, keep, encoding,
+                                  processes)
 
 
 def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float,
-                       processor, engine: str, dtype, keep: int, processes: EncodingProcesses | None) -> dict:
+                       processor, engine: str, dtype, keep: int, encoding: tuple[int, str],
+                       processes: EncodingProcesses | None) -> dict:
     calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
                              settings.skip_bad_samples)
     if not ckpt.family.has_vision:
@@ -168,7 +180,7 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     resume = _resume_state(settings, ckpt, calib, order, dtype, dist)
     samples = dist.my_samples(order.samples, settings.batch_size)
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
-                         processes)
+                         encoding, processes)
     t_score = time.perf_counter()
     dist.all_reduce(stats)
     run.update(_order_record(order, given, settings.batch_size))
