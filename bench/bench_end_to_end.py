@@ -252,6 +252,7 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
     run, t = meta["run"], meta["timings"]
     return {"wall_s": wall, "load_s": t["load"], "scoring_s": t["scoring"], "reduce_s": t.get("reduce", 0.0),
             "encode_cpu_s": run.get("encode_seconds"), "encode_wait_s": run.get("encode_wait_seconds"),
+            "encode_first_wait_s": run.get("encode_first_wait_seconds", 0.0),
             "encode_workers": run.get("encode_workers"), "encode_kind": run.get("encode_kind"),
             "padding_share": run.get("padding_share"),
             "padding_file_order": run.get("padding_share_file_order_estimated"),
@@ -407,7 +408,7 @@ def table(results: dict) -> str:
              f"/dev/shm {results['shm_free_gib']} GiB free. Target ratio: reap.py's scoring phase per token over "
              "the warm baseline's (routed: plain forward; full: full observer), in brackets over the baseline with "
              "its first batch cold as reap.py runs it; baselines warm, (+first batch once more).", ""]
-    lines += ["| set | run | tokens | load s | scoring s | tok/s | reduce s | encode s (workers) | waited s | "
+    lines += ["| set | run | tokens | load s | scoring s | tok/s | reduce s | encode s (workers) | waited s (1st) | "
               "padding | target ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results["sets"].items():
         base = s.get("baselines", {})
@@ -427,7 +428,8 @@ def table(results: dict) -> str:
             kind = {"processes": " proc", "threads": " thr"}.get(r.get("encode_kind"), "")
             lines.append(f"| {name} | {run_name} | {r['tokens']:,} ({r['image_tokens']:,} img) | {r['load_s']:.1f} | "
                          f"{r['scoring_s']:.2f} | {r['tokens'] / r['scoring_s']:,.0f} | {r['reduce_s']:.2f} | "
-                         f"{r['encode_cpu_s']:.1f} ({r['encode_workers']}{kind}) | {r['encode_wait_s']:.2f} | "
+                         f"{r['encode_cpu_s']:.1f} ({r['encode_workers']}{kind}) | {r['encode_wait_s']:.2f} "
+                         f"({r['encode_first_wait_s']:.2f}) | "
                          f"{padding} | {ratio} |")
         if base:
             timed = " / ".join(f"{what} {base[key + '_s']:.2f} (+{base[warm + '_warmup_s']:.2f})"

@@ -251,6 +251,7 @@ class BatchStream:
         self.local = threading.local()
         self.encode_seconds = 0.0  # encoding time summed over the workers
         self.wait_seconds = 0.0  # time the consumer waited for a batch not ready yet
+        self.first_wait_seconds = 0.0  # of which for the first batch (the processes' start-up not yet over)
         self.op_threads = torch.get_num_threads()  # restored at close: see _one_op_thread
         self.threads = self.processes = None
         try:
@@ -308,7 +309,10 @@ class BatchStream:
         else:
             encoded = self.pending.popleft().result()  # an encoding error is raised here, in order
             self._fill()
-        self.wait_seconds += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.wait_seconds += waited
+        if self.next_index == 0:
+            self.first_wait_seconds = waited
         self.encode_seconds += encoded.seconds
         for message, category in encoded.warnings:
             warnings.warn(message, category, stacklevel=2)
@@ -321,7 +325,8 @@ class BatchStream:
         return {"padding_share": 1.0 - tokens / positions if positions else 0.0,
                 "encode_workers": self.workers, "encode_kind": self.kind,
                 "encode_seconds": round(self.encode_seconds, 3),
-                "encode_wait_seconds": round(self.wait_seconds, 3)}
+                "encode_wait_seconds": round(self.wait_seconds, 3),
+                "encode_first_wait_seconds": round(self.first_wait_seconds, 3)}
 
     def close(self) -> None:
         for future in self.pending:
