@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from ..errors import ReapError
 from .base import BoxFormat, ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily
+from .glm4v_moe import GLM4V_MOE
+from .llama4 import LLAMA4
 from .qwen3_vl_moe import QWEN3_VL_MOE
 
-FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE,)
+FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, GLM4V_MOE, LLAMA4)
 
 
 def family_for_config(config: dict) -> ModelFamily:
@@ -19,7 +21,7 @@ def family_for_config(config: dict) -> ModelFamily:
             return family
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise ReapError(f"model_type {model_type!r} is not supported (supported: {supported}); "
-                    "check REAP_MODEL_PATH points at a Qwen3-VL-MoE checkpoint")
+                    "check REAP_MODEL_PATH points at a checkpoint of one of them")
 
 
 def family_for_processor(processor) -> ModelFamily:
@@ -32,5 +34,6 @@ def family_for_processor(processor) -> ModelFamily:
     raise ReapError(f"processor {kind} belongs to no supported model family (supported: {supported})")
 
 
-__all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "KeyInfo", "KeyRole", "ModelFamily", "QWEN3_VL_MOE",
+__all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "GLM4V_MOE", "KeyInfo", "KeyRole", "LLAMA4", "ModelFamily",
+           "QWEN3_VL_MOE",
            "family_for_config", "family_for_processor"]

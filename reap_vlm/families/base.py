@@ -162,6 +162,18 @@ class ModelFamily:
         inter = int(text["moe_intermediate_size"])
         return {"H": int(text["hidden_size"]), "I": inter, "2I": 2 * inter}
 
+    # Config keys that count next-token-prediction (MTP / nextn) layers, set to 0 in a pruned model (see
+    # ``beyond_stack``).
+    mtp_config_keys = ()
+
+    def beyond_stack(self, key: str, config: dict) -> bool:
+        """Whether checkpoint ``key`` belongs to a decoder layer past ``num_hidden_layers``: a next-token-
+        prediction (MTP / nextn) layer some releases append (GLM-4.5V's layer 46).  transformers never builds
+        such a layer, so it is neither loaded nor scored, and the pruned checkpoint leaves it out (with
+        ``mtp_config_keys`` set to 0): one expert count for every layer that remains."""
+        layer = self.layer_of_key(key)
+        return layer is not None and layer >= self.num_layers(config)
+
     def set_num_experts(self, config: dict, count: int) -> list[str]:
         """Write ``count`` under every expert-count key the config already has; return the keys."""
         text = self.text_section(config)
@@ -285,8 +297,8 @@ class ModelFamily:
         return router.weight.shape[0]
 
     def router_forward(self, router: nn.Module, hidden: torch.Tensor,
-                       logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits, gate weights, expert ids) as ``router`` returns them, with ``logit_bias`` (e.g. -inf for
+                       logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """What ``router`` returns (here (logits, gate weights, expert ids)), with ``logit_bias`` (e.g. -inf for
         pruned experts) added to the logits before routing."""
         logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
         if logit_bias is not None:
@@ -297,6 +309,19 @@ class ModelFamily:
     def routed_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden [T, H], top-k ids [T, k], applied gate weights [T, k]) from the experts' call."""
         raise NotImplementedError
+
+    # Whether the experts' call carries (hidden, top-k ids, gate weights) (``routed_call``).  A family whose
+    # MoE block hands the experts something else (Llama-4: every expert's input already scaled by its gate)
+    # sets it False, and the observer takes them from the router's call instead (``routing_from_router``).
+    routing_in_experts_call = True
+
+    def routing_from_router(self, router: nn.Module, args: tuple,
+                            output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden [T, H], top-k ids [T, k], applied gate weights [T, k]) from the router's call: its input
+        and ``route`` of its logits."""
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        weights, ids = self.route(self.router_logits(output), router.top_k)
+        return hidden, ids, weights
 
     def expert_outputs(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """E_j(x) before gate weighting, for experts ``expert_ids`` on every row of x: [n, T, H]."""

@@ -90,6 +90,12 @@ def prune_config_text(text: str, family: ModelFamily, num_kept: int,
     for key in family.set_num_experts(expected, num_kept):
         for span in json_value_spans(text, (*text_path, key)):
             edits.append((span, str(num_kept), ".".join((*text_path, key))))
+    section = family.text_section(expected)
+    for key in family.mtp_config_keys:  # the next-token-prediction layers are left out (ModelFamily.beyond_stack)
+        if section.get(key):
+            section[key] = 0
+            for span in json_value_spans(text, (*text_path, key)):
+                edits.append((span, "0", ".".join((*text_path, key))))
     for where in dict.fromkeys([(), text_path]):
         quantization = _get(expected, (*where, "quantization_config"))
         for list_key in QUANTIZATION_LISTS:
