@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.loading import tokenizer_of
 from ..errors import ReapError
 from ..families import ModelFamily, family_for_processor
 from .files import CalibrationSample
@@ -54,9 +55,9 @@ def _truncate(enc: EncodedSample, max_len: int, processor, family: ModelFamily) 
     ids = enc.input_ids
     if ids.numel() <= max_len:
         return enc
-    starts = (ids == family.image_start_id(processor)).nonzero().flatten().tolist()
-    cut, kept_images = max_len, 0
     grid = enc.image_grid_thw
+    starts = (ids == family.image_start_id(processor)).nonzero().flatten().tolist() if grid is not None else []
+    cut, kept_images = max_len, 0
     for i, start in enumerate(starts):
         length = family.image_tokens(processor, grid[i:i + 1]) if grid is not None and i < len(grid) else 0
         end = start + length + family.image_frame_tokens  # start marker, placeholders, end marker
@@ -74,7 +75,8 @@ def _truncate(enc: EncodedSample, max_len: int, processor, family: ModelFamily) 
 
 
 def _encode(processor, text: str, images: list) -> EncodedSample:
-    out = processor(text=[text], images=images or None, return_tensors="pt")
+    # images only when there are some: a text-only family's processor is its tokenizer
+    out = processor(text=[text], return_tensors="pt", **({"images": images} if images else {}))
     return EncodedSample(
         out["input_ids"][0],
         out.get("pixel_values"),
@@ -147,7 +149,9 @@ def collate(encoded: list[EncodedSample], pad_id: int, left: bool = False) -> di
         attention[i, span] = 1
         if e.mm_token_type_ids is not None:
             mm[i, span] = e.mm_token_type_ids
-    batch = {"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": mm}
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    if any(e.mm_token_type_ids is not None for e in encoded):  # a multimodal processor's; a tokenizer has none
+        batch["mm_token_type_ids"] = mm
     with_images = [e for e in encoded if e.image_grid_thw is not None and e.image_grid_thw.numel()]
     if with_images:
         batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
@@ -158,9 +162,10 @@ def collate(encoded: list[EncodedSample], pad_id: int, left: bool = False) -> di
 def batches(processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int, max_pixels: int = 0,
             family: ModelFamily | None = None):
     """Yield padded batches in sample order."""
-    pad_id = processor.tokenizer.pad_token_id
+    tokenizer = tokenizer_of(processor)
+    pad_id = tokenizer.pad_token_id
     if pad_id is None:
-        pad_id = processor.tokenizer.eos_token_id
+        pad_id = tokenizer.eos_token_id
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         yield collate([encode_sample(processor, s, max_seq_len, max_pixels, family) for s in chunk], pad_id)

@@ -200,3 +200,13 @@ def load_calibration(path: Path, max_samples: int, seed: int = 42, skip_bad: boo
                         "fix the items")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return CalibrationSet(path, samples, len(items), skipped, digest)
+
+
+def require_text_only(calib: CalibrationSet, family_name: str) -> None:
+    """A text-only model cannot be calibrated on images: refuse before anything loads, naming the items."""
+    with_images = [s.index for s in calib.samples if s.has_image]
+    if with_images:
+        more = f" and {len(with_images) - 5} more" if len(with_images) > 5 else ""
+        raise ReapError(f"{calib.path}: item(s) {', '.join(map(str, with_images[:5]))}{more} carry images, but "
+                        f"{family_name} is a text-only model; calibrate it on text items ({{\"prompt\"}}, "
+                        "{\"text\"} or chat without images)")

@@ -50,14 +50,13 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
     assembling loader (per-expert keys fused, quantized weights dequantized) otherwise, since
     transformers 5 cannot load those.
     ``spread``: on ``cuda`` with several GPUs, spread the layers over them (accelerate device_map)."""
-    from transformers import AutoModelForImageTextToText
-
     ckpt = Checkpoint(Path(path))
     family = ckpt.family
+    auto = family.auto_model()
     quant = ckpt.quant_format  # a ReapError here for quantizations we cannot dequantize
     if not ckpt.has_per_expert_keys and quant is None:
         device_map = "auto" if spread and device == "cuda" and torch.cuda.device_count() > 1 else device
-        model, info = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, device_map=device_map,
+        model, info = auto.from_pretrained(str(path), dtype=dtype, device_map=device_map,
                                                                   output_loading_info=True)
         check_loading_info(path, info)
         return model.eval()
@@ -70,7 +69,7 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
             if hasattr(cfg, "quantization_config"):
                 delattr(cfg, "quantization_config")
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        model = auto.from_config(config, dtype=dtype)
     state = memory_state_dict(ckpt, dtype=dtype, device=device)
     if config.tie_word_embeddings and "lm_head.weight" not in state:
         state["lm_head.weight"] = state[family.embedding_key]
@@ -95,7 +94,13 @@ def check_loading_info(path: Path | str, info: dict) -> None:
                         "re-download the model or fix the checkpoint")
 
 
+def tokenizer_of(processor):
+    """The tokenizer of a processor (a text-only family's processor is its tokenizer)."""
+    return getattr(processor, "tokenizer", processor)
+
+
 def load_processor(path: Path | str):
+    """The folder's processor (AutoProcessor: a multimodal processor, or the tokenizer of a text-only model)."""
     from transformers import AutoProcessor
 
     try:

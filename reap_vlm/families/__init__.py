@@ -9,9 +9,10 @@ from ..errors import ReapError
 from .base import BoxFormat, ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily
 from .glm4v_moe import GLM4V_MOE
 from .llama4 import LLAMA4
+from .qwen3_moe import QWEN3_MOE
 from .qwen3_vl_moe import QWEN3_VL_MOE
 
-FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, GLM4V_MOE, LLAMA4)
+FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, QWEN3_MOE, GLM4V_MOE, LLAMA4)
 
 
 def family_for_config(config: dict) -> ModelFamily:
@@ -20,8 +21,9 @@ def family_for_config(config: dict) -> ModelFamily:
         if model_type in family.model_types:
             return family
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    names = ", ".join(f.name for f in FAMILIES)
     raise ReapError(f"model_type {model_type!r} is not supported (supported: {supported}); "
-                    "check REAP_MODEL_PATH points at a checkpoint of one of them")
+                    f"check REAP_MODEL_PATH points at a checkpoint of one of {names}")
 
 
 def family_for_processor(processor) -> ModelFamily:
@@ -35,5 +37,4 @@ def family_for_processor(processor) -> ModelFamily:
 
 
 __all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "GLM4V_MOE", "KeyInfo", "KeyRole", "LLAMA4", "ModelFamily",
-           "QWEN3_VL_MOE",
-           "family_for_config", "family_for_processor"]
+           "QWEN3_MOE", "QWEN3_VL_MOE", "family_for_config", "family_for_processor"]

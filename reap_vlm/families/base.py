@@ -109,9 +109,21 @@ class ModelFamily:
     embedding_key: str  # lm_head's source when tie_word_embeddings
     prelayer: tuple[str, ...]  # key/module prefixes of what runs before decoder layer 0
     box_format: BoxFormat
+    # transformers' Auto class that builds the model from config.json ("AutoModelForImageTextToText",
+    # "AutoModelForCausalLM"): the loader, the layer-wise skeleton and the check ask it.
+    auto_model_class: str
+    # Whether the model takes images: a text-only family scores and checks text only, and calibration items
+    # with images are refused before anything loads.
+    has_vision: bool
     fused: tuple[ExpertTensorLayout, ...] = ()
 
     # ------------------------------------------------------------------ config face
+
+    def auto_model(self):
+        """transformers' Auto class for this family's checkpoints (``from_pretrained`` / ``from_config``)."""
+        import transformers
+
+        return getattr(transformers, self.auto_model_class)
 
     def text_section(self, config):
         """The language model's settings: a config.json dict's section, or a transformers config's attribute."""

@@ -121,6 +121,8 @@ GLM4V_MOE = Glm4vMoeFamily(
     embedding_key="model.language_model.embed_tokens.weight",
     prelayer=("model.visual.", "model.language_model.embed_tokens."),
     box_format=GLM_BOX,
+    auto_model_class="AutoModelForImageTextToText",
+    has_vision=True,
     fused=(
         ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("2I", "H")),
         ExpertTensorLayout("down_proj", memory=("H", "I"), disk=("H", "I")),

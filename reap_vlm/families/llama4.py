@@ -164,6 +164,8 @@ LLAMA4 = Llama4Family(
     embedding_key="language_model.model.embed_tokens.weight",
     prelayer=("vision_model.", "multi_modal_projector.", "language_model.model.embed_tokens."),
     box_format=NORMALIZED_1000,
+    auto_model_class="AutoModelForImageTextToText",
+    has_vision=True,
     fused=(
         ExpertTensorLayout("gate_up_proj", memory=("H", "2I"), disk=("H", "2I")),
         ExpertTensorLayout("down_proj", memory=("I", "H"), disk=("I", "H")),

@@ -15,37 +15,15 @@ import torch
 from torch import nn
 
 from .base import NORMALIZED_1000, ExpertTensorLayout
-from .fused_experts import FusedGateUpFamily
+from .qwen3_moe import Qwen3MoeFamily
 
 
-class Qwen3VLMoeFamily(FusedGateUpFamily):
-    """What Qwen3-VL-MoE computes its own way: routing, dense layers, visual tokens, deepstack."""
+class Qwen3VLMoeFamily(Qwen3MoeFamily):
+    """Qwen3-MoE's language model (routing, dense layers) plus what Qwen3-VL-MoE adds: visual tokens, deepstack.
+    Its router has no ``norm_topk_prob``: the k weights are always renormalised."""
 
     image_frame_tokens = 2  # <|vision_start|> ... <|vision_end|>
     routing_description = "softmax over all experts, top-k, renormalised"
-
-    def moe_layers(self, config: dict) -> list[int]:
-        text = self.text_section(config)
-        skip = set(text.get("mlp_only_layers") or [])
-        step = int(text.get("decoder_sparse_step", 1) or 1)
-        if self.num_experts(config) <= 0:
-            return []
-        return [i for i in range(self.num_layers(config)) if i not in skip and (i + 1) % step == 0]
-
-    def decoder_dims(self, text_config) -> dict[str, int]:
-        c = text_config
-        h = int(c.hidden_size)
-        return {"hidden": h, "intermediate": int(getattr(c, "moe_intermediate_size", 0) or c.intermediate_size),
-                "top_k": int(getattr(c, "num_experts_per_tok", 1) or 1),
-                "experts": int(getattr(c, "num_experts", 1) or 1),
-                "heads": int(c.num_attention_heads), "kv_heads": int(c.num_key_value_heads),
-                "head_dim": int(getattr(c, "head_dim", None) or h // c.num_attention_heads)}
-
-    def route(self, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
-        weights, ids = torch.topk(probs, top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(router_logits.dtype), ids
 
     # -------------------------------------------------------------- tokens and processor
 
@@ -101,6 +79,8 @@ QWEN3_VL_MOE = Qwen3VLMoeFamily(
     embedding_key="model.language_model.embed_tokens.weight",
     prelayer=("model.visual.", "model.language_model.embed_tokens."),
     box_format=NORMALIZED_1000,
+    auto_model_class="AutoModelForImageTextToText",
+    has_vision=True,
     fused=(
         ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("H", "2I")),
         ExpertTensorLayout("down_proj", memory=("H", "I"), disk=("I", "H")),

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ..calibration.encode import num_batches
-from ..calibration.files import CalibrationSet, load_calibration
+from ..calibration.files import CalibrationSet, load_calibration, require_text_only
 from ..checkpoint.integrity import check_checkpoint_folder
 from ..checkpoint.loading import load_model, load_processor, resolve_device, resolve_dtype
 from ..checkpoint.reader import Checkpoint
@@ -108,6 +108,8 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     keep = num_to_keep(ckpt.num_experts, settings.prune_ratio, settings.keep_multiple, ckpt.top_k)
     calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
                              settings.skip_bad_samples)
+    if not ckpt.family.has_vision:
+        require_text_only(calib, ckpt.family.name)
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)

@@ -1,7 +1,7 @@
 """Layer-wise REAP scoring: models larger than GPU and CPU memory, one decoder layer at a time.
 
 The model is a skeleton on the meta device (config through transformers' ``AutoConfig``, modules
-through ``AutoModelForImageTextToText.from_config`` under ``accelerate.init_empty_weights``).  For a
+through the family's Auto class (``from_config``) under ``accelerate.init_empty_weights``).  For a
 group of calibration batches (as many as fit: their hidden states on the GPU when they fit, else in
 pinned host memory):
 
@@ -145,11 +145,11 @@ _TEXT_INPUTS_CONSUMED = ("input_ids", "inputs_embeds", "attention_mask", "positi
 def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     """The whole model on the meta device (buffers, e.g. rotary frequencies, real on the CPU)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(ckpt.path))
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        model = ckpt.family.auto_model().from_config(config, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()
 
