@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from reap_vlm.calibration.encode import collate, encode_sample
+from reap_vlm.calibration.encode import collate, encode_sample, to_model
 from reap_vlm.calibration.files import load_calibration
 from reap_vlm.check.masked_routing import masked_routing
 from reap_vlm.checkpoint.loading import check_loading_info, load_model, load_processor, tokenizer_of
@@ -71,8 +71,10 @@ def brute_force(fixture: FamilyFixture, model_path: Path, calib_file: Path) -> d
         for sample in load_calibration(calib_file, 100).samples:
             enc = encode_sample(processor, sample, 2048, family=family)
             inputs = {"input_ids": enc.input_ids[None], "attention_mask": torch.ones_like(enc.input_ids)[None]}
-            if enc.pixel_values is not None:
-                inputs.update(pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw)
+            if enc.pixel_values is not None:  # in the model's dtype (Llama-4's processor gives bfloat16)
+                inputs["pixel_values"] = enc.pixel_values.to(model.dtype)
+            if enc.image_grid_thw is not None:
+                inputs["image_grid_thw"] = enc.image_grid_thw
             if enc.mm_token_type_ids is not None:
                 inputs["mm_token_type_ids"] = enc.mm_token_type_ids[None]
             model(**inputs)
@@ -174,7 +176,7 @@ def _prompt_batch(model_path: Path, calib: Path, family) -> dict[str, torch.Tens
     picked = [next(s for s in samples if s.has_image) if family.has_vision else samples[0], samples[-1]]
     encoded = [encode_sample(processor, s, 2048, family=family) for s in picked]
     assert encoded[0].input_ids.numel() != encoded[1].input_ids.numel()
-    return collate(encoded, tokenizer_of(processor).pad_token_id)
+    return to_model(collate(encoded, tokenizer_of(processor).pad_token_id), "cpu", torch.float32)
 
 
 def _logits(model, batch) -> torch.Tensor:

@@ -56,7 +56,12 @@ def _truncate(enc: EncodedSample, max_len: int, processor, family: ModelFamily) 
     if ids.numel() <= max_len:
         return enc
     grid = enc.image_grid_thw
-    starts = (ids == family.image_start_id(processor)).nonzero().flatten().tolist() if grid is not None else []
+    starts = (ids == family.image_start_id(processor)).nonzero().flatten().tolist() \
+        if grid is not None or enc.pixel_values is not None else []
+    if grid is None and starts:  # images without a patch grid (Llama-4's tiles): no extents, all dropped
+        cut = min(max_len, starts[0])
+        return EncodedSample(ids[:cut], None, None, None if enc.mm_token_type_ids is None else
+                             enc.mm_token_type_ids[:cut])
     cut, kept_images = max_len, 0
     for i, start in enumerate(starts):
         length = family.image_tokens(processor, grid[i:i + 1]) if grid is not None and i < len(grid) else 0
@@ -152,11 +157,19 @@ def collate(encoded: list[EncodedSample], pad_id: int, left: bool = False) -> di
     batch = {"input_ids": input_ids, "attention_mask": attention}
     if any(e.mm_token_type_ids is not None for e in encoded):  # a multimodal processor's; a tokenizer has none
         batch["mm_token_type_ids"] = mm
-    with_images = [e for e in encoded if e.image_grid_thw is not None and e.image_grid_thw.numel()]
-    if with_images:
-        batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
-        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in with_images])
+    with_pixels = [e.pixel_values for e in encoded if e.pixel_values is not None and e.pixel_values.numel()]
+    if with_pixels:
+        batch["pixel_values"] = torch.cat(with_pixels)
+    grids = [e.image_grid_thw for e in encoded if e.image_grid_thw is not None and e.image_grid_thw.numel()]
+    if grids:  # a patch grid per image where the family has one (not Llama-4's tiles)
+        batch["image_grid_thw"] = torch.cat(grids)
     return batch
+
+
+def to_model(batch: dict[str, torch.Tensor], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A batch on ``device`` with its pixel values in the model's ``dtype`` (Llama-4's processor gives bfloat16,
+    which its vision tower takes as they come; the Qwen/GLM towers cast them themselves, the same values)."""
+    return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in batch.items()}
 
 
 def batches(processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int, max_pixels: int = 0,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ReapError
 from .base import NORMALIZED_1000, ExpertTensorLayout, ModelFamily
 
 
@@ -133,11 +132,16 @@ class Llama4Family(ModelFamily):
         return processor.tokenizer.convert_tokens_to_ids("<|image_start|>")
 
     def vision_merge_size(self, processor) -> int:
-        raise ReapError("Llama-4 calibration with images is not supported yet (tiled images have no patch "
-                        "grid); use text items")
+        """Patches merged into one image token, per side: the pixel shuffle's (ratio 0.5: 2)."""
+        return int(round(processor.downsample_ratio ** 0.5))
 
     def pixels_per_image_token(self, processor) -> int:
-        return self.vision_merge_size(processor)
+        return (processor.patch_size * self.vision_merge_size(processor)) ** 2
+
+    def image_tokens(self, processor, grid_thw: torch.Tensor | None) -> int:
+        """0: Llama-4's processor gives tiles, no patch grid to count image tokens from (the calibration then
+        keeps an image only while its sample fits the sequence length whole)."""
+        return 0
 
     # -------------------------------------------------------------- layer-wise
 

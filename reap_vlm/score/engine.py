@@ -8,7 +8,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration.encode import batches, num_batches
+from ..calibration.encode import batches, num_batches, to_model
 from ..checkpoint.loading import free_memory_bytes
 from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
@@ -58,7 +58,7 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
         remaining = samples[done * batch_size:]  # batches already summed are not even encoded again
         stream = batches(processor, remaining, batch_size, max_seq_len, max_pixels, family)
         for i, batch in enumerate(stream, start=done):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_model(batch, device, model.dtype)
             observer.set_masks(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
             base(**batch, use_cache=False)
             tokens += int(batch["attention_mask"].sum())

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.encode import batches, num_batches
+from ..calibration.encode import batches, num_batches, to_model
 from ..checkpoint.loading import free_memory_bytes
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.tensors import memory_state_dict
@@ -400,7 +400,7 @@ def _form_group(lw: LayerwiseModel, it, limit: int, mode: str, batch_tokens: int
             batch = next(it, None)
             if batch is None:
                 break
-            state = lw.capture({k: v.to(lw.device) for k, v in batch.items()})
+            state = lw.capture(to_model(batch, lw.device, lw.dtype))
             if on_host and cuda:
                 state = state.to("cpu", pin=True)
             group.append(state)
