@@ -131,7 +131,8 @@ def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pi
         enc = _shrink_to_fit(processor, family, text, images, enc, max_seq_len)
     fitted = _truncate(enc, max_seq_len, processor, family)
     after = family.image_tokens(processor, fitted.image_grid_thw)
-    if after < before:
+    lost_pixels = enc.pixel_values is not None and fitted.pixel_values is None  # also where tokens go uncounted
+    if after < before or lost_pixels:
         what = "dropped" if after == 0 or (fitted.image_grid_thw is not None and
                                            len(fitted.image_grid_thw) < len(images)) else "scaled down"
         warnings.warn(f"calibration item {sample.index}: image {what} to fit REAP_MAX_SEQ_LEN={max_seq_len} "
