@@ -171,3 +171,14 @@ def test_llama4_image_sample_too_long_drops_its_tiles_whole(llama, tmp_path):
     with pytest.warns(UserWarning, match="image"):
         cut = encode_sample(processor, sample, start + 3, family=LLAMA4)
     assert cut.pixel_values is None and cut.input_ids.numel() == start
+
+
+def test_quantization_lists_lose_the_experts_of_left_out_layers():
+    from reap_vlm.prune.config_edit import rewrite_module_names
+
+    names = ["lm_head", "model.language_model.layers.1.mlp.experts.3.down_proj",
+             "model.language_model.layers.4.mlp.experts.3.down_proj", "model.language_model.layers.4.mlp.gate"]
+    assert rewrite_module_names(names, GLM4V_MOE, {1: {3: 0}}, num_layers=4) == [
+        "lm_head", "model.language_model.layers.1.mlp.experts.0.down_proj", "model.language_model.layers.4.mlp.gate"]
+    with pytest.raises(ReapError, match="not a MoE layer"):
+        rewrite_module_names(names, GLM4V_MOE, {1: {3: 0}})

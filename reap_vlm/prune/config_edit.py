@@ -58,8 +58,10 @@ def _render_list_like(original: str, values: list[str]) -> str:
     return "[\n" + ",\n".join(item + json.dumps(v, ensure_ascii=False) for v in values) + "\n" + closing + "]"
 
 
-def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dict[int, int]]) -> list:
-    """A quantization_config module list with dropped experts removed and kept ones renumbered."""
+def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dict[int, int]],
+                         num_layers: int | None = None) -> list:
+    """A quantization_config module list with dropped experts removed and kept ones renumbered; experts of layers
+    at or past ``num_layers`` (next-token-prediction layers, left out of the pruned model) are removed too."""
     named = family.expert_module_pattern()
     unlayered = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(family.experts_module)}\\?\.\d+")
     out = []
@@ -72,6 +74,8 @@ def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dic
             out.append(name)
             continue
         layer, expert = int(m["layer"]), int(m["expert"])
+        if num_layers is not None and layer >= num_layers:
+            continue
         if layer not in id_map:
             raise ReapError(f"quantization_config names {name!r}, but layer {layer} is not a MoE layer of this "
                             "model; the config does not match the checkpoint")
@@ -100,7 +104,9 @@ def prune_config_text(text: str, family: ModelFamily, num_kept: int,
         quantization = _get(expected, (*where, "quantization_config"))
         for list_key in QUANTIZATION_LISTS:
             names = quantization.get(list_key) if isinstance(quantization, dict) else None
-            if not isinstance(names, list) or (new := rewrite_module_names(names, family, id_map)) == names:
+            new = rewrite_module_names(names, family, id_map, section.get("num_hidden_layers")) \
+                if isinstance(names, list) else names
+            if new == names:
                 continue
             quantization[list_key] = new
             path = (*where, "quantization_config", list_key)
