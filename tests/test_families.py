@@ -34,6 +34,7 @@ from reap_vlm.settings import Settings
 
 NAMES = sorted(FIXTURES)
 TEXT_ONLY = [name for name in NAMES if not FIXTURES[name].family.has_vision]
+QUANTIZED = [(name, fmt) for name in NAMES for fmt in FIXTURES[name].quantized]  # the formats each has releases in
 RTOL = 1e-5
 
 
@@ -61,7 +62,7 @@ def brute_force(fixture: FamilyFixture, model_path: Path, calib_file: Path) -> d
     hooks = [blocks[i].register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].detach()))
              for i in layers]
     experts64 = {i: _float64(blocks[i], family) for i in layers}
-    num = len(family.experts_of(blocks[layers[0]]).gate_up_proj)
+    num = Checkpoint(model_path).num_experts
     visual = {getattr(model.config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
     names = ("count", "g", "gn", "n", "p", "pn", "count_img", "gn_img", "count_txt", "gn_txt", "peak_img", "peak_txt")
     sums = {name: np.zeros((len(layers), num)) for name in names}
@@ -179,6 +180,18 @@ def _prompt_batch(model_path: Path, calib: Path, family) -> dict[str, torch.Tens
     return to_model(collate(encoded, tokenizer_of(processor).pad_token_id), "cpu", torch.float32)
 
 
+def _config_diff(before: dict, after: dict, path: str = "") -> dict:
+    """{dotted path: new value} of every leaf that differs."""
+    out = {}
+    for key in before.keys() | after.keys():
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_config_diff(a, b, f"{path}{key}."))
+        elif a != b:
+            out[f"{path}{key}"] = b
+    return out
+
+
 def _logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits[batch["attention_mask"].bool()]
@@ -206,6 +219,10 @@ def test_pruned_model_equals_the_masked_original(case, masked_reference, tmp_pat
     prune_checkpoint(source, pruned, keep, verify=True, progress=False)
     assert Checkpoint(pruned).num_experts == 7
     assert Checkpoint(pruned).has_per_expert_keys == Checkpoint(source).has_per_expert_keys
+    assert _config_diff(Checkpoint(source).config, Checkpoint(pruned).config) == dict(fixture.config_changes)
+    for prefix in fixture.dropped:
+        assert any(k.startswith(prefix) for k in Checkpoint(source).stored_weight_map)
+        assert not any(k.startswith(prefix) for k in Checkpoint(pruned).stored_weight_map)
     got = _logits(load_model(pruned), batch)
     assert torch.allclose(got, masked, atol=1e-5, rtol=0)
     assert not torch.allclose(got, unmasked, atol=1e-3), "pruning changed nothing"
@@ -214,15 +231,13 @@ def test_pruned_model_equals_the_masked_original(case, masked_reference, tmp_pat
         auto = fixture.family.auto_model()
         model, info = auto.from_pretrained(str(pruned), dtype=torch.float32, output_loading_info=True)
         check_loading_info(pruned, info)  # no missing, unexpected or mismatched key
-        assert all(len(fixture.family.experts_of(b).gate_up_proj) == 7 for _, b in fixture.family.moe_blocks(model))
         assert torch.allclose(_logits(model.eval(), batch), masked, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "awq"])
-def test_pruned_quantized_release_equals_the_masked_dequantized_original(case, tmp_path, fmt):
-    name, fixture, _, calib = case
-    if fmt not in fixture.quantized:
-        pytest.skip(f"{name} has no {fmt} release")  # the family's releases decide; nothing to prove
+@pytest.mark.parametrize("name,fmt", QUANTIZED)
+def test_pruned_quantized_release_equals_the_masked_dequantized_original(name, fmt, tmp_path):
+    fixture = FIXTURES[name]
+    calib = fixture.calibration(tmp_path / "calibration")
     source = fixture.build(tmp_path / "source", per_expert=True)
     quantized, reference = quantize_checkpoint(source, tmp_path / "q", fmt, tmp_path / "q-ref")
     assert Checkpoint(quantized).quant_format.name == fmt

@@ -178,7 +178,8 @@ def test_quantization_lists_lose_the_experts_of_left_out_layers():
 
     names = ["lm_head", "model.language_model.layers.1.mlp.experts.3.down_proj",
              "model.language_model.layers.4.mlp.experts.3.down_proj", "model.language_model.layers.4.mlp.gate"]
-    assert rewrite_module_names(names, GLM4V_MOE, {1: {3: 0}}, num_layers=4) == [
-        "lm_head", "model.language_model.layers.1.mlp.experts.0.down_proj", "model.language_model.layers.4.mlp.gate"]
+    config = {"model_type": "glm4v_moe", "text_config": {"num_hidden_layers": 4}}
+    assert rewrite_module_names(names, GLM4V_MOE, {1: {3: 0}}, config) == [
+        "lm_head", "model.language_model.layers.1.mlp.experts.0.down_proj"]
     with pytest.raises(ReapError, match="not a MoE layer"):
         rewrite_module_names(names, GLM4V_MOE, {1: {3: 0}})

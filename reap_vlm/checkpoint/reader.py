@@ -48,11 +48,11 @@ class Checkpoint:
     @cached_property
     def weight_map(self) -> dict[str, str]:
         """Key -> shard of every tensor of the model transformers builds: the stored tensors less those of
-        layers past the decoder stack (next-token-prediction layers, ``ModelFamily.beyond_stack``)."""
-        return {k: v for k, v in self.stored_weight_map.items() if not self.beyond_stack(k)}
+        parts the model never loads (next-token-prediction layers, ``ModelFamily.left_out``)."""
+        return {k: v for k, v in self.stored_weight_map.items() if not self.left_out(k)}
 
-    def beyond_stack(self, key: str) -> bool:
-        return self.family.beyond_stack(key, self.config)
+    def left_out(self, key: str) -> bool:
+        return self.family.left_out(key, self.config)
 
     @cached_property
     def stored_weight_map(self) -> dict[str, str]:

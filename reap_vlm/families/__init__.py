@@ -9,10 +9,11 @@ from ..errors import ReapError
 from .base import BoxFormat, ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily
 from .glm4v_moe import GLM4V_MOE
 from .llama4 import LLAMA4
+from .qwen3_5_moe import QWEN3_5_MOE
 from .qwen3_moe import QWEN3_MOE
 from .qwen3_vl_moe import QWEN3_VL_MOE
 
-FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, QWEN3_MOE, GLM4V_MOE, LLAMA4)
+FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, QWEN3_MOE, QWEN3_5_MOE, GLM4V_MOE, LLAMA4)
 
 
 def family_for_config(config: dict) -> ModelFamily:
@@ -37,4 +38,4 @@ def family_for_processor(processor) -> ModelFamily:
 
 
 __all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "GLM4V_MOE", "KeyInfo", "KeyRole", "LLAMA4", "ModelFamily",
-           "QWEN3_MOE", "QWEN3_VL_MOE", "family_for_config", "family_for_processor"]
+           "QWEN3_5_MOE", "QWEN3_MOE", "QWEN3_VL_MOE", "family_for_config", "family_for_processor"]

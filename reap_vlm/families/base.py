@@ -38,6 +38,7 @@ class KeyRole(Enum):
     PER_EXPERT = "per_expert"  # one tensor per expert: ...experts.{e}.<proj>.<suffix>
     ROUTER = "router"  # one row per expert on dim 0 (router weight, score bias)
     OTHER = "other"  # copied unchanged
+    DROPPED = "dropped"  # a part the model never loads that holds experts of its own: left out when pruning
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class ModelFamily:
     # with images are refused before anything loads.
     has_vision: bool
     fused: tuple[ExpertTensorLayout, ...] = ()
+    # Key prefixes of parts transformers never loads that carry experts of their own (e.g. next-token-prediction
+    # layers for speculative decoding): never scored, left out of the pruned checkpoint (``KeyRole.DROPPED``),
+    # the config told so by ``config_after_pruning``.  The family's docstring says why.
+    dropped_prefixes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ config face
 
@@ -174,17 +179,20 @@ class ModelFamily:
         inter = int(text["moe_intermediate_size"])
         return {"H": int(text["hidden_size"]), "I": inter, "2I": 2 * inter}
 
-    # Config keys that count next-token-prediction (MTP / nextn) layers, set to 0 in a pruned model (see
-    # ``beyond_stack``).
-    mtp_config_keys = ()
+    def config_after_pruning(self, text_section: dict) -> dict[str, int]:
+        """Keys of the text section to set in the pruned config besides the expert count (what the dropped parts
+        took with them), with their new values."""
+        return {}
 
-    def beyond_stack(self, key: str, config: dict) -> bool:
-        """Whether checkpoint ``key`` belongs to a decoder layer past ``num_hidden_layers``: a next-token-
-        prediction (MTP / nextn) layer some releases append (GLM-4.5V's layer 46).  transformers never builds
-        such a layer, so it is neither loaded nor scored, and the pruned checkpoint leaves it out (with
-        ``mtp_config_keys`` set to 0): one expert count for every layer that remains."""
-        layer = self.layer_of_key(key)
-        return layer is not None and layer >= self.num_layers(config)
+    def left_out(self, key: str, config: dict) -> bool:
+        """Whether checkpoint ``key`` belongs to a part the model never loads and the pruned checkpoint leaves
+        out: a ``KeyRole.DROPPED`` prefix, or a decoder layer past ``num_hidden_layers`` (the next-token-
+        prediction layer some releases append after the stack, GLM-4.5V's layer 46).  Never loaded, so never
+        scored; ``config_after_pruning`` tells the config."""
+        if self.classify(key).role is KeyRole.DROPPED:
+            return True
+        layer, layers = self.layer_of_key(key), self.text_section(config).get("num_hidden_layers")
+        return layer is not None and layers is not None and layer >= int(layers)
 
     def set_num_experts(self, config: dict, count: int) -> list[str]:
         """Write ``count`` under every expert-count key the config already has; return the keys."""
@@ -206,6 +214,8 @@ class ModelFamily:
         )
 
     def classify(self, key: str) -> KeyInfo:
+        if self.dropped_prefixes and key.startswith(self.dropped_prefixes):
+            return KeyInfo(KeyRole.DROPPED)
         per_expert, fused, router = self._patterns()
         if m := per_expert.match(key):
             return KeyInfo(KeyRole.PER_EXPERT, int(m["layer"]), int(m["expert"]), m["name"], m["prefix"])

@@ -19,7 +19,7 @@ on load by transformers' conversion mapping); transformers 5 fuses them as ``gat
 and ``down_proj`` [E, H, I] and writes that order when it saves fused.  The releases also carry one
 next-token-prediction (MTP / nextn) layer after the decoder stack (layer ``num_hidden_layers``, e.g. 46)
 with 128 experts of its own; transformers never builds it, so it cannot be scored: the pruned checkpoint
-leaves it out and sets ``num_nextn_predict_layers`` to 0 (``ModelFamily.beyond_stack``).
+leaves it out and sets ``num_nextn_predict_layers`` to 0 (``ModelFamily.left_out``).
 
 Images: ``<|begin_of_image|>``, one ``<|image|>`` per merged 2x2 patch group, ``<|end_of_image|>`` (the
 Qwen2-VL processor lineage: ``image_grid_thw``, ``merge_size``).  Grounding answers:
@@ -44,7 +44,6 @@ class Glm4vMoeFamily(Qwen3VLMoeFamily):
 
     routing_description = ("sigmoid scores; experts chosen by score + e_score_correction_bias (grouped top-k); "
                            "weights = the chosen scores without the bias, renormalised, times routed_scaling_factor")
-    mtp_config_keys = ("num_nextn_predict_layers",)
 
     def moe_layers(self, config: dict) -> list[int]:
         text = self.text_section(config)
@@ -56,6 +55,10 @@ class Glm4vMoeFamily(Qwen3VLMoeFamily):
             return []
         first = int(text.get("first_k_dense_replace", 0) or 0)
         return list(range(first, self.num_layers(config)))
+
+    def config_after_pruning(self, text_section: dict) -> dict[str, int]:
+        """The next-token-prediction layer is left out: none remain."""
+        return {"num_nextn_predict_layers": 0} if text_section.get("num_nextn_predict_layers") else {}
 
     def decoder_dims(self, text_config) -> dict[str, int]:
         dims = super().decoder_dims(text_config)

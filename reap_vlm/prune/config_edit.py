@@ -10,7 +10,7 @@ import json
 import re
 
 from ..errors import ReapError
-from ..families import ModelFamily
+from ..families import KeyRole, ModelFamily
 
 QUANTIZATION_LISTS = ("modules_to_not_convert", "ignore")
 
@@ -59,13 +59,16 @@ def _render_list_like(original: str, values: list[str]) -> str:
 
 
 def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dict[int, int]],
-                         num_layers: int | None = None) -> list:
-    """A quantization_config module list with dropped experts removed and kept ones renumbered; experts of layers
-    at or past ``num_layers`` (next-token-prediction layers, left out of the pruned model) are removed too."""
+                         config: dict | None = None) -> list:
+    """A quantization_config module list with dropped experts removed and kept ones renumbered; modules of the
+    parts the pruned checkpoint leaves out (``ModelFamily.left_out``, judged with ``config`` where given) too."""
     named = family.expert_module_pattern()
     unlayered = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(family.experts_module)}\\?\.\d+")
     out = []
     for name in names:
+        if isinstance(name, str) and (family.left_out(name + ".weight", config) if config is not None else
+                                      family.classify(name + ".weight").role is KeyRole.DROPPED):
+            continue  # a module of a part the pruned checkpoint leaves out
         m = named.search(name) if isinstance(name, str) and not name.startswith("re:") else None
         if m is None:
             if isinstance(name, str) and unlayered.search(name):
@@ -74,8 +77,6 @@ def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dic
             out.append(name)
             continue
         layer, expert = int(m["layer"]), int(m["expert"])
-        if num_layers is not None and layer >= num_layers:
-            continue
         if layer not in id_map:
             raise ReapError(f"quantization_config names {name!r}, but layer {layer} is not a MoE layer of this "
                             "model; the config does not match the checkpoint")
@@ -95,16 +96,15 @@ def prune_config_text(text: str, family: ModelFamily, num_kept: int,
         for span in json_value_spans(text, (*text_path, key)):
             edits.append((span, str(num_kept), ".".join((*text_path, key))))
     section = family.text_section(expected)
-    for key in family.mtp_config_keys:  # the next-token-prediction layers are left out (ModelFamily.beyond_stack)
-        if section.get(key):
-            section[key] = 0
-            for span in json_value_spans(text, (*text_path, key)):
-                edits.append((span, "0", ".".join((*text_path, key))))
+    for key, value in family.config_after_pruning(section).items():
+        section[key] = value
+        for span in json_value_spans(text, (*text_path, key)):
+            edits.append((span, json.dumps(value), ".".join((*text_path, key))))
     for where in dict.fromkeys([(), text_path]):
         quantization = _get(expected, (*where, "quantization_config"))
         for list_key in QUANTIZATION_LISTS:
             names = quantization.get(list_key) if isinstance(quantization, dict) else None
-            new = rewrite_module_names(names, family, id_map, section.get("num_hidden_layers")) \
+            new = rewrite_module_names(names, family, id_map, expected) \
                 if isinstance(names, list) else names
             if new == names:
                 continue

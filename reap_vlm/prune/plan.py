@@ -74,6 +74,8 @@ def plan_tensor(family: ModelFamily, tensor: SourceTensor, num_experts: int, kee
     info = family.classify(tensor.key)
     if info.role is KeyRole.OTHER:
         return "copied", OutputTensor(tensor.key, tensor.dtype, tensor.shape, ((tensor.begin, tensor.end),))
+    if info.role is KeyRole.DROPPED:
+        return "dropped", None
     if info.layer not in keep:
         raise ReapError(f"{tensor.key}: experts in layer {info.layer}, which config.json does not list as a MoE "
                         "layer; the checkpoint does not match its config")
@@ -96,9 +98,9 @@ def plan_tensor(family: ModelFamily, tensor: SourceTensor, num_experts: int, kee
 
 def plan_source_tensor(ckpt: Checkpoint, tensor: SourceTensor, keep: dict[int, list[int]],
                        id_map: dict[int, dict[int, int]]) -> tuple[str, OutputTensor | None]:
-    """``plan_tensor`` for a tensor of ``ckpt``; those of a next-token-prediction layer past the decoder
-    stack are dropped (``ModelFamily.beyond_stack``)."""
-    if ckpt.beyond_stack(tensor.key):
+    """``plan_tensor`` for a tensor of ``ckpt``; those of a part the model never loads (a next-token-prediction
+    layer past the decoder stack, ``ModelFamily.left_out``) are dropped."""
+    if ckpt.left_out(tensor.key):
         return "dropped", None
     return plan_tensor(ckpt.family, tensor, ckpt.num_experts, keep, id_map)
 

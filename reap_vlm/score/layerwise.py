@@ -6,10 +6,10 @@ group of calibration batches (as many as fit: their hidden states on the GPU whe
 pinned host memory):
 
 1. the token embeddings and the vision tower get real weights and the model's own multimodal
-   forward runs up to the first decoder layer, where a pre-hook captures exactly what the text
-   model hands every decoder layer (hidden states, causal mask, mRoPE position embeddings, text
-   position ids) and what it keeps for after the layers (visual position mask, deepstack
-   features); then those weights are dropped;
+   forward runs with stand-ins for the decoder layers that capture exactly what the text model
+   hands each decoder layer (hidden states, causal mask, or the linear-attention mask of a hybrid
+   model's linear layers, mRoPE position embeddings, text position ids) and what it keeps for after
+   the layers (visual position mask, deepstack features); then those weights are dropped;
 2. decoder layer ``i`` of the skeleton (transformers' own decoder layer class) gets its
    weights from the safetensors (only that layer's keys, through ``checkpoint.tensors.memory_state_dict``,
    so dequantization and layout conversion are the loader's), every batch of the group passes
@@ -54,13 +54,18 @@ _GiB = 1 << 30
 # ----------------------------------------------------------------------------------------------- tensors
 
 
-def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], obj):
+def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], obj, memo: dict | None = None):
+    """``fn`` applied to every tensor of a nest of dicts, lists and tuples; a tensor met twice (the layers'
+    kwargs share their masks) is mapped once and stays shared."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return fn(obj)
+        if id(obj) not in memo:
+            memo[id(obj)] = fn(obj)
+        return memo[id(obj)]
     if isinstance(obj, dict):
-        return {k: _tree_map(fn, v) for k, v in obj.items()}
+        return {k: _tree_map(fn, v, memo) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_tree_map(fn, v) for v in obj)
+        return type(obj)(_tree_map(fn, v, memo) for v in obj)
     return obj
 
 
@@ -113,7 +118,9 @@ class BatchState:
     keeps for after the layers (deepstack), and the observer's token masks."""
 
     hidden: torch.Tensor  # [B, S, H]
-    layer_kwargs: dict  # attention_mask, position_ids, position_embeddings, ... as the layers get them
+    # per decoder layer, what the text model passes it (attention_mask, position_ids, position_embeddings, ...):
+    # hybrid models give layers of different kinds different masks; the dicts share their tensors
+    layer_kwargs: list[dict]
     text_inputs: dict  # visual_pos_masks, deepstack_visual_embeds, ...
     masks: TokenMasks
     tokens: int
@@ -130,12 +137,13 @@ class BatchState:
                 return pin(t) if pin else t
             return t.to(device, non_blocking=True)
 
-        return BatchState(move(self.hidden), _tree_map(move, self.layer_kwargs), _tree_map(move, self.text_inputs),
-                          self.masks, self.tokens)
+        memo: dict = {}
+        return BatchState(move(self.hidden), _tree_map(move, self.layer_kwargs, memo),
+                          _tree_map(move, self.text_inputs, memo), self.masks, self.tokens)
 
 
 class _Reached(Exception):
-    """Raised by the pre-hook on decoder layer 0: the pre-layer part of the forward is done."""
+    """Raised by the last decoder layer's stand-in: every layer's inputs are known."""
 
 
 _TEXT_INPUTS_CONSUMED = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values",
@@ -233,33 +241,45 @@ class LayerwiseModel:
                 _release(module)
 
     def capture(self, batch: dict[str, torch.Tensor]) -> BatchState:
-        """Run the model's own forward up to decoder layer 0 and keep what the layers get."""
-        caught: dict = {}
+        """Run the model's own forward with every decoder layer replaced by a stand-in that records what the
+        text model passes it and hands the hidden states on unchanged; keep layer 0's hidden states and every
+        layer's arguments (a hybrid model's layers of different kinds get different masks)."""
+        caught: dict = {"layers": []}
+        last = len(self.layers) - 1
 
         def text_hook(module, args, kwargs):
             caught["text"] = kwargs
 
-        def layer_hook(module, args, kwargs):
-            kwargs = dict(kwargs)
-            caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            caught["layer"] = kwargs
-            raise _Reached
+        def stand_in(i: int):
+            def forward(*args, **kwargs):
+                kwargs = dict(kwargs)
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                caught.setdefault("hidden", hidden)
+                caught["layers"].append(kwargs)
+                if i == last:
+                    raise _Reached
+                return hidden
 
-        handles = [self.text.register_forward_pre_hook(text_hook, with_kwargs=True),
-                   self.layers[0].register_forward_pre_hook(layer_hook, with_kwargs=True)]
+            return forward
+
+        handle = self.text.register_forward_pre_hook(text_hook, with_kwargs=True)
+        for i, layer in enumerate(self.layers):
+            layer.forward = stand_in(i)
         try:
             self.multimodal(**batch, use_cache=False)
         except _Reached:
             pass
         finally:
-            for handle in handles:
-                handle.remove()
-        if "hidden" not in caught:
-            raise ReapError("the model's forward never reached decoder layer 0")
+            handle.remove()
+            for layer in self.layers:
+                vars(layer).pop("forward", None)
+        if len(caught["layers"]) != len(self.layers):
+            raise ReapError(f"the model's forward reached {len(caught['layers'])} of its {len(self.layers)} "
+                            "decoder layers")
         text_inputs = {k: v for k, v in caught.get("text", {}).items() if k not in _TEXT_INPUTS_CONSUMED}
         visual = self.family.visual_token_mask(batch["input_ids"], self.model.config)
         masks = TokenMasks.of(batch["attention_mask"], visual)
-        return BatchState(caught["hidden"], caught["layer"], text_inputs, masks, int(masks.n_valid))
+        return BatchState(caught["hidden"], caught["layers"], text_inputs, masks, int(masks.n_valid))
 
     # -------------------------------------------------------------- decoder layers
 
@@ -283,7 +303,7 @@ class LayerwiseModel:
             for b in group:
                 s = b.to(self.device) if on_host else b
                 observer.use_masks(s.masks)
-                hidden = layer(s.hidden, **s.layer_kwargs)
+                hidden = layer(s.hidden, **s.layer_kwargs[i])
                 hidden = self.after_layer(self.text, i, hidden, s.text_inputs)
                 if on_host:
                     b.hidden.copy_(hidden, non_blocking=True)
