@@ -98,9 +98,15 @@ class Llama4Family(ModelFamily):
         return fused[expert].transpose(-1, -2)
 
     def expert_outputs(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        h = torch.matmul(x.unsqueeze(0), experts.gate_up_proj[expert_ids])  # [n, T, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        return torch.matmul(up * experts.act_fn(gate), experts.down_proj[expert_ids])
+        return _swiglu(experts, x.unsqueeze(0), _rows(experts.gate_up_proj, expert_ids),
+                       _rows(experts.down_proj, expert_ids))
+
+    def all_expert_norms(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row, [T, E] float32: two batched matmuls over the weights as they lie (the
+        module's own computation, without its input scaling)."""
+        num = experts.gate_up_proj.shape[0]
+        y = _swiglu(experts, x.unsqueeze(0).expand(num, -1, -1), experts.gate_up_proj, experts.down_proj)
+        return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).T
 
     # -------------------------------------------------------------- routing
 
@@ -151,6 +157,17 @@ class Llama4Family(ModelFamily):
 
     def multimodal_model(self, model: nn.Module) -> nn.Module:
         return model
+
+
+def _rows(weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """``weights[expert_ids]``; one expert as a view (no copy of its [H, 2I] weights per call)."""
+    return weights[int(expert_ids[0])].unsqueeze(0) if expert_ids.numel() == 1 else weights[expert_ids]
+
+
+def _swiglu(experts: nn.Module, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Llama4TextExperts' computation: [n, T, H] rows through experts [n, H, 2I] / [n, I, H] -> [n, T, H]."""
+    gate, up = torch.matmul(x, gate_up).chunk(2, dim=-1)
+    return torch.matmul(up * experts.act_fn(gate), down)
 
 
 LLAMA4 = Llama4Family(
