@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a pruned copy of a Qwen3-VL-MoE checkpoint that keeps only the experts chosen in reap_metadata.json.
+"""Write a pruned copy of a MoE checkpoint that keeps only the experts chosen in reap_metadata.json.
 
 The metadata's experts_to_keep is used as is, unless a prune ratio, criterion, keep multiple or super-expert
 setting set by flag, environment or .env differs from what the metadata recorded: then the selection is

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Score every expert of a Qwen3-VL-MoE model with REAP on calibration data; write reap_metadata.json."""
+"""Score every expert of a MoE model (a supported family) with REAP on calibration data; write reap_metadata.json."""
 
 from __future__ import annotations
 

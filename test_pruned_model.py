@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check a pruned Qwen3-VL-MoE checkpoint: faithful to the original (surgery consistency), still answering
+"""Check a pruned MoE checkpoint: faithful to the original (surgery consistency), still answering
 (no degenerate generations), agreement with the original, bounding-box answers; writes test_report.json/.md.
 
 The original is --reference, else --original, else the source named in the pruned folder's

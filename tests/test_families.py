@@ -33,7 +33,9 @@ from reap_vlm.score.job import run_reap
 from reap_vlm.settings import Settings
 
 NAMES = sorted(FIXTURES)
-TEXT_ONLY = [name for name in NAMES if not FIXTURES[name].family.has_vision]
+# text-only families, one fixture each (variants left out)
+TEXT_ONLY = [name for name in NAMES
+             if not FIXTURES[name].family.has_vision and name in FIXTURES[name].family.model_types]
 QUANTIZED = [(name, fmt) for name in NAMES for fmt in FIXTURES[name].quantized]  # the formats each has releases in
 RTOL = 1e-5
 
@@ -265,3 +267,40 @@ def test_a_text_only_family_refuses_images_before_loading(name, tmp_path, monkey
                         dtype="float32", resume=False)
     with pytest.raises(ReapError, match=r"item\(s\) 0, 1, 2, 3, 4 and 1 more carry images, but .* is a text-only"):
         run_reap(settings)
+
+
+@pytest.mark.parametrize("name", TEXT_ONLY)
+def test_a_text_only_family_is_checked_on_text_prompts(name, tmp_path):
+    """test_pruned_model on a pruned text-only model: built-in prompts are text only, surgery is exact."""
+    from reap_vlm.check.job import run_test
+
+    fixture = FIXTURES[name]
+    model = fixture.build(tmp_path / "model")
+    keep = _keep(fixture, Checkpoint(model).num_experts, 7)
+    prune_checkpoint(model, tmp_path / "pruned", keep, verify=True, progress=False)
+    settings = Settings(model_path=model, pruned_output_path=tmp_path / "pruned", test_output_path=tmp_path / "report",
+                        device="cpu", dtype="float32", num_prompts=4, max_new_tokens=4)
+    outcome = run_test(settings)
+    assert outcome.passed, outcome.verdict
+    assert [row["kind"] for row in outcome.report["prompts"]] == ["text"] * 4
+
+
+def test_an_unsupported_model_type_names_every_supported_family():
+    from reap_vlm.families import family_for_config
+
+    with pytest.raises(ReapError) as err:
+        family_for_config({"model_type": "mixtral"})
+    for fixture in FIXTURES.values():
+        assert fixture.family.model_types[0] in str(err.value) and fixture.family.name in str(err.value)
+
+
+def test_bench_families_runs_tiny_on_the_cpu(tmp_path, monkeypatch):
+    """bench/bench_families.py --tiny: every family's layer timed, the observed forward bitwise the plain one."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    import bench_families as bench
+
+    results = bench.main(["--tiny", "--out", str(tmp_path), "--tokens", "64", "--reps", "1"])
+    assert [r["family"] for r in results] == list(bench.FAMILY_SHAPES)
+    for r in results:
+        assert r["routed_bitwise"] and r["full_bitwise"] and r["routed_counted_every_token"], r
+    assert "| qwen3_moe | Qwen3-30B-A3B |" in (tmp_path / "RESULTS_families.md").read_text()

@@ -258,7 +258,8 @@ def run_test(settings: Settings) -> Outcome:
 
 def _run_checks(settings: Settings, inputs: Inputs, device: str, dtype, tol: Tolerance, out: Path) -> Outcome:
     out.mkdir(parents=True, exist_ok=True)
-    prompts, prompts_source = choose_prompts(settings, out, inputs.notes, inputs.pruned.path)
+    prompts, prompts_source = choose_prompts(settings, out, inputs.notes, inputs.pruned.path,
+                                             images=inputs.pruned.family.has_vision)
     eval_items = load_eval_items(settings.eval_path) if settings.eval_path is not None else None
     for note in inputs.notes:
         log(f"note: {note}")

@@ -73,18 +73,20 @@ def _interleave(with_image: list, text_only: list, count: int) -> list:
     return chosen
 
 
-def calibration_prompts(path: Path, count: int, seed: int,
-                        scored: Collection[int] = ()) -> tuple[list[EvalPrompt], list[str]]:
+def calibration_prompts(path: Path, count: int, seed: int, scored: Collection[int] = (),
+                        images: bool = True) -> tuple[list[EvalPrompt], list[str]]:
     """``count`` items of the calibration file drawn with ``seed``, half with images; bad items are
     skipped (their reasons returned), as a check should not stop on one broken calibration line.
 
     ``scored`` are the indices of items the experts were scored on: prompts are drawn from the other
-    items first, and only when too few remain are scored ones added (marked ``also_calibration``)."""
+    items first, and only when too few remain are scored ones added (marked ``also_calibration``).
+    ``images=False`` (a text-only model): items with images are left out."""
     calib = load_calibration(path, max_samples=10**9, seed=seed, skip_bad=True)
     rng = random.Random(f"eval:{seed}")
     scored = set(scored)
-    held_out = [s for s in calib.samples if s.index not in scored]
-    used = [s for s in calib.samples if s.index in scored]
+    usable = [s for s in calib.samples if images or not s.has_image]
+    held_out = [s for s in usable if s.index not in scored]
+    used = [s for s in usable if s.index in scored]
     groups = []
     for samples in (held_out, used):
         with_image = [s for s in samples if s.has_image]
@@ -99,10 +101,11 @@ def calibration_prompts(path: Path, count: int, seed: int,
     return prompts, calib.skipped
 
 
-def builtin_prompts(count: int, seed: int, image_dir: Path) -> list[EvalPrompt]:
-    """Built-in prompts: text prompts and grounding questions about shapes drawn into ``image_dir``."""
+def builtin_prompts(count: int, seed: int, image_dir: Path, images: bool = True) -> list[EvalPrompt]:
+    """Built-in prompts: text prompts and grounding questions about shapes drawn into ``image_dir`` (text
+    prompts only when ``images`` is False: a text-only model)."""
     rng = random.Random(f"builtin:{seed}")
-    n_images = (count + 1) // 2
+    n_images = (count + 1) // 2 if images else 0
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
     with_image = []
@@ -161,14 +164,14 @@ def scored_calibration(pruned_path: Path | None, calibration: Path) -> tuple[set
 
 
 def choose_prompts(settings: Settings, output: Path, notes: list[str],
-                   pruned_path: Path | None = None) -> tuple[list[EvalPrompt], str]:
+                   pruned_path: Path | None = None, images: bool = True) -> tuple[list[EvalPrompt], str]:
     """The prompts of the check and a phrase saying where they came from.  Prompts from --calibration
     avoid the items the experts were scored on (named in the pruned folder's reap_metadata.json); when too
     few others remain, scored ones fill in, marked ``also_calibration`` and said so in ``notes``."""
     if settings.calibration_path is not None:
         calibration = settings.calibration_path
         scored, unknown = scored_calibration(pruned_path, calibration)
-        prompts, skipped = calibration_prompts(calibration, settings.num_prompts, settings.seed, scored or ())
+        prompts, skipped = calibration_prompts(calibration, settings.num_prompts, settings.seed, scored or (), images)
         if skipped:
             notes.append(f"{len(skipped)} calibration items skipped (e.g. {skipped[0]})")
         source = f"{len(prompts)} drawn from {calibration} (seed {settings.seed})"
@@ -186,6 +189,6 @@ def choose_prompts(settings: Settings, output: Path, notes: list[str],
         else:
             source += ", not the file the experts were scored on"
     else:
-        prompts = builtin_prompts(settings.num_prompts, settings.seed, output / PROMPT_IMAGE_DIR)
-        source = f"{len(prompts)} built-in (text, and shapes drawn into {PROMPT_IMAGE_DIR}/)"
+        prompts = builtin_prompts(settings.num_prompts, settings.seed, output / PROMPT_IMAGE_DIR, images)
+        source = f"{len(prompts)} built-in (text" + (f", and shapes drawn into {PROMPT_IMAGE_DIR}/)" if images else ")")
     return prompts, source

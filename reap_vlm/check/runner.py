@@ -22,7 +22,7 @@ import torch
 from ..calibration.encode import EncodedSample, collate, encode_sample, to_model
 from ..calibration.files import CalibrationSample
 from ..checkpoint.fsutil import read_json
-from ..checkpoint.loading import load_model, load_processor
+from ..checkpoint.loading import load_model, load_processor, tokenizer_of
 from ..checkpoint.reader import Checkpoint
 from .masked_routing import masked_routing
 
@@ -138,7 +138,7 @@ class ModelRunner:
         self.family = self.ckpt.family
         self.device, self.dtype, self.max_pixels = device, dtype, max_pixels
         self.processor = load_processor(self.path)
-        self.tokenizer = self.processor.tokenizer
+        self.tokenizer = tokenizer_of(self.processor)
         self.model = load_model(self.path, dtype=dtype, device=device, spread=True)  # spread: over all GPUs
         config = self.model.config
         self.visual_ids = self.family.visual_token_ids(config)
@@ -255,7 +255,7 @@ def vllm_generate(path: Path, samples: list[CalibrationSample], *, max_new_token
     from ..calibration.encode import open_image, render_text
 
     processor = load_processor(path)
-    tokenizer = processor.tokenizer
+    tokenizer = tokenizer_of(processor)
     end_ids = set(_as_list(tokenizer.eos_token_id))
     generation_config = Path(path) / "generation_config.json"
     if generation_config.is_file():

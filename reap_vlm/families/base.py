@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 
 import torch
@@ -121,6 +121,12 @@ class ModelFamily:
     # layers for speculative decoding): never scored, left out of the pruned checkpoint (``KeyRole.DROPPED``),
     # the config told so by ``config_after_pruning``.  The family's docstring says why.
     dropped_prefixes: tuple[str, ...] = ()
+
+    def derived(self, cls: type[ModelFamily], **changes) -> ModelFamily:
+        """A family of class ``cls`` (a subclass that computes some things its own way) with this family's data
+        but ``changes``: for a family whose checkpoints are laid out like this one's."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return cls(**{**values, **changes})
 
     # ------------------------------------------------------------------ config face
 

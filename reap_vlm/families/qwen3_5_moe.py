@@ -25,8 +25,8 @@ match ``num_experts``, and one pruned by another layer's choice would be a guess
 
 from __future__ import annotations
 
-from .base import NORMALIZED_1000, ExpertTensorLayout
-from .qwen3_vl_moe import Qwen3VLMoeFamily
+from .qwen3_moe import IN_MEMORY_ORDER
+from .qwen3_vl_moe import QWEN3_VL_MOE, Qwen3VLMoeFamily
 
 
 class Qwen3_5MoeFamily(Qwen3VLMoeFamily):
@@ -39,26 +39,12 @@ class Qwen3_5MoeFamily(Qwen3VLMoeFamily):
         return {"mtp_num_hidden_layers": 0} if text_section.get("mtp_num_hidden_layers") else {}
 
 
-QWEN3_5_MOE = Qwen3_5MoeFamily(
+# Laid out as Qwen3-VL-MoE (same prefixes, router, text_config) but for the fused experts' order and mtp.*.
+QWEN3_5_MOE = QWEN3_VL_MOE.derived(
+    Qwen3_5MoeFamily,
     name="Qwen3.5-MoE",
     model_types=("qwen3_5_moe",),
     processor_types=(),  # Qwen3VLProcessor, Qwen3-VL-MoE's: the family is always passed explicitly
-    layer_prefix=r"model\.language_model\.layers\.(?P<layer>\d+)\.",
-    module_layer_regex=r"(?:^|\.)layers\.(?P<layer>\d+)\.",
-    moe_module="mlp",
-    router_module="gate",
-    experts_module="experts",
-    text_section_key="text_config",
-    expert_count_keys=("num_experts", "num_local_experts"),
-    top_k_key="num_experts_per_tok",
-    embedding_key="model.language_model.embed_tokens.weight",
-    prelayer=("model.visual.", "model.language_model.embed_tokens."),
-    box_format=NORMALIZED_1000,
-    auto_model_class="AutoModelForImageTextToText",
-    has_vision=True,
-    fused=(
-        ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("2I", "H")),
-        ExpertTensorLayout("down_proj", memory=("H", "I"), disk=("H", "I")),
-    ),
+    fused=IN_MEMORY_ORDER,
     dropped_prefixes=("mtp.",),
 )

@@ -29,6 +29,13 @@ def softmax_top_k(router_logits: torch.Tensor, top_k: int, renormalise: bool) ->
     return weights.to(router_logits.dtype), ids
 
 
+# Fused experts as transformers 5 holds them and saves them (no transpose between disk and memory).
+IN_MEMORY_ORDER = (
+    ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("2I", "H")),
+    ExpertTensorLayout("down_proj", memory=("H", "I"), disk=("H", "I")),
+)
+
+
 class Qwen3MoeFamily(FusedGateUpFamily):
     """What Qwen3-MoE computes its own way: routing (``norm_topk_prob``), dense layers; no images."""
 
@@ -96,8 +103,5 @@ QWEN3_MOE = Qwen3MoeFamily(
     box_format=NORMALIZED_1000,
     auto_model_class="AutoModelForCausalLM",
     has_vision=False,
-    fused=(
-        ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("2I", "H")),
-        ExpertTensorLayout("down_proj", memory=("H", "I"), disk=("H", "I")),
-    ),
+    fused=IN_MEMORY_ORDER,
 )
