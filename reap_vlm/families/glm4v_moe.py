@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from ..errors import ReapError
-from .base import BoxFormat, ExpertTensorLayout
-from .qwen3_vl_moe import Qwen3VLMoeFamily
+from .base import BoxFormat
+from .qwen3_moe import IN_MEMORY_ORDER
+from .qwen3_vl_moe import QWEN3_VL_MOE, Qwen3VLMoeFamily
 
 # A bare [x1, y1, x2, y2] list between <|begin_of_box|> and <|end_of_box|>, 0..1000 (GLM-4.5V's model card).
 GLM_BOX = BoxFormat(1000.0, frozenset({"bbox2d", "bbox", "box"}))
@@ -109,25 +110,12 @@ class Glm4vMoeFamily(Qwen3VLMoeFamily):
         return processor.tokenizer.convert_tokens_to_ids("<|begin_of_image|>")
 
 
-GLM4V_MOE = Glm4vMoeFamily(
+GLM4V_MOE = QWEN3_VL_MOE.derived(  # checkpoint keys and module names laid out as Qwen3-VL-MoE's
+    Glm4vMoeFamily,
     name="GLM-4.5V",
     model_types=("glm4v_moe",),
     processor_types=("Glm4vProcessor", "Glm46VProcessor"),
-    layer_prefix=r"model\.language_model\.layers\.(?P<layer>\d+)\.",
-    module_layer_regex=r"(?:^|\.)layers\.(?P<layer>\d+)\.",
-    moe_module="mlp",
-    router_module="gate",
-    experts_module="experts",
-    text_section_key="text_config",
     expert_count_keys=("n_routed_experts", "num_local_experts"),
-    top_k_key="num_experts_per_tok",
-    embedding_key="model.language_model.embed_tokens.weight",
-    prelayer=("model.visual.", "model.language_model.embed_tokens."),
     box_format=GLM_BOX,
-    auto_model_class="AutoModelForImageTextToText",
-    has_vision=True,
-    fused=(
-        ExpertTensorLayout("gate_up_proj", memory=("2I", "H"), disk=("2I", "H")),
-        ExpertTensorLayout("down_proj", memory=("H", "I"), disk=("H", "I")),
-    ),
+    fused=IN_MEMORY_ORDER,
 )
