@@ -91,19 +91,17 @@ def brute_force(fixture: FamilyFixture, model_path: Path, calib_file: Path) -> d
                 probs = torch.softmax(logits, dim=-1)
                 outs = torch.stack([fixture.expert(experts64[layer], j, x) for j in range(num)], dim=1)  # [S, E, H]
                 norms, peaks = outs.norm(dim=-1), outs.abs().amax(dim=-1)
-                for t in range(x.shape[0]):
-                    routed = dict(zip(ids[t].tolist(), gates[t].tolist()))
-                    tag = "img" if is_image[t] else "txt"
-                    for j in range(num):
-                        norm = float(norms[t, j])
-                        sums["p"][li, j] += float(probs[t, j])
-                        sums["pn"][li, j] += float(probs[t, j]) * norm
-                        if j in routed:
-                            g = routed[j]
-                            for key, value in (("count", 1), ("g", g), ("gn", g * norm), ("n", norm),
-                                               (f"count_{tag}", 1), (f"gn_{tag}", g * norm)):
-                                sums[key][li, j] += value
-                            sums[f"peak_{tag}"][li, j] = max(sums[f"peak_{tag}"][li, j], float(peaks[t, j]))
+                routed = torch.zeros_like(norms, dtype=torch.bool).scatter_(1, ids, True)  # [S, E]
+                g = torch.zeros_like(norms).scatter_(1, ids, gates.double())  # the applied gate where routed
+                add = {"p": probs, "pn": probs * norms, "count": routed, "g": g, "gn": g * norms,
+                       "n": routed * norms}
+                image = torch.from_numpy(is_image)[:, None]
+                for tag, rows in (("img", image), ("txt", ~image)):
+                    add[f"count_{tag}"], add[f"gn_{tag}"] = routed & rows, g * norms * rows
+                    seen = (peaks * (routed & rows)).amax(dim=0).numpy()
+                    sums[f"peak_{tag}"][li] = np.maximum(sums[f"peak_{tag}"][li], seen)
+                for key, value in add.items():
+                    sums[key][li] += value.double().sum(dim=0).numpy()
     for h in hooks:
         h.remove()
 
@@ -304,3 +302,15 @@ def test_bench_families_runs_tiny_on_the_cpu(tmp_path, monkeypatch):
     for r in results:
         assert r["routed_bitwise"] and r["full_bitwise"] and r["routed_counted_every_token"], r
     assert "| qwen3_moe | Qwen3-30B-A3B |" in (tmp_path / "RESULTS_families.md").read_text()
+
+
+def test_a_dropped_part_leaves_the_quantization_lists_and_the_layers_are_renumbered():
+    """Qwen3.5-MoE's FP8 releases name mtp.* modules in modules_to_not_convert: the pruned config names none of
+    them (the part is gone), while a decoder layer's expert names are renumbered as for any family."""
+    from reap_vlm.families import QWEN3_5_MOE
+    from reap_vlm.prune.config_edit import rewrite_module_names
+
+    layer = "model.language_model.layers.1.mlp.experts"
+    names = ["lm_head", "mtp.fc", "mtp.layers.0.mlp.gate", "mtp.layers.0.mlp.experts.3.gate_proj",
+             f"{layer}.4.up_proj", f"{layer}.5.up_proj"]
+    assert rewrite_module_names(names, QWEN3_5_MOE, {1: {5: 0, 9: 1}}) == ["lm_head", f"{layer}.0.up_proj"]

@@ -191,11 +191,11 @@ class ModelFamily:
         return {}
 
     def left_out(self, key: str, config: dict) -> bool:
-        """Whether checkpoint ``key`` belongs to a part the model never loads and the pruned checkpoint leaves
-        out: a ``KeyRole.DROPPED`` prefix, or a decoder layer past ``num_hidden_layers`` (the next-token-
-        prediction layer some releases append after the stack, GLM-4.5V's layer 46).  Never loaded, so never
-        scored; ``config_after_pruning`` tells the config."""
-        if self.classify(key).role is KeyRole.DROPPED:
+        """Whether checkpoint ``key`` (or a module name) belongs to a part the model never loads and the pruned
+        checkpoint leaves out: a dropped prefix (``is_dropped``), or a decoder layer past ``num_hidden_layers``
+        (the next-token-prediction layer some releases append after the stack, GLM-4.5V's layer 46).  Never
+        loaded, so never scored; ``config_after_pruning`` tells the config."""
+        if self.is_dropped(key):
             return True
         layer, layers = self.layer_of_key(key), self.text_section(config).get("num_hidden_layers")
         return layer is not None and layers is not None and layer >= int(layers)
@@ -219,8 +219,12 @@ class ModelFamily:
             re.compile(rf"^(?P<prefix>{layer}{re.escape(self.router_module)})\.(?P<name>[^.]+)$"),
         )
 
+    def is_dropped(self, name: str) -> bool:
+        """Whether a checkpoint key or module name belongs to a part the pruned checkpoint leaves out."""
+        return bool(self.dropped_prefixes) and name.startswith(self.dropped_prefixes)
+
     def classify(self, key: str) -> KeyInfo:
-        if self.dropped_prefixes and key.startswith(self.dropped_prefixes):
+        if self.is_dropped(key):
             return KeyInfo(KeyRole.DROPPED)
         per_expert, fused, router = self._patterns()
         if m := per_expert.match(key):

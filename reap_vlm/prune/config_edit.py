@@ -10,7 +10,7 @@ import json
 import re
 
 from ..errors import ReapError
-from ..families import KeyRole, ModelFamily
+from ..families import ModelFamily
 
 QUANTIZATION_LISTS = ("modules_to_not_convert", "ignore")
 
@@ -66,8 +66,8 @@ def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dic
     unlayered = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(family.experts_module)}\\?\.\d+")
     out = []
     for name in names:
-        if isinstance(name, str) and (family.left_out(name + ".weight", config) if config is not None else
-                                      family.classify(name + ".weight").role is KeyRole.DROPPED):
+        if isinstance(name, str) and (family.left_out(name, config) if config is not None else
+                                      family.is_dropped(name)):
             continue  # a module of a part the pruned checkpoint leaves out
         m = named.search(name) if isinstance(name, str) and not name.startswith("re:") else None
         if m is None:
