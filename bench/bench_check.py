@@ -187,8 +187,9 @@ def write_checkpoint(folder: Path, fmt: str, shape: Shape, layers: int, device: 
     save("rest.safetensors", {k: plain(k, shapes[k]) for k in rest})
     config = bench_config(shape, written)
     # the releases' not-to-convert lists, from the names alone
-    config["quantization_config"] = quantization_config_for(fmt, dict.fromkeys(weight_map), shape.group,
-                                                            (shape.block,) * 2, True)
+    kept = {k: torch.empty(dims, device="meta") for k, dims in shapes.items()
+            if (family.layer_of_key(k) or 0) < written}
+    config["quantization_config"] = quantization_config_for(family, fmt, kept, shape.group, (shape.block,) * 2, True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

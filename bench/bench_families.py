@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scoring import Timer  # noqa: E402
 
-from reap_vlm.families import QWEN3_5_MOE, QWEN3_MOE, ModelFamily  # noqa: E402
+from reap_vlm.families import GLM4V_MOE, LLAMA4, QWEN3_5_MOE, QWEN3_MOE, ModelFamily  # noqa: E402
 from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
 from reap_vlm.score.stats import ExpertStats  # noqa: E402
 
@@ -73,6 +73,32 @@ def qwen3_5_moe_block(tiny: bool) -> nn.Module:
     return Qwen3_5MoeSparseMoeBlock(_experts_config(Qwen3_5MoeTextConfig(**sizes, hidden_act="silu")))
 
 
+def glm4v_moe_block(tiny: bool) -> nn.Module:
+    """GLM-4.5V / 4.6V: hidden 4096, 128 experts, top-8, expert width 1408, one group (n_group 1, topk_group 1),
+    routed_scaling_factor 1, renormalised; a shared expert of width 1408."""
+    from transformers.models.glm4v_moe.configuration_glm4v_moe import Glm4vMoeTextConfig
+    from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextMoE
+
+    sizes = (dict(hidden_size=TINY["hidden_size"], moe_intermediate_size=TINY["moe_intermediate_size"],
+                  n_routed_experts=TINY["num_experts"], num_experts_per_tok=TINY["num_experts_per_tok"]) if tiny else
+             dict(hidden_size=4096, moe_intermediate_size=1408, n_routed_experts=128, num_experts_per_tok=8))
+    return Glm4vMoeTextMoE(_experts_config(Glm4vMoeTextConfig(**sizes, n_shared_experts=1, n_group=1, topk_group=1,
+                                                              routed_scaling_factor=1.0, norm_topk_prob=True,
+                                                              hidden_act="silu")))
+
+
+def llama4_block(tiny: bool) -> nn.Module:
+    """Llama-4 Scout 17B-16E: hidden 5120, 16 experts, top-1, expert width 8192 (fused [E, H, 2I], every expert
+    on every token with its gate-scaled input, as transformers runs it), a shared expert of width 8192."""
+    from transformers.models.llama4.configuration_llama4 import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    sizes = (dict(hidden_size=TINY["hidden_size"], intermediate_size=TINY["moe_intermediate_size"],
+                  num_local_experts=TINY["num_experts"] - 2, num_experts_per_tok=1) if tiny else
+             dict(hidden_size=5120, intermediate_size=8192, num_local_experts=16, num_experts_per_tok=1))
+    return Llama4TextMoe(Llama4TextConfig(**sizes, hidden_act="silu"))
+
+
 def _experts_config(config):
     config._experts_implementation = "grouped_mm"  # transformers' default for a loaded model
     return config
@@ -88,18 +114,25 @@ class FamilyShape:
 FAMILY_SHAPES: dict[str, FamilyShape] = {
     "qwen3_moe": FamilyShape(QWEN3_MOE, "Qwen3-30B-A3B", qwen3_moe_block),
     "qwen3_5_moe": FamilyShape(QWEN3_5_MOE, "Qwen3.5-35B-A3B", qwen3_5_moe_block),
+    "glm4v_moe": FamilyShape(GLM4V_MOE, "GLM-4.5V", glm4v_moe_block),
+    "llama4": FamilyShape(LLAMA4, "Llama-4-Scout-17B-16E", llama4_block),
 }
 
 
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def init_block_(block: nn.Module, router_scale: float) -> None:
-    """Random weights: the router at ``router_scale`` (routing spread over the experts as in trained
-    models), every other weight at 0.02."""
+def init_block_(block: nn.Module, router_scale: float, router_weight: str = "gate.weight") -> None:
+    """Random weights: the router (``router_weight``) at ``router_scale`` (routing spread over the experts as in
+    trained models), every other weight at 0.02."""
     with torch.no_grad():
         for name, p in block.named_parameters():
-            p.normal_(0, router_scale if name == "gate.weight" else 0.02)
+            p.normal_(0, router_scale if name == router_weight else 0.02)
+
+
+def _output(result) -> torch.Tensor:
+    """The block's hidden states (Llama-4's block also returns its router logits)."""
+    return result[0] if isinstance(result, tuple) else result
 
 
 def bench_family(name: str, shape: FamilyShape, args, device: torch.device, dtype: torch.dtype,
@@ -107,12 +140,12 @@ def bench_family(name: str, shape: FamilyShape, args, device: torch.device, dtyp
     torch.manual_seed(0)
     with torch.device(device):
         block = shape.block(args.tiny).to(dtype).eval().requires_grad_(False)
-    init_block_(block, args.router_scale)
+    init_block_(block, args.router_scale, f"{shape.family.router_module}.weight")
     timer = Timer(device)  # median of ``reps`` after 2 warm-up forwards
     family = shape.family
     experts = family.experts_of(block)
     num = experts.num_experts
-    hidden_size = experts.hidden_dim
+    hidden_size = getattr(experts, "hidden_dim", None) or experts.hidden_size
     tokens = args.tokens
     x = torch.randn(1, tokens, hidden_size, device=device, dtype=dtype)
     masks = TokenMasks.of(torch.ones(1, tokens, device=device), torch.zeros(1, tokens, device=device))
@@ -121,7 +154,7 @@ def bench_family(name: str, shape: FamilyShape, args, device: torch.device, dtyp
     log(f"\n== {name} ({shape.release}): {num} experts, hidden {hidden_size}, {tokens} tokens, "
         f"{res['weight_bytes'] / 2**30:.2f} GiB of weights")
     with torch.inference_mode():
-        plain_out = block(x)
+        plain_out = _output(block(x))
         res["plain_s"] = timer(lambda: block(x), reps=args.reps)
         log(f"plain   {tokens / res['plain_s']:>12,.0f} tok/s")
         for mode in ("routed", "full"):
@@ -134,7 +167,7 @@ def bench_family(name: str, shape: FamilyShape, args, device: torch.device, dtyp
             with observer.attached([(0, block)]):
                 observer.use_masks(masks)
                 out = block(x)
-                res[f"{mode}_bitwise"] = bool(torch.equal(out, plain_out))
+                res[f"{mode}_bitwise"] = bool(torch.equal(_output(out), plain_out))
                 res[f"{mode}_s"] = timer(lambda: block(x), reps=args.reps)
             forwards = 1 + 2 + args.reps  # the check's, the warmup's, the timed ones
             res[f"{mode}_counted_every_token"] = int(stats.layers[0].n_tokens) == tokens * forwards

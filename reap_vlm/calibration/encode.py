@@ -77,7 +77,12 @@ def _truncate(enc: EncodedSample, max_len: int, processor, family: ModelFamily) 
     if ids.numel() <= max_len:
         return enc
     grid = enc.image_grid_thw
-    starts = (ids == family.image_start_id(processor)).nonzero().flatten().tolist() if grid is not None else []
+    starts = (ids == family.image_start_id(processor)).nonzero().flatten().tolist() \
+        if grid is not None or enc.pixel_values is not None else []
+    if grid is None and starts:  # images without a patch grid (Llama-4's tiles): no extents, all dropped
+        cut = min(max_len, starts[0])
+        return EncodedSample(ids[:cut], None, None, None if enc.mm_token_type_ids is None else
+                             enc.mm_token_type_ids[:cut])
     cut, kept_images = max_len, 0
     for i, start in enumerate(starts):
         length = family.image_tokens(processor, grid[i:i + 1]) if grid is not None and i < len(grid) else 0
@@ -157,7 +162,8 @@ def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pi
                                  max_seq_len) or enc
     fitted = _truncate(enc, max_seq_len, processor, family)
     after = family.image_tokens(processor, fitted.image_grid_thw)
-    if after < before:
+    lost_pixels = enc.pixel_values is not None and fitted.pixel_values is None  # also where tokens go uncounted
+    if after < before or lost_pixels:
         what = "dropped" if after == 0 or (fitted.image_grid_thw is not None and
                                            len(fitted.image_grid_thw) < len(images)) else "scaled down"
         warnings.warn(f"calibration item {sample.index}: image {what} to fit REAP_MAX_SEQ_LEN={max_seq_len} "
@@ -183,10 +189,12 @@ def collate(encoded: list[EncodedSample], pad_id: int, left: bool = False) -> di
     batch = {"input_ids": input_ids, "attention_mask": attention}
     if any(e.mm_token_type_ids is not None for e in encoded):  # a multimodal processor's; a tokenizer has none
         batch["mm_token_type_ids"] = mm
-    with_images = [e for e in encoded if e.image_grid_thw is not None and e.image_grid_thw.numel()]
-    if with_images:
-        batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
-        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in with_images])
+    with_pixels = [e.pixel_values for e in encoded if e.pixel_values is not None and e.pixel_values.numel()]
+    if with_pixels:
+        batch["pixel_values"] = torch.cat(with_pixels)
+    grids = [e.image_grid_thw for e in encoded if e.image_grid_thw is not None and e.image_grid_thw.numel()]
+    if grids:  # a patch grid per image where the family has one (not Llama-4's tiles)
+        batch["image_grid_thw"] = torch.cat(grids)
     return batch
 
 
@@ -205,6 +213,14 @@ def encode_batch(processor, chunk: list[CalibrationSample], max_seq_len: int, ma
 def batch_chunks(samples: list, batch_size: int) -> list[list]:
     """The samples of each batch, in order."""
     return [samples[start:start + batch_size] for start in range(0, len(samples), batch_size)]
+
+
+def to_model(batch: dict[str, torch.Tensor], device, dtype: torch.dtype,
+             non_blocking: bool = False) -> dict[str, torch.Tensor]:
+    """A batch on ``device`` with its pixel values in the model's ``dtype`` (Llama-4's processor gives bfloat16,
+    which its vision tower takes as they come; the Qwen/GLM towers cast them themselves, the same values)."""
+    return {k: v.to(device, dtype, non_blocking=non_blocking) if k == "pixel_values"
+            else v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
 
 
 def batches(processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int, max_pixels: int = 0,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration.encode import EncodedSample, collate, encode_sample
+from ..calibration.encode import EncodedSample, collate, encode_sample, to_model
 from ..checkpoint.loading import load_processor
 from ..checkpoint.reader import Checkpoint
 from ..score.layer_loader import LayerLoader
@@ -93,7 +93,7 @@ def _capture(lw: LayerwiseModel, encoded: list[EncodedSample]) -> list[BatchStat
     """Every prompt (a batch of one, as the whole-model check runs it) up to decoder layer 0."""
     lw.load_prelayer()
     try:
-        return [lw.capture({k: v.to(lw.device) for k, v in collate([enc], 0).items()}) for enc in encoded]
+        return [lw.capture(to_model(collate([enc], 0), lw.device, lw.dtype)) for enc in encoded]
     finally:
         lw.release_prelayer()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration.encode import EncodedSample, collate, encode_sample
+from ..calibration.encode import EncodedSample, collate, encode_sample, to_model
 from ..calibration.files import CalibrationSample
 from ..checkpoint.fsutil import read_json
 from ..checkpoint.loading import load_model, load_processor, tokenizer_of
@@ -214,7 +214,7 @@ class ModelRunner:
             enc = EncodedSample(torch.cat([enc.input_ids, extra]), enc.pixel_values, enc.image_grid_thw,
                                 None if mm is None else torch.cat([mm, torch.zeros(len(continuation), dtype=mm.dtype)]))
         batch = collate([enc], self.pad_id)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return to_model(batch, self.device, self.dtype)
 
     def generate(self, enc: EncodedSample, max_new_tokens: int) -> Generation:
         """Greedy decoding with no sampling, penalties or length tricks, whatever generation_config.json says."""
@@ -233,7 +233,7 @@ class ModelRunner:
 
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                   eos_token_id=sorted(self.end_ids) or None, pad_token_id=self.pad_id)
-        batch = {k: v.to(self.device) for k, v in collate(encoded, self.pad_id, left=True).items()}
+        batch = to_model(collate(encoded, self.pad_id, left=True), self.device, self.dtype)
         with torch.inference_mode():
             out = self.model.generate(**batch, generation_config=config)
         width = batch["input_ids"].shape[1]

@@ -60,7 +60,7 @@ def check_checkpoint(ckpt: Checkpoint, headers: dict[str, ShardHeader] | None = 
     for header in headers.values():
         for tensor in header.tensors.values():
             info = family.classify(tensor.key)
-            if info.role in (KeyRole.OTHER, KeyRole.DROPPED):
+            if info.role is KeyRole.OTHER or ckpt.left_out(tensor.key):
                 continue
             if info.layer not in moe_layers:
                 raise ReapError(f"{tensor.key}: experts in layer {info.layer}, which config.json does not list as "

@@ -47,6 +47,16 @@ class Checkpoint:
 
     @cached_property
     def weight_map(self) -> dict[str, str]:
+        """Key -> shard of every tensor of the model transformers builds: the stored tensors less those of
+        parts the model never loads (next-token-prediction layers, ``ModelFamily.left_out``)."""
+        return {k: v for k, v in self.stored_weight_map.items() if not self.left_out(k)}
+
+    def left_out(self, key: str) -> bool:
+        return self.family.left_out(key, self.config)
+
+    @cached_property
+    def stored_weight_map(self) -> dict[str, str]:
+        """Key -> shard of every tensor in the folder."""
         index = self.path / INDEX_NAME
         if index.is_file():
             weight_map = read_json(index, "safetensors index", expect=dict).get("weight_map")
@@ -108,8 +118,9 @@ class Checkpoint:
         return any(self.family.classify(k).role is KeyRole.PER_EXPERT for k in self.weight_map)
 
     def keys_by_shard(self) -> dict[str, list[str]]:
+        """Every stored key, by shard."""
         by_shard: dict[str, list[str]] = defaultdict(list)
-        for key, shard in self.weight_map.items():
+        for key, shard in self.stored_weight_map.items():
             by_shard[shard].append(key)
         return by_shard
 

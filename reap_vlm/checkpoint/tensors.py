@@ -28,8 +28,7 @@ def memory_state_dict(ckpt: Checkpoint, keys: Iterable[str] | None = None,
     family = ckpt.family
     sizes = family.sizes(ckpt.config)
     quant = ckpt.quant_format
-    keys = [k for k in (keys if keys is not None else ckpt.weight_map)
-            if family.classify(k).role is not KeyRole.DROPPED]  # parts the model never loads
+    keys = [k for k in (keys if keys is not None else ckpt.weight_map) if not ckpt.left_out(k)]  # never loaded
     modules: dict[str, dict[str, str]] = {}
     if quant is not None:
         keys, modules = quant.split_keys(keys, ckpt.weight_map)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from ..errors import ReapError
 from .base import BoxFormat, ExpertTensorLayout, KeyInfo, KeyRole, ModelFamily, ThinkingFormat
+from .glm4v_moe import GLM4V_MOE
+from .llama4 import LLAMA4
 from .qwen3_5_moe import QWEN3_5_MOE
 from .qwen3_moe import QWEN3_MOE
 from .qwen3_vl_moe import QWEN3_VL_MOE
 
-FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, QWEN3_MOE, QWEN3_5_MOE)
+FAMILIES: tuple[ModelFamily, ...] = (QWEN3_VL_MOE, QWEN3_MOE, QWEN3_5_MOE, GLM4V_MOE, LLAMA4)
 
 
 def family_for_config(config: dict) -> ModelFamily:
@@ -35,6 +37,6 @@ def family_for_processor(processor) -> ModelFamily:
     raise ReapError(f"processor {kind} belongs to no supported model family (supported: {supported})")
 
 
-__all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "KeyInfo", "KeyRole", "ModelFamily", "QWEN3_5_MOE",
-           "QWEN3_MOE", "QWEN3_VL_MOE", "ThinkingFormat",
+__all__ = ["BoxFormat", "ExpertTensorLayout", "FAMILIES", "GLM4V_MOE", "KeyInfo", "KeyRole", "LLAMA4", "ModelFamily",
+           "QWEN3_5_MOE", "QWEN3_MOE", "QWEN3_VL_MOE", "ThinkingFormat",
            "family_for_config", "family_for_processor"]

@@ -209,6 +209,16 @@ class ModelFamily:
         took with them), with their new values."""
         return {}
 
+    def left_out(self, key: str, config: dict) -> bool:
+        """Whether checkpoint ``key`` (or a module name) belongs to a part the model never loads and the pruned
+        checkpoint leaves out: a dropped prefix (``is_dropped``), or a decoder layer past ``num_hidden_layers``
+        (the next-token-prediction layer some releases append after the stack, GLM-4.5V's layer 46).  Never
+        loaded, so never scored; ``config_after_pruning`` tells the config."""
+        if self.is_dropped(key):
+            return True
+        layer, layers = self.layer_of_key(key), self.text_section(config).get("num_hidden_layers")
+        return layer is not None and layers is not None and layer >= int(layers)
+
     def set_num_experts(self, config: dict, count: int) -> list[str]:
         """Write ``count`` under every expert-count key the config already has; return the keys."""
         text = self.text_section(config)
@@ -338,8 +348,8 @@ class ModelFamily:
         return router.weight.shape[0]
 
     def router_forward(self, router: nn.Module, hidden: torch.Tensor,
-                       logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits, gate weights, expert ids) as ``router`` returns them, with ``logit_bias`` (e.g. -inf for
+                       logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """What ``router`` returns (here (logits, gate weights, expert ids)), with ``logit_bias`` (e.g. -inf for
         pruned experts) added to the logits before routing."""
         logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
         if logit_bias is not None:
@@ -350,6 +360,19 @@ class ModelFamily:
     def routed_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden [T, H], top-k ids [T, k], applied gate weights [T, k]) from the experts' call."""
         raise NotImplementedError
+
+    # Whether the experts' call carries (hidden, top-k ids, gate weights) (``routed_call``).  A family whose
+    # MoE block hands the experts something else (Llama-4: every expert's input already scaled by its gate)
+    # sets it False, and the observer takes them from the router's call instead (``routing_from_router``).
+    routing_in_experts_call = True
+
+    def routing_from_router(self, router: nn.Module, args: tuple,
+                            output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden [T, H], top-k ids [T, k], applied gate weights [T, k]) from the router's call: its input
+        and ``route`` of its logits."""
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        weights, ids = self.route(self.router_logits(output), router.top_k)
+        return hidden, ids, weights
 
     def expert_outputs(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """E_j(x) before gate weighting, for experts ``expert_ids`` on every row of x: [n, T, H]."""

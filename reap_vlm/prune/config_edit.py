@@ -58,13 +58,16 @@ def _render_list_like(original: str, values: list[str]) -> str:
     return "[\n" + ",\n".join(item + json.dumps(v, ensure_ascii=False) for v in values) + "\n" + closing + "]"
 
 
-def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dict[int, int]]) -> list:
-    """A quantization_config module list with dropped experts removed and kept ones renumbered."""
+def rewrite_module_names(names: list, family: ModelFamily, id_map: dict[int, dict[int, int]],
+                         config: dict | None = None) -> list:
+    """A quantization_config module list with dropped experts removed and kept ones renumbered; modules of the
+    parts the pruned checkpoint leaves out (``ModelFamily.left_out``, judged with ``config`` where given) too."""
     named = family.expert_module_pattern()
     unlayered = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(family.experts_module)}\\?\.\d+")
     out = []
     for name in names:
-        if isinstance(name, str) and family.is_dropped(name):
+        if isinstance(name, str) and (family.left_out(name, config) if config is not None else
+                                      family.is_dropped(name)):
             continue  # a module of a part the pruned checkpoint leaves out
         m = named.search(name) if isinstance(name, str) and not name.startswith("re:") else None
         if m is None:
@@ -92,15 +95,18 @@ def prune_config_text(text: str, family: ModelFamily, num_kept: int,
     for key in family.set_num_experts(expected, num_kept):
         for span in json_value_spans(text, (*text_path, key)):
             edits.append((span, str(num_kept), ".".join((*text_path, key))))
-    for key, value in family.config_after_pruning(family.text_section(expected)).items():
-        family.text_section(expected)[key] = value
+    section = family.text_section(expected)
+    for key, value in family.config_after_pruning(section).items():
+        section[key] = value
         for span in json_value_spans(text, (*text_path, key)):
             edits.append((span, json.dumps(value), ".".join((*text_path, key))))
     for where in dict.fromkeys([(), text_path]):
         quantization = _get(expected, (*where, "quantization_config"))
         for list_key in QUANTIZATION_LISTS:
             names = quantization.get(list_key) if isinstance(quantization, dict) else None
-            if not isinstance(names, list) or (new := rewrite_module_names(names, family, id_map)) == names:
+            new = rewrite_module_names(names, family, id_map, expected) \
+                if isinstance(names, list) else names
+            if new == names:
                 continue
             quantization[list_key] = new
             path = (*where, "quantization_config", list_key)

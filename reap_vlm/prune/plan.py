@@ -96,6 +96,15 @@ def plan_tensor(family: ModelFamily, tensor: SourceTensor, num_experts: int, kee
     return "sliced", OutputTensor(tensor.key, tensor.dtype, shape, _merge_adjacent([slabs[e] for e in kept]))
 
 
+def plan_source_tensor(ckpt: Checkpoint, tensor: SourceTensor, keep: dict[int, list[int]],
+                       id_map: dict[int, dict[int, int]]) -> tuple[str, OutputTensor | None]:
+    """``plan_tensor`` for a tensor of ``ckpt``; those of a part the model never loads (a next-token-prediction
+    layer past the decoder stack, ``ModelFamily.left_out``) are dropped."""
+    if ckpt.left_out(tensor.key):
+        return "dropped", None
+    return plan_tensor(ckpt.family, tensor, ckpt.num_experts, keep, id_map)
+
+
 def _merge_adjacent(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     """Runs of neighbouring kept experts become one span: fewer, larger copies."""
     merged: list[tuple[int, int]] = []
@@ -109,14 +118,13 @@ def _merge_adjacent(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]
 
 def plan_pruning(ckpt: Checkpoint, keep: dict[int, list[int]]) -> PrunePlan:
     """Read every shard's header and decide, tensor by tensor, what goes where."""
-    family, num_experts = ckpt.family, ckpt.num_experts
     id_map = new_ids(keep)
     counts: Counter = Counter(copied=0, sliced=0, renumbered=0, dropped=0)
     shards, source_numel, output_numel = [], 0, 0
     for name, header in check_checkpoint(ckpt).items():
         shard = ShardPlan(name, name, header.metadata)
         for tensor in header.tensors.values():
-            action, out = plan_tensor(family, tensor, num_experts, keep, id_map)
+            action, out = plan_source_tensor(ckpt, tensor, keep, id_map)
             counts[action] += 1
             source_numel += math.prod(tensor.shape)
             if out is not None:

@@ -71,6 +71,9 @@ def pruning_record(source: Path, ckpt: Checkpoint, keep: dict[int, list[int]], i
         "tensors": dict(plan.counts),
         "bytes_written": 0,
     }
+    left_out = sorted({ckpt.family.layer_of_key(k) for k in ckpt.stored_weight_map if ckpt.left_out(k)} - {None})
+    if left_out:  # next-token-prediction layers past the stack (ModelFamily.left_out): never loaded nor scored
+        record["layers_left_out"] = left_out
     if selection is not None:
         record["selection"] = selection
     return record

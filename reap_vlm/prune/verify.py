@@ -19,7 +19,7 @@ from ..checkpoint.reader import Checkpoint
 from ..checkpoint.safetensors_io import read_header
 from ..errors import ReapError
 from ..families import KeyRole
-from .plan import OutputTensor, new_ids, plan_tensor
+from .plan import OutputTensor, new_ids, plan_source_tensor
 
 
 def _expected_outputs(ckpt: Checkpoint, keep: dict[int, list[int]]) -> tuple[dict[str, tuple[str, OutputTensor]],
@@ -30,7 +30,7 @@ def _expected_outputs(ckpt: Checkpoint, keep: dict[int, list[int]]) -> tuple[dic
     expected, accounted = {}, Counter()
     for name in ckpt.shards:
         for tensor in read_header(ckpt.path / name).tensors.values():
-            action, out = plan_tensor(ckpt.family, tensor, ckpt.num_experts, keep, id_map)
+            action, out = plan_source_tensor(ckpt, tensor, keep, id_map)
             accounted[action] += 1
             if out is not None:
                 expected[out.key] = (name, out)

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration.ahead import BatchStream
-from ..calibration.encode import num_batches
+from ..calibration.encode import num_batches, to_model
 from ..checkpoint.loading import free_memory_bytes
 from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
@@ -69,7 +69,7 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
         for i, batch in enumerate(stream, start=done):
             # masks and counts from the host copy: no device sync between batches
             masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = to_model(batch, device, model.dtype, non_blocking=True)
             observer.use_masks(masks.to(device))
             base(**batch, use_cache=False)
             tokens += masks.n_valid

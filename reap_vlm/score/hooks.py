@@ -55,6 +55,7 @@ class ReapObserver:
         self.fused_routed = fused_routed
         self.masks: TokenMasks | None = None
         self._logits: dict[int, torch.Tensor] = {}
+        self._routing: dict[int, tuple] = {}  # (hidden, ids, weights) from the router, where the experts lack them
         self._handles: list = []
         self._patched: list[nn.Module] = []
 
@@ -97,12 +98,20 @@ class ReapObserver:
     def _router_hook(self, layer: int):
         def hook(module, args, output):
             self._logits[layer] = self.family.router_logits(output).detach()
+            if not self.family.routing_in_experts_call:
+                self._routing[layer] = self.family.routing_from_router(module, args, output)
 
         return hook
 
+    def _routing_of(self, layer: int, args: tuple, kwargs: dict):
+        """(hidden, top-k ids, gate weights) of this experts' call: from the call, or from the router's."""
+        if self.family.routing_in_experts_call:
+            return self.family.routed_call(args, kwargs)
+        return self._routing.pop(layer)
+
     def _experts_hook(self, layer: int, experts: nn.Module):
         def hook(module, args, kwargs):
-            hidden, topk_ids, topk_weights = self.family.routed_call(args, kwargs)
+            hidden, topk_ids, topk_weights = self._routing_of(layer, args, kwargs)
             self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach())
 
         return hook
@@ -111,7 +120,7 @@ class ReapObserver:
         own_forward = type(experts).forward
 
         def forward(*args, **kwargs):
-            hidden, topk_ids, topk_weights = self.family.routed_call(args, kwargs)
+            hidden, topk_ids, topk_weights = self._routing_of(layer, args, kwargs)
             result = self.family.routed_forward(experts, hidden, topk_ids, topk_weights)
             if result is None:  # the family cannot reproduce this forward: norms computed apart
                 self.observe(layer, experts, hidden.detach(), topk_ids, topk_weights.detach())

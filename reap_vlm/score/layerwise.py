@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.ahead import BatchStream
-from ..calibration.encode import num_batches
+from ..calibration.encode import num_batches, to_model
 from ..checkpoint.loading import free_memory_bytes
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.tensors import memory_state_dict
@@ -471,7 +471,7 @@ def _form_group(lw: LayerwiseModel, it, limit: int, mode: str, batch_tokens: int
             batch = next(it, None)
             if batch is None:
                 break
-            state = lw.capture({k: v.to(lw.device) for k, v in batch.items()})
+            state = lw.capture(to_model(batch, lw.device, lw.dtype))
             if on_host and cuda:
                 state = state.to("cpu", pin=True)
             group.append(state)
