@@ -91,7 +91,7 @@ def encode_workers(settings: Settings, ckpt: Checkpoint, processor, device: str,
 def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: str, dtype, device: str,
                      encoding: tuple[int, str]) -> EncodingProcesses | None:
     """The whole-model engine's encoding processes, started as soon as the processor is known: their start-up
-    then overlaps reading the calibration and loading the model."""
+    then overlaps estimating the samples' lengths and loading the model."""
     workers, kind = encoding
     if engine != "model" or not workers or kind != "processes":
         return None
@@ -157,22 +157,22 @@ def _output_bytes(ckpt: Checkpoint, dist: DistContext) -> int:
 
 def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float) -> dict:
     keep = num_to_keep(ckpt.num_experts, settings.prune_ratio, settings.keep_multiple, ckpt.top_k)
+    calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
+                             settings.skip_bad_samples)
+    if not ckpt.family.has_vision:
+        require_text_only(calib, ckpt.family.name)
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
     encoding = encode_workers(settings, ckpt, processor, device, dtype)
     with _early_processes(settings, ckpt, processor, engine, dtype, device, encoding) or nullcontext() as processes:
-        return _score_calibration(settings, dist, device, ckpt, t0, processor, engine, dtype, keep, encoding,
-                                  processes)
+        return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep,
+                                  encoding, processes)
 
 
 def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float,
-                       processor, engine: str, dtype, keep: int, encoding: tuple[int, str],
+                       calib: CalibrationSet, processor, engine: str, dtype, keep: int, encoding: tuple[int, str],
                        processes: EncodingProcesses | None) -> dict:
-    calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
-                             settings.skip_bad_samples)
-    if not ckpt.family.has_vision:
-        require_text_only(calib, ckpt.family.name)
     stats = ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, device)
     observer = ReapObserver(ckpt.family, stats, settings.scoring_mode)
     order, given = length_order(processor, calib.samples, settings.batch_size, settings.sort_window,
