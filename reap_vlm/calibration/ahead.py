@@ -4,15 +4,15 @@ Two kinds of worker, one way of handing batches out (``BatchStream``: a queue of
 batch of ``batch_chunks(samples)``, so the sums, resume and the torchrun shares are those of inline encoding,
 bitwise):
 
-* processes (``spawn``; the default on CUDA): each worker unpickles the processor once, runs its torch ops on one
-  thread and sends each batch back through shared memory; one thread of this process pins it.  On an H200 the
-  8-thread kind kept the batches coming (the forward waited 2.3 s in 30 s) yet made reap.py's scoring phase 2.27x
-  a plain forward over pre-encoded batches: the threads' Python between ops (the processor's, the tokenizer
-  call, Pillow's glue) held the GIL the main thread needs to launch the GPU's kernels.  Start-up is ~12 s
-  (importing torch and transformers in every worker), overlapped with loading the model.
-* threads: no start-up; the default on the CPU, where the forward's own ops hold every core, it is the slow part
-  by far, and a small run would not pay back the start-up.  Pillow's decode/resize, the processor's torch ops and
-  the Rust tokenizer release the GIL, so threads scale; they only steal the main thread's GIL.
+* threads (the default): no start-up.  Pillow's decode/resize, the processor's torch ops and the Rust tokenizer
+  release the GIL, so threads scale.  The first H200 run (8 threads, pixels sent as float32) made reap.py's routed
+  scoring 2.27x a plain forward on 1-4 MP photos although the forward waited only 2.3 s: the threads' Python
+  between ops held the GIL the main thread needs to launch kernels.  With pixels cast to the model's dtype in the
+  workers the second run measured 1.45x (1.15x past the first batch).
+* processes (``spawn``, ``--encode-workers-kind processes``): each worker unpickles the processor once, runs its
+  torch ops on one thread and sends each batch back through shared memory; one thread of this process pins it.
+  Measured in the same second run they lost: ~10 s of start-up (importing torch and transformers in every
+  worker) outlasted the small model's load, and past it routed scoring took 19 s against threads' 11 s.
 """
 
 from __future__ import annotations
@@ -51,12 +51,14 @@ def default_workers(processes_on_host: int = 1) -> int:
 
 
 def worker_kind(requested: str, device: str) -> str:
-    """``--encode-workers-kind``: auto is processes on CUDA, threads elsewhere (see the module's docstring)."""
+    """``--encode-workers-kind``: auto is threads.  Measured on two H200s (bench/RESULTS_scoring.md, issue 18):
+    processes lose on CUDA too — their spawn start-up (~10 s) outlasts a small model's load, and past it the
+    shared-memory hand-over and pinning still made routed scoring 19 s against threads' 11 s on 160 photos."""
     if requested not in ENCODE_WORKER_KINDS:
         raise ReapError(f"--encode-workers-kind {requested!r} is not one of {', '.join(ENCODE_WORKER_KINDS)}")
     if requested != "auto":
         return requested
-    return "processes" if torch.device(device).type == "cuda" else "threads"
+    return "threads"
 
 
 @dataclass

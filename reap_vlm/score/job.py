@@ -8,7 +8,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..calibration.ahead import BatchStream, EncodingProcesses, default_workers, shm_problem, worker_kind
+from ..calibration.ahead import BatchStream, EncodingProcesses, default_workers, worker_kind
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration, require_text_only
 from ..calibration.order import BatchOrder, length_order, padding_share
@@ -72,20 +72,12 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, o
     return ResumeState(Path(settings.output_path) / name, key)
 
 
-def encode_workers(settings: Settings, ckpt: Checkpoint, processor, device: str, dtype) -> tuple[int, str]:
+def encode_workers(settings: Settings, device: str) -> tuple[int, str]:
     """Workers encoding ahead and their kind: ``--encode-workers``, auto sharing the host's cores among its
-    torchrun ranks; ``--encode-workers-kind``, auto falling back to threads (with a warning) where shared memory
-    is too small for processes."""
+    torchrun ranks; ``--encode-workers-kind`` (auto: threads; processes check shared memory before starting)."""
     workers = (default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if settings.encode_workers == "auto"
                else int(settings.encode_workers))
-    kind = worker_kind(settings.encode_workers_kind, device)
-    if kind == "processes" and workers and settings.encode_workers_kind == "auto":
-        problem = shm_problem(processor, ckpt.family, workers, settings.batch_size, settings.max_seq_len, dtype)
-        if problem:
-            warnings.warn(f"{problem}: encoding on threads instead (slower end to end on a GPU); give the "
-                          "container more shared memory (docker --shm-size 16g)", stacklevel=2)
-            kind = "threads"
-    return workers, kind
+    return workers, worker_kind(settings.encode_workers_kind, device)
 
 
 def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: str, dtype, device: str,
@@ -164,7 +156,7 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
-    encoding = encode_workers(settings, ckpt, processor, device, dtype)
+    encoding = encode_workers(settings, device)
     with _early_processes(settings, ckpt, processor, engine, dtype, device, encoding) or nullcontext() as processes:
         return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep,
                                   encoding, processes)
