@@ -16,10 +16,10 @@ image-heavy (every item a 1-4 MP JPEG photo plus a question).
 What it times, per set:
 
 * reap.py routed and full, a subprocess each as a user runs it (``--engine model``, defaults for encoding ahead and
-  length sorting: encoding processes on CUDA; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from
+  length sorting: encoding threads; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from
   reap_metadata.json (load, scoring, reduce), the encoding time summed over the workers and the part the forward
-  waited for, the padding share; on the image-heavy set also routed with ``--encode-workers-kind threads``
-  (``--other-kind``: the kind round 1 measured at 2.27x, to show the difference; processes on the CPU);
+  waited for, the padding share; on the image-heavy set also routed with ``--encode-workers-kind processes``
+  (``--other-kind``, to show the difference);
   ``--inline``: also routed with ``--encode-workers 0 --sort-window 0`` (the behaviour before issue 18);
 * the baselines in this process over the same batches, encoded beforehand into pinned memory (pixels in the
   model's dtype, as reap.py's workers give them): the plain model forward (no hooks), the full observer
@@ -475,7 +475,7 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--other-kind", action=argparse.BooleanOptionalAction, default=True,
                         help="on the image set also reap.py routed with the encoding workers auto does not pick "
-                             "(threads on CUDA, processes on the CPU)")
+                             "(processes)")
     parser.add_argument("--encode-rates", action="store_true",
                         help="also the encoding rates (1 thread, N threads, N processes) and the GPU image "
                              "preprocessing (measured in round 1)")
@@ -541,8 +541,7 @@ def main() -> None:
         for mode in modes:
             run(kind, calib, mode, mode, 1)
         if kind == "image" and args.other_kind and "routed" in modes:  # the kind auto does not pick here
-            other = "threads" if args.device == "cuda" else "processes"
-            run(kind, calib, f"routed {other}", "routed", 1, ("--encode-workers-kind", other))
+            run(kind, calib, "routed processes", "routed", 1, ("--encode-workers-kind", "processes"))
         if not args.skip_baselines and clock.allows(f"baselines on {kind}", 1.5 * estimate(kind)):
             log(f"baselines over pre-encoded batches, {kind} set")
             res["baselines"] = baselines(args, model, calib, args.observer_modes.split(","), clock)

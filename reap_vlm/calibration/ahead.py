@@ -50,15 +50,12 @@ def default_workers(processes_on_host: int = 1) -> int:
     return max(1, min(8, share - 1))
 
 
-def worker_kind(requested: str, device: str) -> str:
-    """``--encode-workers-kind``: auto is threads.  Measured on two H200s (bench/RESULTS_scoring.md, issue 18):
-    processes lose on CUDA too — their spawn start-up (~10 s) outlasts a small model's load, and past it the
-    shared-memory hand-over and pinning still made routed scoring 19 s against threads' 11 s on 160 photos."""
-    if requested not in ENCODE_WORKER_KINDS:
-        raise ReapError(f"--encode-workers-kind {requested!r} is not one of {', '.join(ENCODE_WORKER_KINDS)}")
-    if requested != "auto":
-        return requested
-    return "threads"
+def worker_kind(requested: str) -> str:
+    """``--encode-workers-kind`` (checked by the settings): auto is threads.  Measured on two H200s
+    (bench/RESULTS_scoring.md, issue 18): processes lose on CUDA too — their spawn start-up (~10 s) outlasts a small
+    model's load, and past it the shared-memory hand-over and pinning still made routed scoring 19 s against
+    threads' 11 s on 160 photos."""
+    return "threads" if requested == "auto" else requested
 
 
 @dataclass

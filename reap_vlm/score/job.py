@@ -72,12 +72,12 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, o
     return ResumeState(Path(settings.output_path) / name, key)
 
 
-def encode_workers(settings: Settings, device: str) -> tuple[int, str]:
+def encode_workers(settings: Settings) -> tuple[int, str]:
     """Workers encoding ahead and their kind: ``--encode-workers``, auto sharing the host's cores among its
     torchrun ranks; ``--encode-workers-kind`` (auto: threads; processes check shared memory before starting)."""
     workers = (default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if settings.encode_workers == "auto"
                else int(settings.encode_workers))
-    return workers, worker_kind(settings.encode_workers_kind, device)
+    return workers, worker_kind(settings.encode_workers_kind)
 
 
 def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: str, dtype, device: str,
@@ -156,7 +156,7 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
-    encoding = encode_workers(settings, device)
+    encoding = encode_workers(settings)
     with _early_processes(settings, ckpt, processor, engine, dtype, device, encoding) or nullcontext() as processes:
         return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep,
                                   encoding, processes)
