@@ -214,7 +214,8 @@ OPTIONS: dict[str, Option] = {
         Option("sort_window", "--sort-window", "REAP_SORT_WINDOW", _int(0), 16,
                "batches per window within which samples are sorted by token length, less padding (0: file order)"),
         Option("encode_workers", "--encode-workers", "REAP_ENCODE_WORKERS", _workers, "auto",
-               "workers encoding batches ahead of the forward (auto: cores - 1, at most 8; 0: inline)"),
+               "workers encoding batches ahead of the forward (auto: this process's share of the usable cores, "
+               "split among a host's torchrun ranks, less one, at most 8; 0: inline)"),
         Option("encode_workers_kind", "--encode-workers-kind", "REAP_ENCODE_WORKERS_KIND",
                _choice(ENCODE_WORKER_KINDS), "auto",
                "processes (spawned, batches through shared memory) or threads (auto: threads, measured faster)"),

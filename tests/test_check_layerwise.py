@@ -134,7 +134,7 @@ def test_packed_check_of_a_quantized_pair_equals_the_whole_model_check(quantized
 def test_auto_picks_layerwise_in_the_check(tiny_model, pruned, calibration, tmp_path, monkeypatch):
     """Auto, with free memory faked below the model's size: the layer-wise check runs and the report says why."""
     need = whole_bytes(tiny_model, torch.float32)
-    monkeypatch.setattr(check_mode, "device_free_bytes", lambda device: need)  # 85% of it is too little
+    monkeypatch.setattr(check_mode, "device_free_bytes", lambda device, spread=True: need)  # 85% of it is too little
     monkeypatch.setattr(check_mode, "LAYERWISE_WORKSPACE", 0)
     code, report = _check(pruned["good"], tiny_model, calibration, tmp_path / "auto", "auto", monkeypatch)
     assert code == 0
@@ -175,11 +175,13 @@ def test_auto_choices_and_why(tiny_model, pruned, quantized_pair, monkeypatch):
     # loader's; its figure is faked here)
     original, pruned_awq = quantized_pair
     dequantized = whole_bytes(original, dtype)
-    # the packed need is the weights as stored plus the forward's working memory, at least one layer's experts in bf16
+    # the packed need is the weights as stored plus the forward's working memory, at least one layer's experts in
+    # the model's dtype
     ckpt = Checkpoint(original)
     sizes, experts = ckpt.family.sizes(ckpt.config), ckpt.family.num_experts(ckpt.config)
-    assert check_mode.packed_bytes(original) - packed_model_bytes(original) > experts * 3 * sizes["H"] * sizes["I"] * 2
-    monkeypatch.setattr(check_mode, "packed_bytes", lambda path: dequantized // 2)
+    layer_experts = experts * 3 * sizes["H"] * sizes["I"] * torch.finfo(dtype).bits // 8
+    assert check_mode.packed_bytes(original, dtype) - packed_model_bytes(original, dtype) > layer_experts
+    monkeypatch.setattr(check_mode, "packed_bytes", lambda path, dtype: dequantized // 2)
     chosen = choose_check_mode("auto", pruned_awq, original, "cpu", dtype, free_bytes=dequantized)
     assert chosen.mode == "packed" and "does not fit" in chosen.why and chosen.needs["packed"] == dequantized // 2
     chosen = choose_check_mode("auto", pruned_awq, original, "cpu", dtype, free_bytes=dequantized // 2)

@@ -46,7 +46,9 @@ SHM = "/dev/shm"
 def default_workers(processes_on_host: int = 1) -> int:
     """Encoding workers for ``--encode-workers auto``: this process's share of the host's cores less its main
     thread, at most 8 (the forward's own host work needs a core)."""
-    share = (os.cpu_count() or 2) // max(1, processes_on_host)
+    # the cores this process may run on (taskset, a container's cpuset), not the host's
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    share = usable // max(1, processes_on_host)
     return max(1, min(8, share - 1))
 
 
@@ -250,7 +252,7 @@ class BatchStream:
         self.local = threading.local()
         self.encode_seconds = 0.0  # encoding time summed over the workers
         self.wait_seconds = 0.0  # time the consumer waited for a batch not ready yet
-        self.first_wait_seconds = 0.0  # of which for the first batch (the processes' start-up not yet over)
+        self.first_wait_seconds = 0.0  # of which for the first batch (the workers' first batch not ready yet)
         self.op_threads = torch.get_num_threads()  # restored at close: see _one_op_thread
         self.threads = self.processes = None
         try:

@@ -22,6 +22,7 @@ from ..calibration.files import CalibrationSample
 from ..errors import ReapError
 from ..families import BoxFormat
 from .bbox import Box, check_box, iou, parse_bbox
+from .runner import GENERATION_BATCH
 
 IOU_RIGHT = 0.5
 
@@ -97,12 +98,11 @@ def is_right(item: EvalItem, answer: str, fmt: BoxFormat) -> bool:
     return parsed.valid and iou(parsed.box, item.box) >= IOU_RIGHT
 
 
-def answer_items(runner, items: list[EvalItem], max_new_tokens: int, batch_size: int | None = None,
+def answer_items(runner, items: list[EvalItem], max_new_tokens: int, batch_size: int = GENERATION_BATCH,
                  progress=None) -> list[str]:
     """The model's greedy answer to every item, in the items' order (``ModelRunner.generate_all``)."""
     encoded = [runner.encode(item.sample(i)) for i, item in enumerate(items)]
-    batch = {} if batch_size is None else {"batch_size": batch_size}
-    return [g.text for g in runner.generate_all(encoded, max_new_tokens, progress=progress, **batch)]
+    return [g.text for g in runner.generate_all(encoded, max_new_tokens, batch_size, progress)]
 
 
 def accuracy_by_task(items: list[EvalItem], answers: list[str], fmt: BoxFormat) -> dict[str, float]:

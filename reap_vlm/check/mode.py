@@ -52,10 +52,12 @@ def _gpu_free_bytes(index: int) -> int:
     return min(free_memory_bytes(f"cuda:{index}"), int(cap) - torch.cuda.memory_allocated(index))
 
 
-def device_free_bytes(device: str) -> int:
-    """Free memory where a whole model would go: every GPU with ``cuda`` (the model is spread over them), else
-    the one device."""
+def device_free_bytes(device: str, spread: bool = True) -> int:
+    """Free memory where a model would go: with ``cuda`` and ``spread`` every GPU (``load_model`` spreads a fused
+    unquantized model over them), else the one device (``cuda``: the current GPU)."""
     if device == "cuda":
+        if not spread:
+            return _gpu_free_bytes(torch.cuda.current_device())
         return sum(_gpu_free_bytes(i) for i in range(torch.cuda.device_count()))
     if device.startswith("cuda:"):
         return _gpu_free_bytes(int(device.split(":")[1]))
@@ -68,16 +70,17 @@ def whole_bytes(path: Path, dtype: torch.dtype) -> int:
     return loaded_bytes(ckpt, ckpt.weight_map, dtype)
 
 
-def packed_bytes(path: Path) -> int:
+def packed_bytes(path: Path, dtype: torch.dtype) -> int:
     """The model loaded with its quantized weights kept as stored, plus its forward's working memory: one MoE
-    layer's experts dequantized in bf16 (a prefill routes tokens to all of them), a tile of float32 temporaries,
+    layer's experts dequantized in ``dtype`` (a prefill routes tokens to all of them), a tile of float32 temporaries,
     and the prompts' activations and KV cache."""
     from ..checkpoint.packed import TILE_BYTES, packed_model_bytes  # the packed loader's own measures
 
     ckpt = Checkpoint(path)
     sizes = ckpt.family.sizes(ckpt.config)
-    layer_experts = ckpt.family.num_experts(ckpt.config) * 3 * sizes["H"] * sizes["I"] * 2
-    return packed_model_bytes(path) + layer_experts + TILE_BYTES + LAYERWISE_WORKSPACE
+    item = torch.finfo(dtype).bits // 8
+    layer_experts = ckpt.family.num_experts(ckpt.config) * 3 * sizes["H"] * sizes["I"] * item
+    return packed_model_bytes(path, dtype) + layer_experts + TILE_BYTES + LAYERWISE_WORKSPACE
 
 
 def layerwise_bytes(path: Path, dtype: torch.dtype) -> int:
@@ -96,7 +99,8 @@ def choose_check_mode(requested: str, pruned: Path, reference: Path | None, devi
     """The check mode for ``requested`` (auto / whole / packed / layerwise); ``free_bytes`` overrides the
     measurement.  A mode that cannot work is refused here, before any model is loaded."""
     paths = [p for p in (reference, pruned) if p is not None]
-    quantized = any(Checkpoint(p).quantization for p in paths)
+    ckpts = [Checkpoint(p) for p in paths]
+    quantized = any(c.quantization for c in ckpts)
     if requested == "packed" and not quantized:
         raise ConfigError(f"{flag_of('check_mode')}=packed keeps quantized weights packed, but neither checkpoint "
                           "is quantized; use whole, layerwise or auto")
@@ -105,7 +109,9 @@ def choose_check_mode(requested: str, pruned: Path, reference: Path | None, devi
                           "layer, and there is no original; pass --reference, or use whole or auto")
     if requested != "auto":
         return CheckMode(requested, f"{flag_of('check_mode')}={requested}")
-    free = device_free_bytes(device) if free_bytes is None else free_bytes
+    spreads = not any(c.quantization or c.has_per_expert_keys for c in ckpts)  # what load_model spreads over GPUs
+    free = device_free_bytes(device, spreads) if free_bytes is None else free_bytes
+    one = device_free_bytes(device, spread=False) if free_bytes is None else free_bytes  # packed, layer-wise
     room = int(AUTO_MEMORY_FRACTION * free)
     where = f"{_gib(free)} free on {device} (a mode fits in {AUTO_MEMORY_FRACTION:.0%} of it)"
     needs = {"whole": max(whole_bytes(p, dtype) for p in paths)}
@@ -113,17 +119,17 @@ def choose_check_mode(requested: str, pruned: Path, reference: Path | None, devi
         return CheckMode("whole", f"auto: the larger model takes {_gib(needs['whole'])} whole in "
                                   f"{str(dtype).removeprefix('torch.')}; {where}", free, needs)
     if quantized:
-        needs["packed"] = max(packed_bytes(p) for p in paths)
-        if needs["packed"] <= int(PACKED_MEMORY_FRACTION * free):
+        needs["packed"] = max(packed_bytes(p, dtype) for p in paths)
+        if needs["packed"] <= int(PACKED_MEMORY_FRACTION * one):
             return CheckMode("packed", f"auto: {_gib(needs['whole'])} dequantized does not fit, "
                                        f"{_gib(needs['packed'])} packed (weights + working memory) fits in "
-                                       f"{PACKED_MEMORY_FRACTION:.0%} of {_gib(free)} free on {device}", free, needs)
+                                       f"{PACKED_MEMORY_FRACTION:.0%} of {_gib(one)} free on one device", one, needs)
     too_big = f"{_gib(needs['whole'])} whole" + (f", {_gib(needs['packed'])} packed" if "packed" in needs else "")
     if reference is None:
         raise ReapError(f"the pruned model does not fit ({too_big}; {where}), and without the original the "
                         "layer-wise check has nothing to compare; pass --reference, or run on a larger machine")
     needs["layerwise"] = max(layerwise_bytes(p, dtype) for p in paths)
-    if needs["layerwise"] > room:
+    if needs["layerwise"] > int(AUTO_MEMORY_FRACTION * one):
         raise ReapError(f"not even one decoder layer of the models fits: the layer-wise check needs "
                         f"{_gib(needs['layerwise'])} ({too_big}); {where}; free memory or use a larger device")
     return CheckMode("layerwise", f"auto: the models fit nowhere whole ({too_big}); the layer-wise check holds "

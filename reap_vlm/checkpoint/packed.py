@@ -24,6 +24,7 @@ packed load takes, from the shard headers alone.
 
 from __future__ import annotations
 
+import math
 import types
 from collections import defaultdict
 from pathlib import Path
@@ -95,7 +96,7 @@ class PackedExperts(nn.Module):
 
     def __init__(self, original: nn.Module, family: ModelFamily, quant: QuantFormat, name: str,
                  projections: dict[str, dict[str, torch.Tensor]], expert_shapes: dict[str, tuple[int, ...]],
-                 proj_shapes: dict[str, tuple[int, int]], dtype: torch.dtype, tile_bytes: int = TILE_BYTES):
+                 dtype: torch.dtype, tile_bytes: int = TILE_BYTES):
         super().__init__()
         self._original_class = type(original)
         for attr, value in vars(original).items():  # num_experts, act_fn, config...: what the forward reads
@@ -107,7 +108,7 @@ class PackedExperts(nn.Module):
                                 "does not support it (load the model whole)")
             self.add_module(child, module)
         self.family, self.quant, self.name, self.dtype = family, quant, name, dtype
-        self.expert_shapes, self.proj_shapes, self.tile_bytes = expert_shapes, proj_shapes, tile_bytes
+        self.expert_shapes, self.tile_bytes = expert_shapes, tile_bytes
         self.packed = nn.ModuleDict({proj: _PackedProjection(t) for proj, t in projections.items()})
         self.num_experts = next(iter(next(iter(projections.values())).values())).shape[0]
         self.experts_dequantized = 0  # expert weights dequantized so far (per fused tensor), for tests and benches
@@ -263,7 +264,7 @@ def _install_experts(model: nn.Module, prefix: str, family: ModelFamily, quant: 
         if expected is None or tuple(expected) != tuple(got):
             raise ReapError(f"{prefix}.{fused}: the quantized experts dequantize to {list(got)} per expert, the "
                             f"model's {fused} is {list(expected or [])}; the checkpoint does not match its config")
-    packed = PackedExperts(original, family, quant, prefix, stacks, fused_shapes, proj_shapes, dtype)
+    packed = PackedExperts(original, family, quant, prefix, stacks, fused_shapes, dtype)
     parent, _, child = prefix.rpartition(".")
     setattr(model.get_submodule(parent), child, packed)
     return packed
@@ -339,12 +340,8 @@ def packed_model_bytes(path: Path | str, dtype: torch.dtype = torch.bfloat16) ->
     for header in shard_headers(ckpt).values():
         for key, tensor in header.tensors.items():
             tensor: SourceTensor
+            if key not in ckpt.weight_map:  # a part the model never loads (ModelFamily.left_out)
+                continue
             floating = tensor.dtype.startswith(("F", "BF")) and not tensor.dtype.startswith("F8")
-            if key in quantized or not floating:
-                total += tensor.nbytes
-            else:
-                elements = 1
-                for dim in tensor.shape:
-                    elements *= dim
-                total += elements * size
+            total += tensor.nbytes if key in quantized or not floating else math.prod(tensor.shape) * size
     return total

@@ -79,13 +79,7 @@ class Glm4vMoeFamily(Qwen3VLMoeFamily):
         choice = scores + router.e_score_correction_bias.float()
         if chosen_mask is not None:
             choice = choice.masked_fill(~chosen_mask, float("-inf"))
-        groups, experts = router.num_group, scores.shape[-1]
-        grouped = choice.view(-1, groups, experts // groups)
-        best_groups = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1).topk(router.topk_group,
-                                                                                          dim=-1)[1]
-        group_mask = torch.zeros(choice.shape[0], groups, dtype=torch.bool, device=choice.device)
-        group_mask.scatter_(1, best_groups, True)
-        choice = choice.masked_fill(~group_mask.repeat_interleave(experts // groups, dim=1), float("-inf"))
+        # one expert group (``moe_layers`` refuses n_group > 1): the model's group choice keeps every expert
         ids = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, ids)
         if router.norm_topk_prob:

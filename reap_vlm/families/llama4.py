@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import NORMALIZED_1000, ExpertTensorLayout, ModelFamily
+from .base import NORMALIZED_1000, ExpertTensorLayout, ModelFamily, float32_norm
 
 
 class Llama4Family(ModelFamily):
@@ -106,7 +106,7 @@ class Llama4Family(ModelFamily):
         module's own computation, without its input scaling)."""
         num = experts.gate_up_proj.shape[0]
         y = _swiglu(experts, x.unsqueeze(0).expand(num, -1, -1), experts.gate_up_proj, experts.down_proj)
-        return torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).T
+        return float32_norm(y).T
 
     # -------------------------------------------------------------- routing
 
