@@ -48,6 +48,7 @@ from reap_vlm.prune.rewrite import prune_checkpoint  # noqa: E402
 from reap_vlm.settings import parse_settings  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_check import memory_shapes  # noqa: E402  (the model's in-memory names and shapes, built on meta)
 from bench_scoring import evict  # noqa: E402  (drops a folder's files from the page cache)
 
 GiB = 1 << 30
@@ -66,17 +67,8 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def skeleton_shapes(config: dict) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """In-memory names and shapes of the model with ``config`` (built on the meta device)."""
-    from accelerate import init_empty_weights
-    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-
-    with init_empty_weights():
-        model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**config))
-    return {k: t.shape for k, t in model.state_dict().items()}
-
-
-def random_tensors(shapes: dict[str, torch.Size], device: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def random_tensors(shapes: dict[str, tuple[int, ...]], device: str,
+                   generator: torch.Generator) -> dict[str, torch.Tensor]:
     """bf16 weights: norms 1, everything else N(0, 0.02) (routing then spreads over the experts)."""
     out = {}
     for key, shape in shapes.items():
@@ -106,7 +98,7 @@ def build_checkpoint(folder: Path, shape: dict, vocab: int | None, max_layers: i
     config = fixture_config(FixtureSpec(num_hidden_layers=1, **shape), token_ids)
     if vocab:
         config["text_config"]["vocab_size"] = vocab
-    shapes = skeleton_shapes(config)
+    shapes = memory_shapes(config)
     layer0 = {k: s for k, s in shapes.items() if ".layers.0." in k and ".language_model." in k}
     rest = {k: s for k, s in shapes.items() if k not in layer0}
     generator = torch.Generator(device).manual_seed(0)

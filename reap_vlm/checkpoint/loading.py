@@ -81,12 +81,19 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
         keys = install_packed(model, ckpt, dtype, device)
         installed = packed_buffer_names(model)
     state = memory_state_dict(ckpt, keys, dtype=dtype, device=device)
-    if config.tie_word_embeddings and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state[family.embedding_key]
+    head = head_weight_name(model)
+    if config.tie_word_embeddings and head not in state:
+        state[head] = state[family.embedding_key]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     check_loading_info(path, {"missing_keys": [k for k in missing if k not in installed],
                               "unexpected_keys": unexpected})
     return model.to(device).eval()
+
+
+def head_weight_name(model) -> str:
+    """The state-dict name of ``model``'s LM head weight (``lm_head.weight``, ``language_model.lm_head.weight``)."""
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head) + ".weight"
 
 
 def check_loading_info(path: Path | str, info: dict) -> None:

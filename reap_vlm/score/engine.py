@@ -59,7 +59,8 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
     if stream is None:
         remaining = samples[done * batch_size:]  # batches already summed are not even encoded again
         stream = BatchStream(processor, remaining, batch_size, max_seq_len, max_pixels, family,
-                             workers=encode_workers, pin=torch.device(device).type == "cuda")
+                             workers=encode_workers, pin=torch.device(device).type == "cuda",
+                             pixel_dtype=model.dtype)
     if len(stream) != total - done:
         raise ValueError(f"the batch stream holds {len(stream)} batches, {total - done} remain")
     tokens = positions = 0

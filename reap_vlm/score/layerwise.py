@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.ahead import BatchStream
 from ..calibration.encode import num_batches, to_model
-from ..checkpoint.loading import free_memory_bytes
+from ..checkpoint.loading import free_memory_bytes, head_weight_name
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.tensors import memory_state_dict
 from ..errors import ReapError
@@ -261,7 +261,7 @@ class LayerwiseModel:
         them) on the device."""
         keys = head_keys(self.family, self.ckpt.weight_map)
         state = memory_state_dict(self.ckpt, keys, self.dtype, "cpu")
-        head = {id(m): n for n, m in self.model.named_modules()}[id(self.model.get_output_embeddings())] + ".weight"
+        head = head_weight_name(self.model)
         if head not in state and getattr(self.model.config, "tie_word_embeddings", False):
             state[head] = memory_state_dict(self.ckpt, [self.family.embedding_key], self.dtype, "cpu")[
                 self.family.embedding_key]
