@@ -18,8 +18,8 @@ What it times, per set:
 * reap.py routed and full, a subprocess each as a user runs it (``--engine model``, defaults for encoding ahead and
   length sorting: encoding threads; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from
   reap_metadata.json (load, scoring, reduce), the encoding time summed over the workers and the part the forward
-  waited for, the padding share; on the image-heavy set also routed with ``--encode-workers-kind processes``
-  (``--other-kind``, to show the difference);
+  waited for, the padding share; on both sets also routed with ``--encode-workers-kind threads`` (``--other-kind``:
+  the kind auto does not pick, to show the difference);
   ``--inline``: also routed with ``--encode-workers 0 --sort-window 0`` (the behaviour before issue 18);
 * the baselines in this process over the same batches, encoded beforehand into pinned memory (pixels in the
   model's dtype, as reap.py's workers give them): the plain model forward (no hooks), the full observer
@@ -34,7 +34,7 @@ Targets (issue 18): routed scoring <= 1.1x the plain forward, full scoring <= 1.
 sets; two GPUs >= 1.9x one.  The ratio is given twice: against the warm baseline, and against the baseline with
 its first batch cold (as reap.py's scoring phase runs it).  Every phase is skipped, and said so, once
 ``--max-minutes`` would be passed; the order is the image set's runs and baselines, the text set's, then the
-2-GPU runs, then the extras.
+2-GPU runs, then the other kind of worker, then the extras.
 Writes ``RESULTS_end_to_end.md`` and ``.json`` to ``--out``.
 """
 
@@ -225,7 +225,7 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
     """reap.py as a user runs it; its phases from reap_metadata.json."""
     out = Path(args.workdir) / "runs" / f"{calib.stem}-{mode}-{gpus}gpu-{time.time_ns()}"
     cmd = [str(ROOT / "reap.py"), "--model", str(model), "--calibration", str(calib), "--output", str(out),
-           "--mode", mode, "--batch-size", str(args.batch_size), "--max-samples", str(args.samples),
+           "--mode", mode, "--batch-size", str(args.batch_size), "--max-samples", str(args.set_samples[calib.stem]),
            "--max-seq-len", str(args.max_seq_len), "--prune-ratio", "0.5", "--engine", "model", "--no-resume",
            "--device", args.device, "--dtype", args.dtype, *extra]
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -307,7 +307,7 @@ def forward_over(model, family, batches: list[dict], device: str, observer: Reap
 def baselines(args, model_dir: Path, calib: Path, modes: list[str], clock: Clock) -> dict:
     ckpt = Checkpoint(model_dir)
     processor = load_processor(model_dir)
-    samples = load_calibration(calib, args.samples).samples
+    samples = load_calibration(calib, args.set_samples[calib.stem]).samples
     order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
     cuda = args.device == "cuda"
     batches, wall, cpu = pre_encode(processor, order.samples, args, ckpt.family, default_workers(), cuda)
@@ -403,7 +403,8 @@ def _ratios(r: dict, base: dict, ref_key: str) -> str:
 
 def table(results: dict) -> str:
     lines = [f"# End-to-end REAP scoring ({results['device']}, {results['shape']})", "",
-             f"{results['samples']} samples per set, batch {results['batch_size']}, max_seq_len "
+             "samples: " + ", ".join(f"{n} {kind}" for kind, n in results["samples"].items()) +
+             f"; batch {results['batch_size']}, max_seq_len "
              f"{results['max_seq_len']}, reap.py --engine model, {results['dtype']}; host: {results['cpus']} CPUs, "
              f"/dev/shm {results['shm_free_gib']} GiB free. Target ratio: reap.py's scoring phase per token over "
              "the warm baseline's (routed: plain forward; full: full observer), in brackets over the baseline with "
@@ -463,19 +464,20 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and images on the CPU (< 2 min)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--workdir", default="/tmp/reap_e2e")
-    parser.add_argument("--max-minutes", type=float, default=None, help="time budget (default 5.5; --tiny 2.5)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="time budget (default 8.5; --tiny 2.5)")
     parser.add_argument("--layers", type=int, default=4, help="full-width MoE decoder layers")
     parser.add_argument("--vision", default="full", choices=tuple(VISION))
     parser.add_argument("--sets", default="image,text")
     parser.add_argument("--modes", default="routed,full")
     parser.add_argument("--observer-modes", default="full", help="observer baselines (routed's target is the plain "
                         "forward, always run)")
-    parser.add_argument("--samples", type=int, default=160, help="calibration samples per set")
+    parser.add_argument("--samples", type=int, default=1024, help="calibration samples of the text-heavy set "
+                        "(long enough that fixed costs weigh little: the issue's own figures used 1,024)")
+    parser.add_argument("--image-samples", type=int, default=192, help="calibration samples of the image-heavy set")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--other-kind", action=argparse.BooleanOptionalAction, default=True,
-                        help="on the image set also reap.py routed with the encoding workers auto does not pick "
-                             "(processes)")
+                        help="also reap.py routed with the encoding workers auto does not pick (threads)")
     parser.add_argument("--encode-rates", action="store_true",
                         help="also the encoding rates (1 thread, N threads, N processes) and the GPU image "
                              "preprocessing (measured in round 1)")
@@ -490,6 +492,7 @@ def main() -> None:
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"  # bf16 matmuls on the CPU are slow
     if args.tiny:
         args.samples = min(args.samples, 12)
+        args.image_samples = min(args.image_samples, 12)
         args.batch_size = min(args.batch_size, 4)
         args.max_seq_len = min(args.max_seq_len, 512)
         args.encode_samples = min(args.encode_samples, 8)
@@ -497,7 +500,8 @@ def main() -> None:
         args.workdir = args.workdir + "-tiny"
     gpus_visible = torch.cuda.device_count() if args.device == "cuda" else 0
     two = gpus_visible >= 2 if args.gpus == "auto" else args.gpus == "2"
-    clock = Clock(args.max_minutes or (2.5 if args.tiny else 5.5))
+    clock = Clock(args.max_minutes or (2.5 if args.tiny else 8.5))
+    args.set_samples = {"text": args.samples, "image": args.image_samples}
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -506,7 +510,7 @@ def main() -> None:
     shm = shm_free_bytes()
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "gpus_visible": gpus_visible, "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, "
-               f"vision {args.vision}", "samples": args.samples, "batch_size": args.batch_size,
+               f"vision {args.vision}", "samples": args.set_samples, "batch_size": args.batch_size,
                "max_seq_len": args.max_seq_len, "dtype": args.dtype, "cpus": os.cpu_count(),
                "shm_free_gib": None if shm is None else round(shm / 2**30, 1), "sets": {}, "not_run": clock.skipped}
     if not two:
@@ -515,7 +519,7 @@ def main() -> None:
     log("writing the checkpoint and calibration sets in", workdir)
     model = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
     megapixels = (0.05, 0.2) if args.tiny else (1.0, 4.0)
-    calibs = {kind: write_calibration(workdir / "calibration", kind, args.samples, megapixels)
+    calibs = {kind: write_calibration(workdir / "calibration", kind, args.set_samples[kind], megapixels)
               for kind in args.sets.split(",")}
     log(f"inputs ready ({clock.left():.0f}s left)")
 
@@ -540,8 +544,6 @@ def main() -> None:
         res = results["sets"].setdefault(kind, {"runs": {}})
         for mode in modes:
             run(kind, calib, mode, mode, 1)
-        if kind == "image" and args.other_kind and "routed" in modes:  # the kind auto does not pick here
-            run(kind, calib, "routed processes", "routed", 1, ("--encode-workers-kind", "processes"))
         if not args.skip_baselines and clock.allows(f"baselines on {kind}", 1.5 * estimate(kind)):
             log(f"baselines over pre-encoded batches, {kind} set")
             res["baselines"] = baselines(args, model, calib, args.observer_modes.split(","), clock)
@@ -552,6 +554,8 @@ def main() -> None:
             if r and one:
                 r["rel_diff_vs_1gpu"] = max_rel(one["reap"], r["reap"])
                 r["same_keep"] = one["keep"] == r["keep"]
+    for kind, calib in calibs.items() if args.other_kind and "routed" in modes else ():  # the kind auto does not pick
+        run(kind, calib, "routed threads", "routed", 1, ("--encode-workers-kind", "threads"))
     if "image" in calibs and args.encode_rates and clock.allows("encoding rates", 40 if not args.tiny else 20):
         log("encoding rates, image set")
         results["encode_rates"] = encode_rates(args, model, calibs["image"], default_workers())

@@ -1,0 +1,223 @@
+"""Where reap.py's scoring phase loses time against a plain forward (issue 18): its loop timed in one process over
+the same batches, one thing changed at a time.
+
+Run on the GPU machine from the repository root (one GPU):
+
+    PYTHONUNBUFFERED=1 python3 bench/bench_scoring_loop.py --out $OUT          # about 4 device-minutes
+    python3 bench/bench_scoring_loop.py --tiny --out /tmp/loop                  # CPU, tiny shapes, < 1 min
+
+The checkpoint and calibration sets are bench_end_to_end.py's (same ``--workdir``, reused when present).  One model
+load, then per set, every row over the same length-sorted batches:
+
+* ``forward``: the model's forward over batches encoded beforehand into pinned memory (no hooks; the target's
+  baseline), then with the routed observer;
+* ``engine, pre-encoded``: ``engine.run_batches`` (reap.py's loop: masks, copies, hooks, progress) fed the same
+  pre-encoded batches;
+* ``engine, N processes`` / ``N threads``: the loop fed by ``BatchStream`` as reap.py feeds it (processes: batches
+  in reused pinned ring slots; ``one buffer per batch``: each batch its own /dev/shm file, pinned on arrival);
+* ``forward beside N processes`` / ``threads``: the plain forward over pre-encoded batches while a stream of the
+  same kind encodes the set on the side (its batches thrown away): the encoding's cost to the loop, alone.
+
+Each row: wall seconds (warm: one batch first), the main thread's CPU seconds over the same span (a loop whose CPU
+time is close to its wall time is bound by its kernel launches, so anything that takes its core or the GIL slows
+it), and the time it waited for batches.  Writes ``RESULTS_scoring_loop.md`` / ``.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_end_to_end import VISION, log, spec_for, write_calibration, write_model  # noqa: E402
+
+from reap_vlm.calibration.ahead import BatchStream, default_workers  # noqa: E402
+from reap_vlm.calibration.files import load_calibration  # noqa: E402
+from reap_vlm.calibration.order import length_order  # noqa: E402
+from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
+from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
+from reap_vlm.score.engine import run_batches  # noqa: E402
+from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
+from reap_vlm.score.stats import ExpertStats  # noqa: E402
+
+
+class PreEncoded:
+    """Batches encoded beforehand, handed out as a ``BatchStream`` would."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def report(self, positions: int, tokens: int) -> dict:
+        return {"encode_wait_seconds": 0.0}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(device: str, fn) -> dict:
+    sync(device)
+    t0, c0 = time.perf_counter(), time.thread_time()
+    extra = fn() or {}
+    sync(device)
+    return {"wall_s": time.perf_counter() - t0, "main_cpu_s": time.thread_time() - c0, **extra}
+
+
+def forward(model, family, batches: list[dict], device: str, observer: ReapObserver | None = None) -> None:
+    base = family.multimodal_model(model)
+    for batch in batches:
+        if observer is not None:
+            masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
+            observer.use_masks(masks.to(device))
+        base(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, use_cache=False)
+
+
+def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: list[dict]) -> dict:
+    family, device = ckpt.family, args.device
+    workers = args.workers or default_workers()
+    dtype = getattr(torch, args.dtype)
+    stream_args = (processor, samples, args.batch_size, args.max_seq_len, 0, family)
+    pin = device if device.startswith("cuda") else False
+    rows = {}
+
+    def observer(mode: str) -> ReapObserver:
+        return ReapObserver(family, ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, device), mode)
+
+    def engine(stream) -> dict:
+        run = run_batches(model, processor, samples, observer(args.mode), batch_size=args.batch_size,
+                          max_seq_len=args.max_seq_len, max_pixels=0, resume=None, checkpoint_every=10**9,
+                          device=device, stream=stream)
+        return {"waited_s": run.get("encode_wait_seconds", 0.0)}
+
+    def beside(kind: str) -> dict:
+        """The plain forward (timed alone) while ``kind`` workers encode the set on the side."""
+        stop = threading.Event()
+
+        def drain(stream) -> None:
+            for _ in stream:
+                if stop.is_set():
+                    break
+
+        with BatchStream(*stream_args, workers=workers, kind=kind, pin=device.startswith("cuda"),
+                         pixel_dtype=dtype) as stream:
+            next(stream)  # the workers are running
+            drainer = threading.Thread(target=drain, args=(stream,))
+            drainer.start()
+            try:
+                with torch.inference_mode():
+                    row = timed(device, lambda: forward(model, family, batches, device))
+            finally:
+                stop.set()
+                drainer.join()
+        return row
+
+    with torch.inference_mode():
+        forward(model, family, batches[:1], device)  # warm
+        rows["forward"] = timed(device, lambda: forward(model, family, batches, device))
+        log(f"  forward {rows['forward']}")
+        obs = observer(args.mode)
+        with obs.attached(family.moe_blocks(model)):
+            rows[f"forward + {args.mode} observer"] = timed(device, lambda: forward(model, family, batches, device,
+                                                                                    obs))
+    rows["engine, pre-encoded"] = timed(device, lambda: engine(PreEncoded(batches)))
+    for kind in ("processes", "threads"):
+        rows[f"engine, {workers} {kind}"] = timed(device, lambda: engine(BatchStream(
+            *stream_args, workers=workers, kind=kind, pin=pin, pixel_dtype=dtype, reuse=True)))
+        log(f"  engine {kind}: {rows[f'engine, {workers} {kind}']}")
+    rows[f"engine, {workers} processes, one buffer per batch"] = timed(device, lambda: engine(BatchStream(
+        *stream_args, workers=workers, kind="processes", pin=pin, pixel_dtype=dtype)))
+    for kind in ("processes", "threads"):
+        rows[f"forward beside {workers} {kind}"] = beside(kind)
+        log(f"  forward beside {kind}: {rows[f'forward beside {workers} {kind}']}")
+    return rows
+
+
+def table(results: dict) -> str:
+    lines = [f"# reap.py's scoring loop against a plain forward ({results['device']}, {results['shape']})", "",
+             f"batch {results['batch_size']}, max_seq_len {results['max_seq_len']}, {results['dtype']}, "
+             f"{results['mode']} mode; host {results['cpus']} CPUs. Ratio: wall over the plain forward's.", "",
+             "| set | batches | loop | wall s | main thread CPU s | waited s | ratio |", "|---|---|---|---|---|---|---|"]
+    for name, s in results["sets"].items():
+        plain = s["rows"]["forward"]["wall_s"]
+        for row, r in s["rows"].items():
+            lines.append(f"| {name} | {s['batches']} | {row} | {r['wall_s']:.2f} | {r['main_cpu_s']:.2f} | "
+                         f"{r.get('waited_s', 0.0):.2f} | {r['wall_s'] / plain:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--workdir", default="/tmp/reap_e2e")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vision", default="full", choices=tuple(VISION))
+    parser.add_argument("--sets", default="text,image")
+    parser.add_argument("--samples", type=int, default=512, help="text-heavy set")
+    parser.add_argument("--image-samples", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--mode", default="routed")
+    parser.add_argument("--workers", type=int, default=0, help="encoding workers (0: reap.py's auto)")
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.tiny:
+        args.samples, args.image_samples, args.batch_size, args.max_seq_len = 12, 8, 4, 512
+        args.workdir += "-tiny"
+    workdir, out = Path(args.workdir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
+    counts = {"text": args.samples, "image": args.image_samples}
+    megapixels = (0.05, 0.2) if args.tiny else (1.0, 4.0)
+    ckpt = Checkpoint(model_dir)
+    processor = load_processor(model_dir)
+    model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, vision {args.vision}",
+               "batch_size": args.batch_size, "max_seq_len": args.max_seq_len, "dtype": args.dtype,
+               "mode": args.mode, "cpus": len(os.sched_getaffinity(0)), "sets": {}}
+    for kind in args.sets.split(","):
+        # the end-to-end bench's sets are a superset: its first samples are this set
+        calib = write_calibration(workdir / "calibration", kind, counts[kind], megapixels)
+        samples = load_calibration(calib, counts[kind]).samples
+        order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
+        log(f"{kind}: pre-encoding {len(order.samples)} samples")
+        with BatchStream(processor, order.samples, args.batch_size, args.max_seq_len, 0, ckpt.family,
+                         workers=default_workers(), kind="threads", pin=args.device == "cuda",
+                         pixel_dtype=getattr(torch, args.dtype)) as stream:
+            batches = list(stream)
+        rows = loop_rows(args, model, ckpt, processor, order.samples, batches)
+        results["sets"][kind] = {"batches": len(batches), "rows": rows}
+        del batches
+    text = table(results)
+    print("\n" + text)
+    (out / "RESULTS_scoring_loop.md").write_text(text)
+    (out / "RESULTS_scoring_loop.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
