@@ -2,7 +2,7 @@
 
 Run on the GPU machine from the repository root (one GPU, or two for the torchrun rows):
 
-    PYTHONUNBUFFERED=1 python3 bench/bench_end_to_end.py --out $OUT            # about 6 device-minutes
+    PYTHONUNBUFFERED=1 python3 bench/bench_end_to_end.py --out $OUT            # about 9 device-minutes
     python3 bench/bench_end_to_end.py --tiny --out /tmp/e2e                     # CPU, tiny shapes, < 2 min
 
 What it builds (in ``--workdir``, reused when present): a Qwen3-VL-30B-A3B-shaped checkpoint with ``--layers``
@@ -18,8 +18,8 @@ What it times, per set:
 * reap.py routed and full, a subprocess each as a user runs it (``--engine model``, defaults for encoding ahead and
   length sorting: encoding threads; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from
   reap_metadata.json (load, scoring, reduce), the encoding time summed over the workers and the part the forward
-  waited for, the padding share; on both sets also routed with ``--encode-workers-kind threads`` (``--other-kind``:
-  the kind auto does not pick, to show the difference);
+  waited for, the padding share; on both sets also routed with ``--encode-workers-kind processes``
+  (``--other-kind``: the kind auto does not pick, to show the difference);
   ``--inline``: also routed with ``--encode-workers 0 --sort-window 0`` (the behaviour before issue 18);
 * the baselines in this process over the same batches, encoded beforehand into pinned memory (pixels in the
   model's dtype, as reap.py's workers give them): the plain model forward (no hooks), the full observer
@@ -477,7 +477,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--other-kind", action=argparse.BooleanOptionalAction, default=True,
-                        help="also reap.py routed with the encoding workers auto does not pick (threads)")
+                        help="also reap.py routed with the encoding workers auto does not pick (processes)")
     parser.add_argument("--encode-rates", action="store_true",
                         help="also the encoding rates (1 thread, N threads, N processes) and the GPU image "
                              "preprocessing (measured in round 1)")
@@ -555,7 +555,7 @@ def main() -> None:
                 r["rel_diff_vs_1gpu"] = max_rel(one["reap"], r["reap"])
                 r["same_keep"] = one["keep"] == r["keep"]
     for kind, calib in calibs.items() if args.other_kind and "routed" in modes else ():  # the kind auto does not pick
-        run(kind, calib, "routed threads", "routed", 1, ("--encode-workers-kind", "threads"))
+        run(kind, calib, "routed processes", "routed", 1, ("--encode-workers-kind", "processes"))
     if "image" in calibs and args.encode_rates and clock.allows("encoding rates", 40 if not args.tiny else 20):
         log("encoding rates, image set")
         results["encode_rates"] = encode_rates(args, model, calibs["image"], default_workers())

@@ -4,16 +4,15 @@ Two kinds of worker, one way of handing batches out (``BatchStream``: a queue of
 batch of ``batch_chunks(samples)``, so the sums, resume and the torchrun shares are those of inline encoding,
 bitwise):
 
-* processes (the default where ``fork`` exists, i.e. Linux): forked as soon as the processor is loaded (no
-  re-import, ~0.1 s), each runs its torch ops on one thread and sends each batch back through shared memory; one
-  thread of this process pins it.  Why not threads: the main thread launches thousands of small kernels per
-  batch, and torch releases the GIL around each.  A thread running the processor's Python (chat templates, the
-  tokenizer's wrapper, image bookkeeping) keeps the GIL for up to a switch interval (5 ms) every time it gets it,
-  so each launch can wait that long.  Measured here: a loop of small torch ops ran 5x slower beside one encoding
-  thread (text), 1.1x beside one encoding process; on an H200 threads made routed scoring 1.7x a plain forward
-  on a text set that never waited for a batch (bench/RESULTS_scoring.md, issue 18).
-* threads (``--encode-workers-kind threads``; auto where there is no ``fork``, or where ``/dev/shm`` cannot hold
-  the batches in flight): no shared memory needed.
+* threads (the default): no start-up, no hand-over.  Pillow's decode/resize, the processor's torch ops and the
+  Rust tokenizer release the GIL, so threads scale; their Python between those holds it.  That costs the main
+  thread, which launches thousands of small kernels per batch and takes the GIL back after each: beside 8
+  encoding threads a text set's loop ran 1.26x slower on an H200, against 1.00x beside 8 processes.
+* processes (``--encode-workers-kind processes``): forked where ``fork`` exists (~0.1 s to start; spawned ones
+  took ~12 s to import torch and transformers), each runs its torch ops on one thread and sends each batch back
+  through /dev/shm; one thread of this process pins it.  The hand-over costs this process in turn: on 1-4 MP
+  photos (~150 MB of pixels per batch) threads won end to end (reap.py routed 15.6 s against 21.8 s), on a
+  text-heavy set processes did (16.2 s against 17.2 s).  bench/RESULTS_scoring.md, issue 18.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from ..families import ModelFamily, family_for_processor
 from ..settings import ENCODE_WORKER_KINDS
 from .encode import batch_chunks, encode_batch
 from .files import CalibrationSample
-from .ring import SlotRing, ring_slots
 
 AHEAD_PER_WORKER = 2  # batches in flight per worker: each worker has the next one queued when it finishes
 SHM = "/dev/shm"
@@ -54,19 +52,16 @@ def default_workers(processes_on_host: int = 1) -> int:
     return max(1, min(8, share - 1))
 
 
+def worker_kind(requested: str) -> str:
+    """``--encode-workers-kind`` (checked by the settings): auto is threads, measured faster on image-heavy sets
+    (see the module's docstring)."""
+    return "threads" if requested == "auto" else requested
+
+
 def start_method() -> str:
-    """``fork`` where it exists: a forked worker has torch, transformers and the processor already (spawn took ~12 s
-    to import them on the GPU box).  Safe here because a worker never touches CUDA and is forked before any
-    encoding thread or tokenizer call of this process runs."""
+    """``fork`` where it exists: a forked worker has torch, transformers and the processor already.  Safe here
+    because a worker never touches CUDA, and reap.py forks them before it starts any thread of its own."""
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-def worker_kind(requested: str, shm_short: str | None = None) -> str:
-    """``--encode-workers-kind`` (checked by the settings).  auto: processes where they fork and ``/dev/shm`` holds
-    the batches in flight (``shm_short``: what is wrong with it, else None), else threads."""
-    if requested != "auto":
-        return requested
-    return "processes" if start_method() == "fork" and shm_short is None else "threads"
 
 
 @dataclass
@@ -74,8 +69,6 @@ class _Encoded:
     batch: dict[str, torch.Tensor]
     seconds: float
     warnings: list = field(default_factory=list)  # (message, category) from a worker process, raised here in order
-    slot: int | None = None  # the ring slot the worker was given
-    layout: list | None = None  # where in it the batch is (None: it did not fit, the batch came as tensors)
 
 
 def _encode_timed(processor, chunk: list, encode_args: tuple, pixel_dtype: torch.dtype | None) -> _Encoded:
@@ -97,8 +90,8 @@ def _pinned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _PROCESS: dict = {}  # a worker process's processor and encoding arguments, set once by _process_start
 
 
-def _process_start(processor, encode_args: tuple, pixel_dtype: torch.dtype | None, ring: SlotRing | None) -> None:
-    """``processor``: the object itself (forked) or its pickle (spawned); ``ring``: inherited by a fork."""
+def _process_start(processor, encode_args: tuple, pixel_dtype: torch.dtype | None) -> None:
+    """``processor``: the object itself (forked) or its pickle (spawned)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes the pool
     torch.set_num_threads(1)  # see _one_op_thread
     # one thread each: the workers are the parallelism (and a forked Rust tokenizer would warn and fall back)
@@ -107,7 +100,7 @@ def _process_start(processor, encode_args: tuple, pixel_dtype: torch.dtype | Non
                      daemon=True).start()
     if isinstance(processor, bytes):
         processor = pickle.loads(processor)
-    _PROCESS.update(processor=processor, encode_args=encode_args, pixel_dtype=pixel_dtype, ring=ring)
+    _PROCESS.update(processor=processor, encode_args=encode_args, pixel_dtype=pixel_dtype)
 
 
 def _exit_with_parent(sentinel) -> None:
@@ -117,18 +110,12 @@ def _exit_with_parent(sentinel) -> None:
     os._exit(1)
 
 
-def _process_encode(chunk: list, slot: int | None) -> _Encoded:
-    """One batch in a worker process, written into ring ``slot`` when given (else, or when it does not fit, sent
-    as tensors through /dev/shm); its warnings travel with it (the parent raises them again in order)."""
+def _process_encode(chunk: list) -> _Encoded:
+    """One batch in a worker process; its warnings travel with it (the parent raises them again in order)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         encoded = _encode_timed(_PROCESS["processor"], chunk, _PROCESS["encode_args"], _PROCESS["pixel_dtype"])
     encoded.warnings = [(str(w.message), w.category) for w in caught]
-    encoded.slot = slot
-    if slot is not None:
-        encoded.layout = _PROCESS["ring"].write(slot, encoded.batch)
-        if encoded.layout is not None:
-            encoded.batch = {}
     return encoded
 
 
@@ -153,22 +140,13 @@ def shm_free_bytes() -> int | None:
     return stat.f_bavail * stat.f_frsize
 
 
-def uses_ring(bound: int, workers: int, reuse: bool) -> bool:
-    """Whether encoding processes hand batches over in a ``SlotRing``: forked, for a consumer done with a batch
-    when it takes the next (``reuse``), and the ring within its memory cap."""
-    return reuse and start_method() == "fork" and ring_slots(bound, workers) > 0
-
-
 def shm_problem(processor, family: ModelFamily | None, workers: int, batch_size: int, max_seq_len: int,
-                pixel_dtype: torch.dtype | None, reuse: bool = False) -> str | None:
-    """Batches come back from encoding processes in a ring (``uses_ring``: anonymous shared memory, no file) or
-    else each in a /dev/shm file: what is wrong when /dev/shm cannot hold the batches in flight, else None."""
-    bound = batch_bytes_bound(processor, family, batch_size, max_seq_len, pixel_dtype)
-    if uses_ring(bound, workers, reuse):
-        return None
+                pixel_dtype: torch.dtype | None) -> str | None:
+    """Batches come back from encoding processes in shared memory: what is wrong when it cannot hold the batches
+    in flight, else None."""
     free = shm_free_bytes()
     in_flight = AHEAD_PER_WORKER * workers
-    need = in_flight * bound
+    need = in_flight * batch_bytes_bound(processor, family, batch_size, max_seq_len, pixel_dtype)
     if free is None or free >= need:
         return None
     return (f"{SHM} has {free / 2**30:.1f} GiB free, encoding processes may need {need / 2**30:.1f} GiB for "
@@ -184,38 +162,28 @@ def _one_op_thread() -> None:
 
 
 def _process_ready() -> None:
-    """A task that only makes the pool start a worker (ProcessPoolExecutor spawns one per task submitted)."""
+    """A task that only makes the pool start its workers (a spawn context starts one per task submitted)."""
 
 
 class EncodingProcesses:
     """``workers`` encoding processes (``start_method``), started at construction (before this process runs any
     thread that a fork could catch mid-way; spawned ones' start-up then overlaps loading the model) and handed to a
-    ``BatchStream``, which closes them.
-
-    ``reuse`` (the consumer is done with a batch when it takes the next): forked workers write each batch into a
-    ``SlotRing`` made before the fork and, with ``pin`` (the cuda device the batches go to), page-locked once after
-    it; the batch is views into it.  Otherwise each batch comes back as tensors through /dev/shm and is pinned
-    (``pin``) on one receiving thread."""
+    ``BatchStream``, which closes them.  Each batch comes back through shared memory and is pinned (``pin``) on one
+    receiving thread."""
 
     def __init__(self, processor, workers: int, batch_size: int, max_seq_len: int, max_pixels: int,
-                 family: ModelFamily | None, *, pin: bool | str = False, pixel_dtype: torch.dtype | None = None,
-                 reuse: bool = False):
-        self.workers, self.pin, self.reuse = workers, pin, reuse
+                 family: ModelFamily | None, *, pin: bool = False, pixel_dtype: torch.dtype | None = None):
+        self.workers, self.pin = workers, pin
         self.encode_args, self.pixel_dtype = (max_seq_len, max_pixels, family), pixel_dtype
-        bound = batch_bytes_bound(processor, family, batch_size, max_seq_len, pixel_dtype)
-        self.ring = SlotRing(ring_slots(bound, workers), bound) if uses_ring(bound, workers, reuse) else None
-        if self.ring is None:
-            self._check_shm(processor, batch_size)
+        self._check_shm(processor, batch_size)
         method = start_method()
         initargs = (processor if method == "fork" else self._processor_bytes(processor), self.encode_args,
-                    pixel_dtype, self.ring)
+                    pixel_dtype)
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                         initializer=_process_start, initargs=initargs)
         self.receiver = ThreadPoolExecutor(1, thread_name_prefix="reap-encode-pin")
         for _ in range(workers):
             self.pool.submit(_process_ready)  # a fork context forks every worker at the first task
-        if self.ring is not None and pin:
-            self.ring.pin("cuda" if pin is True else pin)  # after the fork: CUDA starts in this process only
 
     @staticmethod
     def _processor_bytes(processor) -> bytes:
@@ -232,14 +200,8 @@ class EncodingProcesses:
             raise ReapError(f"{problem}; give the container more shared memory (docker --shm-size 16g), lower "
                             "--encode-workers, or use --encode-workers-kind threads")
 
-    def submit(self, chunk: list, wait: bool) -> Future | None:
-        """The batch of ``chunk`` to come; None when every ring slot is in use (``wait``: until one is free)."""
-        slot = None
-        if self.ring is not None:
-            slot = self.ring.take(wait)
-            if slot is None:
-                return None
-        return self.receiver.submit(self._receive, self.pool.submit(_process_encode, chunk, slot))
+    def submit(self, chunk: list) -> Future:
+        return self.receiver.submit(self._receive, self.pool.submit(_process_encode, chunk))
 
     def _receive(self, future: Future) -> _Encoded:
         """A worker process's batch, out of shared memory into pinned memory (on the receiving thread)."""
@@ -248,11 +210,6 @@ class EncodingProcesses:
         except BrokenProcessPool as exc:
             raise ReapError(f"an encoding process died ({exc}); if the host ran out of memory, lower "
                             "--encode-workers or use --encode-workers-kind threads") from None
-        if encoded.layout is not None:
-            encoded.batch = self.ring.read(encoded.slot, encoded.layout)
-            return encoded
-        if encoded.slot is not None:  # too large for its slot (the bound is wrong for this processor)
-            self.ring.give_back(encoded.slot, unused=True)
         if self.pin:
             encoded.batch = _pinned(encoded.batch)
         return encoded
@@ -271,8 +228,6 @@ class EncodingProcesses:
                 process.kill()
                 process.join()
         self.receiver.shutdown(wait=True, cancel_futures=True)
-        if self.ring is not None:
-            self.ring.close()
         self.pool = None
 
     def __enter__(self) -> EncodingProcesses:
@@ -286,20 +241,17 @@ class BatchStream:
     """The padded batches of ``samples`` (from batch ``first`` on), in order, encoded by ``workers`` threads or
     processes (``kind``) up to ``AHEAD_PER_WORKER * workers`` batches ahead of the consumer (``workers`` 0:
     inline, when asked).  ``pixel_dtype``: the dtype pixel values are cast to (the model's).  ``processes``:
-    encoding processes started before (the stream closes them), else the stream starts its own.  ``reuse``: the
-    consumer is done with a batch when it takes the next, so processes may hand batches over in reused buffers
-    (``EncodingProcesses``): a batch's tensors are then valid until the next is taken.
+    encoding processes started before (the stream closes them), else the stream starts its own.
 
-    Encoding starts at construction, so batches are ready by the time a model finishes loading.  ``pin`` (True or
-    the cuda device the batches go to): the batches come in page-locked memory, so that ``.to("cuda",
-    non_blocking=True)`` overlaps the forward before.
+    Encoding starts at construction, so batches are ready by the time a model finishes loading.  ``pin``: the
+    batches come in page-locked memory, so that ``.to("cuda", non_blocking=True)`` overlaps the forward before.
     Use as a context manager or call ``close``: a consumer that stops early (a kill, an error) leaves no thread or
     process behind."""
 
     def __init__(self, processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int,
-                 max_pixels: int, family: ModelFamily | None, *, workers: int, pin: bool | str = False,
+                 max_pixels: int, family: ModelFamily | None, *, workers: int, pin: bool = False,
                  kind: str = "threads", pixel_dtype: torch.dtype | None = None,
-                 processes: EncodingProcesses | None = None, reuse: bool = False):
+                 processes: EncodingProcesses | None = None):
         if kind not in ENCODE_WORKER_KINDS[1:]:
             raise ValueError(f"kind {kind!r}: threads or processes")
         self.chunks = batch_chunks(samples, batch_size)
@@ -307,7 +259,6 @@ class BatchStream:
         self.processor, self.pin, self.workers, self.pixel_dtype = processor, pin, workers, pixel_dtype
         self.kind = kind if workers > 0 else "inline"
         self.next_index = 0  # the next batch to hand out
-        self.lent: int | None = None  # the ring slot of the batch handed out last
         self.submitted = 0
         self.pending: deque[Future] = deque()
         self.local = threading.local()
@@ -322,10 +273,9 @@ class BatchStream:
                                                   initializer=_one_op_thread)
             elif self.kind == "processes":
                 self.processes = processes or EncodingProcesses(processor, workers, batch_size, *self.encode_args,
-                                                                pin=pin, pixel_dtype=pixel_dtype, reuse=reuse)
+                                                                pin=pin, pixel_dtype=pixel_dtype)
                 if (self.processes.encode_args, self.processes.pixel_dtype, self.processes.workers,
-                        self.processes.pin, self.processes.reuse) != (self.encode_args, pixel_dtype, workers, pin,
-                                                                      reuse):
+                        self.processes.pin) != (self.encode_args, pixel_dtype, workers, pin):
                     raise ValueError("the encoding processes were started for other batches")
             self._fill()
         except BaseException:
@@ -345,20 +295,16 @@ class BatchStream:
             encoded.batch = _pinned(encoded.batch)
         return encoded
 
-    def _submit(self, index: int) -> Future | None:
+    def _submit(self, index: int) -> Future:
         if self.threads is not None:
             return self.threads.submit(lambda: self._encode_here(index, self._processor()))
-        # nothing in flight: wait for a ring slot rather than leave the consumer nothing to wait on
-        return self.processes.submit(self.chunks[index], wait=not self.pending)
+        return self.processes.submit(self.chunks[index])
 
     def _fill(self) -> None:
         if self.kind == "inline":
             return
         while self.submitted < len(self.chunks) and len(self.pending) < AHEAD_PER_WORKER * self.workers:
-            future = self._submit(self.submitted)
-            if future is None:  # every ring slot in use: more once the consumer gives one back
-                return
-            self.pending.append(future)
+            self.pending.append(self._submit(self.submitted))
             self.submitted += 1
 
     def __len__(self) -> int:
@@ -370,15 +316,11 @@ class BatchStream:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.next_index >= len(self.chunks):
             raise StopIteration
-        self._give_back()
         t0 = time.perf_counter()
         if self.kind == "inline":
             encoded = self._encode_here(self.next_index, self.processor)
         else:
-            if not self.pending:
-                self._fill()
             encoded = self.pending.popleft().result()  # an encoding error is raised here, in order
-            self.lent = encoded.slot if encoded.layout is not None else None
             self._fill()
         waited = time.perf_counter() - t0
         self.wait_seconds += waited
@@ -399,14 +341,7 @@ class BatchStream:
                 "encode_wait_seconds": round(self.wait_seconds, 3),
                 "encode_first_wait_seconds": round(self.first_wait_seconds, 3)}
 
-    def _give_back(self) -> None:
-        if self.lent is not None:
-            self.processes.ring.give_back(self.lent)
-            self.lent = None
-
     def close(self) -> None:
-        if self.processes is not None:
-            self._give_back()
         for future in self.pending:
             future.cancel()
         self.pending.clear()

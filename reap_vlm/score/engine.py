@@ -50,9 +50,7 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
     """Run every batch through the model's own forward (no LM head); return counts for the summary.
 
     Batches come from ``stream`` (one started before the model loaded, over the samples not yet summed) or
-    are encoded ahead here by ``encode_workers`` threads; on cuda in pinned memory, copied without blocking.  A
-    batch is done with when the next is taken (masks and counts are read from it before), so the stream may
-    reuse its buffers (``reuse``)."""
+    are encoded ahead here by ``encode_workers`` threads; on cuda in pinned memory, copied without blocking."""
     total = num_batches(samples, batch_size)
     done = resume.load(observer.stats) if resume else 0
     end = last_batch(done, total)
@@ -61,8 +59,8 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
     if stream is None:
         remaining = samples[done * batch_size:]  # batches already summed are not even encoded again
         stream = BatchStream(processor, remaining, batch_size, max_seq_len, max_pixels, family,
-                             workers=encode_workers, pin=str(device) if torch.device(device).type == "cuda" else False,
-                             pixel_dtype=model.dtype, reuse=True)
+                             workers=encode_workers, pin=torch.device(device).type == "cuda",
+                             pixel_dtype=model.dtype)
     if len(stream) != total - done:
         raise ValueError(f"the batch stream holds {len(stream)} batches, {total - done} remain")
     tokens = positions = 0

@@ -8,7 +8,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..calibration.ahead import BatchStream, EncodingProcesses, default_workers, shm_problem, start_method, worker_kind
+from ..calibration.ahead import BatchStream, EncodingProcesses, default_workers, worker_kind
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration, require_text_only
 from ..calibration.order import BatchOrder, length_order, padding_share
@@ -72,26 +72,12 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, o
     return ResumeState(Path(settings.output_path) / name, key)
 
 
-def encode_workers(settings: Settings, processor, family, dtype, engine: str = "model") -> tuple[int, str]:
+def encode_workers(settings: Settings) -> tuple[int, str]:
     """Workers encoding ahead and their kind: ``--encode-workers``, auto sharing the host's cores among its
-    torchrun ranks; ``--encode-workers-kind`` (auto: processes where they fork and ``/dev/shm`` holds the batches
-    in flight, else threads, said in one line; processes asked for check shared memory before starting).  The
-    whole-model engine's processes hand batches over in a ring of anonymous shared memory, /dev/shm unused."""
+    torchrun ranks; ``--encode-workers-kind`` (auto: threads; processes check shared memory before starting)."""
     workers = (default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if settings.encode_workers == "auto"
                else int(settings.encode_workers))
-    short = None
-    if settings.encode_workers_kind == "auto" and workers and start_method() == "fork":
-        short = shm_problem(processor, family, workers, settings.batch_size, settings.max_seq_len, dtype,
-                            reuse=engine == "model")
-        if short:
-            warnings.warn(f"encoding ahead on threads, not processes: {short} (docker --shm-size 16g, as the "
-                          "compose file gives, lets processes keep the GIL free for the forward)", stacklevel=2)
-    return workers, worker_kind(settings.encode_workers_kind, short)
-
-
-def _pin(device: str) -> str | bool:
-    """Batches for a cuda device come in memory pinned for it."""
-    return device if device.startswith("cuda") else False
+    return workers, worker_kind(settings.encode_workers_kind)
 
 
 def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: str, dtype, device: str,
@@ -102,7 +88,7 @@ def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: st
     if engine != "model" or not workers or kind != "processes":
         return None
     return EncodingProcesses(processor, workers, settings.batch_size, settings.max_seq_len, settings.max_pixels,
-                             ckpt.family, pin=_pin(device), pixel_dtype=dtype, reuse=True)
+                             ckpt.family, pin=device.startswith("cuda"), pixel_dtype=dtype)
 
 
 def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserver, samples: list,
@@ -125,8 +111,7 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
     # the first batches are encoded while the model loads
     stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
                          settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
-                         pin=_pin(device), kind=kind, pixel_dtype=dtype, processes=processes,
-                         reuse=True)  # run_batches is done with a batch when it takes the next
+                         pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype, processes=processes)
     with stream:
         model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
         found = [layer for layer, _ in ckpt.family.moe_blocks(model)]
@@ -171,7 +156,7 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
-    encoding = encode_workers(settings, processor, ckpt.family, dtype, engine)
+    encoding = encode_workers(settings)
     with _early_processes(settings, ckpt, processor, engine, dtype, device, encoding) or nullcontext() as processes:
         return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep,
                                   encoding, processes)
