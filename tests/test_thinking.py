@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,6 +143,55 @@ def test_boxes_degenerate_and_accuracy_read_the_answer(thinking, calibration, tm
     passed = ModelPass([], [gen], [], [])
     rows = _bbox_rows([EvalPrompt("calibration:0", sample)], passed, None, tmp_path, QWEN3_VL_MOE.box_format)
     assert rows[0]["pruned_valid"] and rows[0]["pruned"] == "[120, 340, 560, 780]"
+    runner.close()
+
+
+class _FakeVLLM:
+    """A stand-in ``vllm`` module (no vLLM, no GPU here): its LLM greedily "generates" fixed token ids."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.prompts = ids, []
+        fake = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                pass
+
+            def generate(self, requests, params, use_tqdm=False):
+                fake.prompts += [r["prompt"] for r in requests]
+                return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(fake.ids))]) for _ in requests]
+
+        self.LLM, self.SamplingParams = LLM, lambda **kwargs: kwargs
+
+
+@pytest.mark.parametrize("think", [True, False])
+def test_vllm_generations_are_split_at_the_thinking_block(thinking, monkeypatch, think):
+    """--backend vllm judges the answer after </think>, as the transformers path does: with --thinking the prompt
+    opens the block and the generation is split at its close (a generation that never closes has no answer);
+    without it the prompt closes the block and a generation without a close is all answer."""
+    from reap_vlm.check.runner import vllm_generate
+
+    runner = ModelRunner(thinking["original"], device="cpu", dtype=torch.float32, think=think)
+    tok = runner.tokenizer
+    thought, answer = "Let me look at the red square. ", '{"bbox_2d": [1, 2, 3, 4]}'
+    end = [tok.convert_tokens_to_ids("<|im_end|>")]
+    prompts = ThinkingPrompts(runner.processor, runner.family, think)
+    sample = prompts.prepare(_question())
+    closed_then_answered = (_continuation(tok, thought, answer) + end, thought, answer)
+    never_closed = (tok.encode(thought, add_special_tokens=False), thought if think else None, "" if think else thought)
+    for ids, want_thinking, want_text in (closed_then_answered, never_closed):
+        fake = _FakeVLLM(ids)
+        monkeypatch.setitem(sys.modules, "vllm", fake)
+        gen, = vllm_generate(thinking["original"], [sample], max_new_tokens=64, dtype=torch.float32, max_pixels=0,
+                             seed=0)
+        assert fake.prompts[0].endswith(OPEN_PROMPT if think else CLOSED_PROMPT)
+        assert (gen.thinking.strip() if gen.thinking is not None else None) == (
+            want_thinking.strip() if want_thinking is not None else None)
+        assert gen.text.strip() == want_text.strip()
+        assert gen.unanswered == (think and "</think>" not in tok.decode(ids))
+        # the same ids through the transformers path's own split
+        assert (gen.thinking, gen.text) == (lambda g: (g.thinking, g.text))(make_generation(
+            ids, tok, runner.end_ids, runner.close_ids, opened=think))
     runner.close()
 
 

@@ -25,7 +25,7 @@ from ..checkpoint.fsutil import read_json
 from ..checkpoint.loading import load_model, load_processor, tokenizer_of
 from ..checkpoint.reader import Checkpoint
 from .masked_routing import masked_routing
-from .thinking import ThinkingPrompts, opens_thinking, split_thinking
+from .thinking import ThinkingPrompts, close_ids, opens_thinking, split_thinking
 
 PROMPT_MAX_TOKENS = 8192  # prompts longer than this are cut (an image is never split; see calibration)
 MAX_COMPARED_POSITIONS = 256  # logits kept per prompt: the last text positions of prompt + continuation
@@ -172,8 +172,7 @@ class ModelRunner:
         self.processor = load_processor(self.path)
         self.tokenizer = tokenizer_of(self.processor)
         self.prompts = ThinkingPrompts(self.processor, self.family, think)
-        thinking = self.family.thinking
-        self.close_ids = self.tokenizer.encode(thinking.close, add_special_tokens=False) if thinking else []
+        self.close_ids = close_ids(self.tokenizer, self.family.thinking)
         # spread: over all GPUs; packed: quantized weights kept as stored (--check-mode packed)
         self.model = load_model(self.path, dtype=dtype, device=device, spread=True, packed=packed)
         config = self.model.config
@@ -302,13 +301,15 @@ def vllm_available() -> bool:
 def vllm_generate(path: Path, samples: list[CalibrationSample], *, max_new_tokens: int, dtype: torch.dtype,
                   max_pixels: int, seed: int) -> list[Generation]:
     """Greedy generations from vLLM (the engine is torn down before returning, to free the GPU for the
-    transformers pass that computes logits).  Only used with --backend vllm."""
+    transformers pass that computes logits), split at the thinking block as the transformers path splits them.
+    Only used with --backend vllm."""
     from vllm import LLM, SamplingParams
 
     from ..calibration.encode import open_image, render_text
 
     processor = load_processor(path)
     tokenizer = tokenizer_of(processor)
+    thinking = Checkpoint(path).family.thinking
     end_ids = set(_as_list(tokenizer.eos_token_id))
     generation_config = Path(path) / "generation_config.json"
     if generation_config.is_file():
@@ -338,4 +339,6 @@ def vllm_generate(path: Path, samples: list[CalibrationSample], *, max_new_token
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return [make_generation(i, tokenizer, end_ids) for i in ids]
+    close = close_ids(tokenizer, thinking)
+    return [make_generation(i, tokenizer, end_ids, close, opens_thinking(r["prompt"], thinking))
+            for i, r in zip(ids, requests)]

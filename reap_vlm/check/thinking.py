@@ -25,6 +25,11 @@ def opens_thinking(text: str, fmt: ThinkingFormat | None) -> bool:
     return fmt is not None and text.rstrip().endswith(fmt.open)
 
 
+def close_ids(tokenizer, fmt: ThinkingFormat | None) -> list[int]:
+    """The closing marker's token ids (none without a thinking format): where a generation's answer begins."""
+    return tokenizer.encode(fmt.close, add_special_tokens=False) if fmt else []
+
+
 def close_thinking(text: str, fmt: ThinkingFormat) -> str:
     """The prompt with its open thinking block replaced by the family's closed, empty one."""
     return text[:text.rstrip().rfind(fmt.open)] + fmt.empty
