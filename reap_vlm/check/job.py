@@ -148,8 +148,9 @@ class Judgement:
     accuracy: dict | None = None  # task accuracy on --eval items
 
 
-def _agreement_part(rows: list[dict], compared: Comparison, judged: Judgement) -> float | None:
-    """The tokenizer check and the agreement numbers (with the original); returns the top-1 agreement."""
+def _agreement_part(rows: list[dict], compared: Comparison, judged: Judgement, generated: bool) -> float | None:
+    """The tokenizer check and the agreement numbers (with the original; ``generated``: both models answered the
+    prompts, so their answers compare too); returns the top-1 agreement."""
     mismatched_tokens = [r["index"] for r in rows if r["tokenizer_match"] is False]
     if mismatched_tokens:
         judged.checks.append(Check("tokenizer", "fail", "tokenizer", f"the pruned folder's processor encodes "
@@ -162,7 +163,7 @@ def _agreement_part(rows: list[dict], compared: Comparison, judged: Judgement) -
     kl = sum(a.kl_sum for a in agreements if a) / positions if positions else None
     judged.summary.update({"top1_agreement": top1, "mean_kl": kl, "compared_positions": positions})
     judged.metrics += [f"top-1 agreement {fmt(top1)}", f"KL {fmt(kl)}"]
-    if all(r["original"] is not None for r in rows):  # generated (not the layer-wise check)
+    if generated:
         exact = sum(1 for r in rows if r["exact_match"])
         judged.summary.update({"exact_match": f"{exact}/{len(rows)}",
                                "original_degenerate": sum(1 for r in rows if r["original"]["degenerate"])})
@@ -171,9 +172,9 @@ def _agreement_part(rows: list[dict], compared: Comparison, judged: Judgement) -
 
 
 def judge(settings: Settings, inputs: Inputs, prompts: list[EvalPrompt], rows: list[dict], boxes: list,
-          compared: Comparison, has_reference: bool, tol: Tolerance) -> Judgement:
-    """Every check's verdict, the report's summary and the verdict line's measurements."""
-    generated = all(r["pruned"] is not None for r in rows)
+          compared: Comparison, has_reference: bool, generated: bool, tol: Tolerance) -> Judgement:
+    """Every check's verdict, the report's summary and the verdict line's measurements (``generated``: the
+    models answered the prompts; the layer-wise check does not)."""
     judged = Judgement(
         [_surgery_check(inputs, compared.diffs, compared.layers, compared.divergence, tol),
          _generation_check(rows, has_reference) if generated else
@@ -183,7 +184,7 @@ def judge(settings: Settings, inputs: Inputs, prompts: list[EvalPrompt], rows: l
         judged.summary["degenerate"] = sum(1 for r in rows if r["pruned"]["degenerate"])
     else:
         judged.metrics.append("generation skipped (layer-wise check)")
-    top1 = _agreement_part(rows, compared, judged) if has_reference else None
+    top1 = _agreement_part(rows, compared, judged, generated) if has_reference else None
     box_summary, box_text, mean_iou = bbox_summary(boxes, has_reference)
     judged.summary.update(box_summary)
     judged.metrics += [box_text] if box_text else []
@@ -310,7 +311,7 @@ def _run_checks(settings: Settings, inputs: Inputs, device: str, dtype, tol: Tol
     boxes = _bbox_rows(prompts, pruned, original, out, inputs.pruned.family.box_format) if generated \
         else [None] * len(prompts)
     rows = [prompt_row(i, prompt, pruned, original, compared, boxes[i]) for i, prompt in enumerate(prompts)]
-    judged = judge(settings, inputs, prompts, rows, boxes, compared, original is not None, tol)
+    judged = judge(settings, inputs, prompts, rows, boxes, compared, original is not None, generated, tol)
     if eval_items and generated:
         _accuracy_part(settings, eval_items, pruned, original, inputs.pruned.family.box_format, judged)
     elif eval_items and settings.min_accuracy_ratio is not None:
