@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.loading import free_memory_bytes
-from ..checkpoint.reader import Checkpoint
+from ..checkpoint.reader import Checkpoint, loaded_bytes
 from ..errors import ConfigError, ReapError
 from ..score.engine import AUTO_MEMORY_FRACTION
-from ..score.layerwise import head_keys, loaded_bytes
 from .options import flag_of
 
 LAYERWISE_WORKSPACE = 1 << 30  # hidden states of the prompts and one layer's activations, beside the weights
@@ -90,7 +89,7 @@ def layerwise_bytes(path: Path, dtype: torch.dtype) -> int:
     family = ckpt.family
     parts = [loaded_bytes(ckpt, keys, dtype) for keys in (*family.keys_by_layer(ckpt.weight_map).values(),
                                                           family.prelayer_keys(ckpt.weight_map),
-                                                          head_keys(family, ckpt.weight_map))]
+                                                          family.head_keys(ckpt.weight_map))]
     return max(parts) + LAYERWISE_WORKSPACE
 
 

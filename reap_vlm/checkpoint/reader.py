@@ -133,3 +133,24 @@ class Checkpoint:
             with safe_open(self.path / shard, "pt", device=device) as f:
                 for key in shard_keys:
                     yield key, f.get_tensor(key)
+
+
+def loaded_bytes(ckpt: Checkpoint, keys, dtype: torch.dtype) -> int:
+    """Bytes that tensors ``keys`` take in memory in ``dtype`` (from the safetensors headers; quantized weights
+    counted dequantized)."""
+    by_shard: dict[str, list[str]] = {}
+    for key in keys:
+        by_shard.setdefault(ckpt.weight_map[key], []).append(key)
+    item = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    bits = ckpt.quant_format.weight_bits if ckpt.quantization else 8
+    packed = {"I32": 32 // bits, "U32": 32 // bits, "I8": 8 // bits, "U8": 8 // bits}  # weights per element
+    total = 0
+    for shard, names in by_shard.items():
+        with safe_open(ckpt.path / shard, "pt") as f:
+            for key in names:
+                view = f.get_slice(key)
+                numel = 1
+                for d in view.get_shape():
+                    numel *= d
+                total += numel * item * (packed.get(view.get_dtype(), 1) if ckpt.quantization else 1)
+    return total

@@ -438,6 +438,13 @@ class ModelFamily:
         prefixes = self.prelayer_prefixes()
         return [k for k in keys if k.startswith(prefixes)]
 
+    def head_keys(self, keys) -> list[str]:
+        """Checkpoint keys of what runs after the decoder layers (final norm, LM head): neither a layer's nor the
+        pre-layer part's."""
+        in_layers = {k for layer in self.keys_by_layer(keys).values() for k in layer}
+        prelayer = set(self.prelayer_keys(keys))
+        return [k for k in keys if k not in in_layers and k not in prelayer]
+
     def text_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack (owner of ``layers``)."""
         raise NotImplementedError

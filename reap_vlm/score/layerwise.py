@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..calibration.ahead import BatchStream
 from ..calibration.encode import num_batches, to_model
 from ..checkpoint.loading import free_memory_bytes, head_weight_name
-from ..checkpoint.reader import Checkpoint
+from ..checkpoint.reader import Checkpoint, loaded_bytes
 from ..checkpoint.tensors import memory_state_dict
 from ..errors import ReapError
 from .hooks import ReapObserver, TokenMasks
@@ -108,37 +108,6 @@ def _buffers_to(module: nn.Module, device: torch.device) -> None:
 
 def _meta_params(module: nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if p.device.type == "meta"]
-
-
-def loaded_bytes(ckpt: Checkpoint, keys, dtype: torch.dtype) -> int:
-    """Bytes that tensors ``keys`` take in memory in ``dtype`` (from the safetensors headers; quantized weights
-    counted dequantized)."""
-    from safetensors import safe_open
-
-    by_shard: dict[str, list[str]] = {}
-    for key in keys:
-        by_shard.setdefault(ckpt.weight_map[key], []).append(key)
-    item = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
-    bits = ckpt.quant_format.weight_bits if ckpt.quantization else 8
-    packed = {"I32": 32 // bits, "U32": 32 // bits, "I8": 8 // bits, "U8": 8 // bits}  # weights per element
-    total = 0
-    for shard, names in by_shard.items():
-        with safe_open(ckpt.path / shard, "pt") as f:
-            for key in names:
-                view = f.get_slice(key)
-                numel = 1
-                for d in view.get_shape():
-                    numel *= d
-                total += numel * item * (packed.get(view.get_dtype(), 1) if ckpt.quantization else 1)
-    return total
-
-
-def head_keys(family, weight_map) -> list[str]:
-    """Checkpoint keys of what runs after the decoder layers (final norm, LM head): neither a layer's nor the
-    pre-layer part's."""
-    in_layers = {k for keys in family.keys_by_layer(weight_map).values() for k in keys}
-    prelayer = set(family.prelayer_keys(weight_map))
-    return [k for k in weight_map if k not in in_layers and k not in prelayer]
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -259,7 +228,7 @@ class LayerwiseModel:
     def load_head(self) -> None:
         """The weights after the decoder layers (final norm, LM head; the embeddings when the head is tied to
         them) on the device."""
-        keys = head_keys(self.family, self.ckpt.weight_map)
+        keys = self.family.head_keys(self.ckpt.weight_map)
         state = memory_state_dict(self.ckpt, keys, self.dtype, "cpu")
         head = head_weight_name(self.model)
         if head not in state and getattr(self.model.config, "tie_word_embeddings", False):
