@@ -349,11 +349,15 @@ class ModelFamily:
 
     def router_forward(self, router: nn.Module, hidden: torch.Tensor,
                        logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """What ``router`` returns (here (logits, gate weights, expert ids)), with ``logit_bias`` (e.g. -inf for
-        pruned experts) added to the logits before routing."""
+        """What ``router`` returns (``router_output``), with ``logit_bias`` (e.g. -inf for pruned experts) added to
+        the logits before routing."""
         logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
         if logit_bias is not None:
             logits = logits + logit_bias.to(logits.dtype)
+        return self.router_output(router, logits)
+
+    def router_output(self, router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The router's return value from its logits: here (logits, gate weights, expert ids)."""
         weights, ids = self.route(logits, router.top_k)
         return logits, weights, ids
 

@@ -117,13 +117,8 @@ class Llama4Family(ModelFamily):
         top, ids = torch.topk(router_logits, top_k, dim=1)
         return torch.sigmoid(top.float()).to(router_logits.dtype), ids
 
-    def router_forward(self, router: nn.Module, hidden: torch.Tensor,
-                       logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``Llama4Router`` returns, (scores [T, E], logits [T, E]), with ``logit_bias`` added to the
-        logits before the top-k."""
-        logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
-        if logit_bias is not None:
-            logits = logits + logit_bias.to(logits.dtype)
+    def router_output(self, router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``Llama4Router`` returns: (scores [T, E], logits [T, E])."""
         weights, ids = self.route(logits, router.top_k)
         scores = torch.zeros_like(logits).scatter_(1, ids, weights)  # sigmoid(-inf) = 0 for the others
         return scores, logits

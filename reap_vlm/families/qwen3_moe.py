@@ -61,12 +61,8 @@ class Qwen3MoeFamily(FusedGateUpFamily):
     def route(self, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return softmax_top_k(router_logits, top_k, renormalise=True)
 
-    def router_forward(self, router: nn.Module, hidden: torch.Tensor,
-                       logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def router_output(self, router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As the router computes it, ``norm_topk_prob`` included (routers without the flag renormalise)."""
-        logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
-        if logit_bias is not None:
-            logits = logits + logit_bias.to(logits.dtype)
         weights, ids = softmax_top_k(logits, router.top_k, getattr(router, "norm_topk_prob", True))
         return logits, weights, ids
 
