@@ -69,8 +69,8 @@ def main() -> None:
             torch.backends.cuda.enable_cudnn_sdp(True)
         span = top // 2
         lengths = [top // 2 + (i * span) // args.batches + 3 * lo + 1 for i in range(args.batches)]
-        if "multiples" in label:
-            lengths = [-(-n // 128) * 128 for n in lengths]
+        if "multiples" in label:  # as many distinct lengths, each a multiple of 128 (none seen before)
+            lengths = [128 * (max(1, top // 256) + i) for i in range(args.batches)]
         first, second = run(lengths), run(lengths)
         per = [f"{sum(t):.2f} ({sum(t) / len(t) * 1e3:.0f} ms)" for t in (first, second)]
         print(f"| {label} | {len(set(lengths))} distinct, {min(lengths)}-{max(lengths)} | {per[0]} | {per[1]} |",

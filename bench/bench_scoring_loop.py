@@ -10,7 +10,7 @@ The checkpoint and calibration sets are bench_end_to_end.py's (same ``--workdir`
 load, then per set, every row over the same length-sorted batches:
 
 * ``forward``: the model's forward over batches encoded beforehand into pinned memory (no hooks; the target's
-  baseline), then with the routed observer;
+  baseline), a first pass over these sequence lengths and a second one, then with the routed observer;
 * ``engine, pre-encoded``: ``engine.run_batches`` (reap.py's loop: masks, copies, hooks, progress) fed the same
   pre-encoded batches;
 * ``engine, N processes`` / ``N threads``: the loop fed by ``BatchStream`` as reap.py feeds it (``not pinned``:
@@ -18,9 +18,10 @@ load, then per set, every row over the same length-sorted batches:
 * ``forward beside N processes`` / ``threads``: the plain forward over pre-encoded batches while a stream of the
   same kind encodes the set on the side (its batches thrown away): the encoding's cost to the loop, alone.
 
-Each row: wall seconds (warm: one batch first), the main thread's CPU seconds over the same span (a loop whose CPU
-time is close to its wall time is bound by its kernel launches, so anything that takes its core or the GIL slows
-it), and the time it waited for batches.  Writes ``RESULTS_scoring_loop.md`` / ``.json`` to ``--out``.
+Each row: wall seconds (after the first row, every length has been seen), the main thread's CPU seconds over the
+same span (a loop whose CPU time is close to its wall time is bound by its kernel launches, so anything that takes
+its core or the GIL slows it), and the time it waited for batches.  Writes ``RESULTS_scoring_loop.md`` / ``.json``
+to ``--out``.
 """
 
 from __future__ import annotations
@@ -135,9 +136,10 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
         return row
 
     with torch.inference_mode():
-        forward(model, family, batches[:1], device)  # warm
-        rows["forward"] = timed(device, lambda: forward(model, family, batches, device))
-        log(f"  forward {rows['forward']}")
+        forward(model, family, batches[:1], device)  # the process's own first call apart
+        rows["forward, first pass"] = timed(device, lambda: forward(model, family, batches, device))
+        rows["forward"] = timed(device, lambda: forward(model, family, batches, device))  # these lengths seen
+        log(f"  forward: first pass {rows['forward, first pass']}, then {rows['forward']}")
         obs = observer(args.mode)
         with obs.attached(family.moe_blocks(model)):
             rows[f"forward + {args.mode} observer"] = timed(device, lambda: forward(model, family, batches, device,
@@ -158,8 +160,8 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
 def table(results: dict) -> str:
     lines = [f"# reap.py's scoring loop against a plain forward ({results['device']}, {results['shape']})", "",
              f"batch {results['batch_size']}, max_seq_len {results['max_seq_len']}, {results['dtype']}, "
-             f"{results['mode']} mode; host {results['cpus']} CPUs. Ratio: wall over the plain forward's "
-             "(the first row: a first pass over these sequence lengths; every later row runs warm).", "",
+             f"{results['mode']} mode; host {results['cpus']} CPUs. Ratio: wall over the plain forward's second "
+             "pass (the first row: its first pass over these sequence lengths; every later row runs warm).", "",
              "| set | batches | loop | wall s | main thread CPU s | waited s | ratio |",
              "|---|---|---|---|---|---|---|"]
     for name, s in results["sets"].items():

@@ -97,6 +97,22 @@ def test_encoding_processes_give_the_inline_batches_in_order_with_their_warnings
     assert multiprocessing.active_children() == []
 
 
+def test_spawned_encoding_processes_get_the_processor_pickled(tiny_model, calibration, monkeypatch):
+    """Where there is no fork (macOS, Windows) the workers are spawned and get the processor as a pickle: the same
+    batches, bitwise."""
+    processor = load_processor(tiny_model)
+    samples = _samples(calibration)[:6]
+    inline = list(batches(processor, samples, 3, 256))
+    monkeypatch.setattr(ahead, "start_method", lambda: "spawn")
+    with BatchStream(processor, samples, 3, 256, 0, None, workers=1, kind="processes") as stream:
+        assert {p._start_method for p in multiprocessing.active_children()} == {"spawn"}
+        got = list(stream)
+    assert len(got) == len(inline) == 2
+    for mine, want in zip(got, inline):
+        assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in want)
+    assert multiprocessing.active_children() == []
+
+
 def test_pixels_cast_ahead_give_the_models_own_result(tiny_model, calibration):
     """The model's vision tower casts pixel values to its dtype before anything else: the batch cast in the
     encoding workers gives the same hidden states, bitwise."""

@@ -6,13 +6,14 @@ bitwise):
 
 * threads (the default): no start-up, no hand-over.  Pillow's decode/resize, the processor's torch ops and the
   Rust tokenizer release the GIL, so threads scale; their Python between those holds it.  That costs the main
-  thread, which launches thousands of small kernels per batch and takes the GIL back after each: beside 8
-  encoding threads a text set's loop ran 1.26x slower on an H200, against 1.00x beside 8 processes.
-* processes (``--encode-workers-kind processes``): forked where ``fork`` exists (~0.1 s to start; spawned ones
-  took ~12 s to import torch and transformers), each runs its torch ops on one thread and sends each batch back
-  through /dev/shm; one thread of this process pins it.  The hand-over costs this process in turn: on 1-4 MP
-  photos (~150 MB of pixels per batch) threads won end to end (reap.py routed 15.6 s against 21.8 s), on a
-  text-heavy set processes did (16.2 s against 17.2 s).  bench/RESULTS_scoring.md, issue 18.
+  thread, which launches thousands of small kernels per batch and takes the GIL back after each: a plain forward
+  over a text set's batches ran 1.26x slower on an H200 beside 8 encoding threads, 1.00x beside 8 processes.
+* processes (``--encode-workers-kind processes``): forked on Linux (0.07 s to start on a 2-core box; spawned ones
+  took ~12 s on the GPU box to import torch and transformers), each runs its torch ops on one thread and sends
+  each batch back through /dev/shm; one thread of this process pins it.  The hand-over costs this process in
+  turn: on 1-4 MP photos (~150 MB of pixels per batch) threads won end to end (reap.py routed 20.7 s against
+  28.8 s); on a text-heavy set the two tied end to end (17.7 s) and processes were a little faster in the
+  isolated loop.  bench/RESULTS_scoring.md, issue 18.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -59,9 +61,12 @@ def worker_kind(requested: str) -> str:
 
 
 def start_method() -> str:
-    """``fork`` where it exists: a forked worker has torch, transformers and the processor already.  Safe here
-    because a worker never touches CUDA, and reap.py forks them before it starts any thread of its own."""
-    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    """``fork`` on Linux: a forked worker has torch, transformers and the processor already.  Safe although this
+    process may have threads by then (CUDA's, NCCL's under torchrun; never a loader or encoding thread of ours,
+    started later): the child only runs Python, Pillow, the tokenizer and CPU torch on one thread, never CUDA,
+    NCCL or a lock those threads hold, as DataLoader workers do.  Elsewhere ``spawn`` (macOS's system libraries
+    are not safe to fork)."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 @dataclass
@@ -166,8 +171,8 @@ def _process_ready() -> None:
 
 
 class EncodingProcesses:
-    """``workers`` encoding processes (``start_method``), started at construction (before this process runs any
-    thread that a fork could catch mid-way; spawned ones' start-up then overlaps loading the model) and handed to a
+    """``workers`` encoding processes (``start_method``), started at construction (reap.py: as soon as the
+    processor is loaded, before the model; spawned ones' start-up then overlaps its load) and handed to a
     ``BatchStream``, which closes them.  Each batch comes back through shared memory and is pinned (``pin``) on one
     receiving thread."""
 

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.loading import free_memory_bytes
+from ..checkpoint.loading import AUTO_MEMORY_FRACTION, free_memory_bytes
 from ..checkpoint.reader import Checkpoint, loaded_bytes
 from ..errors import ConfigError, ReapError
-from ..score.engine import AUTO_MEMORY_FRACTION
 from .options import flag_of
 
 LAYERWISE_WORKSPACE = 1 << 30  # hidden states of the prompts and one layer's activations, beside the weights

@@ -26,6 +26,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
+# the whole model in memory only when it needs at most this share of the free memory (reap.py's engine, the
+# check's mode), else layer by layer
+AUTO_MEMORY_FRACTION = 0.85
+
+
 def free_memory_bytes(device: torch.device | str) -> int:
     """Memory a new allocation can get: on CUDA the driver's free memory plus PyTorch's cached, unused
     blocks; on the CPU the kernel's MemAvailable (psutil if /proc is missing)."""

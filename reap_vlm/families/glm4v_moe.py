@@ -89,6 +89,9 @@ class Glm4vMoeFamily(Qwen3VLMoeFamily):
     def route(self, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ReapError("GLM-4.5V routing needs its router (bias, groups, scaling): use router_forward")
 
+    def router_output(self, router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise ReapError("GLM-4.5V masks pruned experts in its choice, not by a logit bias: use router_forward")
+
     def router_forward(self, router: nn.Module, hidden: torch.Tensor,
                        logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The router's (logits, weights, ids); experts whose ``logit_bias`` is -inf are never chosen (masked in

@@ -10,14 +10,12 @@ from tqdm.auto import tqdm
 
 from ..calibration.ahead import BatchStream
 from ..calibration.encode import num_batches, to_model
-from ..checkpoint.loading import free_memory_bytes
+from ..checkpoint.loading import AUTO_MEMORY_FRACTION, free_memory_bytes
 from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
 from ..settings import ENGINES
 from .hooks import ReapObserver, TokenMasks
 from .resume import ResumeState, last_batch
-
-AUTO_MEMORY_FRACTION = 0.85  # auto: layer-wise when the model needs more than this share of free memory
 
 
 def model_bytes(ckpt: Checkpoint) -> int:
