@@ -327,21 +327,21 @@ def test_a_resumed_sorted_run_uses_the_recorded_order(tiny_model, calibration, t
     assert other["experts_to_keep"] == whole["experts_to_keep"]
 
 
-def test_reap_py_ends_its_early_encoding_processes_on_an_error_before_scoring(tiny_model, calibration, tmp_path,
-                                                                            monkeypatch):
-    """reap.py starts its encoding processes before it sorts the samples and loads the model: an error in
-    between still leaves none behind."""
+def test_reap_py_ends_its_encoding_processes_on_an_error_while_the_model_loads(tiny_model, calibration, tmp_path,
+                                                                              monkeypatch):
+    """reap.py starts its encoding processes before it loads the model (they encode meanwhile): an error while
+    loading still leaves none behind."""
     import reap_vlm.score.job as job
 
     started = []
-    monkeypatch.setattr(job, "EncodingProcesses", lambda *a, **kw: started.append(
-        ahead.EncodingProcesses(*a, **kw)) or started[-1])
+    real = ahead.EncodingProcesses
+    monkeypatch.setattr(ahead, "EncodingProcesses", lambda *a, **kw: started.append(real(*a, **kw)) or started[-1])
 
     def fail(*args, **kwargs):
-        raise ReapError("stopped while sorting")
+        raise ReapError("stopped while loading")
 
-    monkeypatch.setattr(job, "length_order", fail)
-    with pytest.raises(ReapError, match="stopped while sorting"):
+    monkeypatch.setattr(job, "load_model", fail)
+    with pytest.raises(ReapError, match="stopped while loading"):
         run_reap(_settings(tiny_model, calibration / "text.json", tmp_path / "out", encode_workers_kind="processes"))
     assert len(started) == 1 and started[0].pool is None  # started, then closed
     assert multiprocessing.active_children() == []

@@ -171,10 +171,9 @@ def _process_ready() -> None:
 
 
 class EncodingProcesses:
-    """``workers`` encoding processes (``start_method``), started at construction (reap.py: as soon as the
-    processor is loaded, before the model; spawned ones' start-up then overlaps its load) and handed to a
-    ``BatchStream``, which closes them.  Each batch comes back through shared memory and is pinned (``pin``) on one
-    receiving thread."""
+    """A ``BatchStream``'s ``workers`` encoding processes (``start_method``), started at construction (reap.py:
+    before the model loads, so spawned ones' start-up overlaps the load).  Each batch comes back through shared
+    memory and is pinned (``pin``) on one receiving thread."""
 
     def __init__(self, processor, workers: int, batch_size: int, max_seq_len: int, max_pixels: int,
                  family: ModelFamily | None, *, pin: bool = False, pixel_dtype: torch.dtype | None = None):
@@ -235,18 +234,10 @@ class EncodingProcesses:
         self.receiver.shutdown(wait=True, cancel_futures=True)
         self.pool = None
 
-    def __enter__(self) -> EncodingProcesses:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 class BatchStream:
     """The padded batches of ``samples`` (from batch ``first`` on), in order, encoded by ``workers`` threads or
     processes (``kind``) up to ``AHEAD_PER_WORKER * workers`` batches ahead of the consumer (``workers`` 0:
-    inline, when asked).  ``pixel_dtype``: the dtype pixel values are cast to (the model's).  ``processes``:
-    encoding processes started before (the stream closes them), else the stream starts its own.
+    inline, when asked).  ``pixel_dtype``: the dtype pixel values are cast to (the model's).
 
     Encoding starts at construction, so batches are ready by the time a model finishes loading.  ``pin``: the
     batches come in page-locked memory, so that ``.to("cuda", non_blocking=True)`` overlaps the forward before.
@@ -255,8 +246,7 @@ class BatchStream:
 
     def __init__(self, processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int,
                  max_pixels: int, family: ModelFamily | None, *, workers: int, pin: bool = False,
-                 kind: str = "threads", pixel_dtype: torch.dtype | None = None,
-                 processes: EncodingProcesses | None = None):
+                 kind: str = "threads", pixel_dtype: torch.dtype | None = None):
         if kind not in ENCODE_WORKER_KINDS[1:]:
             raise ValueError(f"kind {kind!r}: threads or processes")
         self.chunks = batch_chunks(samples, batch_size)
@@ -277,11 +267,8 @@ class BatchStream:
                 self.threads = ThreadPoolExecutor(workers, thread_name_prefix="reap-encode",
                                                   initializer=_one_op_thread)
             elif self.kind == "processes":
-                self.processes = processes or EncodingProcesses(processor, workers, batch_size, *self.encode_args,
-                                                                pin=pin, pixel_dtype=pixel_dtype)
-                if (self.processes.encode_args, self.processes.pixel_dtype, self.processes.workers,
-                        self.processes.pin) != (self.encode_args, pixel_dtype, workers, pin):
-                    raise ValueError("the encoding processes were started for other batches")
+                self.processes = EncodingProcesses(processor, workers, batch_size, *self.encode_args, pin=pin,
+                                                   pixel_dtype=pixel_dtype)
             self._fill()
         except BaseException:
             self.close()

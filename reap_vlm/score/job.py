@@ -8,7 +8,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..calibration.ahead import BatchStream, EncodingProcesses, default_workers, worker_kind
+from ..calibration.ahead import BatchStream, default_workers, worker_kind
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration, require_text_only
 from ..calibration.order import BatchOrder, length_order, padding_share
@@ -80,20 +80,9 @@ def encode_workers(settings: Settings) -> tuple[int, str]:
     return workers, worker_kind(settings.encode_workers_kind)
 
 
-def _early_processes(settings: Settings, ckpt: Checkpoint, processor, engine: str, dtype, device: str,
-                     encoding: tuple[int, str]) -> EncodingProcesses | None:
-    """The whole-model engine's encoding processes, started as soon as the processor is known: their start-up
-    then overlaps estimating the samples' lengths and loading the model."""
-    workers, kind = encoding
-    if engine != "model" or not workers or kind != "processes":
-        return None
-    return EncodingProcesses(processor, workers, settings.batch_size, settings.max_seq_len, settings.max_pixels,
-                             ckpt.family, pin=device.startswith("cuda"), pixel_dtype=dtype)
-
-
 def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserver, samples: list,
            resume: ResumeState | None, engine: str, dtype, device: str, dist: DistContext,
-           encoding: tuple[int, str], processes: EncodingProcesses | None) -> tuple[dict, float]:
+           encoding: tuple[int, str]) -> tuple[dict, float]:
     """Run the engine over this rank's samples; returns its counts and when loading ended."""
     total = num_batches(samples, settings.batch_size)
     t_load = time.perf_counter()
@@ -111,7 +100,7 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
     # the first batches are encoded while the model loads
     stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
                          settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
-                         pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype, processes=processes)
+                         pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype)
     with stream:
         model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
         found = [layer for layer, _ in ckpt.family.moe_blocks(model)]
@@ -157,14 +146,12 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
     encoding = encode_workers(settings)
-    with _early_processes(settings, ckpt, processor, engine, dtype, device, encoding) or nullcontext() as processes:
-        return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep,
-                                  encoding, processes)
+    return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep, encoding)
 
 
 def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float,
-                       calib: CalibrationSet, processor, engine: str, dtype, keep: int, encoding: tuple[int, str],
-                       processes: EncodingProcesses | None) -> dict:
+                       calib: CalibrationSet, processor, engine: str, dtype, keep: int,
+                       encoding: tuple[int, str]) -> dict:
     stats = ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, device)
     observer = ReapObserver(ckpt.family, stats, settings.scoring_mode)
     order, given = length_order(processor, calib.samples, settings.batch_size, settings.sort_window,
@@ -172,7 +159,7 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     resume = _resume_state(settings, ckpt, calib, order, dtype, dist)
     samples = dist.my_samples(order.samples, settings.batch_size)
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
-                         encoding, processes)
+                         encoding)
     t_score = time.perf_counter()
     dist.all_reduce(stats)
     run.update(_order_record(order, given, settings.batch_size))
