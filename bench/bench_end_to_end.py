@@ -271,30 +271,35 @@ def pre_encode(processor, samples, args, family, workers: int, pin: bool) -> tup
     return batches, time.perf_counter() - t0, stream.encode_seconds
 
 
-def forward_over(model, family, batches: list[dict], device: str, observer: ReapObserver | None) -> tuple[float, float]:
-    """Seconds for the model's forward over ``batches`` (copied from pinned memory as the engine does), warm, and
-    seconds of the warming call (the first batch, once more)."""
-    base = family.multimodal_model(model)
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    def one(batch):
+
+def forward_batches(model, family, batches: list[dict], device: str, observer: ReapObserver | None = None) -> None:
+    """The model's forward over ``batches`` as the engine runs it: masks from the host copy, copies from pinned
+    memory without blocking (the caller attaches ``observer``)."""
+    base = family.multimodal_model(model)
+    for batch in batches:
         masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if observer is not None:
             observer.use_masks(masks.to(device))
         base(**batch, use_cache=False)
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+
+def forward_over(model, family, batches: list[dict], device: str, observer: ReapObserver | None) -> tuple[float, float]:
+    """Seconds for the model's forward over ``batches`` (copied from pinned memory as the engine does), warm, and
+    seconds of the warming call (the first batch, once more)."""
 
     def timed() -> tuple[float, float]:
         t0 = time.perf_counter()
-        one(batches[0])  # warm: kernels chosen and tuned once (reap.py's scoring phase holds this too)
-        sync()
+        # warm: kernels chosen and tuned once (reap.py's scoring phase holds this too)
+        forward_batches(model, family, batches[:1], device, observer)
+        sync(device)
         t1 = time.perf_counter()
-        for batch in batches:
-            one(batch)
-        sync()
+        forward_batches(model, family, batches, device, observer)
+        sync(device)
         return time.perf_counter() - t1, t1 - t0
 
     if observer is None:
@@ -510,7 +515,7 @@ def main() -> None:
     shm = shm_free_bytes()
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "gpus_visible": gpus_visible, "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, "
-               f"vision {args.vision}", "samples": args.set_samples, "batch_size": args.batch_size,
+               f"vision {args.vision}", "samples": {kind: args.set_samples[kind] for kind in args.sets.split(",")}, "batch_size": args.batch_size,
                "max_seq_len": args.max_seq_len, "dtype": args.dtype, "cpus": os.cpu_count(),
                "shm_free_gib": None if shm is None else round(shm / 2**30, 1), "sets": {}, "not_run": clock.skipped}
     if not two:

@@ -40,7 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_end_to_end import VISION, log, spec_for, write_calibration, write_model  # noqa: E402
+from bench_end_to_end import (  # noqa: E402
+    VISION,
+    forward_batches,
+    log,
+    spec_for,
+    sync,
+    write_calibration,
+    write_model,
+)
 
 from reap_vlm.calibration.ahead import BatchStream, default_workers  # noqa: E402
 from reap_vlm.calibration.files import load_calibration  # noqa: E402
@@ -48,7 +56,7 @@ from reap_vlm.calibration.order import length_order  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.score.engine import run_batches  # noqa: E402
-from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
+from reap_vlm.score.hooks import ReapObserver  # noqa: E402
 from reap_vlm.score.stats import ExpertStats  # noqa: E402
 
 
@@ -74,26 +82,12 @@ class PreEncoded:
         return {"encode_wait_seconds": 0.0}
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(device: str, fn) -> dict:
     sync(device)
     t0, c0 = time.perf_counter(), time.thread_time()
     extra = fn() or {}
     sync(device)
     return {"wall_s": time.perf_counter() - t0, "main_cpu_s": time.thread_time() - c0, **extra}
-
-
-def forward(model, family, batches: list[dict], device: str, observer: ReapObserver | None = None) -> None:
-    base = family.multimodal_model(model)
-    for batch in batches:
-        if observer is not None:
-            masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
-            observer.use_masks(masks.to(device))
-        base(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, use_cache=False)
 
 
 def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: list[dict]) -> dict:
@@ -113,6 +107,9 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
                           device=device, stream=stream)
         return {"waited_s": run.get("encode_wait_seconds", 0.0)}
 
+    def plain(obs: ReapObserver | None = None):
+        return lambda: forward_batches(model, family, batches, device, obs)
+
     def beside(kind: str) -> dict:
         """The plain forward (timed alone) while ``kind`` workers encode the set on the side."""
         stop = threading.Event()
@@ -129,21 +126,20 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
             drainer.start()
             try:
                 with torch.inference_mode():
-                    row = timed(device, lambda: forward(model, family, batches, device))
+                    row = timed(device, plain())
             finally:
                 stop.set()
                 drainer.join()
         return row
 
     with torch.inference_mode():
-        forward(model, family, batches[:1], device)  # the process's own first call apart
-        rows["forward, first pass"] = timed(device, lambda: forward(model, family, batches, device))
-        rows["forward"] = timed(device, lambda: forward(model, family, batches, device))  # these lengths seen
+        forward_batches(model, family, batches[:1], device)  # the process's own first call apart
+        rows["forward, first pass"] = timed(device, plain())
+        rows["forward"] = timed(device, plain())  # every length seen once
         log(f"  forward: first pass {rows['forward, first pass']}, then {rows['forward']}")
         obs = observer(args.mode)
         with obs.attached(family.moe_blocks(model)):
-            rows[f"forward + {args.mode} observer"] = timed(device, lambda: forward(model, family, batches, device,
-                                                                                    obs))
+            rows[f"forward + {args.mode} observer"] = timed(device, plain(obs))
     rows["engine, pre-encoded"] = timed(device, lambda: engine(PreEncoded(batches)))
     for kind in ("processes", "threads"):
         rows[f"engine, {workers} {kind}"] = timed(device, lambda kind=kind: engine(BatchStream(
