@@ -515,7 +515,8 @@ def main() -> None:
     shm = shm_free_bytes()
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "gpus_visible": gpus_visible, "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, "
-               f"vision {args.vision}", "samples": {kind: args.set_samples[kind] for kind in args.sets.split(",")}, "batch_size": args.batch_size,
+               f"vision {args.vision}", "samples": {kind: args.set_samples[kind] for kind in args.sets.split(",")},
+               "batch_size": args.batch_size,
                "max_seq_len": args.max_seq_len, "dtype": args.dtype, "cpus": os.cpu_count(),
                "shm_free_gib": None if shm is None else round(shm / 2**30, 1), "sets": {}, "not_run": clock.skipped}
     if not two:
