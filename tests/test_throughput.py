@@ -38,6 +38,16 @@ def _samples(calibration: Path) -> list[CalibrationSample]:
             + load_calibration(calibration / "text.json", 100).samples)
 
 
+def _assert_same_batches(got: list[dict], want: list[dict], pixel_dtype: torch.dtype | None = None) -> None:
+    """Bitwise the same batches, in order (pixel values cast to ``pixel_dtype`` first, as the workers cast them)."""
+    assert len(got) == len(want)
+    for mine, theirs in zip(got, want):
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            expected = theirs[key].to(pixel_dtype) if key == "pixel_values" and pixel_dtype else theirs[key]
+            assert mine[key].dtype == expected.dtype and torch.equal(mine[key], expected), key
+
+
 def _encode_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("reap-encode")]
 
@@ -48,11 +58,8 @@ def test_encoding_ahead_gives_the_inline_batches_in_order(tiny_model, calibratio
     inline = list(batches(processor, samples, 3, 256))
     with BatchStream(processor, samples, 3, 256, 0, None, workers=3) as stream:
         ahead = list(stream)
-    assert len(ahead) == len(inline) == 5
-    for got, want in zip(ahead, inline):
-        assert got.keys() == want.keys()
-        for key in want:
-            assert torch.equal(got[key], want[key]), key
+    assert len(inline) == 5
+    _assert_same_batches(ahead, inline)
     assert stream.report(10, 9)["padding_share"] == pytest.approx(0.1)
     assert not _encode_threads()
     # the encoding threads ran their torch ops single-threaded; threads started afterwards get the old default
@@ -87,12 +94,8 @@ def test_encoding_processes_give_the_inline_batches_in_order_with_their_warnings
 
     (got, stream), got_warnings = _encoded_with_warnings(ahead_batches)
     assert got_warnings == inline_warnings
-    assert len(got) == len(inline) == 5 and any("pixel_values" in b for b in inline)
-    for mine, want in zip(got, inline):
-        assert mine.keys() == want.keys()
-        for key in want:
-            expected = want[key].to(torch.bfloat16) if key == "pixel_values" else want[key]
-            assert mine[key].dtype == expected.dtype and torch.equal(mine[key], expected), key
+    assert len(inline) == 5 and any("pixel_values" in b for b in inline)
+    _assert_same_batches(got, inline, torch.bfloat16)
     assert stream.report(10, 9)["encode_kind"] == "processes" and stream.encode_seconds > 0
     assert multiprocessing.active_children() == []
 
@@ -107,9 +110,8 @@ def test_spawned_encoding_processes_get_the_processor_pickled(tiny_model, calibr
     with BatchStream(processor, samples, 3, 256, 0, None, workers=1, kind="processes") as stream:
         assert {p._start_method for p in multiprocessing.active_children()} == {"spawn"}
         got = list(stream)
-    assert len(got) == len(inline) == 2
-    for mine, want in zip(got, inline):
-        assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in want)
+    assert len(inline) == 2
+    _assert_same_batches(got, inline)
     assert multiprocessing.active_children() == []
 
 
