@@ -15,10 +15,10 @@ import torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=12)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a check that it runs)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the 30B-A3B text model's shape")
+    parser.add_argument("--batches", type=int, default=12, help="batches of distinct lengths per pass")
     args = parser.parse_args()
     from transformers import Qwen3VLMoeTextConfig
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel
