@@ -70,6 +70,7 @@ from reap_vlm.fixtures.tiny import (  # noqa: E402
     write_sharded_safetensors,
     write_tokenizer,
 )
+from reap_vlm.inference import inference  # noqa: E402
 from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
 from reap_vlm.score.stats import ExpertStats  # noqa: E402
 
@@ -253,6 +254,7 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
     return {"wall_s": wall, "load_s": t["load"], "scoring_s": t["scoring"], "reduce_s": t.get("reduce", 0.0),
             "encode_cpu_s": run.get("encode_seconds"), "encode_wait_s": run.get("encode_wait_seconds"),
             "encode_first_wait_s": run.get("encode_first_wait_seconds", 0.0),
+            "encode_first_ready_s": run.get("encode_first_ready_seconds", 0.0),
             "encode_workers": run.get("encode_workers"), "encode_kind": run.get("encode_kind"),
             "padding_share": run.get("padding_share"),
             "padding_file_order": run.get("padding_share_file_order_estimated"),
@@ -288,24 +290,27 @@ def forward_batches(model, family, batches: list[dict], device: str, observer: R
         base(**batch, use_cache=False)
 
 
-def forward_over(model, family, batches: list[dict], device: str, observer: ReapObserver | None) -> tuple[float, float]:
+def forward_over(model, family, batches: list[dict], device: str, observer: ReapObserver | None,
+                 passes: int = 1, kernels=inference) -> tuple[float, float]:
     """Seconds for the model's forward over ``batches`` (copied from pinned memory as the engine does), warm, and
-    seconds of the warming call (the first batch, once more)."""
+    seconds of the warming call (the first batch, once more); ``passes`` > 1: the last of as many passes over all
+    (the earlier ones warm every length); ``kernels``: reap.py's (no cuDNN attention) or PyTorch's default."""
 
     def timed() -> tuple[float, float]:
         t0 = time.perf_counter()
         # warm: kernels chosen and tuned once (reap.py's scoring phase holds this too)
         forward_batches(model, family, batches[:1], device, observer)
         sync(device)
-        t1 = time.perf_counter()
-        forward_batches(model, family, batches, device, observer)
-        sync(device)
+        for _ in range(passes):
+            t1 = time.perf_counter()
+            forward_batches(model, family, batches, device, observer)
+            sync(device)
         return time.perf_counter() - t1, t1 - t0
 
     if observer is None:
-        with torch.inference_mode():
+        with kernels():
             return timed()
-    with observer.attached(family.moe_blocks(model)), torch.inference_mode():  # as the engine nests them
+    with observer.attached(family.moe_blocks(model)), kernels():  # as the engine nests them
         return timed()
 
 
@@ -322,6 +327,11 @@ def baselines(args, model_dir: Path, calib: Path, modes: list[str], clock: Clock
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     res["plain_forward_s"], res["plain_warmup_s"] = forward_over(model, ckpt.family, batches, args.device, None)
     log(f"  plain forward {res['plain_forward_s']:.2f}s (+{res['plain_warmup_s']:.2f}s first batch)")
+    if clock.allows(f"plain forward with PyTorch's default kernels on {calib.stem}", 3 * res["plain_forward_s"]):
+        res["plain_default_kernels_s"], _ = forward_over(model, ckpt.family, batches, args.device, None, passes=2,
+                                                         kernels=torch.inference_mode)
+        log(f"  plain forward, PyTorch's default kernels (cuDNN attention allowed), second pass "
+            f"{res['plain_default_kernels_s']:.2f}s")
     for mode in modes:
         if not clock.allows(f"{mode} observer baseline on {calib.stem}", 1.5 * res["plain_forward_s"] * (
                 3 if mode == "full" else 1)):
@@ -413,7 +423,8 @@ def table(results: dict) -> str:
              f"{results['max_seq_len']}, reap.py --engine model, {results['dtype']}; host: {results['cpus']} CPUs, "
              f"/dev/shm {results['shm_free_gib']} GiB free. Target ratio: reap.py's scoring phase per token over "
              "the warm baseline's (routed: plain forward; full: full observer), in brackets over the baseline with "
-             "its first batch cold as reap.py runs it; baselines warm, (+first batch once more).", ""]
+             "its first batch cold as reap.py runs it; baselines warm, (+first batch once more), with reap.py's "
+             "attention kernels (cuDNN's left out, reap_vlm/inference.py).", ""]
     lines += ["| set | run | tokens | load s | scoring s | tok/s | reduce s | encode s (workers) | waited s (1st) | "
               "padding | target ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results["sets"].items():
@@ -443,6 +454,8 @@ def table(results: dict) -> str:
                                                        ("routed obs", "routed_observer", "routed"),
                                                        ("full obs", "full_observer", "full"))
                                if key + "_s" in base)
+            if "plain_default_kernels_s" in base:
+                timed += f" / plain, PyTorch's default kernels, 2nd pass {base['plain_default_kernels_s']:.2f}"
             encoded = (f"pre-encode {base['pre_encode_cpu_s']:.1f} cpu, {base['pre_encode_wall_s']:.1f} wall "
                        f"({base['encode_threads']} thr)")
             lines.append(f"| {name} | baselines over pre-encoded batches | | | {timed} | | | {encoded} | | | |")
@@ -541,6 +554,8 @@ def main() -> None:
         r = reap_run(args, model, calib, mode, gpus, clock, extra)
         if r:
             walls[kind] = max(walls.get(kind, 0.0), r["wall_s"])
+            log(f"  load {r['load_s']:.2f}s, first batch ready {r['encode_first_ready_s']:.2f}s after the stream "
+                f"started, first wait {r['encode_first_wait_s']:.2f}s")
             log(f"  scoring {r['scoring_s']:.2f}s, waited {r['encode_wait_s']:.2f}s for batches "
                 f"({r['encode_workers']} {r['encode_kind']}), padding {r['padding_share']:.1%}")
         results["sets"][kind]["runs"][name] = r

@@ -11,12 +11,16 @@ load, then per set, every row over the same length-sorted batches:
 
 * ``forward``: the model's forward over batches encoded beforehand into pinned memory (no hooks; the target's
   baseline), a first pass over these sequence lengths and a second one, then with the routed observer;
+* ``forward, default kernels``: the same with PyTorch's default attention kernels (cuDNN's allowed; reap.py leaves
+  it out, reap_vlm/inference.py), a first and a second pass;
 * ``engine, pre-encoded``: ``engine.run_batches`` (reap.py's loop: masks, copies, hooks, progress) fed the same
   pre-encoded batches;
-* ``engine, N processes`` / ``N threads``: the loop fed by ``BatchStream`` as reap.py feeds it (``not pinned``:
-  the processes' batches copied to the GPU from /dev/shm as they come, not pinned first);
+* ``engine, N processes`` / ``N threads``: the loop fed by ``BatchStream`` as reap.py feeds it;
 * ``forward beside N processes`` / ``threads``: the plain forward over pre-encoded batches while a stream of the
-  same kind encodes the set on the side (its batches thrown away): the encoding's cost to the loop, alone.
+  same kind encodes the set on the side (its batches thrown away): the encoding's cost to the loop, alone;
+* ``switch interval``: the threads rows again with Python's thread switch interval shortened (``--switch-intervals``):
+  each op the forward launches lets the GIL go and takes it back, waiting up to the interval while an encoding
+  thread runs Python.
 
 Each row: wall seconds (after the first row, every length has been seen), the main thread's CPU seconds over the
 same span (a loop whose CPU time is close to its wall time is bound by its kernel launches, so anything that takes
@@ -32,6 +36,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +60,7 @@ from reap_vlm.calibration.files import load_calibration  # noqa: E402
 from reap_vlm.calibration.order import length_order  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
+from reap_vlm.inference import inference  # noqa: E402
 from reap_vlm.score.engine import run_batches  # noqa: E402
 from reap_vlm.score.hooks import ReapObserver  # noqa: E402
 from reap_vlm.score.stats import ExpertStats  # noqa: E402
@@ -125,14 +131,14 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
             drainer = threading.Thread(target=drain, args=(stream,))
             drainer.start()
             try:
-                with torch.inference_mode():
+                with inference():
                     row = timed(device, plain())
             finally:
                 stop.set()
                 drainer.join()
         return row
 
-    with torch.inference_mode():
+    with inference():
         forward_batches(model, family, batches[:1], device)  # the process's own first call apart
         rows["forward, first pass"] = timed(device, plain())
         rows["forward"] = timed(device, plain())  # every length seen once
@@ -140,17 +146,38 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
         obs = observer(args.mode)
         with obs.attached(family.moe_blocks(model)):
             rows[f"forward + {args.mode} observer"] = timed(device, plain(obs))
+    with torch.inference_mode():  # PyTorch's default attention kernels, cuDNN's allowed
+        rows["forward, default kernels, first pass"] = timed(device, plain())
+        rows["forward, default kernels"] = timed(device, plain())
+        log(f"  forward, default kernels: {rows['forward, default kernels, first pass']}, then "
+            f"{rows['forward, default kernels']}")
     rows["engine, pre-encoded"] = timed(device, lambda: engine(PreEncoded(batches)))
     for kind in ("processes", "threads"):
         rows[f"engine, {workers} {kind}"] = timed(device, lambda kind=kind: engine(BatchStream(
             *stream_args, workers=workers, kind=kind, pin=pin, pixel_dtype=dtype)))
         log(f"  engine {kind}: {rows[f'engine, {workers} {kind}']}")
-    rows[f"engine, {workers} processes, not pinned"] = timed(device, lambda: engine(BatchStream(
-        *stream_args, workers=workers, kind="processes", pin=False, pixel_dtype=dtype)))
     for kind in ("processes", "threads"):
         rows[f"forward beside {workers} {kind}"] = beside(kind)
         log(f"  forward beside {kind}: {rows[f'forward beside {workers} {kind}']}")
+    for ms in args.switch_intervals:
+        with switch_interval(ms / 1e3):
+            rows[f"engine, {workers} threads, switch interval {ms:g} ms"] = timed(device, lambda: engine(BatchStream(
+                *stream_args, workers=workers, kind="threads", pin=pin, pixel_dtype=dtype)))
+            rows[f"forward beside {workers} threads, switch interval {ms:g} ms"] = beside("threads")
+        log(f"  switch interval {ms:g} ms: {rows[f'engine, {workers} threads, switch interval {ms:g} ms']}")
     return rows
+
+
+@contextmanager
+def switch_interval(seconds: float):
+    """How long a thread waiting for the GIL lets its holder run before asking it to let go (5 ms by default):
+    every op the forward launches releases the GIL and takes it back."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def table(results: dict) -> str:
@@ -182,6 +209,8 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--mode", default="routed")
     parser.add_argument("--workers", type=int, default=0, help="encoding workers (0: reap.py's auto)")
+    parser.add_argument("--switch-intervals", type=lambda v: [float(x) for x in v.split(",") if x], default="0.1,1",
+                        help="Python thread switch intervals in ms (default 5) to run the threads rows under too")
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"

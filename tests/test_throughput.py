@@ -70,6 +70,28 @@ def test_encoding_ahead_gives_the_inline_batches_in_order(tiny_model, calibratio
     assert seen == [torch.get_num_threads()]
 
 
+def test_the_first_batchs_samples_are_encoded_at_once(tiny_model, calibration, monkeypatch):
+    """Nothing hides the first batch's encoding (the model loads in seconds from the page cache; 8 photos take
+    one worker seconds): its samples go to all workers at once, each waiting here until every one of them has
+    started, which only parallel encoding passes; the batches are still the inline ones, bitwise."""
+    processor = load_processor(tiny_model)
+    samples = _samples(calibration)
+    inline = list(batches(processor, samples, 3, 256))
+    first = {id(s) for s in samples[:3]}
+    together = threading.Barrier(3, timeout=10)
+
+    def encode(processor, sample, *args):
+        if id(sample) in first:
+            together.wait()  # BrokenBarrierError unless the three are encoded at the same time
+        return encode_sample(processor, sample, *args)
+
+    monkeypatch.setattr(ahead, "encode_sample", encode)
+    with BatchStream(processor, samples, 3, 256, 0, None, workers=3) as stream:
+        got = list(stream)
+    _assert_same_batches(got, inline)
+    assert 0 < stream.first_ready_seconds < 10 and not together.broken
+
+
 def _encoded_with_warnings(make) -> tuple[list[dict], list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -186,16 +208,40 @@ def _alive(pid: int) -> bool:
         return f.read().split(") ")[-1][0] != "Z"
 
 
-def test_too_little_shared_memory_is_said_before_any_process_starts(tiny_model, calibration, monkeypatch):
-    """auto is threads (measured faster on image-heavy sets); processes, asked for, fork where they can (no
-    start-up worth the name) and check /dev/shm before any starts, failing with the fix."""
+def test_auto_kind_is_processes_for_mostly_text_and_threads_for_mostly_images(tiny_model, calibration, monkeypatch):
+    """As measured end to end (issue 18): processes win on text-heavy sets (no GIL taken from the forward), threads
+    on image-heavy ones (no pixels handed over); auto falls back to threads where /dev/shm is short or processes
+    would be spawned (seconds of imports); asked for, a kind is kept."""
     from reap_vlm.score.job import encode_workers
 
     processor = load_processor(tiny_model)
+    images = [s for s in load_calibration(calibration / "calibration_data.json", 100).samples if s.has_image]
+    texts = load_calibration(calibration / "text.json", 100).samples
+    assert len(images) >= 4 and len(texts) >= 4 and not any(s.has_image for s in texts)
     settings = Settings(encode_workers=2, batch_size=3, max_seq_len=256)
-    assert encode_workers(settings) == (2, "threads")
+
+    def kind(samples) -> str:
+        return encode_workers(settings, samples, processor, None, torch.float32)[1]
+
+    assert kind(texts[:4] + images[:3]) == "processes" and kind(images[:4] + texts[:3]) == "threads"
+    assert kind(texts[:4] + images[:4]) == "threads"  # half and half: no majority of text
+    settings.encode_workers_kind = "threads"
+    assert kind(texts) == "threads"
     settings.encode_workers_kind = "processes"
-    assert encode_workers(settings) == (2, "processes")
+    assert kind(images) == "processes"
+    settings.encode_workers_kind = "auto"
+    with monkeypatch.context() as m:
+        m.setattr(ahead, "shm_free_bytes", lambda: 1 << 20)
+        assert kind(texts) == "threads"
+    with monkeypatch.context() as m:
+        m.setattr(ahead.sys, "platform", "darwin")
+        assert kind(texts) == "threads"
+
+
+def test_too_little_shared_memory_is_said_before_any_process_starts(tiny_model, calibration, monkeypatch):
+    """Processes, asked for, fork where they can (no start-up worth the name) and check /dev/shm before any starts,
+    failing with the fix."""
+    processor = load_processor(tiny_model)
     assert ahead.start_method() == "fork"  # Linux: CI and the GPU box
     with BatchStream(processor, _samples(calibration), 3, 256, 0, None, workers=2, kind="processes") as stream:
         # forked: the workers have torch, transformers and the processor already (spawned ones took ~12 s)

@@ -4,21 +4,24 @@ Two kinds of worker, one way of handing batches out (``BatchStream``: a queue of
 batch of ``batch_chunks(samples)``, so the sums, resume and the torchrun shares are those of inline encoding,
 bitwise):
 
-* threads (the default): no start-up, no hand-over.  Pillow's decode/resize, the processor's torch ops and the
-  Rust tokenizer release the GIL, so threads scale; their Python between those holds it.  That costs the main
-  thread, which launches thousands of small kernels per batch and takes the GIL back after each: a plain forward
-  over a text set's batches ran 1.26x slower on an H200 beside 8 encoding threads, 1.00x beside 8 processes.
-* processes (``--encode-workers-kind processes``): forked on Linux (0.07 s to start on a 2-core box; spawned ones
-  took ~12 s on the GPU box to import torch and transformers), each runs its torch ops on one thread and sends
-  each batch back through /dev/shm; one thread of this process pins it.  The hand-over costs this process in
-  turn: on 1-4 MP photos (~150 MB of pixels per batch) threads won end to end (reap.py routed 20.7 s against
-  28.8 s); on a text-heavy set the two tied end to end (17.7 s) and processes were a little faster in the
-  isolated loop.  bench/RESULTS_scoring.md, issue 18.
+* threads: no start-up, no hand-over.  Pillow's decode/resize, the processor's torch ops and the Rust tokenizer
+  release the GIL, so threads scale; their Python between those holds it.  That costs the main thread, which
+  launches thousands of small kernels per batch and takes the GIL back after each: a plain forward over a text
+  set's batches ran 1.20x slower on an H200 beside 8 encoding threads, 1.03x beside 8 processes (a shorter
+  thread switch interval did not help: 1.18x).
+* processes: forked on Linux (0.07 s to start on a 2-core box; spawned ones took ~12 s on the GPU box to import
+  torch and transformers), each runs its torch ops on one thread and sends each batch back through /dev/shm; one
+  thread of this process pins it.  The hand-over costs this process in turn, by the batch's size.
+
+``--encode-workers-kind auto`` follows the measurements end to end (reap.py routed, one H200, bench/RESULTS_scoring.md,
+issue 18): on a text-heavy set processes 11.90 s against threads 12.89 s; on 1-4 MP photos threads 13.72 s against
+processes 14.46 s.  So: processes when most samples are text only, threads when most carry an image.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -38,7 +41,7 @@ import torch
 from ..errors import ReapError
 from ..families import ModelFamily, family_for_processor
 from ..settings import ENCODE_WORKER_KINDS
-from .encode import batch_chunks, encode_batch
+from .encode import EncodedSample, batch_chunks, collate, encode_sample, pad_token_id
 from .files import CalibrationSample
 
 AHEAD_PER_WORKER = 2  # batches in flight per worker: each worker has the next one queued when it finishes
@@ -54,10 +57,16 @@ def default_workers(processes_on_host: int = 1) -> int:
     return max(1, min(8, share - 1))
 
 
-def worker_kind(requested: str) -> str:
-    """``--encode-workers-kind`` (checked by the settings): auto is threads, measured faster on image-heavy sets
-    (see the module's docstring)."""
-    return "threads" if requested == "auto" else requested
+def worker_kind(requested: str, samples: list[CalibrationSample], shm_short: bool = False) -> str:
+    """``--encode-workers-kind`` (checked by the settings).  auto: processes for a set of mostly text-only samples
+    (their Python holds the GIL the forward needs after each kernel launch) where processes fork and /dev/shm has
+    room (``shm_short`` else); threads for one mostly of images (~150 MB of pixels per batch costs more to hand
+    over between processes).  Measured: see the module's docstring."""
+    if requested != "auto":
+        return requested
+    text_only = sum(not s.has_image for s in samples)
+    mostly_text = 2 * text_only > len(samples)
+    return "processes" if mostly_text and start_method() == "fork" and not shm_short else "threads"
 
 
 def start_method() -> str:
@@ -71,19 +80,31 @@ def start_method() -> str:
 
 @dataclass
 class _Encoded:
-    batch: dict[str, torch.Tensor]
+    batch: dict[str, torch.Tensor] | None  # None: the samples apart, to be collated by the stream
     seconds: float
     warnings: list = field(default_factory=list)  # (message, category) from a worker process, raised here in order
+    samples: list[EncodedSample] = field(default_factory=list)
 
 
-def _encode_timed(processor, chunk: list, encode_args: tuple, pixel_dtype: torch.dtype | None) -> _Encoded:
+def _encode_timed(processor, chunk: list, encode_args: tuple, pixel_dtype: torch.dtype | None,
+                  apart: bool = False) -> _Encoded:
+    """``chunk``'s padded batch, or (``apart``) its samples for the stream to collate: the same tensors."""
     t0 = time.perf_counter()
-    batch = encode_batch(processor, chunk, *encode_args)
-    if pixel_dtype is not None and batch.get("pixel_values") is not None and batch["pixel_values"].is_floating_point():
+    samples = [encode_sample(processor, s, *encode_args) for s in chunk]
+    if pixel_dtype is not None:
         # the model's first step on pixels is this same cast (to its vision tower's dtype): done here, the
         # batch crosses shared memory and the pinned copy at half the bytes, to the same values
-        batch["pixel_values"] = batch["pixel_values"].to(pixel_dtype)
-    return _Encoded(batch, time.perf_counter() - t0)
+        samples = [_cast_pixels(e, pixel_dtype) for e in samples]
+    if apart:
+        return _Encoded(None, time.perf_counter() - t0, samples=samples)
+    return _Encoded(collate(samples, pad_token_id(processor)), time.perf_counter() - t0)
+
+
+def _cast_pixels(sample: EncodedSample, dtype: torch.dtype) -> EncodedSample:
+    pixels = sample.pixel_values
+    if pixels is None or not pixels.is_floating_point():
+        return sample
+    return dataclasses.replace(sample, pixel_values=pixels.to(dtype))
 
 
 def _pinned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,11 +136,13 @@ def _exit_with_parent(sentinel) -> None:
     os._exit(1)
 
 
-def _process_encode(chunk: list) -> _Encoded:
-    """One batch in a worker process; its warnings travel with it (the parent raises them again in order)."""
+def _process_encode(chunk: list, apart: bool = False) -> _Encoded:
+    """One batch (or its samples) in a worker process; its warnings travel with it (the parent raises them again
+    in order)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        encoded = _encode_timed(_PROCESS["processor"], chunk, _PROCESS["encode_args"], _PROCESS["pixel_dtype"])
+        encoded = _encode_timed(_PROCESS["processor"], chunk, _PROCESS["encode_args"], _PROCESS["pixel_dtype"],
+                                apart)
     encoded.warnings = [(str(w.message), w.category) for w in caught]
     return encoded
 
@@ -204,8 +227,8 @@ class EncodingProcesses:
             raise ReapError(f"{problem}; give the container more shared memory (docker --shm-size 16g), lower "
                             "--encode-workers, or use --encode-workers-kind threads")
 
-    def submit(self, chunk: list) -> Future:
-        return self.receiver.submit(self._receive, self.pool.submit(_process_encode, chunk))
+    def submit(self, chunk: list, apart: bool = False) -> Future:
+        return self.receiver.submit(self._receive, self.pool.submit(_process_encode, chunk, apart))
 
     def _receive(self, future: Future) -> _Encoded:
         """A worker process's batch, out of shared memory into pinned memory (on the receiving thread)."""
@@ -214,7 +237,7 @@ class EncodingProcesses:
         except BrokenProcessPool as exc:
             raise ReapError(f"an encoding process died ({exc}); if the host ran out of memory, lower "
                             "--encode-workers or use --encode-workers-kind threads") from None
-        if self.pin:
+        if self.pin and encoded.batch is not None:
             encoded.batch = _pinned(encoded.batch)
         return encoded
 
@@ -255,11 +278,13 @@ class BatchStream:
         self.kind = kind if workers > 0 else "inline"
         self.next_index = 0  # the next batch to hand out
         self.submitted = 0
-        self.pending: deque[Future] = deque()
+        self.pending: deque[list[Future]] = deque()  # per batch: its future, or its samples' (the first)
         self.local = threading.local()
         self.encode_seconds = 0.0  # encoding time summed over the workers
         self.wait_seconds = 0.0  # time the consumer waited for a batch not ready yet
         self.first_wait_seconds = 0.0  # of which for the first batch (the workers' first batch not ready yet)
+        self.started = time.perf_counter()
+        self.first_ready_seconds: float | None = None  # from construction until the first batch was ready
         self.op_threads = torch.get_num_threads()  # restored at close: see _one_op_thread
         self.threads = self.processes = None
         try:
@@ -281,23 +306,46 @@ class BatchStream:
             self.local.processor = copy.deepcopy(self.processor)
         return self.local.processor
 
-    def _encode_here(self, index: int, processor) -> _Encoded:
-        encoded = _encode_timed(processor, self.chunks[index], self.encode_args, self.pixel_dtype)
-        if self.pin:
+    def _encode_here(self, chunk: list, processor, apart: bool = False) -> _Encoded:
+        encoded = _encode_timed(processor, chunk, self.encode_args, self.pixel_dtype, apart)
+        if self.pin and encoded.batch is not None:
             encoded.batch = _pinned(encoded.batch)
         return encoded
 
-    def _submit(self, index: int) -> Future:
+    def _submit(self, chunk: list, apart: bool = False) -> Future:
         if self.threads is not None:
-            return self.threads.submit(lambda: self._encode_here(index, self._processor()))
-        return self.processes.submit(self.chunks[index])
+            return self.threads.submit(lambda: self._encode_here(chunk, self._processor(), apart))
+        return self.processes.submit(chunk, apart)
 
     def _fill(self) -> None:
         if self.kind == "inline":
             return
         while self.submitted < len(self.chunks) and len(self.pending) < AHEAD_PER_WORKER * self.workers:
-            self.pending.append(self._submit(self.submitted))
+            chunk = self.chunks[self.submitted]
+            if self.submitted == 0 and self.workers > 1 and len(chunk) > 1:
+                # The first batch is the one wait nothing hides (the model loads in seconds from the page cache,
+                # a batch of photos takes one worker ~4 s): its samples go to all workers at once.
+                parts = [self._submit([sample], apart=True) for sample in chunk]
+            else:
+                parts = [self._submit(chunk)]
+            if self.submitted == 0:
+                for part in parts:
+                    part.add_done_callback(self._first_ready)
+            self.pending.append(parts)
             self.submitted += 1
+
+    def _first_ready(self, _future: Future) -> None:
+        now = time.perf_counter() - self.started
+        self.first_ready_seconds = max(now, self.first_ready_seconds or 0.0)  # the batch: its last sample
+
+    def _joined(self, parts: list[Future]) -> _Encoded:
+        """The batch of ``parts``' results, in order (an encoding error raised here, in order)."""
+        done = [part.result() for part in parts]
+        if len(done) == 1 and done[0].batch is not None:
+            return done[0]
+        batch = collate([e for part in done for e in part.samples], pad_token_id(self.processor))
+        return _Encoded(_pinned(batch) if self.pin else batch, sum(part.seconds for part in done),
+                        [w for part in done for w in part.warnings])
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -310,14 +358,16 @@ class BatchStream:
             raise StopIteration
         t0 = time.perf_counter()
         if self.kind == "inline":
-            encoded = self._encode_here(self.next_index, self.processor)
+            encoded = self._encode_here(self.chunks[self.next_index], self.processor)
         else:
-            encoded = self.pending.popleft().result()  # an encoding error is raised here, in order
+            encoded = self._joined(self.pending.popleft())
             self._fill()
         waited = time.perf_counter() - t0
         self.wait_seconds += waited
         if self.next_index == 0:
             self.first_wait_seconds = waited
+            if self.first_ready_seconds is None:  # inline: ready once encoded here
+                self.first_ready_seconds = time.perf_counter() - self.started
         self.encode_seconds += encoded.seconds
         for message, category in encoded.warnings:
             warnings.warn(message, category, stacklevel=2)
@@ -331,11 +381,13 @@ class BatchStream:
                 "encode_workers": self.workers, "encode_kind": self.kind,
                 "encode_seconds": round(self.encode_seconds, 3),
                 "encode_wait_seconds": round(self.wait_seconds, 3),
-                "encode_first_wait_seconds": round(self.first_wait_seconds, 3)}
+                "encode_first_wait_seconds": round(self.first_wait_seconds, 3),
+                "encode_first_ready_seconds": round(self.first_ready_seconds or 0.0, 3)}
 
     def close(self) -> None:
-        for future in self.pending:
-            future.cancel()
+        for parts in self.pending:
+            for future in parts:
+                future.cancel()
         self.pending.clear()
         if self.processes is not None:
             self.processes.close()

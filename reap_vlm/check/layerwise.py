@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..calibration.encode import EncodedSample, collate, encode_sample, to_model
 from ..checkpoint.loading import load_processor
 from ..checkpoint.reader import Checkpoint
+from ..inference import inference
 from ..score.layer_loader import LayerLoader
 from ..score.layerwise import BatchState, LayerwiseModel
 from ..settings import Settings
@@ -191,7 +192,7 @@ def run_layerwise_check(inputs: Inputs, prompts: list[EvalPrompt], settings: Set
         window = min(enc.input_ids.shape[0], MAX_COMPARED_POSITIONS)
         work.append(_Prompt(enc, text_positions(enc.input_ids, window, visual), window,
                             trace_positions(enc.input_ids.shape[0])))
-    with torch.inference_mode():
+    with inference():
         for p, state in zip(work, _capture(original, encoded)):
             p.unmasked = _Stream(state)
             if trace:

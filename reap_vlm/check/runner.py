@@ -24,6 +24,7 @@ from ..calibration.files import CalibrationSample
 from ..checkpoint.fsutil import read_json
 from ..checkpoint.loading import load_model, load_processor, tokenizer_of
 from ..checkpoint.reader import Checkpoint
+from ..inference import inference
 from .masked_routing import masked_routing
 from .thinking import ThinkingPrompts, close_ids, opens_thinking, split_thinking
 
@@ -139,7 +140,7 @@ def replay_moe(model, family, inputs: dict[int, torch.Tensor], keep: dict[int, l
     (router logits [P, E], block output [P, H]) per layer, float32 on the CPU."""
     router_logits: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
-    with torch.inference_mode(), (masked_routing(model, family, keep, layers=inputs) if keep else _nothing()):
+    with inference(), (masked_routing(model, family, keep, layers=inputs) if keep else _nothing()):
         for layer, block in family.moe_blocks(model):
             if layer not in inputs:
                 continue
@@ -222,7 +223,7 @@ class ModelRunner:
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                   eos_token_id=sorted(self.end_ids) or None, pad_token_id=self.pad_id)
         batch = self._batch(enc)
-        with torch.inference_mode():
+        with inference():
             out = self.model.generate(**batch, generation_config=config)
         return self._generation(out[0, batch["input_ids"].shape[1]:].tolist(), enc)
 
@@ -233,7 +234,7 @@ class ModelRunner:
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                   eos_token_id=sorted(self.end_ids) or None, pad_token_id=self.pad_id)
         batch = to_model(collate(encoded, self.pad_id, left=True), self.device, self.dtype)
-        with torch.inference_mode():
+        with inference():
             out = self.model.generate(**batch, generation_config=config)
         width = batch["input_ids"].shape[1]
         return [self._generation(row[width:].tolist(), enc) for row, enc in zip(out, encoded)]
@@ -264,7 +265,7 @@ class ModelRunner:
         window = min(length, MAX_COMPARED_POSITIONS)
         positions = text_positions(batch["input_ids"][0].cpu(), window, self.visual_ids)
         traced = trace_positions(length)
-        with torch.inference_mode(), (masked_routing(self.model, self.family, keep) if keep else _nothing()), \
+        with inference(), (masked_routing(self.model, self.family, keep) if keep else _nothing()), \
                 (capture_moe_inputs(self.model, self.family, traced) if trace else _nothing()) as captured:
             logits = self.model(**batch, use_cache=False, logits_to_keep=window).logits[0]
         rows = torch.tensor([p - (length - window) for p in positions], dtype=torch.long, device=logits.device)

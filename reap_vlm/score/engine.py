@@ -13,6 +13,7 @@ from ..calibration.encode import num_batches, to_model
 from ..checkpoint.loading import AUTO_MEMORY_FRACTION, free_memory_bytes
 from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
+from ..inference import inference
 from ..settings import ENGINES
 from .hooks import ReapObserver, TokenMasks
 from .resume import ResumeState, last_batch
@@ -64,7 +65,7 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
     tokens = positions = 0
     start = time.perf_counter()
     with stream, tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True) as bar, \
-            observer.attached(family.moe_blocks(model)), torch.inference_mode():
+            observer.attached(family.moe_blocks(model)), inference():
         for i, batch in enumerate(stream, start=done):
             # masks and counts from the host copy: no device sync between batches
             masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))

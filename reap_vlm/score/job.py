@@ -8,7 +8,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..calibration.ahead import BatchStream, default_workers, worker_kind
+from ..calibration.ahead import BatchStream, default_workers, shm_problem, worker_kind
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration, require_text_only
 from ..calibration.order import BatchOrder, length_order, padding_share
@@ -16,6 +16,7 @@ from ..checkpoint.integrity import check_checkpoint_folder
 from ..checkpoint.loading import load_model, load_processor, resolve_device, resolve_dtype
 from ..checkpoint.reader import Checkpoint
 from ..errors import ReapError
+from ..inference import ATTENTION
 from ..metadata import REAP_VERSION, RunInputs, build_metadata, check_finite, write_metadata
 from ..outputs import check_output_folder, output_lock
 from ..safeguards import select_for_run
@@ -66,18 +67,21 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, o
                       version=REAP_VERSION, samples=order.indices, sort_window=order.window,
                       mode=settings.scoring_mode,
                       batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
-                      max_pixels=settings.max_pixels, seed=settings.seed, dtype=str(dtype),
+                      max_pixels=settings.max_pixels, seed=settings.seed, dtype=str(dtype), attention=ATTENTION,
                       model=str(Path(ckpt.path).resolve()), rank=dist.rank, world_size=dist.world_size)
     name = STATE_NAME if not dist.enabled else f"reap_state.rank{dist.rank}-of-{dist.world_size}.pt"
     return ResumeState(Path(settings.output_path) / name, key)
 
 
-def encode_workers(settings: Settings) -> tuple[int, str]:
+def encode_workers(settings: Settings, samples: list, processor, family, dtype) -> tuple[int, str]:
     """Workers encoding ahead and their kind: ``--encode-workers``, auto sharing the host's cores among its
-    torchrun ranks; ``--encode-workers-kind`` (auto: threads; processes check shared memory before starting)."""
+    torchrun ranks; ``--encode-workers-kind`` (auto: processes for mostly text-only samples where /dev/shm has
+    room, else threads; processes asked for check shared memory before starting)."""
     workers = (default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if settings.encode_workers == "auto"
                else int(settings.encode_workers))
-    return workers, worker_kind(settings.encode_workers_kind)
+    short = settings.encode_workers_kind == "auto" and workers > 0 and shm_problem(
+        processor, family, workers, settings.batch_size, settings.max_seq_len, dtype) is not None
+    return workers, worker_kind(settings.encode_workers_kind, samples, short)
 
 
 def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserver, samples: list,
@@ -145,7 +149,7 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
-    encoding = encode_workers(settings)
+    encoding = encode_workers(settings, calib.samples, processor, ckpt.family, dtype)
     return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep, encoding)
 
 

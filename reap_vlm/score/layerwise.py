@@ -42,6 +42,7 @@ from ..checkpoint.loading import free_memory_bytes, head_weight_name
 from ..checkpoint.reader import Checkpoint, loaded_bytes
 from ..checkpoint.tensors import memory_state_dict
 from ..errors import ReapError
+from ..inference import inference
 from .hooks import ReapObserver, TokenMasks
 from .layer_loader import LayerLoader, to_device
 from .resume import ResumeState, last_batch
@@ -399,7 +400,7 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
                      workers=encode_workers, kind=encode_kind)
     completed, tokens, positions = done, 0, 0
     try:
-        with observer.attached(observer.family.moe_blocks(lw.model)), torch.inference_mode():
+        with observer.attached(observer.family.moe_blocks(lw.model)), inference():
             while completed < end:
                 limit = end - completed
                 loader.request(0)
