@@ -276,8 +276,9 @@ def test_estimated_lengths_are_the_encoded_lengths_and_windows_sort_longest_firs
 
 def test_a_sample_known_too_long_goes_straight_to_smaller_images_with_the_same_result(tiny_model, tmp_path,
                                                                                      monkeypatch):
-    """encode_sample skips encoding photos at full size when the processor's own count says they cannot fit;
-    the tokens and pixels are those of encoding first and shrinking after."""
+    """encode_sample skips encoding photos at full size when the processor's own count says they cannot fit, and
+    skips every smaller size the count says cannot fit either: the processor runs once per sample, and the tokens
+    and pixels are those of encoding first and tightening by encoding after."""
     from PIL import Image
 
     import reap_vlm.calibration.encode as encode
@@ -304,7 +305,7 @@ def test_a_sample_known_too_long_goes_straight_to_smaller_images_with_the_same_r
     direct, direct_calls = encode_all()
     monkeypatch.setattr(encode, "image_token_count", lambda *a: None)  # a processor that cannot count
     first_full, first_full_calls = encode_all()
-    assert direct_calls < first_full_calls - len(samples)  # the full-size encodings were skipped
+    assert direct_calls == len(direct) < first_full_calls - len(samples)  # once per sample, no size tried twice
     for a, b in zip(direct, first_full):
         for field in ("input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids"):
             x, y = getattr(a, field), getattr(b, field)

@@ -124,18 +124,24 @@ def _shrink_to_fit(processor, family: ModelFamily, text: str, images: list, text
         return None
     cap = per_image * unit
     for _ in range(6):  # the processor rounds sizes to whole patches: tighten until it fits
-        smaller = []
-        for image in images:
-            if image.width * image.height > cap:
-                scale = math.sqrt(cap / (image.width * image.height))
-                image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
-                                     Image.Resampling.BICUBIC)
-            smaller.append(image)
-        shrunk = _encode(processor, text, smaller)
-        if shrunk.input_ids.numel() <= max_seq_len:
-            return shrunk
+        sizes = [_within(image.width, image.height, cap) for image in images]
+        counts = [image_token_count(processor, w, h) for w, h in sizes]
+        if None in counts or text_tokens + sum(counts) <= max_seq_len:  # else known too long: no encoding
+            smaller = [image if size == (image.width, image.height) else image.resize(size, Image.Resampling.BICUBIC)
+                       for image, size in zip(images, sizes)]
+            shrunk = _encode(processor, text, smaller)
+            if shrunk.input_ids.numel() <= max_seq_len:
+                return shrunk
         cap = int(cap * 0.8)
     return None
+
+
+def _within(width: int, height: int, cap: int) -> tuple[int, int]:
+    """The size an image is scaled to so that it holds at most ``cap`` pixels (its own when it does)."""
+    if width * height <= cap:
+        return width, height
+    scale = math.sqrt(cap / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
 
 
 def encode_sample(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int = 0,
