@@ -16,15 +16,20 @@ from reap_vlm.score.job import run_reap
 from reap_vlm.score.resume import stop_after
 from reap_vlm.settings import Settings
 
+ALLOWED = (False, True, True, True, True)  # cuDNN off; flash, memory-efficient, math on; inference mode
+
 
 @pytest.fixture
-def attention_calls(monkeypatch) -> list[tuple[bool, bool]]:
-    """(cuDNN attention allowed, inference mode) at each scaled_dot_product_attention call."""
-    calls: list[tuple[bool, bool]] = []
+def attention_calls(monkeypatch) -> list[tuple[bool, ...]]:
+    """(cuDNN, flash, memory-efficient, math attention allowed, inference mode) at each scaled_dot_product_attention
+    call."""
+    calls: list[tuple[bool, ...]] = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    cuda = torch.backends.cuda
 
     def recorded(*args, **kwargs):
-        calls.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.is_inference_mode_enabled()))
+        calls.append((cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+                      cuda.math_sdp_enabled(), torch.is_inference_mode_enabled()))
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
@@ -42,7 +47,7 @@ def _settings(model, calib: Path, out: Path, **kw) -> Settings:
 def test_scoring_forwards_leave_cudnn_attention_out(engine, tiny_model, calibration, tmp_path, attention_calls):
     run_reap(_settings(tiny_model, calibration / "calibration_data.json", tmp_path, engine=engine))
     assert len(attention_calls) >= 4  # text and vision attention, every batch
-    assert set(attention_calls) == {(False, True)}
+    assert set(attention_calls) == {ALLOWED}
 
 
 def test_check_forwards_leave_cudnn_attention_out(tiny_model, calibration, attention_calls):
@@ -52,7 +57,7 @@ def test_check_forwards_leave_cudnn_attention_out(tiny_model, calibration, atten
     runner.generate_batch([enc, enc], 2)
     runner.teacher_forced(enc, [5, 6], keep={layer: list(range(8)) for layer in range(4)}, trace=True)
     assert len(attention_calls) >= 3 * 4
-    assert set(attention_calls) == {(False, True)}
+    assert set(attention_calls) == {ALLOWED}
 
 
 def test_a_state_saved_under_other_attention_kernels_is_not_resumed(tiny_model, calibration, tmp_path, monkeypatch):
@@ -63,6 +68,6 @@ def test_a_state_saved_under_other_attention_kernels_is_not_resumed(tiny_model, 
     with stop_after(2):
         run_reap(settings)
     monkeypatch.setattr(score_job, "ATTENTION", "sdpa: cudnn_attention, flash_attention")
-    with stop_after(3):
+    with stop_after(3), pytest.warns(UserWarning, match="saved by a run with other inputs, settings or reap-vlm"):
         assert run_reap(settings)["run"]["resumed_from"] == 0
     assert run_reap(settings)["run"]["resumed_from"] == 3  # the same kernels resume

@@ -154,16 +154,18 @@ def test_pixels_cast_ahead_give_the_models_own_result(tiny_model, calibration):
 
 
 @pytest.mark.parametrize("kind", ["threads", "processes"])
-def test_an_encoding_error_surfaces_at_its_batch_and_leaves_no_worker(tiny_model, calibration, tmp_path, kind):
+@pytest.mark.parametrize("before", [4, 1])  # in the third batch; in the first, whose samples are encoded apart
+def test_an_encoding_error_surfaces_at_its_batch_and_leaves_no_worker(tiny_model, calibration, tmp_path, kind,
+                                                                      before):
     processor = load_processor(tiny_model)
     good = _samples(calibration)[:4]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     bad = CalibrationSample(index=99, kind="prompt", text="<|vision_start|><|image_pad|><|vision_end|>x",
                             images=[broken])
-    stream = BatchStream(processor, [*good, bad, *good], 2, 256, 0, None, workers=2, kind=kind)
+    stream = BatchStream(processor, [*good[:before], bad, *good], 2, 256, 0, None, workers=2, kind=kind)
     with pytest.raises(ReapError, match="cannot read image .*broken.png"), stream:
-        assert len([next(stream), next(stream)]) == 2  # the batches before it arrive
+        assert len([next(stream) for _ in range(before // 2)]) == before // 2  # the batches before it arrive
         next(stream)
     assert not _encode_threads()
     assert multiprocessing.active_children() == []
@@ -221,7 +223,7 @@ def test_auto_kind_is_processes_for_mostly_text_and_threads_for_mostly_images(ti
     settings = Settings(encode_workers=2, batch_size=3, max_seq_len=256)
 
     def kind(samples) -> str:
-        return encode_workers(settings, samples, processor, None, torch.float32)[1]
+        return encode_workers(settings, samples, processor, None, torch.bfloat16)[1]
 
     assert kind(texts[:4] + images[:3]) == "processes" and kind(images[:4] + texts[:3]) == "threads"
     assert kind(texts[:4] + images[:4]) == "threads"  # half and half: no majority of text
@@ -236,6 +238,14 @@ def test_auto_kind_is_processes_for_mostly_text_and_threads_for_mostly_images(ti
     with monkeypatch.context() as m:
         m.setattr(ahead.sys, "platform", "darwin")
         assert kind(texts) == "threads"
+    # /dev/shm is sized for the stream's pixels: half-size bf16 (the whole-model engine casts them), or the
+    # processor's float32 (the layer-wise engine does not)
+    half = 2 * 2 * ahead.batch_bytes_bound(processor, None, 3, 256, torch.bfloat16)  # 2 workers, 2 batches each
+    assert half < 2 * 2 * ahead.batch_bytes_bound(processor, None, 3, 256, None)
+    with monkeypatch.context() as m:
+        m.setattr(ahead, "shm_free_bytes", lambda: half)
+        assert encode_workers(settings, texts, processor, None, torch.bfloat16)[1] == "processes"
+        assert encode_workers(settings, texts, processor, None, None)[1] == "threads"
 
 
 def test_too_little_shared_memory_is_said_before_any_process_starts(tiny_model, calibration, monkeypatch):

@@ -13,9 +13,12 @@ bitwise):
   torch and transformers), each runs its torch ops on one thread and sends each batch back through /dev/shm; one
   thread of this process pins it.  The hand-over costs this process in turn, by the batch's size.
 
-``--encode-workers-kind auto`` follows the measurements end to end (reap.py routed, one H200, bench/RESULTS_scoring.md,
-issue 18): on a text-heavy set processes 11.90 s against threads 12.89 s; on 1-4 MP photos threads 13.72 s against
-processes 14.46 s.  So: processes when most samples are text only, threads when most carry an image.
+``--encode-workers-kind auto`` follows the measurements end to end (reap.py routed, bench/RESULTS_scoring.md, issue
+18): on a text-heavy set processes won (11.90 s against 12.89 s; in the isolated loop a forward beside processes ran
+1.03x, beside threads 1.20x); on 1-4 MP photos the evidence is mixed (threads 13.72 s against 14.46 s on 192
+samples, a tie on two GPUs' host, processes 9.15 s against 12.48 s on 96 samples, mostly the first batch's wait;
+before the attention fix threads won clearly, 20.7 s against 28.8 s).  So: processes when most samples are text
+only; threads, as before, when most carry an image.
 """
 
 from __future__ import annotations

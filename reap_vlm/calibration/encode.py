@@ -95,7 +95,8 @@ def _truncate(enc: EncodedSample, max_len: int, processor, family: ModelFamily) 
     pixel_values = grid_thw = None
     if grid is not None and kept_images:
         grid_thw = grid[:kept_images]
-        pixel_values = enc.pixel_values[: int(grid_thw.prod(dim=1).sum())]
+        # a copy, not a view: a sample handed between processes alone would carry the whole storage
+        pixel_values = enc.pixel_values[: int(grid_thw.prod(dim=1).sum())].clone()
     mm = enc.mm_token_type_ids[:cut] if enc.mm_token_type_ids is not None else None
     return EncodedSample(ids[:cut], pixel_values, grid_thw, mm)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ class ResumeState:
         except Exception:  # a torn or foreign file: start over rather than trust it
             return 0
         if state.get("fingerprint") != self.fingerprint:
+            warnings.warn(f"{self.path} was saved by a run with other inputs, settings or reap-vlm version: "
+                          "starting over (it is replaced as this run saves)", stacklevel=2)
             return 0
         try:
             stats.load_state_dict(state["stats"])
