@@ -29,18 +29,13 @@ import reap_vlm.calibration.encode as encode  # noqa: E402
 from reap_vlm.calibration.files import load_calibration  # noqa: E402
 from reap_vlm.checkpoint.loading import load_processor  # noqa: E402
 from reap_vlm.families import QWEN3_VL_MOE  # noqa: E402
-from reap_vlm.fixtures.tiny import write_processor_files, write_tokenizer  # noqa: E402
 
 
 def processor_folder(folder: Path) -> Path:
     """Tokenizer and processor files with the real Qwen3-VL image sizing (no weights needed to encode)."""
-    if not (folder / "preprocessor_config.json").is_file():
+    if not (folder / "config.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        write_tokenizer(folder)
-        write_processor_files(folder)
-        pre = json.loads((folder / "preprocessor_config.json").read_text())
-        pre["size"] = e2e.REAL_IMAGE_SIZE
-        (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+        e2e.write_processor(folder, tiny=False)
         (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
     return folder
 

@@ -16,14 +16,16 @@ image-heavy (every item a 1-4 MP JPEG photo plus a question).
 What it times, per set:
 
 * reap.py routed and full, a subprocess each as a user runs it (``--engine model``, defaults for encoding ahead and
-  length sorting: encoding threads; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from
-  reap_metadata.json (load, scoring, reduce), the encoding time summed over the workers and the part the forward
-  waited for, the padding share; on both sets also routed with ``--encode-workers-kind processes``
-  (``--other-kind``: the kind auto does not pick, to show the difference);
+  length sorting: auto's kind of worker; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from reap_metadata.json
+  (load, scoring, reduce), the encoding time summed over the workers and the part the forward waited for, when the
+  first batch was ready, the padding share; on both sets also routed with the kind of worker auto does not pick
+  (``--other-kind``: threads on the text-heavy set, processes on the image-heavy one);
   ``--inline``: also routed with ``--encode-workers 0 --sort-window 0`` (the behaviour before issue 18);
 * the baselines in this process over the same batches, encoded beforehand into pinned memory (pixels in the
-  model's dtype, as reap.py's workers give them): the plain model forward (no hooks), the full observer
-  (``--observer-modes``: the routed one too); warm (one batch first), the first batch's extra time apart;
+  model's dtype, as reap.py's workers give them), with reap.py's attention kernels (reap_vlm/inference.py): the
+  plain model forward (no hooks), the full observer (``--observer-modes``: the routed one too); warm (one batch
+  first), the first batch's extra time apart; and the plain forward with PyTorch's default kernels (cuDNN's
+  attention allowed) on a second pass, its plans all built;
 * ``--encode-rates``: the encoding rate of 1 thread, N threads and N processes (``BatchStream``'s, start-up
   apart) on the image-heavy set, and the processor's image preprocessing on the CPU against ``device="cuda"``
   (transformers' torchvision backend); measured in round 1, off by default;
@@ -147,6 +149,17 @@ def random_state(config: dict, device: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_processor(folder: Path, tiny: bool) -> dict[str, int]:
+    """Tokenizer and processor files (the real processor's image sizing unless ``tiny``); the tokenizer's ids."""
+    token_ids = write_tokenizer(folder)
+    write_processor_files(folder)
+    if not tiny:  # the real processor's sizing: a 4 MP photo is ~4,000 tokens before the sequence budget
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+        pre["size"] = REAL_IMAGE_SIZE
+        (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    return token_ids
+
+
 def write_model(folder: Path, spec: FixtureSpec, tiny: bool, device: str) -> Path:
     from reap_vlm.families import QWEN3_VL_MOE
 
@@ -155,12 +168,7 @@ def write_model(folder: Path, spec: FixtureSpec, tiny: bool, device: str) -> Pat
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    token_ids = write_tokenizer(folder)
-    write_processor_files(folder)
-    if not tiny:  # the real processor's sizing: a 4 MP photo is ~4,000 tokens before the sequence budget
-        pre = json.loads((folder / "preprocessor_config.json").read_text())
-        pre["size"] = REAL_IMAGE_SIZE
-        (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    token_ids = write_processor(folder, tiny)
     config = fixture_config(spec, token_ids)
     if spec.head_dim == 128:
         config["text_config"]["rope_scaling"]["mrope_section"] = [24, 20, 20]  # Qwen3-VL-30B-A3B's
@@ -495,7 +503,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--other-kind", action=argparse.BooleanOptionalAction, default=True,
-                        help="also reap.py routed with the encoding workers auto does not pick (processes)")
+                        help="also reap.py routed with the encoding workers auto does not pick (text set: threads, "
+                             "image set: processes)")
     parser.add_argument("--encode-rates", action="store_true",
                         help="also the encoding rates (1 thread, N threads, N processes) and the GPU image "
                              "preprocessing (measured in round 1)")
@@ -575,8 +584,9 @@ def main() -> None:
             if r and one:
                 r["rel_diff_vs_1gpu"] = max_rel(one["reap"], r["reap"])
                 r["same_keep"] = one["keep"] == r["keep"]
-    for kind, calib in calibs.items() if args.other_kind and "routed" in modes else ():  # the kind auto does not pick
-        run(kind, calib, "routed processes", "routed", 1, ("--encode-workers-kind", "processes"))
+    for kind, calib in calibs.items() if args.other_kind and "routed" in modes else ():
+        other = "threads" if kind == "text" else "processes"  # auto: processes for mostly text, threads for images
+        run(kind, calib, f"routed {other}", "routed", 1, ("--encode-workers-kind", other))
     if "image" in calibs and args.encode_rates and clock.allows("encoding rates", 40 if not args.tiny else 20):
         log("encoding rates, image set")
         results["encode_rates"] = encode_rates(args, model, calibs["image"], default_workers())

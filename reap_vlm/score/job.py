@@ -73,8 +73,7 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, o
     return ResumeState(Path(settings.output_path) / name, key)
 
 
-def encode_workers(settings: Settings, samples: list, processor, family,
-                   pixel_dtype) -> tuple[int, str]:
+def encode_workers(settings: Settings, samples: list, processor, family, pixel_dtype) -> tuple[int, str]:
     """Workers encoding ahead and their kind: ``--encode-workers``, auto sharing the host's cores among its
     torchrun ranks; ``--encode-workers-kind`` (auto: processes for mostly text-only samples where /dev/shm has
     room for batches with pixels in ``pixel_dtype``, the stream's, else threads; processes asked for check shared
@@ -151,8 +150,7 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
     dtype = resolve_dtype(settings.dtype, device)
     processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
-    # the whole-model stream casts pixels to the model's dtype; the layer-wise one keeps the processor's
-    encoding = encode_workers(settings, calib.samples, processor, ckpt.family, dtype if engine == "model" else None)
+    encoding = encode_workers(settings, calib.samples, processor, ckpt.family, dtype)
     return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep, encoding)
 
 

@@ -396,8 +396,9 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
     loader = LayerLoader(ckpt, lw.layer_keys, lw.device, dtype, prefetch)
     layer_bytes = max(lw.layer_bytes(i) for i in range(last_layer + 1))
     remaining = samples[done * batch_size:]
+    # pixels cast in the workers as to_model would cast them here: the same values, half the bytes handed over
     it = BatchStream(processor, remaining, batch_size, max_seq_len, max_pixels, observer.family,
-                     workers=encode_workers, kind=encode_kind)
+                     workers=encode_workers, kind=encode_kind, pixel_dtype=dtype)
     completed, tokens, positions = done, 0, 0
     try:
         with observer.attached(observer.family.moe_blocks(lw.model)), inference():
