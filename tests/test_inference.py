@@ -4,6 +4,7 @@ and a run's resume state records the choice."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,14 +61,19 @@ def test_check_forwards_leave_cudnn_attention_out(tiny_model, calibration, atten
     assert set(attention_calls) == {ALLOWED}
 
 
-def test_a_state_saved_under_other_attention_kernels_is_not_resumed(tiny_model, calibration, tmp_path, monkeypatch):
-    """Kernels round differently: a run resumes only sums of the attention it runs."""
+@pytest.mark.parametrize("engine", ["model", "layerwise"])
+def test_a_state_saved_under_other_attention_kernels_is_not_resumed(tiny_model, calibration, tmp_path, monkeypatch,
+                                                                    engine):
+    """Kernels round differently: a run resumes only sums of the attention it runs, and says so once."""
     settings = _settings(tiny_model, calibration / "calibration_data.json", tmp_path, batch_size=2,
-                         checkpoint_every=1)
+                         checkpoint_every=1, engine=engine)
     settings.resume = True
     with stop_after(2):
         run_reap(settings)
     monkeypatch.setattr(score_job, "ATTENTION", "sdpa: cudnn_attention, flash_attention")
-    with stop_after(3), pytest.warns(UserWarning, match="saved by a run with other inputs, settings or reap-vlm"):
+    with stop_after(3), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert run_reap(settings)["run"]["resumed_from"] == 0
+    said = [w for w in caught if "saved by a run with other inputs, settings or reap-vlm" in str(w.message)]
+    assert len(said) == 1
     assert run_reap(settings)["run"]["resumed_from"] == 3  # the same kernels resume

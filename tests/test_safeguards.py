@@ -83,7 +83,22 @@ def test_a_state_saved_before_maxima_existed_is_not_resumed(tmp_path):
         del layer["sums"]["max_image"], layer["sums"]["max_text"]
     torch.save(old, state.path)
     fresh = ExpertStats.empty([0, 1], 4)
-    assert state.load(fresh) == 0 and float(fresh.layers[0].sums["count"].sum()) == 0.0
+    later_run = ResumeState(state.path, "key")  # the file as an older version left it, read by a new run
+    assert later_run.load(fresh) == 0 and float(fresh.layers[0].sums["count"].sum()) == 0.0
+
+
+def test_a_state_is_read_once_and_each_load_gets_sums_of_its_own(tmp_path):
+    """reap.py's job and its engine both ask: one read (the file gone after it changes nothing), and sums added
+    to after the first load do not leak into the second."""
+    stats = ExpertStats.empty([0, 1], 4)
+    stats.layers[0].sums["count"] += 1.0
+    state = ResumeState(tmp_path / "reap_state.pt", "key")
+    state.save(stats, 2)
+    first, second = ExpertStats.empty([0, 1], 4), ExpertStats.empty([0, 1], 4)
+    assert state.load(first) == 2
+    state.path.unlink()
+    first.layers[0].sums["count"] += 5.0
+    assert state.load(second) == 2 and second.layers[0].sums["count"].tolist() == [1.0] * 4
 
 
 # ------------------------------------------------------------------------------------------ planted super expert

@@ -49,7 +49,12 @@ def _assert_same_batches(got: list[dict], want: list[dict], pixel_dtype: torch.d
 
 
 def _encode_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("reap-encode")]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("reap-encode", "reap-pin"))]
+
+
+def _fake_pinned(batch: dict) -> dict:
+    """Pinning's stand-in where no CUDA is: a copy, on the pinning thread all the same."""
+    return {k: v.clone() for k, v in batch.items()}
 
 
 def test_encoding_ahead_gives_the_inline_batches_in_order(tiny_model, calibration):
@@ -91,6 +96,36 @@ def test_the_first_batchs_samples_are_encoded_at_once(tiny_model, calibration, m
     _assert_same_batches(got, inline)
     assert 0 < stream.first_ready_seconds < 10 and not together.broken
 
+
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_only_the_next_batches_are_pinned_on_one_thread(tiny_model, calibration, monkeypatch, kind):
+    """Page-locked buffers stay few (each new one is a cudaHostAlloc holding CUDA's driver lock while the forward
+    launches): however far the workers have encoded, one thread pins, at most PIN_AHEAD batches ahead of the
+    consumer; the batches are the inline ones, bitwise."""
+    processor = load_processor(tiny_model)
+    samples = _samples(calibration)
+    inline = list(batches(processor, samples, 2, 256))
+    assert len(inline) > 2 * ahead.PIN_AHEAD
+    made: dict = {}
+    pinned = []  # per call: (thread, consumer's next batch)
+
+    def pin(batch):
+        pinned.append((threading.current_thread().name, getattr(made.get("stream"), "next_index", 0)))
+        return _fake_pinned(batch)
+
+    monkeypatch.setattr(ahead, "_pinned", pin)
+    with BatchStream(processor, samples, 2, 256, 0, None, workers=2, kind=kind, pin=True) as stream:
+        made["stream"] = stream
+        for part in [f for parts in list(stream.pending) for f in parts]:
+            part.result()  # encoded ahead of the pinning
+        for future in list(stream.pinning):
+            future.result()
+        assert len(pinned) == ahead.PIN_AHEAD
+        got = list(stream)
+    _assert_same_batches(got, inline)
+    assert len(pinned) == len(inline)
+    assert {thread for thread, _ in pinned} == {"reap-pin_0"}
+    assert max(index - consumer for index, (_, consumer) in enumerate(pinned)) <= ahead.PIN_AHEAD
 
 def _encoded_with_warnings(make) -> tuple[list[dict], list[str]]:
     with warnings.catch_warnings(record=True) as caught:
@@ -155,21 +190,45 @@ def test_pixels_cast_ahead_give_the_models_own_result(tiny_model, calibration):
 
 @pytest.mark.parametrize("kind", ["threads", "processes"])
 @pytest.mark.parametrize("before", [4, 1])  # in the third batch; in the first, whose samples are encoded apart
+@pytest.mark.parametrize("pin", [False, True])  # joined here, or on the pinning thread
 def test_an_encoding_error_surfaces_at_its_batch_and_leaves_no_worker(tiny_model, calibration, tmp_path, kind,
-                                                                      before):
+                                                                      before, pin, monkeypatch):
+    monkeypatch.setattr(ahead, "_pinned", _fake_pinned)
     processor = load_processor(tiny_model)
     good = _samples(calibration)[:4]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     bad = CalibrationSample(index=99, kind="prompt", text="<|vision_start|><|image_pad|><|vision_end|>x",
                             images=[broken])
-    stream = BatchStream(processor, [*good[:before], bad, *good], 2, 256, 0, None, workers=2, kind=kind)
+    stream = BatchStream(processor, [*good[:before], bad, *good], 2, 256, 0, None, workers=2, kind=kind, pin=pin)
     with pytest.raises(ReapError, match="cannot read image .*broken.png"), stream:
         assert len([next(stream) for _ in range(before // 2)]) == before // 2  # the batches before it arrive
         next(stream)
     assert not _encode_threads()
     # by the OS's word: the pool's own thread may have reaped a worker we terminated, leaving multiprocessing's
     # record of it unfinished
+    assert not any(_alive(child.pid) for child in multiprocessing.active_children())
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_an_encoding_process_that_dies_is_said_and_leaves_no_worker(tiny_model, calibration, monkeypatch, pin):
+    """A worker process killed (the OOM killer, say) gives one line naming it and the fix, not a traceback of
+    concurrent.futures, whether the batch is joined here or on the pinning thread."""
+    processor = load_processor(tiny_model)
+    samples = _samples(calibration)[:6]
+    doomed = samples[4].index
+
+    def encode(processor, sample, *args):
+        if sample.index == doomed:
+            os._exit(1)  # in the forked worker
+        return encode_sample(processor, sample, *args)
+
+    monkeypatch.setattr(ahead, "encode_sample", encode)
+    monkeypatch.setattr(ahead, "_pinned", _fake_pinned)
+    with pytest.raises(ReapError, match="an encoding process died.*lower --encode-workers"), \
+            BatchStream(processor, samples, 2, 256, 0, None, workers=2, kind="processes", pin=pin) as stream:
+        list(stream)
+    assert not _encode_threads()
     assert not any(_alive(child.pid) for child in multiprocessing.active_children())
 
 

@@ -10,15 +10,19 @@ bitwise):
   set's batches ran 1.20x slower on an H200 beside 8 encoding threads, 1.03x beside 8 processes (a shorter
   thread switch interval did not help: 1.18x).
 * processes: forked on Linux (0.07 s to start on a 2-core box; spawned ones took ~12 s on the GPU box to import
-  torch and transformers), each runs its torch ops on one thread and sends each batch back through /dev/shm; one
-  thread of this process pins it.  The hand-over costs this process in turn, by the batch's size.
+  torch and transformers), each runs its torch ops on one thread and sends each batch back through /dev/shm.  The
+  hand-over costs this process in turn, by the batch's size.
+
+Either way, with ``pin``, one thread of this process (``reap-pin``) joins and pins the next ``PIN_AHEAD`` batches only,
+not every batch in flight.
 
 ``--encode-workers-kind auto`` follows the measurements end to end (reap.py routed, bench/RESULTS_scoring.md, issue
 18): on a text-heavy set processes won (11.90 s against 12.89 s; in the isolated loop a forward beside processes ran
 1.03x, beside threads 1.20x); on 1-4 MP photos the evidence is mixed (threads 13.72 s against 14.46 s on 192
 samples, a tie on two GPUs' host, processes 9.15 s against 12.48 s on 96 samples, mostly the first batch's wait;
-before the attention fix threads won clearly, 20.7 s against 28.8 s).  So: processes when most samples are text
-only; threads, as before, when most carry an image.
+before the attention fix threads won clearly, 20.7 s against 28.8 s; with the first batch split, processes by 2%
+twice, threads by 4% in one process).  So: processes when most samples are text only; threads, as before, when most
+carry an image (no /dev/shm needed).
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ from .encode import EncodedSample, batch_chunks, collate, encode_sample, pad_tok
 from .files import CalibrationSample
 
 AHEAD_PER_WORKER = 2  # batches in flight per worker: each worker has the next one queued when it finishes
+# Batches held in page-locked memory ahead of the forward.  Few: each new page-locked buffer is a cudaHostAlloc,
+# which holds CUDA's driver lock while it maps the pages, and the forward's launches wait on that lock.  Pinning
+# every batch in flight (16 x ~150 MB of pixels) made 89 allocations in the loop, 5.5 s, and the first batch of an
+# H200 run took 5.6 s instead of 0.43 (bench/bench_scoring_phase.py).  Two ahead reuse a handful of buffers.
+PIN_AHEAD = 2
 SHM = "/dev/shm"
 
 
@@ -112,6 +121,15 @@ def _cast_pixels(sample: EncodedSample, dtype: torch.dtype) -> EncodedSample:
 
 def _pinned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.pin_memory() for k, v in batch.items()}
+
+
+def _result(future: Future) -> _Encoded:
+    """An encoding worker's batch (a process's, out of shared memory), or its error."""
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        raise ReapError(f"an encoding process died ({exc}); if the host ran out of memory, lower "
+                        "--encode-workers or use --encode-workers-kind threads") from None
 
 
 # ----------------------------------------------------------------------------------------------- worker processes
@@ -199,11 +217,11 @@ def _process_ready() -> None:
 class EncodingProcesses:
     """A ``BatchStream``'s ``workers`` encoding processes (``start_method``), started at construction (reap.py:
     before the model loads, so spawned ones' start-up overlaps the load).  Each batch comes back through shared
-    memory and is pinned (``pin``) on one receiving thread."""
+    memory."""
 
     def __init__(self, processor, workers: int, batch_size: int, max_seq_len: int, max_pixels: int,
-                 family: ModelFamily | None, *, pin: bool = False, pixel_dtype: torch.dtype | None = None):
-        self.workers, self.pin = workers, pin
+                 family: ModelFamily | None, *, pixel_dtype: torch.dtype | None = None):
+        self.workers = workers
         self.encode_args, self.pixel_dtype = (max_seq_len, max_pixels, family), pixel_dtype
         self._check_shm(processor, batch_size)
         method = start_method()
@@ -211,7 +229,6 @@ class EncodingProcesses:
                     pixel_dtype)
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                         initializer=_process_start, initargs=initargs)
-        self.receiver = ThreadPoolExecutor(1, thread_name_prefix="reap-encode-pin")
         for _ in range(workers):
             self.pool.submit(_process_ready)  # a fork context forks every worker at the first task
 
@@ -231,18 +248,7 @@ class EncodingProcesses:
                             "--encode-workers, or use --encode-workers-kind threads")
 
     def submit(self, chunk: list, apart: bool = False) -> Future:
-        return self.receiver.submit(self._receive, self.pool.submit(_process_encode, chunk, apart))
-
-    def _receive(self, future: Future) -> _Encoded:
-        """A worker process's batch, out of shared memory into pinned memory (on the receiving thread)."""
-        try:
-            encoded = future.result()
-        except BrokenProcessPool as exc:
-            raise ReapError(f"an encoding process died ({exc}); if the host ran out of memory, lower "
-                            "--encode-workers or use --encode-workers-kind threads") from None
-        if self.pin and encoded.batch is not None:
-            encoded.batch = _pinned(encoded.batch)
-        return encoded
+        return self.pool.submit(_process_encode, chunk, apart)
 
     def close(self) -> None:
         """End the workers now, the batches in progress unwanted (waiting for them could take seconds)."""
@@ -257,8 +263,8 @@ class EncodingProcesses:
             if process.is_alive():
                 process.kill()
                 process.join()
-        self.receiver.shutdown(wait=True, cancel_futures=True)
         self.pool = None
+
 
 class BatchStream:
     """The padded batches of ``samples`` (from batch ``first`` on), in order, encoded by ``workers`` threads or
@@ -266,7 +272,8 @@ class BatchStream:
     inline, when asked).  ``pixel_dtype``: the dtype pixel values are cast to (the model's).
 
     Encoding starts at construction, so batches are ready by the time a model finishes loading.  ``pin``: the
-    batches come in page-locked memory, so that ``.to("cuda", non_blocking=True)`` overlaps the forward before.
+    batches come in page-locked memory, so that ``.to("cuda", non_blocking=True)`` overlaps the forward before; one
+    thread pins the next ``PIN_AHEAD`` (see there why no more).
     Use as a context manager or call ``close``: a consumer that stops early (a kill, an error) leaves no thread or
     process behind."""
 
@@ -282,6 +289,7 @@ class BatchStream:
         self.next_index = 0  # the next batch to hand out
         self.submitted = 0
         self.pending: deque[list[Future]] = deque()  # per batch: its future, or its samples' (the first)
+        self.pinning: deque[Future] = deque()  # the next batches, joined and pinned on the pinning thread
         self.local = threading.local()
         self.encode_seconds = 0.0  # encoding time summed over the workers
         self.wait_seconds = 0.0  # time the consumer waited for a batch not ready yet
@@ -289,14 +297,16 @@ class BatchStream:
         self.started = time.perf_counter()
         self.first_ready_seconds: float | None = None  # from construction until the first batch was ready
         self.op_threads = torch.get_num_threads()  # restored at close: see _one_op_thread
-        self.threads = self.processes = None
+        self.threads = self.processes = self.pinner = None
         try:
             if self.kind == "threads":
                 self.threads = ThreadPoolExecutor(workers, thread_name_prefix="reap-encode",
                                                   initializer=_one_op_thread)
             elif self.kind == "processes":
-                self.processes = EncodingProcesses(processor, workers, batch_size, *self.encode_args, pin=pin,
+                self.processes = EncodingProcesses(processor, workers, batch_size, *self.encode_args,
                                                    pixel_dtype=pixel_dtype)
+            if pin and self.kind != "inline":
+                self.pinner = ThreadPoolExecutor(1, thread_name_prefix="reap-pin")
             self._fill()
         except BaseException:
             self.close()
@@ -309,21 +319,18 @@ class BatchStream:
             self.local.processor = copy.deepcopy(self.processor)
         return self.local.processor
 
-    def _encode_here(self, chunk: list, processor, apart: bool = False) -> _Encoded:
-        encoded = _encode_timed(processor, chunk, self.encode_args, self.pixel_dtype, apart)
-        if self.pin and encoded.batch is not None:
-            encoded.batch = _pinned(encoded.batch)
-        return encoded
-
     def _submit(self, chunk: list, apart: bool = False) -> Future:
         if self.threads is not None:
-            return self.threads.submit(lambda: self._encode_here(chunk, self._processor(), apart))
+            return self.threads.submit(lambda: _encode_timed(self._processor(), chunk, self.encode_args,
+                                                             self.pixel_dtype, apart))
         return self.processes.submit(chunk, apart)
 
     def _fill(self) -> None:
+        """Keep ``AHEAD_PER_WORKER * workers`` batches in flight, the next ``PIN_AHEAD`` of them being pinned."""
         if self.kind == "inline":
             return
-        while self.submitted < len(self.chunks) and len(self.pending) < AHEAD_PER_WORKER * self.workers:
+        while self.submitted < len(self.chunks) and (
+                len(self.pending) + len(self.pinning) < AHEAD_PER_WORKER * self.workers):
             chunk = self.chunks[self.submitted]
             if self.submitted == 0 and self.workers > 1 and len(chunk) > 1:
                 # The first batch is the one wait nothing hides (the model loads in seconds from the page cache,
@@ -336,19 +343,24 @@ class BatchStream:
                     part.add_done_callback(self._first_ready)
             self.pending.append(parts)
             self.submitted += 1
+        while self.pinner is not None and self.pending and len(self.pinning) < PIN_AHEAD:
+            self.pinning.append(self.pinner.submit(self._joined, self.pending.popleft()))
 
     def _first_ready(self, _future: Future) -> None:
         now = time.perf_counter() - self.started
         self.first_ready_seconds = max(now, self.first_ready_seconds or 0.0)  # the batch: its last sample
 
     def _joined(self, parts: list[Future]) -> _Encoded:
-        """The batch of ``parts``' results, in order (an encoding error raised here, in order)."""
-        done = [part.result() for part in parts]
+        """The batch of ``parts``' results, in order (an encoding error raised here, in order), pinned if asked."""
+        done = [_result(part) for part in parts]
         if len(done) == 1 and done[0].batch is not None:
-            return done[0]
-        batch = collate([e for part in done for e in part.samples], pad_token_id(self.processor))
-        return _Encoded(_pinned(batch) if self.pin else batch, sum(part.seconds for part in done),
-                        [w for part in done for w in part.warnings])
+            encoded = done[0]
+        else:
+            encoded = _Encoded(collate([e for part in done for e in part.samples], pad_token_id(self.processor)),
+                               sum(part.seconds for part in done), [w for part in done for w in part.warnings])
+        if self.pin:
+            encoded.batch = _pinned(encoded.batch)
+        return encoded
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -361,9 +373,12 @@ class BatchStream:
             raise StopIteration
         t0 = time.perf_counter()
         if self.kind == "inline":
-            encoded = self._encode_here(self.chunks[self.next_index], self.processor)
+            encoded = _encode_timed(self.processor, self.chunks[self.next_index], self.encode_args,
+                                    self.pixel_dtype)
+            if self.pin:
+                encoded.batch = _pinned(encoded.batch)
         else:
-            encoded = self._joined(self.pending.popleft())
+            encoded = self.pinning.popleft().result() if self.pinner else self._joined(self.pending.popleft())
             self._fill()
         waited = time.perf_counter() - t0
         self.wait_seconds += waited
@@ -388,16 +403,18 @@ class BatchStream:
                 "encode_first_ready_seconds": round(self.first_ready_seconds or 0.0, 3)}
 
     def close(self) -> None:
-        for parts in self.pending:
-            for future in parts:
-                future.cancel()
+        for future in [f for parts in self.pending for f in parts] + list(self.pinning):
+            future.cancel()
         self.pending.clear()
+        self.pinning.clear()
         if self.processes is not None:
-            self.processes.close()
+            self.processes.close()  # the batches they were encoding fail, which ends a pinning wait on them
         if self.threads is not None:
             self.threads.shutdown(wait=True, cancel_futures=True)  # at most one batch per worker still finishing
             torch.set_num_threads(self.op_threads)
-        self.threads = self.processes = None
+        if self.pinner is not None:
+            self.pinner.shutdown(wait=True, cancel_futures=True)
+        self.threads = self.processes = self.pinner = None
 
     def __enter__(self) -> BatchStream:
         return self

@@ -7,7 +7,7 @@ import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,25 +73,37 @@ def weights_signature(folder: Path, shards: list[str]) -> list:
 class ResumeState:
     path: Path
     fingerprint: str
+    # The file is read once until this run saves: reap.py's job asks before its engine does, and a state of
+    # another run is said once.
+    _read: bool = field(default=False, init=False, repr=False, compare=False)
+    _state: dict | None = field(default=None, init=False, repr=False, compare=False)  # None: nothing to resume
 
     def load(self, stats: ExpertStats) -> int:
         """Restore the sums saved by a run with the same fingerprint; return how many batches they cover."""
-        if not self.path.is_file():
+        if not self._read:
+            self._state, self._read = self._read_file(), True
+        if self._state is None:
             return 0
+        try:
+            stats.load_state_dict(self._state["stats"])
+        except KeyError:  # an older version's sums (no maxima): start over
+            return 0
+        return int(self._state["batches_done"])
+
+    def _read_file(self) -> dict | None:
+        if not self.path.is_file():
+            return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception:  # a torn or foreign file: start over rather than trust it
-            return 0
+            return None
         if state.get("fingerprint") != self.fingerprint:
             warnings.warn(f"{self.path} was saved by a run with other inputs, settings or reap-vlm version: "
-                          "starting over (it is replaced as this run saves)", stacklevel=2)
-            return 0
-        try:
-            stats.load_state_dict(state["stats"])
-        except KeyError:  # an older version's sums (no maxima): start over
-            return 0
-        return int(state["batches_done"])
+                          "starting over (it is replaced as this run saves)", stacklevel=3)
+            return None
+        return state
 
     def save(self, stats: ExpertStats, batches_done: int) -> None:
         state = {"fingerprint": self.fingerprint, "batches_done": batches_done, "stats": stats.state_dict()}
         atomic_save(self.path, lambda tmp: torch.save(state, tmp))
+        self._read, self._state = False, None

@@ -174,7 +174,7 @@ class LayerStats:
         if missing:
             raise KeyError(f"saved state lacks {sorted(missing)}")
         device = self.sums["count"].device
-        self.sums = {k: v.to(device, torch.float64) for k, v in state["sums"].items()}
+        self.sums = {k: v.to(device, torch.float64, copy=True) for k, v in state["sums"].items()}  # ours to add to
         self.n_tokens = int(state["n_tokens"])
         self.n_image_tokens = int(state["n_image_tokens"])
 

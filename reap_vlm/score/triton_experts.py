@@ -20,6 +20,7 @@ a real chunk and the faster is kept (on an H100 the kernels win at the 30B-A3B s
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
@@ -78,6 +79,11 @@ def _time_config(kernel_call, quantiles=None) -> list[float]:
 
 
 if triton is not None:
+    # Autotuning's choice kept on disk beside the compiled kernels (TRITON_CACHE_DIR; Triton keys it by the GPU,
+    # the kernel's source, the configs and the shapes).  A later process on the machine reuses it instead of
+    # timing every config again at every token bucket, and a resumed run takes the config its killed run took:
+    # the config's tile width sets how the squares are summed, so the same one gives the same float32 norms.
+    _TUNING = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
     def _configs(wide: bool):
         configs = [
@@ -102,7 +108,8 @@ if triton is not None:
         pid_n = (pid % group) // size_m
         return pid_n, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
 
-    @triton.autotune(configs=_configs(False), key=["H", "INTER", "T_BUCKET"], do_bench=_time_config)
+    @triton.autotune(configs=_configs(False), key=["H", "INTER", "T_BUCKET"], do_bench=_time_config,
+                     **_TUNING)
     @triton.jit
     def _gate_up_act(x_ptr, w_ptr, act_ptr, T, H, INTER, stride_xt, T_BUCKET,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
@@ -135,7 +142,8 @@ if triton is not None:
         out = act_ptr + e * T * INTER + offs_m[:, None] * INTER + offs_n[None, :]
         tl.store(out, a, mask=m_ok & n_ok)
 
-    @triton.autotune(configs=_configs(True), key=["H", "INTER", "T_BUCKET"], do_bench=_time_config)
+    @triton.autotune(configs=_configs(True), key=["H", "INTER", "T_BUCKET"], do_bench=_time_config,
+                     **_TUNING)
     @triton.jit
     def _down_sq(act_ptr, w_ptr, part_ptr, T, H, INTER, part_tiles, T_BUCKET,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
