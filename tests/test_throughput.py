@@ -211,22 +211,34 @@ def test_an_encoding_error_surfaces_at_its_batch_and_leaves_no_worker(tiny_model
 
 
 @pytest.mark.parametrize("pin", [False, True])
-def test_an_encoding_process_that_dies_is_said_and_leaves_no_worker(tiny_model, calibration, monkeypatch, pin):
+@pytest.mark.parametrize("when", ["joined", "submitted"])
+def test_an_encoding_process_that_dies_is_said_and_leaves_no_worker(tiny_model, calibration, monkeypatch, pin,
+                                                                    when):
     """A worker process killed (the OOM killer, say) gives one line naming it and the fix, not a traceback of
-    concurrent.futures, whether the batch is joined here or on the pinning thread."""
+    concurrent.futures: when its batch is joined (here or on the pinning thread), and when the next batch is
+    handed to the broken pool after one that was encoded in time."""
     processor = load_processor(tiny_model)
     samples = _samples(calibration)[:6]
-    doomed = samples[4].index
+    doomed = samples[4 if when == "joined" else 2].index
 
     def encode(processor, sample, *args):
         if sample.index == doomed:
+            time.sleep(0.5)  # the batch before is received first (its tensors' file descriptors die with us)
             os._exit(1)  # in the forked worker
         return encode_sample(processor, sample, *args)
 
     monkeypatch.setattr(ahead, "encode_sample", encode)
     monkeypatch.setattr(ahead, "_pinned", _fake_pinned)
+    # submitted: one worker, batches of one, two in flight; batch 1 is received, batch 2 kills the worker, and
+    # taking batch 1 hands batch 3 to the broken pool
+    workers, size = (2, 2) if when == "joined" else (1, 1)
     with pytest.raises(ReapError, match="an encoding process died.*lower --encode-workers"), \
-            BatchStream(processor, samples, 2, 256, 0, None, workers=2, kind="processes", pin=pin) as stream:
+            BatchStream(processor, samples, size, 256, 0, None, workers=workers, kind="processes", pin=pin) as stream:
+        if when == "submitted":
+            next(stream)
+            batch1, batch2 = [*[f for parts in stream.pending for f in parts], *stream.pinning]
+            assert batch1.exception(timeout=30) is None and batch2.exception(timeout=30) is not None
+            assert stream.submitted == 3
         list(stream)
     assert not _encode_threads()
     assert not any(_alive(child.pid) for child in multiprocessing.active_children())

@@ -128,8 +128,12 @@ def _result(future: Future) -> _Encoded:
     try:
         return future.result()
     except BrokenProcessPool as exc:
-        raise ReapError(f"an encoding process died ({exc}); if the host ran out of memory, lower "
-                        "--encode-workers or use --encode-workers-kind threads") from None
+        raise _died(exc) from None
+
+
+def _died(exc: BrokenProcessPool) -> ReapError:
+    return ReapError(f"an encoding process died ({exc}); if the host ran out of memory, lower --encode-workers or "
+                     "use --encode-workers-kind threads")
 
 
 # ----------------------------------------------------------------------------------------------- worker processes
@@ -248,7 +252,10 @@ class EncodingProcesses:
                             "--encode-workers, or use --encode-workers-kind threads")
 
     def submit(self, chunk: list, apart: bool = False) -> Future:
-        return self.pool.submit(_process_encode, chunk, apart)
+        try:
+            return self.pool.submit(_process_encode, chunk, apart)
+        except BrokenProcessPool as exc:  # a worker died since the last batch was handed in
+            raise _died(exc) from None
 
     def close(self) -> None:
         """End the workers now, the batches in progress unwanted (waiting for them could take seconds)."""

@@ -79,10 +79,9 @@ def _time_config(kernel_call, quantiles=None) -> list[float]:
 
 
 if triton is not None:
-    # Autotuning's choice kept on disk beside the compiled kernels (TRITON_CACHE_DIR; Triton keys it by the GPU,
-    # the kernel's source, the configs and the shapes).  A later process on the machine reuses it instead of
-    # timing every config again at every token bucket, and a resumed run takes the config its killed run took:
-    # the config's tile width sets how the squares are summed, so the same one gives the same float32 norms.
+    # Autotuning's choice kept on disk beside the compiled kernels (TRITON_CACHE_DIR; Triton keys it by the GPU
+    # architecture, the kernel's source, the configs and the shapes): a later process on the machine reuses it
+    # instead of timing every config again at every token bucket.
     _TUNING = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
     def _configs(wide: bool):
