@@ -1,4 +1,4 @@
-"""Where reap.py's scoring phase loses time against the plain forward (issue 18), batch by batch: reap.py's own
+"""Where reap.py's scoring phase loses time against its baseline (issue 18), batch by batch: reap.py's own
 ``run_reap`` called in this process, its loop timed from outside, then the baseline over the same batches.
 
 Run on the GPU machine from the repository root (one GPU):
@@ -6,17 +6,20 @@ Run on the GPU machine from the repository root (one GPU):
     PYTHONUNBUFFERED=1 python3 bench/bench_scoring_phase.py --out $OUT         # about 4 device-minutes
     python3 bench/bench_scoring_phase.py --tiny --out /tmp/phase              # CPU, tiny shapes, < 1 min
 
-The checkpoint and calibration sets are bench_end_to_end.py's (same ``--workdir``, reused when present).  Rows:
+The checkpoint and calibration sets are bench_end_to_end.py's (same ``--workdir``, reused when present).  Per
+scoring mode (``--modes``), rows:
 
 * ``reap.py, cold``: ``run_reap`` as reap.py calls it (``--engine model --no-resume``, defaults otherwise), the first
-  forward of this process: what a user's run does;
+  forward of this process, as in a user's run (for the first of ``--modes``; a later mode's runs after it, warm);
 * ``reap.py, again``: the same call once more in this process: CUDA's modules, the allocators' caches warm (a
   difference from the cold row is the process's start, not the loop);
 * ``reap.py, again, pinned cache emptied``: as ``again`` after emptying PyTorch's cache of page-locked host memory
   (the batches' pinned buffers allocated anew, as in a cold run);
-* ``reap.py, again, <kind>``: ``--kinds``, the other kinds of encoding worker;
-* ``baseline``: the plain forward over the same batches (reap.py's order and image budget) encoded beforehand into
-  pinned memory, copied as the engine copies them, warm (its first batch once before).
+* ``reap.py, again, <kind>``: ``--kinds``, the other kinds of encoding worker (the ``again`` rows only with
+  ``--again``, the default);
+* ``baseline``: the target's baseline (routed: the plain forward; full: the full observer) over the same batches
+  (reap.py's order and image budget) encoded beforehand into pinned memory, copied as the engine copies them, warm
+  (its first batch once before).
 
 Each row: the scoring phase (reap_metadata.json's, or the baseline's wall), the main thread's CPU seconds in the
 loop, the time the loop waited for batches, PyTorch's page-locked allocations in the loop (count and seconds), and
