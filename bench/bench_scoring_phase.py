@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -45,7 +45,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_end_to_end import Clock, log, spec_for, sync, write_calibration, write_model  # noqa: E402
+from bench_end_to_end import (  # noqa: E402
+    Clock,
+    forward_batches,
+    log,
+    spec_for,
+    sync,
+    write_calibration,
+    write_model,
+)
 
 import reap  # noqa: E402
 import reap_vlm.score.job as job  # noqa: E402
@@ -54,7 +62,7 @@ from reap_vlm.calibration.files import load_calibration  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.inference import inference  # noqa: E402
-from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
+from reap_vlm.score.hooks import ReapObserver  # noqa: E402
 from reap_vlm.score.stats import ExpertStats  # noqa: E402
 from reap_vlm.settings import parse_settings  # noqa: E402
 
@@ -109,8 +117,7 @@ def instrumented(found: dict, device: str, profile: bool = False):
         timed = TimedStream(stream)
         allocs0, alloc_s0 = host_allocs()
         c0 = time.thread_time()
-        with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile
-              else _nothing()) as prof:
+        with _profiler(profile) as prof:
             run = inner(*args, stream=timed, **kwargs)
             sync(device)
         end = time.perf_counter()
@@ -127,9 +134,8 @@ def instrumented(found: dict, device: str, profile: bool = False):
         job.run_batches = inner
 
 
-@contextmanager
-def _nothing():
-    yield None
+def _profiler(on: bool):
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if on else nullcontext()
 
 
 def _top_ops(prof, n: int = 25) -> list[dict]:
@@ -168,25 +174,15 @@ def baseline_row(args, mode: str, model_dir: Path, calib: Path, order: list[int]
                      workers=default_workers(), pin=pin, pixel_dtype=getattr(torch, args.dtype)) as stream:
         batches = list(stream)
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
-    base = family.multimodal_model(model)
     observer = None if mode == "routed" else ReapObserver(
         family, ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, args.device), mode)
-
-    def one(batch) -> None:
-        masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
-        batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
-        if observer is not None:
-            observer.use_masks(masks.to(args.device))
-        base(**batch, use_cache=False)
-
-    with observer.attached(family.moe_blocks(model)) if observer else _nothing(), inference():
-        one(batches[0])  # warm, as the baselines of bench_end_to_end
+    with observer.attached(family.moe_blocks(model)) if observer else nullcontext(), inference():
+        forward_batches(model, family, batches[:1], args.device, observer)  # warm, as bench_end_to_end's baselines
         sync(args.device)
-        with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile
-              else _nothing()) as prof:
+        with _profiler(profile) as prof:
             c0, stamps = time.thread_time(), [time.perf_counter()]
             for batch in batches:
-                one(batch)
+                forward_batches(model, family, [batch], args.device, observer)
                 stamps.append(time.perf_counter())
             sync(args.device)
             stamps[-1] = time.perf_counter()

@@ -127,6 +127,7 @@ def test_only_the_next_batches_are_pinned_on_one_thread(tiny_model, calibration,
     assert {thread for thread, _ in pinned} == {"reap-pin_0"}
     assert max(index - consumer for index, (_, consumer) in enumerate(pinned)) <= ahead.PIN_AHEAD
 
+
 def _encoded_with_warnings(make) -> tuple[list[dict], list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

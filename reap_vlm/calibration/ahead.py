@@ -365,6 +365,9 @@ class BatchStream:
         else:
             encoded = _Encoded(collate([e for part in done for e in part.samples], pad_token_id(self.processor)),
                                sum(part.seconds for part in done), [w for part in done for w in part.warnings])
+        return self._pinned_if_asked(encoded)
+
+    def _pinned_if_asked(self, encoded: _Encoded) -> _Encoded:
         if self.pin:
             encoded.batch = _pinned(encoded.batch)
         return encoded
@@ -380,10 +383,8 @@ class BatchStream:
             raise StopIteration
         t0 = time.perf_counter()
         if self.kind == "inline":
-            encoded = _encode_timed(self.processor, self.chunks[self.next_index], self.encode_args,
-                                    self.pixel_dtype)
-            if self.pin:
-                encoded.batch = _pinned(encoded.batch)
+            encoded = self._pinned_if_asked(_encode_timed(self.processor, self.chunks[self.next_index],
+                                                          self.encode_args, self.pixel_dtype))
         else:
             encoded = self.pinning.popleft().result() if self.pinner else self._joined(self.pending.popleft())
             self._fill()
