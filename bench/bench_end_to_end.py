@@ -19,7 +19,7 @@ What it times, per set:
   length sorting: auto's kind of worker; one GPU: ``CUDA_VISIBLE_DEVICES=0``): its phases from reap_metadata.json
   (load, scoring, reduce), the encoding time summed over the workers and the part the forward waited for, when the
   first batch was ready, the padding share; on both sets also routed with the kind of worker auto does not pick
-  (``--other-kind``: threads on the text-heavy set, processes on the image-heavy one);
+  (``--other-kind``: threads, where /dev/shm has room for processes);
   ``--inline``: also routed with ``--encode-workers 0 --sort-window 0`` (the behaviour before issue 18);
 * the baselines in this process over the same batches, encoded beforehand into pinned memory (pixels in the
   model's dtype, as reap.py's workers give them), with reap.py's attention kernels (reap_vlm/inference.py): the
@@ -267,7 +267,8 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
             "padding_share": run.get("padding_share"),
             "padding_file_order": run.get("padding_share_file_order_estimated"),
             "tokens": meta["num_tokens"]["total"], "image_tokens": meta["num_tokens"]["image"],
-            "reap": meta["metrics"]["reap"], "keep": meta["experts_to_keep"]}
+            "reap": meta["metrics"]["reap"], "keep": meta["experts_to_keep"], "warm_up": run.get("warm_up"),
+            "model_load_s": run.get("model_load_seconds")}
 
 
 # ----------------------------------------------------------------------------------------------- baselines
@@ -485,14 +486,20 @@ def table(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes and images on the CPU (< 2 min)")
+def shared_arguments(parser: argparse.ArgumentParser, minutes: str) -> None:
+    """The options of the benches that build on this one's checkpoint and calibration sets (``--workdir``);
+    ``minutes``: the default time budget, said in the help."""
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and images on the CPU (a minute or two)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--workdir", default="/tmp/reap_e2e")
-    parser.add_argument("--max-minutes", type=float, default=None, help="time budget (default 8.5; --tiny 2.5)")
+    parser.add_argument("--max-minutes", type=float, default=None, help=f"time budget (default {minutes})")
     parser.add_argument("--layers", type=int, default=4, help="full-width MoE decoder layers")
     parser.add_argument("--vision", default="full", choices=tuple(VISION))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shared_arguments(parser, "8.5; --tiny 2.5")
     parser.add_argument("--sets", default="image,text")
     parser.add_argument("--modes", default="routed,full")
     parser.add_argument("--observer-modes", default="full", help="observer baselines (routed's target is the plain "
@@ -503,8 +510,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--other-kind", action=argparse.BooleanOptionalAction, default=True,
-                        help="also reap.py routed with the encoding workers auto does not pick (text set: threads, "
-                             "image set: processes)")
+                        help="also reap.py routed with the encoding workers auto does not pick (threads, where "
+                             "/dev/shm has room for processes)")
     parser.add_argument("--encode-rates", action="store_true",
                         help="also the encoding rates (1 thread, N threads, N processes) and the GPU image "
                              "preprocessing (measured in round 1)")
@@ -566,7 +573,8 @@ def main() -> None:
             log(f"  load {r['load_s']:.2f}s, first batch ready {r['encode_first_ready_s']:.2f}s after the stream "
                 f"started, first wait {r['encode_first_wait_s']:.2f}s")
             log(f"  scoring {r['scoring_s']:.2f}s, waited {r['encode_wait_s']:.2f}s for batches "
-                f"({r['encode_workers']} {r['encode_kind']}), padding {r['padding_share']:.1%}")
+                f"({r['encode_workers']} {r['encode_kind']}), padding {r['padding_share']:.1%}; model load "
+                f"{r['model_load_s']}s; warm-up {json.dumps(r['warm_up'])}")
         results["sets"][kind]["runs"][name] = r
         return r
 
@@ -585,7 +593,7 @@ def main() -> None:
                 r["rel_diff_vs_1gpu"] = max_rel(one["reap"], r["reap"])
                 r["same_keep"] = one["keep"] == r["keep"]
     for kind, calib in calibs.items() if args.other_kind and "routed" in modes else ():
-        other = "threads" if kind == "text" else "processes"  # auto: processes for mostly text, threads for images
+        other = "threads"  # auto: processes where /dev/shm has room
         run(kind, calib, f"routed {other}", "routed", 1, ("--encode-workers-kind", other))
     if "image" in calibs and args.encode_rates and clock.allows("encoding rates", 40 if not args.tiny else 20):
         log("encoding rates, image set")

@@ -49,6 +49,7 @@ from bench_end_to_end import (  # noqa: E402
     Clock,
     forward_batches,
     log,
+    shared_arguments,
     spec_for,
     sync,
     write_calibration,
@@ -156,7 +157,15 @@ def reap_row(args, mode: str, model: Path, calib: Path, runs: Path, extra=(), pr
     shutil.rmtree(out, ignore_errors=True)
     return {"scoring_s": meta["timings"]["scoring"], "load_s": meta["timings"]["load"],
             "tokens": meta["num_tokens"]["total"], "order": meta["run"].get("sample_order"),
-            "max_pixels": settings.max_pixels, "kind": meta["run"].get("encode_kind"), **found}
+            "max_pixels": settings.max_pixels, "kind": meta["run"].get("encode_kind"),
+            "warm_up": meta["run"].get("warm_up"), "kernels_after": _kernels(), **found}
+
+
+def _kernels() -> int | None:
+    """The fused kernels' compiled variants in this process (None without Triton)."""
+    from reap_vlm.score import triton_experts
+
+    return triton_experts.compiled_kernels() if triton_experts.triton is not None else None
 
 
 def baseline_row(args, mode: str, model_dir: Path, calib: Path, order: list[int] | None, max_pixels: int,
@@ -215,6 +224,11 @@ def _mode_table(rows: dict) -> list[str]:
         ratio = (f"{r['scoring_s'] / r['tokens'] / (base['scoring_s'] / base['tokens']):.2f}x" if base else "")
         lines.append(f"| {name} | {r['scoring_s']:.2f} | {r['main_cpu_s']:.2f} | {r['waited_s']:.2f} | "
                      f"{sum(r['loop_s']):.2f} | {r['host_allocs']} ({r['host_alloc_s']:.2f}) | {ratio} |")
+    for name, r in rows.items():
+        if r.get("warm_up"):
+            lines += ["", f"{name}: warm-up (reap_metadata.json's run.warm_up) {json.dumps(r['warm_up'])}; the fused "
+                      f"kernels' compiled variants after the run: {r.get('kernels_after')}, load phase "
+                      f"{r['load_s']:.2f}s"]
     names = [n for n in rows if rows[n].get("loop_s")]
     lines += ["", "Per batch, the loop's own ms (hand-out to the next request):", "",
               "| batch | tokens | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
@@ -266,12 +280,7 @@ def mode_rows(args, mode: str, model: Path, calib: Path, run_dir: Path, clock: C
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--workdir", default="/tmp/reap_e2e")
-    parser.add_argument("--max-minutes", type=float, default=None, help="time budget (default 5; --tiny 1.5)")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vision", default="full", choices=("full", "reduced"))
+    shared_arguments(parser, "5; --tiny 1.5")
     parser.add_argument("--set", default="image", choices=("image", "text"))
     parser.add_argument("--samples", type=int, default=192)
     parser.add_argument("--batch-size", type=int, default=8)

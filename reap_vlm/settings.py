@@ -218,8 +218,8 @@ OPTIONS: dict[str, Option] = {
                "split among a host's torchrun ranks, less one, at most 8; 0: inline)"),
         Option("encode_workers_kind", "--encode-workers-kind", "REAP_ENCODE_WORKERS_KIND",
                _choice(ENCODE_WORKER_KINDS), "auto",
-               "processes (forked, batches through shared memory) or threads (auto: processes for mostly text-only "
-               "samples, threads for mostly images)"),
+               "processes (forked, batches through shared memory) or threads (auto: processes where /dev/shm has "
+               "room, else threads)"),
         Option("seed", "--seed", "REAP_SEED", _int(0), 42, "seed for sample drawing and prompt templates"),
         Option("device", "--device", "REAP_DEVICE", _device, "auto", "auto, cpu, cuda or cuda:N"),
         Option("dtype", "--dtype", "REAP_DTYPE", _choice(DTYPES), "auto",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import subprocess
@@ -284,42 +285,38 @@ def _alive(pid: int) -> bool:
         return f.read().split(") ")[-1][0] != "Z"
 
 
-def test_auto_kind_is_processes_for_mostly_text_and_threads_for_mostly_images(tiny_model, calibration, monkeypatch):
-    """As measured end to end (issue 18): processes win on text-heavy sets (no GIL taken from the forward), threads
-    on image-heavy ones (no pixels handed over); auto falls back to threads where /dev/shm is short or processes
-    would be spawned (seconds of imports); asked for, a kind is kept."""
+def test_auto_kind_is_processes_where_they_fork_and_shared_memory_has_room(tiny_model, monkeypatch):
+    """As measured end to end (issue 18): processes win on text-heavy and on image-heavy sets (no GIL taken from the
+    loop that launches the forward); auto falls back to threads where /dev/shm is short or processes would be
+    spawned (seconds of imports); asked for, a kind is kept."""
     from reap_vlm.score.job import encode_workers
 
     processor = load_processor(tiny_model)
-    images = [s for s in load_calibration(calibration / "calibration_data.json", 100).samples if s.has_image]
-    texts = load_calibration(calibration / "text.json", 100).samples
-    assert len(images) >= 4 and len(texts) >= 4 and not any(s.has_image for s in texts)
     settings = Settings(encode_workers=2, batch_size=3, max_seq_len=256)
 
-    def kind(samples) -> str:
-        return encode_workers(settings, samples, processor, None, torch.bfloat16)[1]
+    def kind() -> str:
+        return encode_workers(settings, processor, None, torch.bfloat16)[1]
 
-    assert kind(texts[:4] + images[:3]) == "processes" and kind(images[:4] + texts[:3]) == "threads"
-    assert kind(texts[:4] + images[:4]) == "threads"  # half and half: no majority of text
+    assert kind() == "processes"
     settings.encode_workers_kind = "threads"
-    assert kind(texts) == "threads"
+    assert kind() == "threads"
     settings.encode_workers_kind = "processes"
-    assert kind(images) == "processes"
+    assert kind() == "processes"
     settings.encode_workers_kind = "auto"
     with monkeypatch.context() as m:
         m.setattr(ahead, "shm_free_bytes", lambda: 1 << 20)
-        assert kind(texts) == "threads"
+        assert kind() == "threads"
     with monkeypatch.context() as m:
         m.setattr(ahead.sys, "platform", "darwin")
-        assert kind(texts) == "threads"
+        assert kind() == "threads"
     # /dev/shm is sized for the pixels the stream hands over: in the model's dtype (both engines cast them ahead),
     # bf16 on a GPU, half the processor's float32
     half = 2 * 2 * ahead.batch_bytes_bound(processor, None, 3, 256, torch.bfloat16)  # 2 workers, 2 batches each
     assert half < 2 * 2 * ahead.batch_bytes_bound(processor, None, 3, 256, None)
     with monkeypatch.context() as m:
         m.setattr(ahead, "shm_free_bytes", lambda: half)
-        assert encode_workers(settings, texts, processor, None, torch.bfloat16)[1] == "processes"
-        assert encode_workers(settings, texts, processor, None, None)[1] == "threads"
+        assert encode_workers(settings, processor, None, torch.bfloat16)[1] == "processes"
+        assert encode_workers(settings, processor, None, None)[1] == "threads"
 
 
 def test_too_little_shared_memory_is_said_before_any_process_starts(tiny_model, calibration, monkeypatch):
@@ -478,3 +475,208 @@ def test_reap_py_ends_its_encoding_processes_on_an_error_while_the_model_loads(t
         run_reap(_settings(tiny_model, calibration / "text.json", tmp_path / "out", encode_workers_kind="processes"))
     assert len(started) == 1 and started[0].pool is None  # started, then closed
     assert multiprocessing.active_children() == []
+
+
+# ------------------------------------------------------------------------------------- warm-up while loading
+
+
+def test_warm_up_steps_run_in_order_on_one_thread_and_a_failed_one_is_said(caplog):
+    from reap_vlm.score.warmup import WarmUp
+
+    ran = []
+
+    def step(name, fail=False):
+        def work():
+            ran.append((name, threading.current_thread().name))
+            time.sleep(0.05)
+            if fail:
+                raise RuntimeError("no compiler here")
+            return {"did": name}
+        return work
+
+    warm = WarmUp()
+    assert warm.report() == {}
+    warm.add("first", step("first"))
+    warm.add("broken", step("broken", fail=True))
+    warm.add("last", step("last"))
+    warm.add("nothing", None)
+    with caplog.at_level("WARNING"):
+        warm.wait()
+    assert ran == [("first", "reap-warm-up"), ("broken", "reap-warm-up"), ("last", "reap-warm-up")]
+    report = warm.report()
+    assert report["first"]["did"] == "first" and report["last"]["did"] == "last"
+    assert report["broken"]["error"] == "no compiler here" and "nothing" not in report
+    assert all(report[n]["seconds"] >= 0.05 for n in ("first", "broken", "last")) and report["waited_s"] > 0
+    assert "warm-up step 'broken' failed (no compiler here); the first batch does its work" in caplog.text
+    warm.add("too late", step("too late"))  # after wait: never run
+    warm.wait()
+    assert len(ran) == 3 and not any(t.name == "reap-warm-up" for t in threading.enumerate())
+
+
+def test_an_abandoned_warm_up_is_not_waited_for():
+    from reap_vlm.score.warmup import WarmUp
+
+    release = threading.Event()
+    warm = WarmUp()
+    warm.add("slow", lambda: release.wait(5) and {})
+    warm.add("after", lambda: {"ran": True})
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError), warm:
+        raise ValueError("bad input")
+    assert time.perf_counter() - t0 < 1  # the error is said at once
+    release.set()
+    for _ in range(100):
+        if not any(t.name == "reap-warm-up" for t in threading.enumerate()):
+            break
+        time.sleep(0.05)
+    assert not any(t.name == "reap-warm-up" for t in threading.enumerate())
+    assert warm.report()["after"] == {"ran": True, "seconds": warm.report()["after"]["seconds"]}  # queued before
+
+
+@pytest.mark.parametrize("engine", ["model", "layerwise"])
+def test_reap_py_warms_up_while_it_loads_and_scores_only_once_the_warm_up_is_done(tiny_model, calibration, tmp_path,
+                                                                                  monkeypatch, engine):
+    """The warm-up (CUDA only: faked here by steps added on the CPU) runs while reap.py reads its inputs and loads the
+    model; the first expert call waits for it; a failed step changes nothing but a warning."""
+    import reap_vlm.score.job as job
+    from reap_vlm.score.hooks import ReapObserver as Observer
+
+    events: dict[str, float] = {}
+
+    class FakeWarming(job.ScoringWarmUp):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            events["started"] = time.perf_counter()
+            self.steps.add("slow", self._slow)
+            self.steps.add("broken", lambda: 1 / 0)
+
+        def _slow(self):
+            time.sleep(0.4)
+            events["slow_done"] = time.perf_counter()
+            return {"counts_known": None}
+
+        def tune(self, done):
+            self.steps.add("tuned", lambda: {"counts": self.counts[done:]})
+
+    observe = Observer.observe
+
+    def first_observe(self, *args, **kwargs):
+        observe(self, *args, **kwargs)
+        events.setdefault("first_observe", time.perf_counter())  # its first batch's sums added
+
+    monkeypatch.setattr(Observer, "observe", first_observe)
+    settings = _settings(tiny_model, calibration / "text.json", tmp_path / "plain", engine=engine, resume=False,
+                         scoring_mode="full", sort_window=4)
+    plain = run_reap(settings)
+    assert "warm_up" not in plain["run"]  # on the CPU: nothing to warm up
+    monkeypatch.setattr(job, "ScoringWarmUp", FakeWarming)
+    events.clear()
+    warmed = run_reap(_settings(tiny_model, calibration / "text.json", tmp_path / "warmed", engine=engine,
+                                resume=False, scoring_mode="full", sort_window=4))
+    report = warmed["run"]["warm_up"]
+    assert report["slow"]["seconds"] >= 0.4 and report["broken"]["error"] == "division by zero"
+    assert events["started"] < events["slow_done"] < events["first_observe"]
+    # the tuning step got this run's batches' estimated lengths: the encoded batches' valid tokens (text: exact)
+    assert sum(report["tuned"]["counts"]) == warmed["num_tokens"]["total"]
+    assert len(report["tuned"]["counts"]) == warmed["run"]["batches"]
+    assert warmed["metrics"] == plain["metrics"]
+
+
+def test_a_ranks_estimated_batch_tokens_are_its_encoded_batches(tiny_model, calibration):
+    from reap_vlm.score.distributed import DistContext
+
+    processor = load_processor(tiny_model)
+    samples = load_calibration(calibration / "text.json", 100).samples
+    order, _ = length_order(processor, samples, 2, 4, 256)
+    for rank in range(2):
+        share = DistContext(rank=rank, world_size=2, local_rank=rank).my_samples(order.samples, 2)
+        encoded = [int(b["attention_mask"].sum()) for b in batches(processor, share, 2, 256)]
+        assert order.batch_tokens(share, 2) == encoded
+    unsorted, _ = length_order(processor, samples, 2, 0, 256)
+    assert unsorted.batch_tokens(samples, 2) == []
+
+
+def test_the_kernels_are_tuned_ahead_at_the_buckets_their_calls_use(monkeypatch):
+    """``tuning_rows`` plans one autotuning per bucket that the full mode's calls of the fused kernels will use: each
+    batch's rows cut into chunks as ``norms.all_expert_norms`` cuts them, the first call's check and its timing
+    probe.  The calls are recorded here through ``fastest`` itself, the kernels stood in for by the bmm path."""
+    from types import SimpleNamespace
+
+    from reap_vlm.families import QWEN3_VL_MOE
+    from reap_vlm.score import norms, triton_experts
+
+    num, inter, hidden = 8, 48, 96
+    experts = SimpleNamespace(gate_up_proj=torch.randn(num, 2 * inter, hidden),
+                              down_proj=torch.randn(num, hidden, inter), num_experts=num,
+                              act_fn=torch.nn.functional.silu)
+    shape, dtype = tuple(experts.gate_up_proj.shape), torch.float32
+    reference = QWEN3_VL_MOE.full_bytes_per_token(experts, dtype)
+    calls: list[int] = []
+
+    def kernels(experts, x, config=None):
+        calls.append(x.shape[0])
+        return QWEN3_VL_MOE._all_expert_norms_bmm(experts, x)
+
+    monkeypatch.setattr(triton_experts, "available", lambda experts, x: True)
+    monkeypatch.setattr(triton_experts, "all_expert_norms", kernels)
+    monkeypatch.setattr(triton_experts, "_seconds", lambda fn: fn() or 1.0)
+    monkeypatch.setattr(triton_experts, "_state", {"checked": False, "broken": None})
+    monkeypatch.setattr(triton_experts, "_choice", {})
+    budget = 4700 * reference  # chunks of 4,608 rows
+    counts = [5000, 2500, 700, 40, 9000, 1100]
+    for count in counts:
+        norms.all_expert_norms(QWEN3_VL_MOE, experts, torch.randn(count, hidden), chunk_budget_bytes=budget)
+    chunk = norms.tokens_per_chunk(budget, reference)
+    assert chunk == 4608
+    probe = triton_experts.timed_rows(experts, chunk, dtype, reference)
+    assert calls == [64, 4608, probe, probe, 392, 2500, 700, 40, 4608, 4392, 1100]  # check, timing probe (twice)
+    planned = triton_experts.tuning_rows(shape, dtype, counts, reference, chunk, room_bytes=1 << 40)
+    bucket = triton_experts.bucket_of
+    assert sorted({bucket(n) for n in calls}) == [bucket(n) for n in planned] and planned == sorted(planned)
+    # 8,192 rows and more share one autotuning, at the largest such call
+    assert bucket(8191) == 13 and bucket(8192) == bucket(16384) == 14
+    wide = triton_experts.timed_rows(experts, 20000, dtype, reference)
+    assert triton_experts.tuning_rows(shape, dtype, [20000, 9000], reference, 30000, 1 << 40) == [64, wide, 20000]
+    # where memory is short, the buckets whose calls do not fit are left to the first batch
+    room = triton_experts.scratch_bytes(shape, 1100, dtype)
+    assert triton_experts.tuning_rows(shape, dtype, counts, reference, chunk, room) == [n for n in planned
+                                                                                       if n <= 1100]
+
+
+def test_the_full_modes_warm_up_is_the_fused_kernels_the_run_will_call(monkeypatch):
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    from reap_vlm.families import QWEN3_VL_MOE
+    from reap_vlm.score import norms, triton_experts
+
+    text = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, hidden_act="silu")
+    config = {"model_type": "qwen3_vl_moe", "text_config": text}
+    gpu = [torch.device("cuda", 0)]
+    warm = QWEN3_VL_MOE.full_scoring_warm_up(config, torch.bfloat16, gpu)
+    with torch.device("meta"):
+        experts = Qwen3VLMoeTextExperts(Qwen3VLMoeTextConfig(**text)).to(torch.bfloat16)
+    x = torch.empty(1, 2048, dtype=torch.bfloat16, device="meta")
+    assert warm.shape == tuple(experts.gate_up_proj.shape) == (128, 1536, 2048)
+    assert warm.reference_bytes_per_row == QWEN3_VL_MOE.full_bytes_per_token(experts, torch.bfloat16)
+    assert warm.reference == QWEN3_VL_MOE._all_expert_norms_bmm  # the path fastest races the kernels against
+    assert warm.chunk == norms.full_chunk_tokens(QWEN3_VL_MOE, experts, x, norms.CUDA_CHUNK_CAP)
+    assert warm.devices == gpu and warm.dtype == torch.bfloat16
+    # where the kernels will not run, nothing is warmed up
+    assert QWEN3_VL_MOE.full_scoring_warm_up(config, torch.float32, gpu) is None
+    assert QWEN3_VL_MOE.full_scoring_warm_up(config, torch.bfloat16, [torch.device("cpu")]) is None
+    gelu = {"model_type": "qwen3_vl_moe", "text_config": {**text, "hidden_act": "gelu"}}
+    assert QWEN3_VL_MOE.full_scoring_warm_up(gelu, torch.bfloat16, gpu) is None
+    monkeypatch.setenv("REAP_FULL_KERNEL", "torch")
+    assert QWEN3_VL_MOE.full_scoring_warm_up(config, torch.bfloat16, gpu) is None
+    monkeypatch.setattr(triton_experts, "triton", None)
+    monkeypatch.delenv("REAP_FULL_KERNEL")
+    assert QWEN3_VL_MOE.full_scoring_warm_up(config, torch.bfloat16, gpu) is None
+
+
+def test_cuda_libraries_start_at_the_models_widths(tiny_model):
+    from reap_vlm.score.warmup import model_widths
+
+    text = json.loads((tiny_model / "config.json").read_text())["text_config"]
+    assert model_widths(Checkpoint(tiny_model)) == {"hidden": text["hidden_size"], "heads": text["num_attention_heads"],
+                                                   "head_dim": text["head_dim"]}

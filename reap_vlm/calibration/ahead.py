@@ -18,11 +18,9 @@ not every batch in flight.
 
 ``--encode-workers-kind auto`` follows the measurements end to end (reap.py routed, bench/RESULTS_scoring.md, issue
 18): on a text-heavy set processes won (11.90 s against 12.89 s; in the isolated loop a forward beside processes ran
-1.03x, beside threads 1.20x); on 1-4 MP photos the evidence is mixed (threads 13.72 s against 14.46 s on 192
-samples, a tie on two GPUs' host, processes 9.15 s against 12.48 s on 96 samples, mostly the first batch's wait;
-before the attention fix threads won clearly, 20.7 s against 28.8 s; with the first batch split, processes by 2%
-twice, threads by 4% in one process).  So: processes when most samples are text only; threads, as before, when most
-carry an image (no /dev/shm needed).
+1.03x, beside threads 1.20x); on 1-4 MP photos processes won each of three end-to-end comparisons on an H200 (by 2%,
+2%, then 10% once reap.py's warm-up thread also ran Python beside the loop), although each batch's ~150 MB of pixels
+goes through /dev/shm.  So: processes where they fork and /dev/shm has room, else threads.
 """
 
 from __future__ import annotations
@@ -69,24 +67,21 @@ def default_workers(processes_on_host: int = 1) -> int:
     return max(1, min(8, share - 1))
 
 
-def worker_kind(requested: str, samples: list[CalibrationSample], shm_short: bool = False) -> str:
-    """``--encode-workers-kind`` (checked by the settings).  auto: processes for a set of mostly text-only samples
-    (their Python holds the GIL the forward needs after each kernel launch) where processes fork and /dev/shm has
-    room (``shm_short`` else); threads for one mostly of images (~150 MB of pixels per batch costs more to hand
-    over between processes).  Measured: see the module's docstring."""
+def worker_kind(requested: str, shm_short: bool = False) -> str:
+    """``--encode-workers-kind`` (checked by the settings).  auto: processes (their Python does not hold the GIL that
+    the loop launching the forward's kernels needs) where they fork and /dev/shm has room (``shm_short`` else),
+    else threads.  Measured: see the module's docstring."""
     if requested != "auto":
         return requested
-    text_only = sum(not s.has_image for s in samples)
-    mostly_text = 2 * text_only > len(samples)
-    return "processes" if mostly_text and start_method() == "fork" and not shm_short else "threads"
+    return "processes" if start_method() == "fork" and not shm_short else "threads"
 
 
 def start_method() -> str:
     """``fork`` on Linux: a forked worker has torch, transformers and the processor already.  Safe although this
-    process may have threads by then (CUDA's, NCCL's under torchrun; never a loader or encoding thread of ours,
-    started later): the child only runs Python, Pillow, the tokenizer and CPU torch on one thread, never CUDA,
-    NCCL or a lock those threads hold, as DataLoader workers do.  Elsewhere ``spawn`` (macOS's system libraries
-    are not safe to fork)."""
+    process may have threads by then (CUDA's, NCCL's under torchrun, reap.py's warm-up thread compiling Triton
+    kernels and running CUDA work; never a loader or encoding thread of ours, started later): the child only runs
+    Python, Pillow, the tokenizer and CPU torch on one thread, never CUDA, NCCL, Triton or a lock those threads
+    hold, as DataLoader workers do.  Elsewhere ``spawn`` (macOS's system libraries are not safe to fork)."""
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 

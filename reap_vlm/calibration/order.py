@@ -51,6 +51,14 @@ class BatchOrder:
     def indices(self) -> list[int]:
         return [s.index for s in self.samples]
 
+    def batch_tokens(self, samples: list[CalibrationSample], batch_size: int) -> list[int]:
+        """Estimated tokens of each batch of ``samples`` (some of this order's, in this order: a rank's share);
+        empty when the lengths were not estimated."""
+        if not self.lengths:
+            return []
+        length = {s.index: n for s, n in zip(self.samples, self.lengths)}
+        return [sum(length[s.index] for s in samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+
 
 def padding_share(lengths: list[int], batch_size: int) -> float:
     """Share of a run's token positions that are padding, for samples of ``lengths`` batched in this order."""

@@ -50,6 +50,11 @@ def free_memory_bytes(device: torch.device | str) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def spreads(device: str, spread: bool) -> bool:
+    """Whether ``load_model(..., device, spread)`` of a standard checkpoint spreads its layers over the GPUs."""
+    return spread and device == "cuda" and torch.cuda.device_count() > 1
+
+
 def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu", spread: bool = False,
                packed: bool = False):
     """The whole model in eval mode: transformers' own loader for the standard fused layout, our
@@ -64,7 +69,7 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
     auto = family.auto_model()
     quant = ckpt.quant_format  # a ReapError here for quantizations we cannot dequantize
     if not ckpt.has_per_expert_keys and quant is None:
-        device_map = "auto" if spread and device == "cuda" and torch.cuda.device_count() > 1 else device
+        device_map = "auto" if spreads(device, spread) else device
         model, info = auto.from_pretrained(str(path), dtype=dtype, device_map=device_map,
                                                                   output_loading_info=True)
         check_loading_info(path, info)

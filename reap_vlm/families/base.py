@@ -322,6 +322,13 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ runtime face
 
+    def full_scoring_warm_up(self, config: dict, dtype: torch.dtype, devices: list[torch.device]):
+        """What the full mode's first ``all_expert_norms`` calls would do in a fresh process, to do ahead on a side
+        thread while the model loads (``score.warmup``): an object with ``compile()`` and ``tune(token_counts,
+        room_bytes)`` (the batches' valid tokens, GPU memory to spare), each returning what it did; None: nothing
+        to do (the default)."""
+        return None
+
     def moe_blocks(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
         """(layer index, MoE block) for every sparse layer of a loaded model, in order."""
         pattern = re.compile(self.module_layer_regex + re.escape(self.moe_module) + "$")

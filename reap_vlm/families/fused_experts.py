@@ -83,10 +83,22 @@ class FusedGateUpFamily(ModelFamily):
         return float32_norm(y).T
 
     def full_bytes_per_token(self, experts: nn.Module, dtype: torch.dtype) -> int:
-        num, two_i, hidden = experts.gate_up_proj.shape
-        # gate_up output + activation (+ its temporary) or activation + down output, plus the float32 norms
-        width = max(two_i + two_i // 2 * 2, two_i // 2 + hidden)
-        return num * (width * torch.finfo(dtype).bits // 8 + 8)
+        return _bmm_bytes_per_token(tuple(experts.gate_up_proj.shape), dtype)
+
+    def full_scoring_warm_up(self, config: dict, dtype: torch.dtype, devices: list[torch.device]):
+        """The fused Triton kernels' compilation and autotuning (``triton_experts.KernelWarmUp``) where the full
+        mode will use them: most of a fresh process's first batch (14 s on a fresh H200)."""
+        from ..score import triton_experts
+        from ..score.norms import CUDA_CHUNK_CAP, tokens_per_chunk
+
+        if not devices or not triton_experts.can_run(dtype, devices[0].type,
+                                                     self.text_section(config).get("hidden_act")):
+            return None
+        sizes = self.sizes(config)
+        shape = (self.num_experts(config), sizes["2I"], sizes["H"])
+        reference = _bmm_bytes_per_token(shape, dtype)
+        return triton_experts.KernelWarmUp(shape, dtype, devices, self._all_expert_norms_bmm, reference,
+                                           tokens_per_chunk(CUDA_CHUNK_CAP, reference))
 
     def routed_forward(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor):
@@ -110,6 +122,13 @@ class FusedGateUpFamily(ModelFamily):
 # (integrations/moe.py: eager, batched_mm, grouped_mm) op for op, so the output is the model's own, and
 # keep the per-pair expert outputs' norms and peaks on the way (||E_j(x)||, max_h |E_j(x)_h|, before gate
 # weighting).
+
+
+def _bmm_bytes_per_token(shape: tuple[int, int, int], dtype: torch.dtype) -> int:
+    num, two_i, hidden = shape
+    # gate_up output + activation (+ its temporary) or activation + down output, plus the float32 norms
+    width = max(two_i + two_i // 2 * 2, two_i // 2 + hidden)
+    return num * (width * torch.finfo(dtype).bits // 8 + 8)
 
 
 def _gate(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,16 @@ class TokenMasks:
         return cls(valid, image, int(valid.sum()), int((image & valid).sum()))
 
     def to(self, device: str | torch.device) -> TokenMasks:
-        return TokenMasks(self.valid.to(device, non_blocking=True), self.image.to(device, non_blocking=True),
-                          self.n_valid, self.n_image)
+        """The masks on ``device``; to a GPU through page-locked memory: a copy from pageable memory first waits
+        for all the work queued on the stream, and the GPU then idles while the next forward starts."""
+        pin = torch.device(device).type == "cuda"
+
+        def moved(mask: torch.Tensor) -> torch.Tensor:
+            if pin and mask.device.type == "cpu" and not mask.is_pinned():
+                mask = mask.pin_memory()
+            return mask.to(device, non_blocking=True)
+
+        return TokenMasks(moved(self.valid), moved(self.image), self.n_valid, self.n_image)
 
 
 class ReapObserver:
@@ -58,6 +66,11 @@ class ReapObserver:
         self._routing: dict[int, tuple] = {}  # (hidden, ids, weights) from the router, where the experts lack them
         self._handles: list = []
         self._patched: list[nn.Module] = []
+        self._warm_up = None
+
+    def wait_for(self, warm_up) -> None:
+        """Wait for ``warm_up`` (``score.warmup.WarmUp``: the kernels of this mode warmed up) before the first use."""
+        self._warm_up = warm_up
 
     def set_masks(self, attention_mask: torch.Tensor, image_mask: torch.Tensor) -> None:
         self.masks = TokenMasks.of(attention_mask, image_mask)
@@ -142,6 +155,9 @@ class ReapObserver:
         masks = self.masks
         if masks is None or masks.valid.numel() != hidden.shape[0]:
             raise RuntimeError("ReapObserver.set_masks must be called with the batch's masks before the forward")
+        if self._warm_up is not None:
+            self._warm_up.wait()
+            self._warm_up = None
         logits = self._logits.pop(layer)
         valid = masks.valid.to(hidden.device)
         all_norms = routed_norms = peaks = None

@@ -29,6 +29,7 @@ from .layerwise import run_layerwise
 from .report import write_heatmap
 from .resume import STATE_NAME, ResumeState, files_signature, fingerprint, last_batch, weights_signature
 from .stats import METRICS_BY_MODE, ExpertStats
+from .warmup import ScoringWarmUp
 
 
 def check_criterion(settings: Settings) -> None:
@@ -73,46 +74,52 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, o
     return ResumeState(Path(settings.output_path) / name, key)
 
 
-def encode_workers(settings: Settings, samples: list, processor, family, pixel_dtype) -> tuple[int, str]:
+def encode_workers(settings: Settings, processor, family, pixel_dtype) -> tuple[int, str]:
     """Workers encoding ahead and their kind: ``--encode-workers``, auto sharing the host's cores among its
-    torchrun ranks; ``--encode-workers-kind`` (auto: processes for mostly text-only samples where /dev/shm has
-    room for batches with pixels in ``pixel_dtype``, the stream's, else threads; processes asked for check shared
-    memory before starting)."""
+    torchrun ranks; ``--encode-workers-kind`` (auto: processes where /dev/shm has room for batches with pixels in
+    ``pixel_dtype``, the stream's, else threads; processes asked for check shared memory before starting)."""
     workers = (default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if settings.encode_workers == "auto"
                else int(settings.encode_workers))
     short = settings.encode_workers_kind == "auto" and workers > 0 and shm_problem(
         processor, family, workers, settings.batch_size, settings.max_seq_len, pixel_dtype) is not None
-    return workers, worker_kind(settings.encode_workers_kind, samples, short)
+    return workers, worker_kind(settings.encode_workers_kind, short)
 
 
 def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserver, samples: list,
            resume: ResumeState | None, engine: str, dtype, device: str, dist: DistContext,
-           encoding: tuple[int, str]) -> tuple[dict, float]:
+           encoding: tuple[int, str], warm: ScoringWarmUp) -> tuple[dict, float]:
     """Run the engine over this rank's samples; returns its counts and when loading ended."""
     total = num_batches(samples, settings.batch_size)
     t_load = time.perf_counter()
     done = resume.load(observer.stats) if resume is not None else 0
     if done >= total:
         # scored before with these inputs (e.g. rerun for another --prune-ratio): select again, load nothing
+        warm.abandon()
         return {"batches": total, "resumed_from": total, "tokens_this_run": 0, "seconds": 0.0}, t_load
     common = dict(batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                   max_pixels=settings.max_pixels, resume=resume, checkpoint_every=settings.checkpoint_every,
                   device=device)
     workers, kind = encoding
+    warm.tune(done)
+    observer.wait_for(warm.steps)  # before its first use (the layer-wise engine's loads are planned by then)
     if engine != "model":
-        return run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
-                             encode_kind=kind, **common), t_load
+        run = run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
+                            encode_kind=kind, **common)
+        return {**run, **warm.report()}, t_load
     # the first batches are encoded while the model loads
     stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
                          settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
                          pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype)
     with stream:
-        model = load_model(ckpt.path, dtype=dtype, device=device, spread=not dist.enabled)
+        t_model = time.perf_counter()
+        model = load_model(ckpt.path, dtype=dtype, device=device, spread=warm.spread)
         found = [layer for layer, _ in ckpt.family.moe_blocks(model)]
         if found != ckpt.moe_layers:
             raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {ckpt.moe_layers}")
         t_load = time.perf_counter()
-        return run_batches(model, processor, samples, observer, stream=stream, **common), t_load
+        warm.loaded()
+        run = run_batches(model, processor, samples, observer, stream=stream, **common)
+        return {**run, "model_load_seconds": round(t_load - t_model, 3), **warm.report()}, t_load
 
 
 def _run_reap(settings: Settings, dist: DistContext, device: str) -> dict:
@@ -143,28 +150,31 @@ def _output_bytes(ckpt: Checkpoint, dist: DistContext) -> int:
 
 def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float) -> dict:
     keep = num_to_keep(ckpt.num_experts, settings.prune_ratio, settings.keep_multiple, ckpt.top_k)
-    calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
-                             settings.skip_bad_samples)
-    if not ckpt.family.has_vision:
-        require_text_only(calib, ckpt.family.name)
     dtype = resolve_dtype(settings.dtype, device)
-    processor = load_processor(ckpt.path)
     engine = choose_engine(ckpt, device, settings.engine)
-    encoding = encode_workers(settings, calib.samples, processor, ckpt.family, dtype)
-    return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep, encoding)
+    with ScoringWarmUp(settings, ckpt, engine, dtype, device, dist) as warm:  # meanwhile, on a side thread
+        calib = load_calibration(settings.calibration_path, settings.max_samples, settings.seed,
+                                 settings.skip_bad_samples)
+        if not ckpt.family.has_vision:
+            require_text_only(calib, ckpt.family.name)
+        processor = load_processor(ckpt.path)
+        encoding = encode_workers(settings, processor, ckpt.family, dtype)
+        return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep,
+                                  encoding, warm)
 
 
 def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float,
                        calib: CalibrationSet, processor, engine: str, dtype, keep: int,
-                       encoding: tuple[int, str]) -> dict:
+                       encoding: tuple[int, str], warm: ScoringWarmUp) -> dict:
     stats = ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, device)
     observer = ReapObserver(ckpt.family, stats, settings.scoring_mode)
     order, given = length_order(processor, calib.samples, settings.batch_size, settings.sort_window,
                                 settings.max_seq_len, settings.max_pixels, ckpt.family)
     resume = _resume_state(settings, ckpt, calib, order, dtype, dist)
     samples = dist.my_samples(order.samples, settings.batch_size)
+    warm.batches(order.batch_tokens(samples, settings.batch_size))
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
-                         encoding)
+                         encoding, warm)
     t_score = time.perf_counter()
     dist.all_reduce(stats)
     run.update(_order_record(order, given, settings.batch_size))

@@ -11,19 +11,24 @@ from ..families import ModelFamily
 from ..families.base import output_stats
 
 _MIN_CHUNK = 128  # tokens: below this the batched matmuls lose efficiency
+CUDA_CHUNK_CAP = 16 << 30  # bytes: a chunk's working memory on CUDA, at most
 
 
 def full_chunk_tokens(family: ModelFamily, experts: nn.Module, x: torch.Tensor,
                       chunk_budget_bytes: int | None = None) -> int:
     """Tokens per chunk of ``all_expert_norms``: the budget (default: half of the free memory on
-    CUDA, capped at 16 GiB; 512 MiB on the CPU) over the working memory per token."""
+    CUDA, capped at ``CUDA_CHUNK_CAP``; 512 MiB on the CPU) over the working memory per token."""
     if chunk_budget_bytes is None:
         if x.device.type == "cuda":
-            chunk_budget_bytes = min(free_memory_bytes(x.device) // 2, 16 << 30)
+            chunk_budget_bytes = min(free_memory_bytes(x.device) // 2, CUDA_CHUNK_CAP)
         else:
             chunk_budget_bytes = 512 << 20
-    per_token = max(family.full_bytes_per_token(experts, x.dtype), 1)
-    chunk = max(1, chunk_budget_bytes // per_token)
+    return tokens_per_chunk(chunk_budget_bytes, family.full_bytes_per_token(experts, x.dtype))
+
+
+def tokens_per_chunk(budget_bytes: int, per_token: int) -> int:
+    """Tokens a chunk of ``budget_bytes`` holds at ``per_token`` bytes, rounded down to a multiple of 128."""
+    chunk = max(1, budget_bytes // max(per_token, 1))
     if chunk >= 2 * _MIN_CHUNK:
         chunk -= chunk % _MIN_CHUNK
     return int(chunk)

@@ -23,6 +23,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -32,6 +36,8 @@ _choice: dict[tuple, str] = {}  # per expert shape, dtype, device: "triton" or "
 _MIN_TIMED_ROWS = 1024  # below this a timing says little; such calls take the kernels, undecided
 _TIMED_RUNS = 5  # runs per autotuning config
 _MIN_BN = 64  # the narrowest hidden tile among _down_sq's configs: its partial sums are sized for it
+_CHECKED_ROWS = 64  # rows of the first call checked against the PyTorch path
+_LAST_BUCKET = 14  # calls on 8,192 rows or more share their autotuning
 
 try:  # pragma: no cover - depends on the installation
     import triton
@@ -43,17 +49,13 @@ except ImportError:  # pragma: no cover
 def available(experts, x: torch.Tensor) -> bool:
     """Whether the fused kernels apply: CUDA, 16-bit floats, SiLU-gated fused experts, contiguous weights,
     Triton importable, and not turned off with REAP_FULL_KERNEL=torch."""
-    if triton is None or _state["broken"] or os.environ.get("REAP_FULL_KERNEL", "auto") == "torch":
-        return False
-    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+    config = getattr(experts, "config", None)
+    if not can_run(x.dtype, x.device.type, getattr(config, "hidden_act", None)):
         return False
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if gate_up is None or down is None or gate_up.dtype != x.dtype or down.dtype != x.dtype:
         return False
     if not (gate_up.is_contiguous() and down.is_contiguous()):
-        return False
-    config = getattr(experts, "config", None)
-    if getattr(config, "hidden_act", None) not in ("silu", "swish"):
         return False
     if getattr(experts, "has_bias", False) or not getattr(experts, "is_concatenated", True):
         return False
@@ -66,6 +68,14 @@ def available(experts, x: torch.Tensor) -> bool:
         if gate is not _default_apply_gate:
             return False
     return True
+
+
+def can_run(dtype: torch.dtype, device_type: str, hidden_act: str | None) -> bool:
+    """What ``available`` asks of the run rather than of the experts module: Triton importable and not turned off
+    (REAP_FULL_KERNEL=torch, or a failed check), CUDA, 16-bit floats, a SiLU gate."""
+    if triton is None or _state["broken"] or os.environ.get("REAP_FULL_KERNEL", "auto") == "torch":
+        return False
+    return device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and hidden_act in ("silu", "swish")
 
 
 def _time_config(kernel_call, quantiles=None) -> list[float]:
@@ -83,6 +93,9 @@ if triton is not None:
     # architecture, the kernel's source, the configs and the shapes): a later process on the machine reuses it
     # instead of timing every config again at every token bucket.
     _TUNING = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    # Token counts are not specialized on (Triton would compile every config twice, for counts that are multiples
+    # of 16 and for the others): rows are masked, and the tiles' loads run along the hidden size, not the tokens.
+    _ANY_COUNT = ["T", "T_BUCKET"]
 
     def _configs(wide: bool):
         configs = [
@@ -109,7 +122,7 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(False), key=["H", "INTER", "T_BUCKET"], do_bench=_time_config,
                      **_TUNING)
-    @triton.jit
+    @triton.jit(do_not_specialize=_ANY_COUNT)
     def _gate_up_act(x_ptr, w_ptr, act_ptr, T, H, INTER, stride_xt, T_BUCKET,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         e = tl.program_id(1).to(tl.int64)
@@ -143,7 +156,7 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(True), key=["H", "INTER", "T_BUCKET"], do_bench=_time_config,
                      **_TUNING)
-    @triton.jit
+    @triton.jit(do_not_specialize=_ANY_COUNT)
     def _down_sq(act_ptr, w_ptr, part_ptr, T, H, INTER, part_tiles, T_BUCKET,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         e = tl.program_id(1).to(tl.int64)
@@ -183,7 +196,7 @@ def all_expert_norms(experts, x: torch.Tensor, config: dict | None = None) -> to
     up_kernel, down_kernel, meta = _gate_up_act, _down_sq, {}
     if config is not None:
         up_kernel, down_kernel, meta = _gate_up_act.fn, _down_sq.fn, dict(config)
-    bucket = max(tokens, 1).bit_length()  # autotuned once per power-of-two token count
+    bucket = bucket_of(tokens)
     up_kernel[grid_act](x, gate_up, act, tokens, hidden, inter, x.stride(0), bucket, **meta)
     max_tiles = triton.cdiv(hidden, _MIN_BN)
     part = torch.zeros(num, max_tiles, tokens, dtype=torch.float32, device=x.device)
@@ -203,7 +216,7 @@ def checked_norms(experts, x: torch.Tensor, reference) -> torch.Tensor | None:
     PyTorch path) on a few rows; None (and the kernels off for good) when they fail or disagree."""
     try:
         if not _state["checked"]:
-            probe = x[:64]
+            probe = x[:_CHECKED_ROWS]
             got, ref = all_expert_norms(experts, probe), reference(experts, probe)
             err = float(((got - ref).abs() / ref.abs().clamp(min=1e-30)).max())
             _state["checked"] = True
@@ -214,6 +227,101 @@ def checked_norms(experts, x: torch.Tensor, reference) -> torch.Tensor | None:
         _state["broken"] = str(exc)
         log.warning("fused Triton expert kernels off, using batched matmuls: %s", exc)
         return None
+
+
+def bucket_of(rows: int) -> int:
+    """The autotuning's key for a call on ``rows`` rows: tuned once per power-of-two row count up to 8,192; above,
+    one bucket (the grid holds thousands of tiles per expert there, and one config serves all)."""
+    return min(max(rows, 1).bit_length(), _LAST_BUCKET)
+
+
+def token_buckets(counts, chunk: int) -> dict[int, int]:
+    """The autotuning buckets calls on ``counts`` rows (each cut into chunks of ``chunk``) fall into, each with
+    the largest count that falls into it: {bucket: rows}."""
+    buckets: dict[int, int] = {}
+    for count in counts:
+        for rows in {min(count, chunk), count % chunk} - {0}:
+            bucket = bucket_of(rows)
+            buckets[bucket] = max(buckets.get(bucket, 0), rows)
+    return buckets
+
+
+def tuning_rows(shape: tuple[int, int, int], dtype: torch.dtype, counts: list[int], reference_bytes_per_row: int,
+                chunk: int, room_bytes: int) -> list[int]:
+    """Rows to autotune on ahead, one count per bucket, ascending: the calls of ``fastest`` on batches of
+    ``counts`` rows (cut into chunks of ``chunk``), with the first call's 64-row check and its timing probe
+    (``timed_rows``), as far as scratch experts and the largest call fit in ``room_bytes``."""
+    first = min(counts[0], chunk) if counts else 0
+    probe = first * _row_bytes(shape, dtype) // max(reference_bytes_per_row, 1)
+    probes = [_CHECKED_ROWS] + ([probe] if probe >= _MIN_TIMED_ROWS else [])
+    buckets = token_buckets([c for c in [*counts, *probes] if c], chunk)
+    return [n for _, n in sorted(buckets.items()) if scratch_bytes(shape, n, dtype) <= room_bytes]
+
+
+def scratch_bytes(shape: tuple[int, int, int], rows: int, dtype: torch.dtype) -> int:
+    """Memory of scratch experts of ``shape`` ([E, 2I, H]) and one call on ``rows`` rows (x, act, partial sums)."""
+    num, two_i, hidden = shape
+    size = torch.finfo(dtype).bits // 8
+    return num * (two_i * hidden + hidden * two_i // 2) * size + rows * (hidden * size + _row_bytes(shape, dtype))
+
+
+@dataclass
+class KernelWarmUp:
+    """What a process's first calls of ``fastest`` would do on experts of ``shape`` ([E, 2I, H]), done ahead (on a
+    side thread while the model loads): ``compile`` both kernels for every autotuning config on each of ``devices``,
+    then ``tune`` them on scratch experts.  ``reference_bytes_per_row``: the bmm path's working memory per row;
+    ``chunk``: the rows ``norms.all_expert_norms`` cuts a call into at most."""
+
+    shape: tuple[int, int, int]
+    dtype: torch.dtype
+    devices: list[torch.device]
+    reference: Callable  # the bmm path, (experts, x) -> [T, E] norms
+    reference_bytes_per_row: int
+    chunk: int
+    workers: int = 8  # compiling threads
+
+    def compile(self) -> dict:
+        _, two_i, hidden = self.shape
+        inter = two_i // 2
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="reap-triton") as pool:
+            for device in self.devices:
+                with torch.cuda.device(device), triton.AsyncCompileMode(pool):
+                    _gate_up_act.warmup(self.dtype, self.dtype, self.dtype, 1, hidden, inter, hidden, 1, grid=(1,))
+                    _down_sq.warmup(self.dtype, self.dtype, torch.float32, 1, hidden, inter,
+                                    triton.cdiv(hidden, _MIN_BN), 1, grid=(1,))
+        return {"kernels": compiled_kernels()}
+
+    def tune(self, counts: list[int], room_bytes: int) -> dict:
+        """On scratch experts on the first device (weights of a trained model's scale), on a side stream of its
+        own, as far as they fit in ``room_bytes``: the first call's check against the bmm path and its race with it
+        (``fastest``: the choice is kept per shape, dtype and device, so the real experts' calls take it), then
+        autotuning at every other bucket the calls on batches of ``counts`` rows will use (``tuning_rows``)."""
+        rows = tuning_rows(self.shape, self.dtype, counts, self.reference_bytes_per_row, self.chunk, room_bytes)
+        first = min(counts[0], self.chunk) if counts else 0
+        if not rows or first not in rows:
+            return {"buckets": []}
+        num, two_i, hidden = self.shape
+        device = self.devices[0]
+        scale = hidden ** -0.5
+        experts = SimpleNamespace(act_fn=torch.nn.functional.silu)
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            experts.gate_up_proj = torch.randn(self.shape, device=device).mul_(scale).to(self.dtype)
+            experts.down_proj = torch.randn(num, hidden, two_i // 2, device=device).mul_(scale).to(self.dtype)
+            x = torch.randn(max(rows), hidden, dtype=self.dtype, device=device)
+            fastest(experts, x[:first], self.reference, self.reference_bytes_per_row)
+            for n in rows:
+                all_expert_norms(experts, x[:n])
+            torch.cuda.current_stream().synchronize()
+            key = (self.shape, self.dtype, str(x.device))
+            del experts, x
+            torch.cuda.empty_cache()  # blocks freed on this stream would serve no other: back to the driver
+        return {"buckets": [bucket_of(n) for n in rows], "path": _choice.get(key)}
+
+
+def compiled_kernels() -> int:
+    """Compiled variants of both kernels in this process, all devices (a bench checks that none is added after
+    ``warm``)."""
+    return sum(len(caches[0]) for kernel in (_gate_up_act, _down_sq) for caches in kernel.fn.device_caches.values())
 
 
 def _seconds(fn) -> float:
@@ -227,7 +335,11 @@ def _seconds(fn) -> float:
 
 def bytes_per_row(experts, dtype: torch.dtype) -> int:
     """Working memory of ``all_expert_norms`` per row of x: act [E, T, I] and the float32 partial sums."""
-    num, two_i, hidden = experts.gate_up_proj.shape
+    return _row_bytes(tuple(experts.gate_up_proj.shape), dtype)
+
+
+def _row_bytes(shape: tuple[int, int, int], dtype: torch.dtype) -> int:
+    num, two_i, hidden = shape
     return num * (two_i // 2 * (torch.finfo(dtype).bits // 8) + -(-hidden // _MIN_BN) * 4)
 
 

@@ -1,0 +1,190 @@
+"""A fresh process's first forwards (issue 18): what they cost over the same forwards warm, and how much of it a
+warm-up done while the model loads takes away.
+
+Run on the GPU machine from the repository root (one GPU):
+
+    PYTHONUNBUFFERED=1 python3 bench/bench_first_batch.py --out $OUT        # about 2 device-minutes
+    python3 bench/bench_first_batch.py --tiny --out /tmp/first              # CPU, tiny shapes, < 1 min
+
+The checkpoint and calibration sets are bench_end_to_end.py's (same ``--workdir``, reused when present).  Per variant
+a fresh process: the first ``--batches`` batches of the image set (reap.py's order) encoded into pinned memory, the
+variant's warm-up started on a side thread, the model loaded, the warm-up joined, then the batches' plain forwards
+(reap.py's attention kernels), timed one by one: the process's first forwards; then the same batches again, warm.
+Variants:
+
+* ``cold``: no warm-up (reap.py's first batches today);
+* ``libs``: reap.py's ``start_cuda_libraries`` (reap_vlm/score/warmup.py) on the side thread during the load: a
+  matmul, a batched matmul, a Conv3d and scaled-dot-product attention in the model's dtype at its widths, so that
+  cuBLAS, cuBLASLt and cuDNN start and create their handles and workspaces;
+* ``reserve``: after the load, reap.py's ``reserve_memory``: one block taken into the caching allocator and given
+  back, so it holds the memory the first forward would ask the driver for;
+* ``libs+reserve``: both;
+* ``model``: the upper bound: the last of the batches run once before the timed ones.
+
+Writes ``RESULTS_first_batch.md`` / ``.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_end_to_end import (  # noqa: E402
+    Clock,
+    forward_batches,
+    log,
+    pre_encode,
+    shared_arguments,
+    spec_for,
+    sync,
+    write_calibration,
+    write_model,
+)
+
+from reap_vlm.calibration.ahead import default_workers  # noqa: E402
+from reap_vlm.calibration.files import load_calibration  # noqa: E402
+from reap_vlm.calibration.order import length_order  # noqa: E402
+from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
+from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
+from reap_vlm.inference import inference  # noqa: E402
+from reap_vlm.score.warmup import model_widths, reserve_memory, start_cuda_libraries  # noqa: E402
+
+VARIANTS = ("cold", "libs", "reserve", "libs+reserve", "model")
+
+
+def timed_forwards(model, family, batches: list[dict], device: str) -> list[float]:
+    times = []
+    with inference():
+        for batch in batches:
+            t0 = time.perf_counter()
+            forward_batches(model, family, [batch], device)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def one_variant(args) -> dict:
+    """In this (fresh) process: the variant's first forwards and the same forwards warm."""
+    model_dir = Path(args.workdir) / "model"
+    calib = Path(args.workdir) / "calibration" / "image.json"
+    ckpt = Checkpoint(model_dir)
+    processor = load_processor(model_dir)
+    samples = load_calibration(calib, args.image_samples).samples
+    order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
+    cuda = args.device == "cuda"
+    dtype = getattr(torch, args.dtype)
+    batches, _, _ = pre_encode(processor, order.samples[:args.batches * args.batch_size], args, ckpt.family,
+                               default_workers(), cuda)
+    warm_s = [0.0]
+
+    def libraries():
+        t0 = time.perf_counter()
+        start_cuda_libraries(args.device, dtype, **model_widths(ckpt))
+        warm_s[0] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=libraries) if "libs" in args.variant and cuda else None
+    t0 = time.perf_counter()
+    if thread is not None:
+        thread.start()
+    model = load_model(model_dir, dtype=dtype, device=args.device)
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if thread is not None:
+        thread.join()
+    if "reserve" in args.variant and cuda:
+        reserve_memory(args.device)
+    if args.variant == "model":
+        timed_forwards(model, ckpt.family, batches[-1:], args.device)
+    waited_s = time.perf_counter() - t1
+    first = timed_forwards(model, ckpt.family, batches, args.device)
+    again = timed_forwards(model, ckpt.family, batches, args.device)
+    return {"variant": args.variant, "load_s": load_s, "warm_up_s": warm_s[0], "after_load_s": waited_s,
+            "first_ms": [round(t * 1e3, 1) for t in first], "again_ms": [round(t * 1e3, 1) for t in again],
+            "tokens": [int(b["attention_mask"].sum()) for b in batches],
+            "extra_ms": round(sum(first) * 1e3 - sum(again) * 1e3, 1)}
+
+
+def table(results: dict) -> str:
+    rows = results["variants"]
+    n = max((len(r["first_ms"]) for r in rows), default=0)
+    lines = [f"# A fresh process's first forwards ({results['device']}, {results['shape']})", "",
+             f"image set, batches of {results['batch_size']}, tokens per batch {rows[0]['tokens'] if rows else []}; "
+             "plain forward, reap.py's attention kernels; each variant a fresh process. Extra: the first forwards' "
+             "sum over the same forwards run again.", "",
+             "| variant | load s | warm-up s (side thread) | after the load s | "
+             + " | ".join(f"batch {i} ms (again)" for i in range(n)) + " | extra ms |",
+             "|---|---|---|---|" + "---|" * n + "---|"]
+    for r in rows:
+        cells = " | ".join(f"{a:.0f} ({b:.0f})" for a, b in zip(r["first_ms"], r["again_ms"]))
+        lines.append(f"| {r['variant']} | {r['load_s']:.1f} | {r['warm_up_s']:.2f} | {r['after_load_s']:.2f} | "
+                     f"{cells} | {r['extra_ms']:.0f} |")
+    if results["not_run"]:
+        lines += ["", "Not run: " + "; ".join(results["not_run"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shared_arguments(parser, "3; --tiny 1")
+    parser.add_argument("--image-samples", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--batches", type=int, default=3, help="batches timed per process")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # the child process's
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.tiny:
+        args.image_samples, args.batch_size, args.max_seq_len = 12, 4, 512
+        args.workdir += "-tiny"
+    if args.variant is not None:
+        print("RESULT " + json.dumps(one_variant(args)), flush=True)
+        return
+    clock = Clock(args.max_minutes or (1 if args.tiny else 3))
+    workdir = Path(args.workdir)
+    log("writing the checkpoint and calibration sets in", workdir)
+    write_model(workdir / "model", spec_for(args), args.tiny, args.device)
+    write_calibration(workdir / "calibration", "image", args.image_samples, (0.05, 0.2) if args.tiny else (1.0, 4.0))
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, vision {args.vision}",
+               "batch_size": args.batch_size, "variants": [], "not_run": clock.skipped}
+    passed = [f"--workdir={args.workdir.removesuffix('-tiny')}", f"--layers={args.layers}", f"--vision={args.vision}",
+              f"--image-samples={args.image_samples}", f"--batch-size={args.batch_size}",
+              f"--max-seq-len={args.max_seq_len}", f"--batches={args.batches}",
+              *(["--tiny"] if args.tiny else [])]
+    longest = 30.0
+    for variant in args.variants.split(","):
+        if not clock.allows(f"variant {variant}", longest):
+            continue
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, *passed, "--variant", variant], capture_output=True,
+                              text=True, timeout=max(clock.left(), 1))
+        longest = max(longest, time.perf_counter() - t0)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not found:
+            log(f"variant {variant} failed:", proc.stderr[-2000:])
+            clock.skipped.append(f"variant {variant} (failed, exit {proc.returncode})")
+            continue
+        results["variants"].append(json.loads(found[-1][len("RESULT "):]))
+        log(variant, results["variants"][-1])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "RESULTS_first_batch.json").write_text(json.dumps(results, indent=2))
+    (out / "RESULTS_first_batch.md").write_text(table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Work a fresh process's first batch would otherwise do, done on a side thread while reap.py reads its inputs and
+loads the model: CUDA's libraries started, the full mode's fused kernels compiled and autotuned
+(``ModelFamily.full_scoring_warm_up``); and, once the model is loaded, GPU memory taken into PyTorch's cache.
+
+Measured on an H200 (bench/RESULTS_first_batch.md): a fresh process's first forward of a 30B-A3B-shaped model took
+2.1 s against 0.42 s warm; the libraries started ahead and the memory reserved brought it to 0.9 s.  Best effort: a
+step that fails is logged, and the first batch does its work, as without it."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+
+from ..checkpoint.loading import free_memory_bytes, spreads
+from ..checkpoint.reader import Checkpoint
+from ..settings import Settings
+from .distributed import DistContext
+from .engine import model_bytes
+
+log = logging.getLogger(__name__)
+
+RESERVE_CAP = 16 << 30  # bytes the first forwards may take from PyTorch's cache instead of the driver
+
+
+class WarmUp:
+    """Steps run in the order added on one daemon thread, started by the first ``add``; ``wait`` runs the last and
+    joins.  ``report``: what each step returned and its seconds, and how long the caller waited."""
+
+    def __init__(self):
+        self.results: dict[str, dict] = {}
+        self.waited = 0.0
+        self._steps: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, name: str, work: Callable[[], dict | None] | None) -> None:
+        if work is None or self._closed:
+            return
+        self._steps.put((name, work))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="reap-warm-up", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while (step := self._steps.get()) is not None:
+            name, work = step
+            t0 = time.perf_counter()
+            try:
+                result = dict(work() or {})
+            except Exception as exc:  # a compiler, driver or memory problem: the first batch does the work instead
+                log.warning("warm-up step %r failed (%s); the first batch does its work", name, exc)
+                result = {"error": str(exc)}
+            self.results[name] = {**result, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def wait(self) -> None:
+        self.abandon()
+        if self._thread is not None:
+            t0 = time.perf_counter()
+            self._thread.join()
+            self.waited += time.perf_counter() - t0
+            self._thread = None
+
+    def abandon(self) -> None:
+        """No step is added from now on; the thread ends after the one it runs, unwaited for."""
+        if not self._closed and self._thread is not None:
+            self._steps.put(None)
+        self._closed = True
+
+    def report(self) -> dict:
+        return {**self.results, "waited_s": round(self.waited, 3)} if self.results else {}
+
+    def __enter__(self) -> WarmUp:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.wait()
+        else:  # an error: said at once, the daemon thread left to end with its step
+            self.abandon()
+
+
+def start_cuda_libraries(device: str | torch.device, dtype: torch.dtype, hidden: int = 2048, heads: int = 32,
+                         head_dim: int = 128) -> dict:
+    """cuBLAS, cuBLASLt, cuDNN and the attention kernels started in ``dtype`` at the model's widths, on the default
+    stream (their handles and workspaces are kept per stream and handed to the next thread that asks)."""
+    from ..inference import inference
+
+    x = torch.randn(256, hidden, dtype=dtype, device=device)
+    w = torch.randn(hidden, hidden, dtype=dtype, device=device)
+    torch.nn.functional.linear(x, w)
+    torch.bmm(x.expand(2, -1, -1), w.expand(2, -1, -1))
+    patches = torch.ones(8, 3, 2, 16, 16, dtype=dtype, device=device)  # a vision tower's patch embedding: cuDNN
+    torch.nn.functional.conv3d(torch.ones(1, 3, 2, 16, 64, dtype=dtype, device=device), patches, stride=(2, 16, 16))
+    q = torch.randn(1, heads, 128, head_dim, dtype=dtype, device=device)
+    with inference():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    torch.cuda.synchronize(device)
+    return {}
+
+
+def reserve_memory(device: str | torch.device) -> int:
+    """Take a block of GPU memory into PyTorch's cache and give it back, so the first forwards split it instead of
+    asking the driver (1 s of a fresh process's first forward, measured): a quarter of what is free, at most
+    ``RESERVE_CAP``, and only with twice ``RESERVE_CAP`` free (a block the forwards split stays in the cache, so
+    where memory is short it is left to the allocator).  Returns the bytes reserved."""
+    free = free_memory_bytes(device)
+    if free < 2 * RESERVE_CAP:
+        return 0
+    size = min(free // 4, RESERVE_CAP)
+    block = torch.empty(size, dtype=torch.uint8, device=device)
+    del block
+    return size
+
+
+class ScoringWarmUp:
+    """reap.py's warm-up, started once the device and dtype are known: CUDA's libraries and, in full mode, the fused
+    kernels compiled at once; the kernels tuned once the batches' lengths are known (``batches``, then ``tune``);
+    everything joined, then memory reserved, once the model is loaded (``loaded``, in the scoring phase: the first
+    batch would disturb the tuning's timings).  ``steps``: the ``WarmUp`` the observer waits for."""
+
+    def __init__(self, settings: Settings, ckpt: Checkpoint, engine: str, dtype: torch.dtype, device: str,
+                 dist: DistContext):
+        self.steps = WarmUp()
+        self.engine, self.ckpt = engine, ckpt
+        self.spread = not dist.enabled and engine == "model"  # load_model's spread
+        self.counts: list[int] = []
+        self.kernels = None
+        self.devices: list[torch.device] = []  # the GPUs the model will use
+        self.reserved = 0
+        if not device.startswith("cuda"):
+            return
+        self.steps.add("cuda libraries", partial(start_cuda_libraries, device, dtype, **model_widths(ckpt)))
+        self.devices = _gpus(device, spreads(device, self.spread))
+        if settings.scoring_mode == "full" and not ckpt.quantization:
+            self.kernels = ckpt.family.full_scoring_warm_up(ckpt.config, dtype, self.devices)
+        if self.kernels is not None:
+            self.steps.add("fused kernels compiled", self.kernels.compile)
+
+    def batches(self, token_counts: list[int]) -> None:
+        """This rank's batches' estimated valid tokens, in order."""
+        self.counts = token_counts
+
+    def tune(self, done: int) -> None:
+        """Tune the kernels for the batches from ``done`` on, with scratch experts only where the whole model leaves
+        room for them once loaded (the layer-wise engine plans its memory from what is free: no scratch)."""
+        if self.kernels is None:
+            return
+        room = 0
+        if self.engine == "model":
+            room = max((free_memory_bytes(self.devices[0]) - model_bytes(self.ckpt) // len(self.devices)) // 4, 0)
+        self.steps.add("fused kernels tuned", partial(self.kernels.tune, self.counts[done:], room))
+
+    def loaded(self) -> None:
+        self.steps.wait()
+        if len(self.devices) == 1:  # a model spread over GPUs: their memory is the loader's plan
+            self.reserved = reserve_memory(self.devices[0])
+
+    def abandon(self) -> None:
+        """Nothing left to score: the steps queued end on their own, unwaited for."""
+        self.steps.abandon()
+
+    def report(self) -> dict:
+        """reap_metadata.json's ``run.warm_up`` (nothing on the CPU)."""
+        report = self.steps.report()
+        if self.reserved:
+            report["memory_reserved_gib"] = round(self.reserved / 2**30, 1)
+        return {"warm_up": report} if report else {}
+
+    def __enter__(self) -> ScoringWarmUp:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.steps.__exit__(*exc)
+
+
+def _gpus(device: str, spread: bool) -> list[torch.device]:
+    """The GPUs a model loaded on ``device`` uses: every visible one when spread over them, else the one, indexed."""
+    if spread:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    index = torch.device(device).index
+    return [torch.device("cuda", torch.cuda.current_device() if index is None else index)]
+
+
+def model_widths(ckpt: Checkpoint) -> dict[str, int]:
+    """The decoder's hidden size, attention heads and head size (``start_cuda_libraries``' shapes)."""
+    dims = ckpt.family.decoder_dims(SimpleNamespace(**ckpt.family.text_section(ckpt.config)))
+    return {"hidden": dims["hidden"], "heads": dims["heads"], "head_dim": dims["head_dim"]}
