@@ -513,6 +513,32 @@ def test_warm_up_steps_run_in_order_on_one_thread_and_a_failed_one_is_said(caplo
     assert len(ran) == 3 and not any(t.name == "reap-warm-up" for t in threading.enumerate())
 
 
+def test_no_warm_up_step_runs_while_it_is_held_quiet():
+    """reap.py forks its encoding processes inside ``quiet``: no step runs within it (one running ends first)."""
+    from reap_vlm.score.warmup import WarmUp
+
+    spans: dict[str, list[float]] = {}
+
+    def step(name):
+        def work():
+            spans[name] = [time.perf_counter()]
+            time.sleep(0.2)
+            spans[name].append(time.perf_counter())
+        return work
+
+    warm = WarmUp()
+    warm.add("running", step("running"))
+    while "running" not in spans:
+        time.sleep(0.01)
+    warm.add("next", step("next"))
+    with warm.quiet():
+        inside = time.perf_counter()
+        time.sleep(0.3)
+        left = time.perf_counter()
+    warm.wait()
+    assert len(spans) == 2 and all(end <= inside or start >= left for start, end in spans.values())
+
+
 def test_an_abandoned_warm_up_is_not_waited_for():
     from reap_vlm.score.warmup import WarmUp
 
@@ -531,6 +557,26 @@ def test_an_abandoned_warm_up_is_not_waited_for():
         time.sleep(0.05)
     assert not any(t.name == "reap-warm-up" for t in threading.enumerate())
     assert warm.report()["after"] == {"ran": True, "seconds": warm.report()["after"]["seconds"]}  # queued before
+
+
+def test_a_rerun_with_nothing_left_to_score_does_not_wait_for_the_warm_up(tiny_model, calibration, tmp_path,
+                                                                        monkeypatch):
+    import reap_vlm.score.job as job
+
+    release, finished = threading.Event(), threading.Event()
+
+    class SlowWarming(job.ScoringWarmUp):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.steps.add("slow", lambda: {"released": release.wait(5), "finished": finished.set()})
+
+    settings = _settings(tiny_model, calibration / "text.json", tmp_path / "out", sort_window=4)
+    run_reap(settings)
+    monkeypatch.setattr(job, "ScoringWarmUp", SlowWarming)
+    again = run_reap(settings)  # scored before: selects again, loads nothing
+    assert again["run"]["resumed_from"] == again["run"]["batches"] and not finished.is_set()
+    release.set()
+    assert finished.wait(5)
 
 
 @pytest.mark.parametrize("engine", ["model", "layerwise"])
@@ -630,17 +676,20 @@ def test_the_kernels_are_tuned_ahead_at_the_buckets_their_calls_use(monkeypatch)
     assert chunk == 4608
     probe = triton_experts.timed_rows(experts, chunk, dtype, reference)
     assert calls == [64, 4608, probe, probe, 392, 2500, 700, 40, 4608, 4392, 1100]  # check, timing probe (twice)
-    planned = triton_experts.tuning_rows(shape, dtype, counts, reference, chunk, room_bytes=1 << 40)
     bucket = triton_experts.bucket_of
-    assert sorted({bucket(n) for n in calls}) == [bucket(n) for n in planned] and planned == sorted(planned)
+    first, rows = triton_experts.tuning_plan(shape, dtype, counts, reference, chunk, room_bytes=1 << 40)
+    assert first == 4608 and rows == sorted(rows)  # the first call raced: its check's and probe's buckets with it
+    assert {bucket(n) for n in calls} == {bucket(n) for n in [first, 64, probe, *rows]}
+    assert not {bucket(n) for n in rows} & {bucket(n) for n in (first, 64, probe)}  # nothing tuned twice
     # 8,192 rows and more share one autotuning, at the largest such call
     assert bucket(8191) == 13 and bucket(8192) == bucket(16384) == 14
-    wide = triton_experts.timed_rows(experts, 20000, dtype, reference)
-    assert triton_experts.tuning_rows(shape, dtype, [20000, 9000], reference, 30000, 1 << 40) == [64, wide, 20000]
-    # where memory is short, the buckets whose calls do not fit are left to the first batch
+    # a later batch longer than the first in its bucket: still raced on the first, tuned at the longer
+    assert triton_experts.tuning_plan(shape, dtype, [3000, 4000, 900], reference, 30000, 1 << 40) == (3000, [900])
+    assert triton_experts.tuning_plan(shape, dtype, [9000, 20000, 13000], reference, 30000, 1 << 40)[0] == 9000
+    assert triton_experts.tuning_plan(shape, dtype, [], reference, chunk, 1 << 40) == (0, [])
+    # where memory is short, what does not fit is left to the first batch
     room = triton_experts.scratch_bytes(shape, 1100, dtype)
-    assert triton_experts.tuning_rows(shape, dtype, counts, reference, chunk, room) == [n for n in planned
-                                                                                       if n <= 1100]
+    assert triton_experts.tuning_plan(shape, dtype, counts, reference, chunk, room) == (0, [40, 392, 700, 1100])
 
 
 def test_the_full_modes_warm_up_is_the_fused_kernels_the_run_will_call(monkeypatch):
@@ -648,7 +697,7 @@ def test_the_full_modes_warm_up_is_the_fused_kernels_the_run_will_call(monkeypat
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
     from reap_vlm.families import QWEN3_VL_MOE
-    from reap_vlm.score import norms, triton_experts
+    from reap_vlm.score import triton_experts
 
     text = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, hidden_act="silu")
     config = {"model_type": "qwen3_vl_moe", "text_config": text}
@@ -656,11 +705,9 @@ def test_the_full_modes_warm_up_is_the_fused_kernels_the_run_will_call(monkeypat
     warm = QWEN3_VL_MOE.full_scoring_warm_up(config, torch.bfloat16, gpu)
     with torch.device("meta"):
         experts = Qwen3VLMoeTextExperts(Qwen3VLMoeTextConfig(**text)).to(torch.bfloat16)
-    x = torch.empty(1, 2048, dtype=torch.bfloat16, device="meta")
     assert warm.shape == tuple(experts.gate_up_proj.shape) == (128, 1536, 2048)
     assert warm.reference_bytes_per_row == QWEN3_VL_MOE.full_bytes_per_token(experts, torch.bfloat16)
     assert warm.reference == QWEN3_VL_MOE._all_expert_norms_bmm  # the path fastest races the kernels against
-    assert warm.chunk == norms.full_chunk_tokens(QWEN3_VL_MOE, experts, x, norms.CUDA_CHUNK_CAP)
     assert warm.devices == gpu and warm.dtype == torch.bfloat16
     # where the kernels will not run, nothing is warmed up
     assert QWEN3_VL_MOE.full_scoring_warm_up(config, torch.float32, gpu) is None

@@ -19,8 +19,8 @@ not every batch in flight.
 ``--encode-workers-kind auto`` follows the measurements end to end (reap.py routed, bench/RESULTS_scoring.md, issue
 18): on a text-heavy set processes won (11.90 s against 12.89 s; in the isolated loop a forward beside processes ran
 1.03x, beside threads 1.20x); on 1-4 MP photos processes won each of three end-to-end comparisons on an H200 (by 2%,
-2%, then 10% once reap.py's warm-up thread also ran Python beside the loop), although each batch's ~150 MB of pixels
-goes through /dev/shm.  So: processes where they fork and /dev/shm has room, else threads.
+2% and 10%), although each batch's ~150 MB of pixels goes through /dev/shm.  So: processes where they fork and
+/dev/shm has room, else threads.
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def worker_kind(requested: str, shm_short: bool = False) -> str:
 
 def start_method() -> str:
     """``fork`` on Linux: a forked worker has torch, transformers and the processor already.  Safe although this
-    process may have threads by then (CUDA's, NCCL's under torchrun, reap.py's warm-up thread compiling Triton
-    kernels and running CUDA work; never a loader or encoding thread of ours, started later): the child only runs
-    Python, Pillow, the tokenizer and CPU torch on one thread, never CUDA, NCCL, Triton or a lock those threads
-    hold, as DataLoader workers do.  Elsewhere ``spawn`` (macOS's system libraries are not safe to fork)."""
+    process may have threads by then (CUDA's, NCCL's under torchrun, reap.py's warm-up thread, held between two of
+    its steps while reap.py forks, ``WarmUp.quiet``; never a loader or encoding thread of ours, started later):
+    the child only runs Python, Pillow, the tokenizer and CPU torch on one thread, never CUDA, NCCL or a lock those
+    threads hold, as DataLoader workers do.  Elsewhere ``spawn`` (macOS's system libraries are not safe to fork)."""
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 

@@ -9,6 +9,8 @@ norm on the way.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -68,8 +70,9 @@ class FusedGateUpFamily(ModelFamily):
         from ..score import triton_experts
 
         if triton_experts.available(experts, x):
-            return triton_experts.fastest(experts, x, self._all_expert_norms_bmm,
-                                          self.full_bytes_per_token(experts, x.dtype))
+            with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # Triton launches on the current one
+                return triton_experts.fastest(experts, x, self._all_expert_norms_bmm,
+                                              self.full_bytes_per_token(experts, x.dtype))
         return self._all_expert_norms_bmm(experts, x)
 
     def _all_expert_norms_bmm(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -89,16 +92,14 @@ class FusedGateUpFamily(ModelFamily):
         """The fused Triton kernels' compilation and autotuning (``triton_experts.KernelWarmUp``) where the full
         mode will use them: most of a fresh process's first batch (14 s on a fresh H200)."""
         from ..score import triton_experts
-        from ..score.norms import CUDA_CHUNK_CAP, tokens_per_chunk
 
         if not devices or not triton_experts.can_run(dtype, devices[0].type,
                                                      self.text_section(config).get("hidden_act")):
             return None
         sizes = self.sizes(config)
         shape = (self.num_experts(config), sizes["2I"], sizes["H"])
-        reference = _bmm_bytes_per_token(shape, dtype)
-        return triton_experts.KernelWarmUp(shape, dtype, devices, self._all_expert_norms_bmm, reference,
-                                           tokens_per_chunk(CUDA_CHUNK_CAP, reference))
+        return triton_experts.KernelWarmUp(shape, dtype, devices, self._all_expert_norms_bmm,
+                                           _bmm_bytes_per_token(shape, dtype))
 
     def routed_forward(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor):

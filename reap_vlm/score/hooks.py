@@ -66,11 +66,6 @@ class ReapObserver:
         self._routing: dict[int, tuple] = {}  # (hidden, ids, weights) from the router, where the experts lack them
         self._handles: list = []
         self._patched: list[nn.Module] = []
-        self._warm_up = None
-
-    def wait_for(self, warm_up) -> None:
-        """Wait for ``warm_up`` (``score.warmup.WarmUp``: the kernels of this mode warmed up) before the first use."""
-        self._warm_up = warm_up
 
     def set_masks(self, attention_mask: torch.Tensor, image_mask: torch.Tensor) -> None:
         self.masks = TokenMasks.of(attention_mask, image_mask)
@@ -155,9 +150,6 @@ class ReapObserver:
         masks = self.masks
         if masks is None or masks.valid.numel() != hidden.shape[0]:
             raise RuntimeError("ReapObserver.set_masks must be called with the batch's masks before the forward")
-        if self._warm_up is not None:
-            self._warm_up.wait()
-            self._warm_up = None
         logits = self._logits.pop(layer)
         valid = masks.valid.to(hidden.device)
         all_norms = routed_norms = peaks = None

@@ -100,16 +100,18 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
                   max_pixels=settings.max_pixels, resume=resume, checkpoint_every=settings.checkpoint_every,
                   device=device)
     workers, kind = encoding
-    warm.tune(done)
-    observer.wait_for(warm.steps)  # before its first use (the layer-wise engine's loads are planned by then)
     if engine != "model":
+        warm.tune(done)
+        warm.steps.wait()  # compiled (no scratch to tune on: the engine plans its memory from what is free)
         run = run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
                             encode_kind=kind, **common)
         return {**run, **warm.report()}, t_load
     # the first batches are encoded while the model loads
-    stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
-                         settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
-                         pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype)
+    with warm.steps.quiet() if kind == "processes" else nullcontext():  # forked between two warm-up steps
+        stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
+                             settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
+                             pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype)
+    warm.tune(done)
     with stream:
         t_model = time.perf_counter()
         model = load_model(ckpt.path, dtype=dtype, device=device, spread=warm.spread)

@@ -35,9 +35,11 @@ _state = {"checked": False, "broken": None}  # process-wide: first use is checke
 _choice: dict[tuple, str] = {}  # per expert shape, dtype, device: "triton" or "bmm", whichever timed faster
 _MIN_TIMED_ROWS = 1024  # below this a timing says little; such calls take the kernels, undecided
 _TIMED_RUNS = 5  # runs per autotuning config
+_RACE_RUNS = 3  # runs of each path when racing the kernels against bmm
 _MIN_BN = 64  # the narrowest hidden tile among _down_sq's configs: its partial sums are sized for it
 _CHECKED_ROWS = 64  # rows of the first call checked against the PyTorch path
 _LAST_BUCKET = 14  # calls on 8,192 rows or more share their autotuning
+_COMPILING_THREADS = 8
 
 try:  # pragma: no cover - depends on the installation
     import triton
@@ -94,7 +96,8 @@ if triton is not None:
     # instead of timing every config again at every token bucket.
     _TUNING = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     # Token counts are not specialized on (Triton would compile every config twice, for counts that are multiples
-    # of 16 and for the others): rows are masked, and the tiles' loads run along the hidden size, not the tokens.
+    # of 16 and for the others): rows are masked and the tiles' loads run along the hidden size; only the small
+    # store of the partial sums runs along the tokens.
     _ANY_COUNT = ["T", "T_BUCKET"]
 
     def _configs(wide: bool):
@@ -223,6 +226,8 @@ def checked_norms(experts, x: torch.Tensor, reference) -> torch.Tensor | None:
             if not err <= 2e-2:  # bf16 rounding of the intermediates lands far below this
                 raise RuntimeError(f"fused kernels disagree with the PyTorch path (max rel err {err:.2e})")
         return all_expert_norms(experts, x)
+    except torch.OutOfMemoryError:  # the memory's fault, not the kernels'
+        raise
     except Exception as exc:  # a compiler or driver problem must not stop the scoring
         _state["broken"] = str(exc)
         log.warning("fused Triton expert kernels off, using batched matmuls: %s", exc)
@@ -246,16 +251,21 @@ def token_buckets(counts, chunk: int) -> dict[int, int]:
     return buckets
 
 
-def tuning_rows(shape: tuple[int, int, int], dtype: torch.dtype, counts: list[int], reference_bytes_per_row: int,
-                chunk: int, room_bytes: int) -> list[int]:
-    """Rows to autotune on ahead, one count per bucket, ascending: the calls of ``fastest`` on batches of
-    ``counts`` rows (cut into chunks of ``chunk``), with the first call's 64-row check and its timing probe
-    (``timed_rows``), as far as scratch experts and the largest call fit in ``room_bytes``."""
+def tuning_plan(shape: tuple[int, int, int], dtype: torch.dtype, counts: list[int], reference_bytes_per_row: int,
+                chunk: int, room_bytes: int) -> tuple[int, list[int]]:
+    """What to run ahead on scratch experts of ``shape`` ([E, 2I, H]) for calls on batches of ``counts`` rows (each
+    cut into chunks of ``chunk``, as ``norms.all_expert_norms`` cuts them): (the first call's rows, for its check
+    against the bmm path and its race with it, which tune its bucket, its 64-row check's and its probe's; 0 where it
+    does not fit in ``room_bytes``), and one count per other bucket the calls use, the largest, ascending, as far as
+    each fits."""
     first = min(counts[0], chunk) if counts else 0
-    probe = first * _row_bytes(shape, dtype) // max(reference_bytes_per_row, 1)
-    probes = [_CHECKED_ROWS] + ([probe] if probe >= _MIN_TIMED_ROWS else [])
-    buckets = token_buckets([c for c in [*counts, *probes] if c], chunk)
-    return [n for _, n in sorted(buckets.items()) if scratch_bytes(shape, n, dtype) <= room_bytes]
+    if not first or scratch_bytes(shape, first, dtype) > room_bytes:
+        first = 0
+    probe = _probe_rows(shape, first, dtype, reference_bytes_per_row)
+    raced = {bucket_of(n) for n in (first, _CHECKED_ROWS, probe if probe >= _MIN_TIMED_ROWS else first)}
+    buckets = token_buckets(counts, chunk)
+    rows = [n for b, n in sorted(buckets.items()) if not (first and b in raced)]
+    return first, [n for n in rows if scratch_bytes(shape, n, dtype) <= room_bytes]
 
 
 def scratch_bytes(shape: tuple[int, int, int], rows: int, dtype: torch.dtype) -> int:
@@ -269,21 +279,19 @@ def scratch_bytes(shape: tuple[int, int, int], rows: int, dtype: torch.dtype) ->
 class KernelWarmUp:
     """What a process's first calls of ``fastest`` would do on experts of ``shape`` ([E, 2I, H]), done ahead (on a
     side thread while the model loads): ``compile`` both kernels for every autotuning config on each of ``devices``,
-    then ``tune`` them on scratch experts.  ``reference_bytes_per_row``: the bmm path's working memory per row;
-    ``chunk``: the rows ``norms.all_expert_norms`` cuts a call into at most."""
+    then ``tune`` them on scratch experts.  ``reference``: the bmm path, (experts, x) -> [T, E] norms, and its working
+    memory per row."""
 
     shape: tuple[int, int, int]
     dtype: torch.dtype
     devices: list[torch.device]
-    reference: Callable  # the bmm path, (experts, x) -> [T, E] norms
+    reference: Callable
     reference_bytes_per_row: int
-    chunk: int
-    workers: int = 8  # compiling threads
 
     def compile(self) -> dict:
         _, two_i, hidden = self.shape
         inter = two_i // 2
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="reap-triton") as pool:
+        with ThreadPoolExecutor(_COMPILING_THREADS, thread_name_prefix="reap-triton") as pool:
             for device in self.devices:
                 with torch.cuda.device(device), triton.AsyncCompileMode(pool):
                     _gate_up_act.warmup(self.dtype, self.dtype, self.dtype, 1, hidden, inter, hidden, 1, grid=(1,))
@@ -291,36 +299,44 @@ class KernelWarmUp:
                                     triton.cdiv(hidden, _MIN_BN), 1, grid=(1,))
         return {"kernels": compiled_kernels()}
 
-    def tune(self, counts: list[int], room_bytes: int) -> dict:
+    def tune(self, counts: list[int], room_bytes: int, chunk: int) -> dict:
         """On scratch experts on the first device (weights of a trained model's scale), on a side stream of its
-        own, as far as they fit in ``room_bytes``: the first call's check against the bmm path and its race with it
-        (``fastest``: the choice is kept per shape, dtype and device, so the real experts' calls take it), then
-        autotuning at every other bucket the calls on batches of ``counts`` rows will use (``tuning_rows``)."""
-        rows = tuning_rows(self.shape, self.dtype, counts, self.reference_bytes_per_row, self.chunk, room_bytes)
-        first = min(counts[0], self.chunk) if counts else 0
-        if not rows or first not in rows:
-            return {"buckets": []}
+        own, what ``tuning_plan`` says for calls on batches of ``counts`` rows cut into chunks of ``chunk``: the
+        first call's check against the bmm path and its race with it (``fastest``: the choice is kept per shape,
+        dtype and device, so the real experts' calls take it), then autotuning at every other bucket."""
+        first, rows = tuning_plan(self.shape, self.dtype, counts, self.reference_bytes_per_row, chunk, room_bytes)
+        if not first and not rows:
+            return {"buckets": [], "skipped": "no room for scratch experts" if counts else "no batch lengths"}
         num, two_i, hidden = self.shape
         device = self.devices[0]
         scale = hidden ** -0.5
         experts = SimpleNamespace(act_fn=torch.nn.functional.silu)
-        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
-            experts.gate_up_proj = torch.randn(self.shape, device=device).mul_(scale).to(self.dtype)
-            experts.down_proj = torch.randn(num, hidden, two_i // 2, device=device).mul_(scale).to(self.dtype)
-            x = torch.randn(max(rows), hidden, dtype=self.dtype, device=device)
-            fastest(experts, x[:first], self.reference, self.reference_bytes_per_row)
-            for n in rows:
-                all_expert_norms(experts, x[:n])
-            torch.cuda.current_stream().synchronize()
-            key = (self.shape, self.dtype, str(x.device))
-            del experts, x
-            torch.cuda.empty_cache()  # blocks freed on this stream would serve no other: back to the driver
-        return {"buckets": [bucket_of(n) for n in rows], "path": _choice.get(key)}
+        saved, x = (dict(_state), dict(_choice)), None
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+                experts.gate_up_proj = torch.randn(self.shape, dtype=self.dtype, device=device).mul_(scale)
+                experts.down_proj = torch.randn(num, hidden, two_i // 2, dtype=self.dtype, device=device).mul_(scale)
+                x = torch.randn(max(first, *rows), hidden, dtype=self.dtype, device=device)
+                if first:
+                    fastest(experts, x[:first], self.reference, self.reference_bytes_per_row)
+                for n in rows:
+                    all_expert_norms(experts, x[:n])
+                torch.cuda.current_stream().synchronize()
+                path = _choice.get((self.shape, self.dtype, str(x.device)))
+        except torch.OutOfMemoryError:  # scratch's fault, not the kernels': the first batch checks and tunes them
+            _state.update(saved[0])
+            _choice.clear()
+            _choice.update(saved[1])
+            raise
+        finally:
+            experts = x = None
+            torch.cuda.empty_cache()  # blocks freed on that stream would serve no other: back to the driver
+        return {"buckets": sorted({bucket_of(n) for n in [first, *rows] if n}), "path": path}
 
 
 def compiled_kernels() -> int:
-    """Compiled variants of both kernels in this process, all devices (a bench checks that none is added after
-    ``warm``)."""
+    """Compiled variants of both kernels in this process, all devices (bench_scoring_phase.py reports it after a run,
+    to compare with the count after ``KernelWarmUp.compile``: none compiled in the loop)."""
     return sum(len(caches[0]) for kernel in (_gate_up_act, _down_sq) for caches in kernel.fn.device_caches.values())
 
 
@@ -346,7 +362,11 @@ def _row_bytes(shape: tuple[int, int, int], dtype: torch.dtype) -> int:
 def timed_rows(experts, rows: int, dtype: torch.dtype, reference_bytes_per_row: int) -> int:
     """Rows to time both paths on, for a call on ``rows`` rows: as many as keep the reference's working
     memory within the fused kernels' on all rows, so deciding costs no more peak memory than scoring."""
-    return rows * bytes_per_row(experts, dtype) // max(reference_bytes_per_row, 1)
+    return _probe_rows(tuple(experts.gate_up_proj.shape), rows, dtype, reference_bytes_per_row)
+
+
+def _probe_rows(shape: tuple[int, int, int], rows: int, dtype: torch.dtype, reference_bytes_per_row: int) -> int:
+    return rows * _row_bytes(shape, dtype) // max(reference_bytes_per_row, 1)
 
 
 def fastest(experts, x: torch.Tensor, reference, reference_bytes_per_row: int) -> torch.Tensor:
@@ -367,8 +387,9 @@ def fastest(experts, x: torch.Tensor, reference, reference_bytes_per_row: int) -
         try:
             reference(experts, probe)  # warm: cuBLAS picks its kernels for this shape
             all_expert_norms(experts, probe)
-            fused = _seconds(lambda: all_expert_norms(experts, probe))
-            bmm = _seconds(lambda: reference(experts, probe))
+            runs = [(_seconds(lambda: all_expert_norms(experts, probe)), _seconds(lambda: reference(experts, probe)))
+                    for _ in range(_RACE_RUNS)]  # alternated, the best of each: other work on the GPU (a model
+            fused, bmm = (min(times) for times in zip(*runs))  # loading, another process) weighs on both alike
         except Exception as exc:  # e.g. out of memory for the second path: keep the one that ran
             log.warning("could not time the all-experts paths (%s); keeping the fused kernels", exc)
             fused, bmm = 0.0, 1.0

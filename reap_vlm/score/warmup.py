@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import partial
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from ..checkpoint.reader import Checkpoint
 from ..settings import Settings
 from .distributed import DistContext
 from .engine import model_bytes
+from .norms import CUDA_CHUNK_CAP, tokens_per_chunk
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,16 @@ RESERVE_CAP = 16 << 30  # bytes the first forwards may take from PyTorch's cache
 
 class WarmUp:
     """Steps run in the order added on one daemon thread, started by the first ``add``; ``wait`` runs the last and
-    joins.  ``report``: what each step returned and its seconds, and how long the caller waited."""
+    joins; ``quiet`` holds them off (for a fork).  ``report``: what each step returned and its seconds, and how long
+    the caller waited."""
 
     def __init__(self):
         self.results: dict[str, dict] = {}
         self.waited = 0.0
         self._steps: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._closed = False
+        self._running = threading.Lock()  # held while a step runs
+        self._closed = self._abandoned = False
 
     def add(self, name: str, work: Callable[[], dict | None] | None) -> None:
         if work is None or self._closed:
@@ -51,24 +55,38 @@ class WarmUp:
     def _run(self) -> None:
         while (step := self._steps.get()) is not None:
             name, work = step
-            t0 = time.perf_counter()
-            try:
-                result = dict(work() or {})
-            except Exception as exc:  # a compiler, driver or memory problem: the first batch does the work instead
-                log.warning("warm-up step %r failed (%s); the first batch does its work", name, exc)
-                result = {"error": str(exc)}
-            self.results[name] = {**result, "seconds": round(time.perf_counter() - t0, 3)}
+            with self._running:
+                t0 = time.perf_counter()
+                try:
+                    result = dict(work() or {})
+                except Exception as exc:  # a compiler, driver or memory problem: the first batch does the work
+                    log.warning("warm-up step %r failed (%s); the first batch does its work", name, exc)
+                    result = {"error": str(exc)}
+                self.results[name] = {**result, "seconds": round(time.perf_counter() - t0, 3)}
+
+    @contextmanager
+    def quiet(self):
+        """No step runs within (one running ends first): a process forked here inherits no lock a step holds (an
+        import's, a library loader's)."""
+        with self._running:
+            yield
 
     def wait(self) -> None:
-        self.abandon()
-        if self._thread is not None:
+        """Every step added done; after ``abandon``, nothing waited for."""
+        self._close()
+        if self._thread is not None and not self._abandoned:
             t0 = time.perf_counter()
             self._thread.join()
             self.waited += time.perf_counter() - t0
             self._thread = None
 
     def abandon(self) -> None:
-        """No step is added from now on; the thread ends after the one it runs, unwaited for."""
+        """No step is added from now on, and none is waited for: the thread ends after the one it runs (the process
+        exits once a compilation in flight ends)."""
+        self._close()
+        self._abandoned = True
+
+    def _close(self) -> None:
         if not self._closed and self._thread is not None:
             self._steps.put(None)
         self._closed = True
@@ -82,7 +100,7 @@ class WarmUp:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None:
             self.wait()
-        else:  # an error: said at once, the daemon thread left to end with its step
+        else:  # an error: said at once
             self.abandon()
 
 
@@ -121,14 +139,14 @@ def reserve_memory(device: str | torch.device) -> int:
 
 class ScoringWarmUp:
     """reap.py's warm-up, started once the device and dtype are known: CUDA's libraries and, in full mode, the fused
-    kernels compiled at once; the kernels tuned once the batches' lengths are known (``batches``, then ``tune``);
-    everything joined, then memory reserved, once the model is loaded (``loaded``, in the scoring phase: the first
-    batch would disturb the tuning's timings).  ``steps``: the ``WarmUp`` the observer waits for."""
+    kernels compiled at once; the kernels tuned once the batches' lengths are known (``batches``, then ``tune``;
+    it overlaps the model's load); everything joined, then memory reserved, once the model is loaded (``loaded``,
+    in the scoring phase: the first batch would disturb the tuning's timings).  ``steps``: the ``WarmUp``."""
 
     def __init__(self, settings: Settings, ckpt: Checkpoint, engine: str, dtype: torch.dtype, device: str,
                  dist: DistContext):
         self.steps = WarmUp()
-        self.engine, self.ckpt = engine, ckpt
+        self.engine, self.ckpt, self.settings = engine, ckpt, settings
         self.spread = not dist.enabled and engine == "model"  # load_model's spread
         self.counts: list[int] = []
         self.kernels = None
@@ -136,10 +154,13 @@ class ScoringWarmUp:
         self.reserved = 0
         if not device.startswith("cuda"):
             return
-        self.steps.add("cuda libraries", partial(start_cuda_libraries, device, dtype, **model_widths(ckpt)))
+        self.steps.add("cuda libraries", lambda: start_cuda_libraries(device, dtype, **model_widths(ckpt)))
         self.devices = _gpus(device, spreads(device, self.spread))
         if settings.scoring_mode == "full" and not ckpt.quantization:
-            self.kernels = ckpt.family.full_scoring_warm_up(ckpt.config, dtype, self.devices)
+            try:
+                self.kernels = ckpt.family.full_scoring_warm_up(ckpt.config, dtype, self.devices)
+            except Exception as exc:  # best effort, like every step
+                log.warning("the fused kernels are not warmed up (%s); the first batch does it", exc)
         if self.kernels is not None:
             self.steps.add("fused kernels compiled", self.kernels.compile)
 
@@ -148,14 +169,17 @@ class ScoringWarmUp:
         self.counts = token_counts
 
     def tune(self, done: int) -> None:
-        """Tune the kernels for the batches from ``done`` on, with scratch experts only where the whole model leaves
-        room for them once loaded (the layer-wise engine plans its memory from what is free: no scratch)."""
+        """Tune the kernels for the batches from ``done`` on (unsorted: as if each held ``--batch-size`` samples of
+        ``--max-seq-len`` tokens), with scratch experts only where the whole model leaves room for them once loaded
+        (the layer-wise engine plans its memory from what is free: no scratch), in the chunks that room gives."""
         if self.kernels is None:
             return
-        room = 0
+        counts = self.counts[done:] or [self.settings.batch_size * self.settings.max_seq_len]
+        left = 0
         if self.engine == "model":
-            room = max((free_memory_bytes(self.devices[0]) - model_bytes(self.ckpt) // len(self.devices)) // 4, 0)
-        self.steps.add("fused kernels tuned", partial(self.kernels.tune, self.counts[done:], room))
+            left = max(free_memory_bytes(self.devices[0]) - model_bytes(self.ckpt) // len(self.devices), 0)
+        chunk = tokens_per_chunk(min(left // 2, CUDA_CHUNK_CAP), self.kernels.reference_bytes_per_row)
+        self.steps.add("fused kernels tuned", partial(self.kernels.tune, counts, left // 4, chunk))
 
     def loaded(self) -> None:
         self.steps.wait()
