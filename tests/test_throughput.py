@@ -556,27 +556,59 @@ def test_an_abandoned_warm_up_is_not_waited_for():
             break
         time.sleep(0.05)
     assert not any(t.name == "reap-warm-up" for t in threading.enumerate())
-    assert warm.report()["after"] == {"ran": True, "seconds": warm.report()["after"]["seconds"]}  # queued before
+    assert "slow" in warm.report() and "after" not in warm.report()  # the step running ended; the next, dropped
 
 
-def test_a_rerun_with_nothing_left_to_score_does_not_wait_for_the_warm_up(tiny_model, calibration, tmp_path,
-                                                                        monkeypatch):
+def test_a_rerun_with_nothing_left_to_score_drops_the_warm_ups_steps_not_begun(tiny_model, calibration, tmp_path,
+                                                                              monkeypatch):
     import reap_vlm.score.job as job
 
-    release, finished = threading.Event(), threading.Event()
+    abandoned, ran = threading.Event(), []
 
-    class SlowWarming(job.ScoringWarmUp):
+    class Warming(job.ScoringWarmUp):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.steps.add("slow", lambda: {"released": release.wait(5), "finished": finished.set()})
+            self.steps.add("running", lambda: {"abandoned": abandoned.wait(10)})  # until the job gives up
+            self.steps.add("not begun", lambda: ran.append("not begun"))
+
+        def abandon(self):
+            super().abandon()
+            abandoned.set()
 
     settings = _settings(tiny_model, calibration / "text.json", tmp_path / "out", sort_window=4)
     run_reap(settings)
-    monkeypatch.setattr(job, "ScoringWarmUp", SlowWarming)
+    monkeypatch.setattr(job, "ScoringWarmUp", Warming)
+    t0 = time.perf_counter()
     again = run_reap(settings)  # scored before: selects again, loads nothing
-    assert again["run"]["resumed_from"] == again["run"]["batches"] and not finished.is_set()
-    release.set()
-    assert finished.wait(5)
+    assert again["run"]["resumed_from"] == again["run"]["batches"] and abandoned.is_set()
+    assert ran == [] and time.perf_counter() - t0 < 5  # the running step ended, the next was dropped
+    assert not any(t.name == "reap-warm-up" for t in threading.enumerate())
+
+
+def test_quiet_waits_for_the_step_running_only():
+    """A fork inside ``quiet`` waits for the step running, not for the steps queued behind it (Python's locks are
+    not fair: the thread would take the next step first)."""
+    from reap_vlm.score.warmup import WarmUp
+
+    started = threading.Event()
+
+    def step(seconds):
+        def work():
+            started.set()
+            time.sleep(seconds)
+        return work
+
+    warm = WarmUp()
+    warm.add("running", step(0.3))
+    warm.add("queued", step(1.0))
+    warm.add("queued too", step(1.0))
+    started.wait(5)
+    t0 = time.perf_counter()
+    with warm.quiet():
+        held = time.perf_counter() - t0
+    warm.abandon()
+    warm.wait()
+    assert held < 0.9 and "running" in warm.results and "queued too" not in warm.results
 
 
 @pytest.mark.parametrize("engine", ["model", "layerwise"])
@@ -622,9 +654,12 @@ def test_reap_py_warms_up_while_it_loads_and_scores_only_once_the_warm_up_is_don
     report = warmed["run"]["warm_up"]
     assert report["slow"]["seconds"] >= 0.4 and report["broken"]["error"] == "division by zero"
     assert events["started"] < events["slow_done"] < events["first_observe"]
-    # the tuning step got this run's batches' estimated lengths: the encoded batches' valid tokens (text: exact)
-    assert sum(report["tuned"]["counts"]) == warmed["num_tokens"]["total"]
-    assert len(report["tuned"]["counts"]) == warmed["run"]["batches"]
+    if engine == "model":  # the layer-wise engine has no scratch to tune on
+        # the tuning step got this run's batches' estimated lengths: the encoded batches' valid tokens (text: exact)
+        assert sum(report["tuned"]["counts"]) == warmed["num_tokens"]["total"]
+        assert len(report["tuned"]["counts"]) == warmed["run"]["batches"]
+    else:
+        assert "tuned" not in report
     assert warmed["metrics"] == plain["metrics"]
 
 
@@ -642,21 +677,12 @@ def test_a_ranks_estimated_batch_tokens_are_its_encoded_batches(tiny_model, cali
     assert unsorted.batch_tokens(samples, 2) == []
 
 
-def test_the_kernels_are_tuned_ahead_at_the_buckets_their_calls_use(monkeypatch):
-    """``tuning_rows`` plans one autotuning per bucket that the full mode's calls of the fused kernels will use: each
-    batch's rows cut into chunks as ``norms.all_expert_norms`` cuts them, the first call's check and its timing
-    probe.  The calls are recorded here through ``fastest`` itself, the kernels stood in for by the bmm path."""
-    from types import SimpleNamespace
-
+def _recorded_kernels(monkeypatch) -> list[int]:
+    """``triton_experts``' kernels stood in for by the bmm path (on the CPU), the rows of every call recorded, every
+    timing 1 s (so the race is run and the kernels win it), its process-wide choices fresh."""
     from reap_vlm.families import QWEN3_VL_MOE
-    from reap_vlm.score import norms, triton_experts
+    from reap_vlm.score import triton_experts
 
-    num, inter, hidden = 8, 48, 96
-    experts = SimpleNamespace(gate_up_proj=torch.randn(num, 2 * inter, hidden),
-                              down_proj=torch.randn(num, hidden, inter), num_experts=num,
-                              act_fn=torch.nn.functional.silu)
-    shape, dtype = tuple(experts.gate_up_proj.shape), torch.float32
-    reference = QWEN3_VL_MOE.full_bytes_per_token(experts, dtype)
     calls: list[int] = []
 
     def kernels(experts, x, config=None):
@@ -665,9 +691,31 @@ def test_the_kernels_are_tuned_ahead_at_the_buckets_their_calls_use(monkeypatch)
 
     monkeypatch.setattr(triton_experts, "available", lambda experts, x: True)
     monkeypatch.setattr(triton_experts, "all_expert_norms", kernels)
-    monkeypatch.setattr(triton_experts, "_seconds", lambda fn: fn() or 1.0)
+    monkeypatch.setattr(triton_experts, "_seconds", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(triton_experts, "_state", {"checked": False, "broken": None})
     monkeypatch.setattr(triton_experts, "_choice", {})
+    return calls
+
+
+def _small_experts():
+    from types import SimpleNamespace
+
+    num, inter, hidden = 8, 48, 96
+    return SimpleNamespace(gate_up_proj=torch.randn(num, 2 * inter, hidden), down_proj=torch.randn(num, hidden, inter),
+                           num_experts=num, act_fn=torch.nn.functional.silu)
+
+
+def test_the_kernels_are_tuned_ahead_at_the_buckets_their_calls_use(monkeypatch):
+    """``tuning_plan`` plans the first call's race (its check, its probe) and one autotuning per other bucket that
+    the full mode's calls of the fused kernels will use, each batch's rows cut into chunks as
+    ``norms.all_expert_norms`` cuts them.  The calls are recorded through ``fastest`` itself."""
+    from reap_vlm.families import QWEN3_VL_MOE
+    from reap_vlm.score import norms, triton_experts
+
+    experts = _small_experts()
+    shape, dtype, hidden = tuple(experts.gate_up_proj.shape), torch.float32, experts.gate_up_proj.shape[2]
+    reference = QWEN3_VL_MOE.full_bytes_per_token(experts, dtype)
+    calls = _recorded_kernels(monkeypatch)
     budget = 4700 * reference  # chunks of 4,608 rows
     counts = [5000, 2500, 700, 40, 9000, 1100]
     for count in counts:
@@ -675,21 +723,50 @@ def test_the_kernels_are_tuned_ahead_at_the_buckets_their_calls_use(monkeypatch)
     chunk = norms.tokens_per_chunk(budget, reference)
     assert chunk == 4608
     probe = triton_experts.timed_rows(experts, chunk, dtype, reference)
-    assert calls == [64, 4608, probe, probe, 392, 2500, 700, 40, 4608, 4392, 1100]  # check, timing probe (twice)
+    raced = [probe] * (1 + triton_experts._RACE_RUNS)  # warmed once, then timed
+    assert calls == [64, 4608, *raced, 392, 2500, 700, 40, 4608, 4392, 1100]
     bucket = triton_experts.bucket_of
     first, rows = triton_experts.tuning_plan(shape, dtype, counts, reference, chunk, room_bytes=1 << 40)
     assert first == 4608 and rows == sorted(rows)  # the first call raced: its check's and probe's buckets with it
     assert {bucket(n) for n in calls} == {bucket(n) for n in [first, 64, probe, *rows]}
     assert not {bucket(n) for n in rows} & {bucket(n) for n in (first, 64, probe)}  # nothing tuned twice
-    # 8,192 rows and more share one autotuning, at the largest such call
+    # 8,192 rows and more share one autotuning
     assert bucket(8191) == 13 and bucket(8192) == bucket(16384) == 14
-    # a later batch longer than the first in its bucket: still raced on the first, tuned at the longer
+    # a later batch longer than the first in its bucket: that bucket tuned by the race, on the first's rows
     assert triton_experts.tuning_plan(shape, dtype, [3000, 4000, 900], reference, 30000, 1 << 40) == (3000, [900])
-    assert triton_experts.tuning_plan(shape, dtype, [9000, 20000, 13000], reference, 30000, 1 << 40)[0] == 9000
+    assert triton_experts.tuning_plan(shape, dtype, [9000, 20000, 13000], reference, 30000, 1 << 40) == (9000, [])
     assert triton_experts.tuning_plan(shape, dtype, [], reference, chunk, 1 << 40) == (0, [])
     # where memory is short, what does not fit is left to the first batch
     room = triton_experts.scratch_bytes(shape, 1100, dtype)
     assert triton_experts.tuning_plan(shape, dtype, counts, reference, chunk, room) == (0, [40, 392, 700, 1100])
+
+
+@pytest.mark.parametrize("counts", [[5000, 2500, 700, 40, 9000, 1100], [3000, 3500], [9000, 20000, 13000]])
+def test_tuning_ahead_runs_what_it_planned_and_the_run_keeps_its_race(monkeypatch, counts):
+    """``KernelWarmUp.tune`` on scratch experts (here on the CPU, the kernels stood in for): the first call's race
+    and the planned buckets run, the race's choice is kept for the real experts' shape, and their first call
+    neither checks nor races again."""
+    from reap_vlm.families import QWEN3_VL_MOE
+    from reap_vlm.score import triton_experts
+
+    experts = _small_experts()
+    shape, dtype = tuple(experts.gate_up_proj.shape), torch.float32
+    reference = QWEN3_VL_MOE.full_bytes_per_token(experts, dtype)
+    calls = _recorded_kernels(monkeypatch)
+    warm = triton_experts.KernelWarmUp(shape, dtype, [torch.device("cpu")], QWEN3_VL_MOE._all_expert_norms_bmm,
+                                       reference)
+    done = warm.tune(counts, room_bytes=1 << 40, chunk=4608)
+    first, rows = triton_experts.tuning_plan(shape, dtype, counts, reference, 4608, 1 << 40)
+    bucket = triton_experts.bucket_of
+    raced = triton_experts.timed_rows(experts, first, dtype, reference) >= triton_experts._MIN_TIMED_ROWS
+    assert done["path"] == ("triton" if raced else None)  # a probe under 1,024 rows: a later call races
+    assert done["buckets"] == sorted({bucket(n) for n in [first, *rows]})
+    assert calls[:2] == [64, first] and calls[-len(rows) or len(calls):] == rows
+    assert triton_experts._state["checked"] and not triton_experts._state["broken"]
+    calls.clear()
+    x = torch.randn(first, shape[2])
+    triton_experts.fastest(experts, x, QWEN3_VL_MOE._all_expert_norms_bmm, reference)
+    assert calls == [first]  # no check (64 rows), no race: only the call itself
 
 
 def test_the_full_modes_warm_up_is_the_fused_kernels_the_run_will_call(monkeypatch):

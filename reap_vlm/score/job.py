@@ -101,8 +101,7 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
                   device=device)
     workers, kind = encoding
     if engine != "model":
-        warm.tune(done)
-        warm.steps.wait()  # compiled (no scratch to tune on: the engine plans its memory from what is free)
+        warm.steps.wait()  # compiled; no scratch to tune on (the engine plans its memory from what is free)
         run = run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
                             encode_kind=kind, **common)
         return {**run, **warm.report()}, t_load

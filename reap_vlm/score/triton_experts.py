@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -313,15 +314,14 @@ class KernelWarmUp:
         experts = SimpleNamespace(act_fn=torch.nn.functional.silu)
         saved, x = (dict(_state), dict(_choice)), None
         try:
-            with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            with _side_stream(device):
                 experts.gate_up_proj = torch.randn(self.shape, dtype=self.dtype, device=device).mul_(scale)
                 experts.down_proj = torch.randn(num, hidden, two_i // 2, dtype=self.dtype, device=device).mul_(scale)
-                x = torch.randn(max(first, *rows), hidden, dtype=self.dtype, device=device)
+                x = torch.randn(max([first, *rows]), hidden, dtype=self.dtype, device=device)
                 if first:
                     fastest(experts, x[:first], self.reference, self.reference_bytes_per_row)
                 for n in rows:
                     all_expert_norms(experts, x[:n])
-                torch.cuda.current_stream().synchronize()
                 path = _choice.get((self.shape, self.dtype, str(x.device)))
         except torch.OutOfMemoryError:  # scratch's fault, not the kernels': the first batch checks and tunes them
             _state.update(saved[0])
@@ -330,8 +330,20 @@ class KernelWarmUp:
             raise
         finally:
             experts = x = None
-            torch.cuda.empty_cache()  # blocks freed on that stream would serve no other: back to the driver
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # blocks freed on that stream would serve no other: back to the driver
         return {"buckets": sorted({bucket_of(n) for n in [first, *rows] if n}), "path": path}
+
+
+@contextmanager
+def _side_stream(device: torch.device):
+    """On a GPU: a stream of its own on ``device``, synchronized at the end (nothing to do on the CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+        yield
+        torch.cuda.current_stream().synchronize()
 
 
 def compiled_kernels() -> int:

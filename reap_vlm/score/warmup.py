@@ -33,16 +33,18 @@ RESERVE_CAP = 16 << 30  # bytes the first forwards may take from PyTorch's cache
 
 class WarmUp:
     """Steps run in the order added on one daemon thread, started by the first ``add``; ``wait`` runs the last and
-    joins; ``quiet`` holds them off (for a fork).  ``report``: what each step returned and its seconds, and how long
-    the caller waited."""
+    joins; ``quiet`` holds them off (for a fork); ``abandon`` drops the steps not begun.  ``report``: what each step
+    returned and its seconds, and how long the caller waited."""
 
     def __init__(self):
         self.results: dict[str, dict] = {}
         self.waited = 0.0
         self._steps: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._running = threading.Lock()  # held while a step runs
-        self._closed = self._abandoned = False
+        self._turn = threading.Condition()  # guards _busy and _held
+        self._busy = False  # a step runs
+        self._held = 0  # callers inside quiet
+        self._closed = False
 
     def add(self, name: str, work: Callable[[], dict | None] | None) -> None:
         if work is None or self._closed:
@@ -54,37 +56,60 @@ class WarmUp:
 
     def _run(self) -> None:
         while (step := self._steps.get()) is not None:
-            name, work = step
-            with self._running:
-                t0 = time.perf_counter()
-                try:
-                    result = dict(work() or {})
-                except Exception as exc:  # a compiler, driver or memory problem: the first batch does the work
-                    log.warning("warm-up step %r failed (%s); the first batch does its work", name, exc)
-                    result = {"error": str(exc)}
-                self.results[name] = {**result, "seconds": round(time.perf_counter() - t0, 3)}
+            with self._turn:
+                while self._held:
+                    self._turn.wait()
+                self._busy = True
+            try:
+                self._step(*step)
+            finally:
+                with self._turn:
+                    self._busy = False
+                    self._turn.notify_all()
+
+    def _step(self, name: str, work: Callable[[], dict | None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = dict(work() or {})
+        except Exception as exc:  # a compiler, driver or memory problem: the first batch does the work instead
+            log.warning("warm-up step %r failed (%s); the first batch does its work", name, exc)
+            result = {"error": str(exc)}
+        self.results[name] = {**result, "seconds": round(time.perf_counter() - t0, 3)}
 
     @contextmanager
     def quiet(self):
-        """No step runs within (one running ends first): a process forked here inherits no lock a step holds (an
-        import's, a library loader's)."""
-        with self._running:
+        """No step runs within: the one running ends first, the next waits (a process forked here inherits no lock
+        a step holds, an import's or a library loader's).  Not for a step's own use."""
+        with self._turn:
+            self._held += 1
+            while self._busy:
+                self._turn.wait()
+        try:
             yield
+        finally:
+            with self._turn:
+                self._held -= 1
+                self._turn.notify_all()
 
     def wait(self) -> None:
-        """Every step added done; after ``abandon``, nothing waited for."""
+        """Every step added done (after ``abandon``: the one running)."""
         self._close()
-        if self._thread is not None and not self._abandoned:
+        if self._thread is not None:
             t0 = time.perf_counter()
             self._thread.join()
             self.waited += time.perf_counter() - t0
             self._thread = None
 
     def abandon(self) -> None:
-        """No step is added from now on, and none is waited for: the thread ends after the one it runs (the process
-        exits once a compilation in flight ends)."""
-        self._close()
-        self._abandoned = True
+        """No step is added or begun from now on; the one running ends on its own."""
+        while True:
+            try:
+                self._steps.get_nowait()
+            except queue.Empty:
+                break
+        self._closed = True
+        if self._thread is not None:
+            self._steps.put(None)
 
     def _close(self) -> None:
         if not self._closed and self._thread is not None:
@@ -98,7 +123,7 @@ class WarmUp:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
+        if exc_type is None:  # the step running (all of them, unless abandoned) ends before the process may
             self.wait()
         else:  # an error: said at once
             self.abandon()
@@ -170,14 +195,13 @@ class ScoringWarmUp:
 
     def tune(self, done: int) -> None:
         """Tune the kernels for the batches from ``done`` on (unsorted: as if each held ``--batch-size`` samples of
-        ``--max-seq-len`` tokens), with scratch experts only where the whole model leaves room for them once loaded
-        (the layer-wise engine plans its memory from what is free: no scratch), in the chunks that room gives."""
-        if self.kernels is None:
+        ``--max-seq-len`` tokens), with scratch experts where the whole model leaves room for them once loaded, in
+        the chunks that room gives.  The whole-model engine only: the layer-wise one plans its memory from what is
+        free."""
+        if self.kernels is None or self.engine != "model":
             return
         counts = self.counts[done:] or [self.settings.batch_size * self.settings.max_seq_len]
-        left = 0
-        if self.engine == "model":
-            left = max(free_memory_bytes(self.devices[0]) - model_bytes(self.ckpt) // len(self.devices), 0)
+        left = max(free_memory_bytes(self.devices[0]) - model_bytes(self.ckpt) // len(self.devices), 0)
         chunk = tokens_per_chunk(min(left // 2, CUDA_CHUNK_CAP), self.kernels.reference_bytes_per_row)
         self.steps.add("fused kernels tuned", partial(self.kernels.tune, counts, left // 4, chunk))
 
@@ -187,7 +211,7 @@ class ScoringWarmUp:
             self.reserved = reserve_memory(self.devices[0])
 
     def abandon(self) -> None:
-        """Nothing left to score: the steps queued end on their own, unwaited for."""
+        """Nothing left to score: the steps not begun are dropped."""
         self.steps.abandon()
 
     def report(self) -> dict:
