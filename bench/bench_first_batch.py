@@ -12,7 +12,7 @@ variant's warm-up started on a side thread, the model loaded, the warm-up joined
 (reap.py's attention kernels), timed one by one: the process's first forwards; then the same batches again, warm.
 Variants:
 
-* ``cold``: no warm-up (reap.py's first batches today);
+* ``cold``: no warm-up (reap.py's first batches before its warm-up);
 * ``libs``: reap.py's ``start_cuda_libraries`` (reap_vlm/score/warmup.py) on the side thread during the load: a
   matmul, a batched matmul, a Conv3d and scaled-dot-product attention in the model's dtype at its widths, so that
   cuBLAS, cuBLASLt and cuDNN start and create their handles and workspaces;
@@ -169,8 +169,12 @@ def main() -> None:
         if not clock.allows(f"variant {variant}", longest):
             continue
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, *passed, "--variant", variant], capture_output=True,
-                              text=True, timeout=max(clock.left(), 1))
+        try:
+            proc = subprocess.run([sys.executable, __file__, *passed, "--variant", variant], capture_output=True,
+                                  text=True, timeout=max(clock.left(), 1))
+        except subprocess.TimeoutExpired:
+            clock.skipped.append(f"variant {variant} (past the time budget)")
+            break
         longest = max(longest, time.perf_counter() - t0)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:

@@ -324,9 +324,9 @@ class ModelFamily:
 
     def full_scoring_warm_up(self, config: dict, dtype: torch.dtype, devices: list[torch.device]):
         """What the full mode's first ``all_expert_norms`` calls would do in a fresh process, to do ahead on a side
-        thread while the model loads (``score.warmup``): an object with ``compile()`` and ``tune(token_counts,
-        room_bytes)`` (the batches' valid tokens, GPU memory to spare), each returning what it did; None: nothing
-        to do (the default)."""
+        thread while the model loads (``score.warmup``): a ``triton_experts.KernelWarmUp`` or an object like it
+        (``compile()``, ``tune(token_counts, room_bytes, chunk)``, ``reference_bytes_per_row``); None: nothing to
+        do (the default)."""
         return None
 
     def moe_blocks(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:

@@ -9,8 +9,6 @@ norm on the way.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
@@ -70,9 +68,8 @@ class FusedGateUpFamily(ModelFamily):
         from ..score import triton_experts
 
         if triton_experts.available(experts, x):
-            with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # Triton launches on the current one
-                return triton_experts.fastest(experts, x, self._all_expert_norms_bmm,
-                                              self.full_bytes_per_token(experts, x.dtype))
+            return triton_experts.fastest(experts, x, self._all_expert_norms_bmm,
+                                          self.full_bytes_per_token(experts, x.dtype))
         return self._all_expert_norms_bmm(experts, x)
 
     def _all_expert_norms_bmm(self, experts: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ activation, the product), norms accumulated in float32.
   reaches memory.  The partial sums are added by PyTorch (deterministic order).
 
 Used by ``FusedGateUpFamily.all_expert_norms`` through ``fastest``: the first call of a process is
-checked against the PyTorch bmm path (the reference), and per expert shape both are timed once on
-a real chunk and the faster is kept (on an H100 the kernels win at the 30B-A3B shape, cuBLAS at
-235B-A22B's).  REAP_FULL_KERNEL=triton / torch forces one.
+checked against the PyTorch bmm path (the reference), and per expert shape both are timed (best of
+three) on a chunk and the faster is kept (on an H100 the kernels win at the 30B-A3B shape, cuBLAS at
+235B-A22B's).  REAP_FULL_KERNEL=triton / torch forces one.  reap.py does all that ahead, on scratch
+experts of the model's shape while the model loads (``KernelWarmUp``, from ``reap_vlm.score.warmup``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -338,12 +339,10 @@ class KernelWarmUp:
 @contextmanager
 def _side_stream(device: torch.device):
     """On a GPU: a stream of its own on ``device``, synchronized at the end (nothing to do on the CPU)."""
-    if device.type != "cuda":
+    with _on(device), torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else nullcontext():
         yield
-        return
-    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
-        yield
-        torch.cuda.current_stream().synchronize()
+        if device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
 
 
 def compiled_kernels() -> int:
@@ -384,7 +383,18 @@ def _probe_rows(shape: tuple[int, int, int], rows: int, dtype: torch.dtype, refe
 def fastest(experts, x: torch.Tensor, reference, reference_bytes_per_row: int) -> torch.Tensor:
     """Norms through the fused kernels or ``reference`` (the bmm path), whichever is faster for this
     expert shape; decided once per shape by timing both on the first call that allows at least 1024
-    rows (``timed_rows``; ``reference_bytes_per_row``: the reference's working memory per row)."""
+    rows (``timed_rows``; ``reference_bytes_per_row``: the reference's working memory per row).  On the
+    device that holds x: Triton launches on the current one."""
+    with _on(x.device):
+        return _fastest(experts, x, reference, reference_bytes_per_row)
+
+
+def _on(device: torch.device):
+    """``device`` made the current GPU (nothing to do on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+def _fastest(experts, x: torch.Tensor, reference, reference_bytes_per_row: int) -> torch.Tensor:
     forced = os.environ.get("REAP_FULL_KERNEL", "auto")
     key = (tuple(experts.gate_up_proj.shape), x.dtype, str(x.device))
     choice = "triton" if forced == "triton" else _choice.get(key)
