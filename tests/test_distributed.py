@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reap_vlm.score.distributed import DistContext
+from reap_vlm.calibration.order import padded_positions
+from reap_vlm.score.distributed import DistContext, balanced_shares
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,32 @@ def test_batches_are_shared_round_robin_and_disjoint():
     shares = [DistContext(r, 3).my_samples(samples, 2) for r in range(3)]
     assert shares == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10]]
     assert sorted(sum(shares, [])) == samples
+    assert [DistContext(r, 3).my_batches(6, costs=[]) for r in range(3)] == [[0, 3], [1, 4], [2, 5]]  # no costs
+
+
+def test_balanced_shares_give_each_batch_to_the_least_loaded_rank():
+    costs = [16, 16, 16, 12, 9, 4, 16, 14, 2]
+    # 0->r0 16 | 1->r1 16 | 2->r0 (tie, lowest) 32 | 3->r1 28 | 4->r1 37 | 5->r0 36 | 6->r0 52 | 7->r1 51 | 8->r1 53
+    assert balanced_shares(costs, 2) == [[0, 2, 5, 6], [1, 3, 4, 7, 8]]
+    assert balanced_shares(costs, 3) == [[0, 3, 8], [1, 4, 7], [2, 5, 6]]
+    shares = [DistContext(r, 3).my_batches(len(costs), costs) for r in range(3)]
+    assert shares == balanced_shares(costs, 3)
+    assert sorted(sum(shares, [])) == list(range(len(costs)))  # disjoint and complete
+    assert all(share == sorted(share) for share in shares)
+    assert balanced_shares([5] * 7, 3) == [[0, 3, 6], [1, 4], [2, 5]]  # equal costs: round-robin
+    with pytest.raises(ValueError, match="3 batch costs for 4 batches"):
+        DistContext(0, 2).my_batches(4, [1, 2, 3])
+
+
+def test_balanced_samples_keep_the_single_process_batches():
+    samples = list(range(11))  # batches of 2: [0, 1] ... [8, 9], [10]; the short batch stays its owner's last
+    lengths = [9, 8, 7, 7, 6, 2, 5, 5, 4, 1, 3]
+    costs = padded_positions(lengths, 2)
+    assert costs == [18, 14, 12, 10, 8, 3]
+    shares = [DistContext(r, 2).my_samples(samples, 2, costs) for r in range(2)]
+    # batches 0, 3, 5 (18 + 10 + 3 = 31 positions) and 1, 2, 4 (14 + 12 + 8 = 34)
+    assert shares == [[0, 1, 6, 7, 10], [2, 3, 4, 5, 8, 9]]
+    assert padded_positions([], 2) == []
 
 
 @pytest.mark.parametrize("mode", ["full"])

@@ -60,10 +60,15 @@ class BatchOrder:
         return [sum(length[s.index] for s in samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
+def padded_positions(lengths: list[int], batch_size: int) -> list[int]:
+    """Token positions of each batch of samples of ``lengths`` (in batch order), padding included: about what its
+    forward costs.  Empty when the lengths were not estimated."""
+    return [max(chunk) * len(chunk) for chunk in batch_chunks(lengths, batch_size)]
+
+
 def padding_share(lengths: list[int], batch_size: int) -> float:
     """Share of a run's token positions that are padding, for samples of ``lengths`` batched in this order."""
-    chunks = batch_chunks(lengths, batch_size)
-    positions = sum(max(c) * len(c) for c in chunks)
+    positions = sum(padded_positions(lengths, batch_size))
     return 1.0 - sum(lengths) / positions if positions else 0.0
 
 

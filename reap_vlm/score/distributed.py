@@ -1,22 +1,53 @@
-"""Data-parallel scoring under torchrun: each rank scores a disjoint share of the batches.
+"""Data-parallel scoring under torchrun: each rank scores a disjoint share of the batches (round-robin, or
+balanced by each batch's estimated cost: ``DistContext.my_batches``).
 
 PyTorch's own launcher and collectives do the work (``torchrun --nproc-per-node N reap.py``; multi-node
 with torchrun's rendezvous flags).  Each rank keeps its own float64 sums (and its own resume file); at
 the end the sums are all-reduced, so the result equals a single-process run up to float64 summation
 order, and rank 0 alone writes the outputs.
+
+No collective ever waits for a rank that is still scoring: NCCL's watchdog aborts the job once a collective has
+waited 10 minutes (gloo's collectives time out too), and a rank whose share was scored before (resumed) may wait
+for hours.  So the ranks first meet in the process group's key-value store, with no timeout (``arrive``), and only
+then reduce (all layers in one SUM and one MAX collective).  NCCL forms its communicator at a group's first
+collective (most of the 0.45 s the reduce took on 2 H200s), so ``start`` issues one tiny collective on a side
+thread while the model loads; every rank issues it at the same point, before anything can diverge, so it waits
+only for the ranks' start.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
+import threading
+import time
 import warnings
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from ..calibration.encode import num_batches
+from ..errors import ReapError
 from .stats import MAXIMA, ExpertStats
+
+log = logging.getLogger(__name__)
+
+_ARRIVALS = itertools.count()  # the n-th meeting of a process has the same key on every rank
+_FAILED = "reap_vlm/failed"  # store key: the rank that failed, for the ranks waiting in ``arrive``
+_POLL_MAX_S = 0.05  # the longest pause between two looks at the store: the delay the last rank's arrival may see
+_STOP_JOIN_S = 5.0  # how long a failing rank waits for the first collective before leaving without tearing down
+
+
+@dataclass
+class _Link:
+    """The thread issuing the first collective, and what it took."""
+
+    thread: threading.Thread | None = None
+    seconds: float | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -24,6 +55,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    _link: _Link = field(default_factory=_Link, init=False, repr=False, compare=False)
 
     @classmethod
     def from_env(cls) -> DistContext:
@@ -49,49 +81,169 @@ class DistContext:
         return device
 
     def start(self, device: str) -> None:
+        """Join the process group; on CUDA, NCCL's communicator is formed on a side thread meanwhile (gloo connects
+        every pair of ranks in ``init_process_group`` already)."""
         if self.enabled and not dist.is_initialized():
-            if device.startswith("cuda"):
+            cuda = device.startswith("cuda")
+            if cuda:
                 torch.cuda.set_device(torch.device(device))
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if cuda else "gloo")
+            if cuda:
+                self.connect(device)
         if self.enabled and not self.is_main:
             os.environ["TQDM_DISABLE"] = "1"  # one progress bar, rank 0's
+
+    def connect(self, device: str) -> None:
+        """Issue the group's first collective (a 1-element all-reduce on ``device``) on a daemon thread, for the
+        communicator it forms.  Every rank must call it at the same point, before any other collective; ``settle``
+        joins it.  A failure is logged: the reduce then forms the communicator, as without it."""
+        link = self._link
+
+        def first() -> None:
+            t0 = time.perf_counter()
+            try:
+                _first_collective(device, self.world_size)
+            except Exception as exc:  # best effort: the reduce's own collective forms the communicator
+                link.error = f"{type(exc).__name__}: {exc}"
+                log.warning("the communicator was not formed ahead (%s); the reduce forms it", link.error)
+            link.seconds = round(time.perf_counter() - t0, 3)
+
+        link.thread = threading.Thread(target=first, name="reap-dist-connect", daemon=True)
+        link.thread.start()
+
+    @property
+    def first_collective(self) -> dict:
+        """What the first collective's thread took (None where none ran or it runs still) and its error, if any."""
+        return {"seconds": self._link.seconds, "error": self._link.error}
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait for the first collective's thread (collectives from two threads must reach every rank in one
+        order, so none is issued before it ends); False if it is still running after ``timeout`` seconds."""
+        thread = self._link.thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+            self._link.thread = None
+        return True
 
     def stop(self, ok: bool = True) -> None:
         """Leave the process group.  After a success every rank first waits for the others (rank 0 is
         still writing), since tearing gloo down under a peer aborts the process; after a failure it
-        does not wait, so a failing rank cannot hang the rest (torchrun ends them)."""
-        if self.enabled and dist.is_initialized():
-            if ok:
-                dist.barrier()
-            dist.destroy_process_group()
+        does not wait, so a failing rank cannot hang the rest (torchrun ends them), but says so to the ranks
+        waiting in ``arrive``.  A group whose first collective is still running is left to the process's exit:
+        tearing it down under that collective is not safe."""
+        if not (self.enabled and dist.is_initialized()):
+            return
+        if ok:
+            self.settle()
+            dist.barrier()
+        else:
+            _announce_failure(self.rank)
+            if not self.settle(_STOP_JOIN_S):
+                return
+        dist.destroy_process_group()
 
-    def my_batches(self, num_batches: int) -> list[int]:
-        """Batch indices this rank scores: round-robin, so shares differ by at most one batch."""
-        return list(range(self.rank, num_batches, self.world_size))
+    def arrive(self, what: str) -> None:
+        """Wait until every rank has arrived here, through the group's key-value store and with no timeout: a rank
+        may score for hours after another is done, and a collective issued meanwhile would wait under the
+        group's timeout.  Every rank makes the same calls in the same order.  A rank killed meanwhile is
+        torchrun's to end us; one that failed (``stop(ok=False)``) makes this raise."""
+        store = dist.distributed_c10d._get_default_store()  # torch has no public way to the default group's store
+        key = f"reap_vlm/arrived/{what}/{next(_ARRIVALS)}"
+        store.add(key, 1)
+        pause = 0.001
+        while store.add(key, 0) < self.world_size:  # add(key, 0) reads the count without blocking
+            if store.check([_FAILED]):
+                raise ReapError(f"rank {store.get(_FAILED).decode()} of {self.world_size} failed (its own error "
+                                "says why); this rank stops too")
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL_MAX_S)
 
-    def my_samples(self, samples: list, batch_size: int) -> list:
-        """This rank's samples, grouped so that its batches are exactly the single-process batches it owns."""
-        return [s for b in self.my_batches(num_batches(samples, batch_size))
+    def my_batches(self, num_batches: int, costs: list[float] | None = None) -> list[int]:
+        """Batch indices this rank scores, in increasing order.  Without ``costs``, round-robin (shares differ by at
+        most one batch); with ``costs`` (one estimate per batch, e.g. ``order.padded_positions``; the same on every
+        rank), ``balanced_shares``."""
+        if not costs:
+            return list(range(self.rank, num_batches, self.world_size))
+        if len(costs) != num_batches:
+            raise ValueError(f"{len(costs)} batch costs for {num_batches} batches")
+        return balanced_shares(costs, self.world_size)[self.rank]
+
+    def my_samples(self, samples: list, batch_size: int, costs: list[float] | None = None) -> list:
+        """This rank's samples, grouped so that its batches are exactly the single-process batches it owns (the
+        last, short batch, if any, is the last of its owner's, since each rank's batches keep their order)."""
+        return [s for b in self.my_batches(num_batches(samples, batch_size), costs)
                 for s in samples[b * batch_size:(b + 1) * batch_size]]
 
     def all_reduce(self, stats: ExpertStats) -> None:
         """Sum every rank's float64 sums and token counts into every rank's ``stats``; the maxima (``MAXIMA``)
-        are reduced with max."""
+        are reduced with max.  The ranks first meet (``arrive``), so no collective waits for a rank still
+        scoring."""
         if not self.enabled:
             return
-        for layer in sorted(stats.layers):
-            layer_stats = stats.layers[layer]
-            names = sorted(n for n in layer_stats.sums if n not in MAXIMA)
-            flat = torch.cat([layer_stats.sums[n] for n in names] + [
-                torch.tensor([layer_stats.n_tokens, layer_stats.n_image_tokens], dtype=torch.float64,
-                             device=layer_stats.sums[names[0]].device)])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            size = layer_stats.num_experts
-            for i, name in enumerate(names):
-                layer_stats.sums[name] = flat[i * size:(i + 1) * size].clone()
-            layer_stats.n_tokens, layer_stats.n_image_tokens = (int(v) for v in flat[-2:].tolist())
-            peaks = torch.cat([layer_stats.sums[n] for n in MAXIMA])
-            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-            for i, name in enumerate(MAXIMA):
-                layer_stats.sums[name] = peaks[i * size:(i + 1) * size].clone()
+        self.settle()
+        self.arrive("reduce")
+        reduce_stats(stats)
 
+
+def balanced_shares(costs: list[float], world_size: int) -> list[list[int]]:
+    """Each rank's batches: in batch order, each batch goes to the rank with the least cost so far, ties to the
+    lowest rank.  Sorted batches come longest first, so round-robin gives rank 0 the longest of every N: on the
+    bench's text-heavy set (bench_end_to_end.py, 1,024 samples, batches of 8) the busiest rank held 1.038x the mean
+    rank's padded positions on 2 ranks and 1.216x on 8, under this rule 1.001x and 1.014x."""
+    load = [0.0] * world_size
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    for batch, cost in enumerate(costs):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        load[rank] += cost
+        owned[rank].append(batch)
+    return owned
+
+
+def reduce_stats(stats: ExpertStats) -> None:
+    """All-reduce every layer at once: one SUM collective over all the layers' sums and token counts, one MAX over
+    their maxima, one read of the counts back to the host.  Each element is reduced by the same operation as
+    layer by layer, so on 2 ranks (a + b either way) the result is bitwise the same."""
+    layers = [stats.layers[layer] for layer in sorted(stats.layers)]
+    if not layers:
+        return
+    names = [sorted(n for n in layer.sums if n not in MAXIMA) for layer in layers]
+    summed = [layer.sums[n] for layer, layer_names in zip(layers, names) for n in layer_names]
+    counts = torch.tensor([c for layer in layers for c in (layer.n_tokens, layer.n_image_tokens)],
+                          dtype=torch.float64, device=summed[0].device)
+    flat = torch.cat([*summed, counts])
+    peaks = torch.cat([layer.sums[n] for layer in layers for n in MAXIMA])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    totals = [int(v) for v in flat[-counts.numel():].tolist()]  # the one device-to-host read
+    sums = iter(flat.split([t.numel() for t in summed] + [counts.numel()]))
+    maxima = iter(peaks.split([layer.sums[n].numel() for layer in layers for n in MAXIMA]))
+    for i, (layer, layer_names) in enumerate(zip(layers, names)):  # views of the reduced buffers, which are new
+        for name in layer_names:  # and never overlap: a clone each was 1,100 launches (~10 ms) at 94 layers
+            layer.sums[name] = next(sums)
+        for name in MAXIMA:
+            layer.sums[name] = next(maxima)
+        layer.n_tokens, layer.n_image_tokens = totals[2 * i], totals[2 * i + 1]
+
+
+def _first_collective(device: str, world_size: int) -> None:
+    """A 1-element all-reduce on ``device``, checked; on CUDA on a stream of its own, so it does not queue behind
+    the model's load on the default stream, and with this thread's CUDA device set (it is per thread)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else nullcontext():
+        one = torch.ones(1, device=device)
+        dist.all_reduce(one)
+        total = one.item()  # waits for this stream only
+    if total != world_size:
+        raise RuntimeError(f"the first all-reduce gave {total}, not {world_size}")
+
+
+def _announce_failure(rank: int) -> None:
+    """Tell the ranks waiting in ``arrive`` that this one failed (best effort: the store may be gone)."""
+    try:
+        dist.distributed_c10d._get_default_store().set(_FAILED, str(rank))
+    except Exception as exc:  # the rank fails anyway; its own error is the one to show
+        log.debug("could not announce the failure: %s", exc)

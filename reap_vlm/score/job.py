@@ -11,7 +11,7 @@ from pathlib import Path
 from ..calibration.ahead import BatchStream, default_workers, shm_problem, worker_kind
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration, require_text_only
-from ..calibration.order import BatchOrder, length_order, padding_share
+from ..calibration.order import BatchOrder, length_order, padded_positions, padding_share
 from ..checkpoint.integrity import check_checkpoint_folder
 from ..checkpoint.loading import load_model, load_processor, resolve_device, resolve_dtype
 from ..checkpoint.reader import Checkpoint
@@ -56,9 +56,9 @@ def run_reap(settings: Settings) -> dict:
 
 
 def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, order: BatchOrder, dtype,
-                  dist: DistContext) -> ResumeState | None:
+                  dist: DistContext, share: list[int]) -> ResumeState | None:
     """Where this run's sums are saved, under the fingerprint of every input that shapes them (the batch order
-    too: a resumed run must form the same batches)."""
+    and this rank's ``share`` of the batches too: a resumed run must form the same batches)."""
     if not settings.resume:
         return None
     inputs = [p for sample in calib.samples for p in sample.images] + [
@@ -69,7 +69,8 @@ def _resume_state(settings: Settings, ckpt: Checkpoint, calib: CalibrationSet, o
                       mode=settings.scoring_mode,
                       batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
                       max_pixels=settings.max_pixels, seed=settings.seed, dtype=str(dtype), attention=ATTENTION,
-                      model=str(Path(ckpt.path).resolve()), rank=dist.rank, world_size=dist.world_size)
+                      model=str(Path(ckpt.path).resolve()), rank=dist.rank, world_size=dist.world_size,
+                      **({"share": share} if dist.enabled else {}))
     name = STATE_NAME if not dist.enabled else f"reap_state.rank{dist.rank}-of-{dist.world_size}.pt"
     return ResumeState(Path(settings.output_path) / name, key)
 
@@ -110,8 +111,9 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
         stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
                              settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
                              pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype)
-    warm.tune(done)
     with stream:
+        warm.tune(done)
+        warm.first_forward(stream)
         t_model = time.perf_counter()
         model = load_model(ckpt.path, dtype=dtype, device=device, spread=warm.spread)
         found = [layer for layer, _ in ckpt.family.moe_blocks(model)]
@@ -171,8 +173,10 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     observer = ReapObserver(ckpt.family, stats, settings.scoring_mode)
     order, given = length_order(processor, calib.samples, settings.batch_size, settings.sort_window,
                                 settings.max_seq_len, settings.max_pixels, ckpt.family)
-    resume = _resume_state(settings, ckpt, calib, order, dtype, dist)
-    samples = dist.my_samples(order.samples, settings.batch_size)
+    costs = padded_positions(order.lengths, settings.batch_size)  # the ranks' shares balanced by them
+    share = dist.my_batches(num_batches(order.samples, settings.batch_size), costs)
+    resume = _resume_state(settings, ckpt, calib, order, dtype, dist, share)
+    samples = dist.my_samples(order.samples, settings.batch_size, costs)
     warm.batches(order.batch_tokens(samples, settings.batch_size))
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
                          encoding, warm)
@@ -185,7 +189,9 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     kept, safeguards = select_for_run(settings, metrics, ckpt.moe_layers, keep, stats.n_tokens, stats.n_image_tokens,
                                       ckpt.config)
     metadata = build_metadata(RunInputs(ckpt, calib, settings, dtype, keep), metrics, kept, stats.n_tokens,
-                              stats.n_image_tokens, {**run, "engine": engine, "world_size": dist.world_size},
+                              stats.n_image_tokens, {**run, "engine": engine, "world_size": dist.world_size,
+                                                     **({"first_collective": dist.first_collective}
+                                                        if dist.enabled else {})},
                               {"load": t_load - t0, "scoring": t_score - t_load,
                                "reduce": time.perf_counter() - t_score, "total": time.perf_counter() - t0})
     metadata.update(safeguards)
