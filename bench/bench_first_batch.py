@@ -19,9 +19,6 @@ Variants:
 * ``reserve``: after the load, reap.py's ``reserve_memory``: one block taken into the caching allocator and given
   back, so it holds the memory the first forward would ask the driver for;
 * ``libs+reserve``: both;
-* ``libs+replica+reserve``: reap.py's warm-up: after the libraries, on the same side thread, the first batch through a
-  replica of the model (``build_replica``: the vision tower and the first decoder layer, random weights) on a side
-  stream while the model loads, stopped where it is once the model is loaded; then the memory reserved;
 * ``model``: the upper bound: the last of the batches run once before the timed ones.
 
 Writes ``RESULTS_first_batch.md`` / ``.json`` to ``--out``.
@@ -61,16 +58,9 @@ from reap_vlm.calibration.order import length_order  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.inference import inference  # noqa: E402
-from reap_vlm.score.norms import CUDA_CHUNK_CAP  # noqa: E402
-from reap_vlm.score.warmup import (  # noqa: E402
-    build_replica,
-    model_widths,
-    replica_forward,
-    reserve_memory,
-    start_cuda_libraries,
-)
+from reap_vlm.score.warmup import model_widths, reserve_memory, start_cuda_libraries  # noqa: E402
 
-VARIANTS = ("cold", "libs+reserve", "libs+replica+reserve", "model")
+VARIANTS = ("cold", "libs", "reserve", "libs+reserve", "model")
 
 
 def timed_forwards(model, family, batches: list[dict], device: str) -> list[float]:
@@ -96,15 +86,11 @@ def one_variant(args) -> dict:
     dtype = getattr(torch, args.dtype)
     batches, _, _ = pre_encode(processor, order.samples[:args.batches * args.batch_size], args, ckpt.family,
                                default_workers(), cuda)
-    warm_s, loaded = [0.0, {}], threading.Event()
-    replica = build_replica(ckpt, dtype) if "replica" in args.variant and cuda else None
+    warm_s = [0.0]
 
     def libraries():
         t0 = time.perf_counter()
         start_cuda_libraries(args.device, dtype, **model_widths(ckpt))
-        if replica is not None:
-            warm_s[1] = replica_forward(replica, ckpt, lambda: batches[0], "routed", torch.device("cuda", 0), dtype,
-                                        CUDA_CHUNK_CAP, loaded)
         warm_s[0] = time.perf_counter() - t0
 
     thread = threading.Thread(target=libraries) if "libs" in args.variant and cuda else None
@@ -113,7 +99,6 @@ def one_variant(args) -> dict:
         thread.start()
     model = load_model(model_dir, dtype=dtype, device=args.device)
     load_s = time.perf_counter() - t0
-    loaded.set()  # the replica stops there, as in reap.py
     t1 = time.perf_counter()
     if thread is not None:
         thread.join()
@@ -124,8 +109,7 @@ def one_variant(args) -> dict:
     waited_s = time.perf_counter() - t1
     first = timed_forwards(model, ckpt.family, batches, args.device)
     again = timed_forwards(model, ckpt.family, batches, args.device)
-    return {"variant": args.variant, "load_s": load_s, "warm_up_s": warm_s[0], "replica": warm_s[1],
-            "after_load_s": waited_s,
+    return {"variant": args.variant, "load_s": load_s, "warm_up_s": warm_s[0], "after_load_s": waited_s,
             "first_ms": [round(t * 1e3, 1) for t in first], "again_ms": [round(t * 1e3, 1) for t in again],
             "tokens": [int(b["attention_mask"].sum()) for b in batches],
             "extra_ms": round(sum(first) * 1e3 - sum(again) * 1e3, 1)}

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import random
-import tempfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -237,74 +235,6 @@ def test_pruned_model_equals_the_masked_original(case, masked_reference, tmp_pat
         model, info = auto.from_pretrained(str(pruned), dtype=torch.float32, output_loading_info=True)
         check_loading_info(pruned, info)  # no missing, unexpected or mismatched key
         assert torch.allclose(_logits(model.eval(), batch), masked, atol=1e-5, rtol=0)
-
-
-def test_the_warm_ups_replica_runs_a_batch_through_one_layer_of_each_kind(case):
-    """reap.py's warm-up runs the first batch through a replica of the model (reap_vlm/score/warmup.py): the decoder
-    cut after its first MoE layer and the first layer of each attention kind, the rest whole, random weights given
-    for the forward and taken back; the observer is fed every valid token of the batch."""
-    from transformers import AutoConfig
-
-    from reap_vlm.calibration.ahead import BatchStream
-    from reap_vlm.score.warmup import build_replica, replica_forward
-
-    _, fixture, path, calib = case
-    ckpt, family = Checkpoint(path), fixture.family
-    replica = build_replica(ckpt, torch.float32)
-    text = family.text_section(replica.config)
-    first_moe = fixture.moe_layers[0]
-    own = family.text_section(AutoConfig.from_pretrained(str(path)))  # transformers' config: derives layer_types
-    kinds = list(getattr(own, "layer_types", None) or [])
-    assert text.num_hidden_layers == max([first_moe, *(kinds.index(k) for k in set(kinds))]) + 1
-    assert list(getattr(text, "layer_types", None) or []) == kinds[:text.num_hidden_layers]
-    assert set(kinds[:text.num_hidden_layers]) == set(kinds)
-    assert [layer for layer, _ in family.moe_blocks(replica)] == [m for m in fixture.moe_layers
-                                                                 if m < text.num_hidden_layers]
-    samples = load_calibration(calib, 6).samples
-    with BatchStream(load_processor(path), samples, 3, 256, 0, family, workers=2) as stream:
-        result = replica_forward(replica, ckpt, stream.first_batch, "routed", torch.device("cpu"), torch.float32,
-                                 1 << 30)
-        first = next(stream)
-    assert result["tokens"] == int(first["attention_mask"].sum()) > 0
-    assert result["observed"] == [result["tokens"]] * len(result["observed"]) and result["observed"]
-    assert all(p.device.type == "meta" for p in replica.parameters())  # the weights given back
-
-
-def test_the_warm_ups_replica_stops_between_two_modules_once_the_model_is_loaded():
-    """The replica's forward ends at the next module once the model is loaded (it is not to delay the scoring),
-    and gives its weights back; a stop before the first batch is encoded skips the forward."""
-    import threading
-
-    from reap_vlm.calibration.ahead import BatchStream
-    from reap_vlm.score.warmup import build_replica, replica_forward
-
-    fixture = FIXTURES["qwen3_vl_moe"]
-    root = Path(tempfile.mkdtemp())
-    path, calib = fixture.build(root / "release"), fixture.calibration(root / "calibration")
-    ckpt, family = Checkpoint(path), fixture.family
-    replica = build_replica(ckpt, torch.float32)
-    stop, calls = threading.Event(), []
-    base = family.multimodal_model(replica)
-    modules = list(base.modules())
-    def count(module, args):  # the model "loads" during the fifth module call
-        calls.append(module)
-        if len(calls) == 5:
-            stop.set()
-
-    for module in modules:
-        module.register_forward_pre_hook(count)
-    samples = load_calibration(calib, 6).samples
-    with BatchStream(load_processor(path), samples, 3, 256, 0, family, workers=2) as stream:
-        result = replica_forward(replica, ckpt, stream.first_batch, "routed", torch.device("cpu"), torch.float32,
-                                 1 << 30, stop)
-        # the fifth call's own hooks ran (ours first), then its check stopped the forward: four calls began
-        assert result["stopped"] == "the model loaded after 4 of the replica's module calls"
-        assert len(calls) == 5 and "tokens" not in result
-        assert all(p.device.type == "meta" for p in replica.parameters())
-        assert all(not m._forward_pre_hooks or len(m._forward_pre_hooks) == 1 for m in modules)  # its own removed
-        skipped = replica_forward(replica, ckpt, partial(stream.first_batch, stop), "routed", torch.device("cpu"),
-                                  torch.float32, 1 << 30, stop)
-        assert skipped == {"skipped": "the model loaded first"}
 
 
 @pytest.mark.parametrize("name,fmt", QUANTIZED)

@@ -37,7 +37,6 @@ import threading
 import time
 import warnings
 from collections import deque
-from concurrent import futures
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -301,7 +300,6 @@ class BatchStream:
         self.first_ready_seconds: float | None = None  # from construction until the first batch was ready
         self.op_threads = torch.get_num_threads()  # restored at close: see _one_op_thread
         self.threads = self.processes = self.pinner = None
-        self.first_parts: list[Future] = []  # the first batch's futures, for ``first_batch``
         try:
             if self.kind == "threads":
                 self.threads = ThreadPoolExecutor(workers, thread_name_prefix="reap-encode",
@@ -343,7 +341,6 @@ class BatchStream:
             else:
                 parts = [self._submit(chunk)]
             if self.submitted == 0:
-                self.first_parts = parts
                 for part in parts:
                     part.add_done_callback(self._first_ready)
             self.pending.append(parts)
@@ -357,31 +354,13 @@ class BatchStream:
 
     def _joined(self, parts: list[Future]) -> _Encoded:
         """The batch of ``parts``' results, in order (an encoding error raised here, in order), pinned if asked."""
-        return self._pinned_if_asked(self._collated(parts))
-
-    def _collated(self, parts: list[Future]) -> _Encoded:
         done = [_result(part) for part in parts]
         if len(done) == 1 and done[0].batch is not None:
-            return done[0]
-        return _Encoded(collate([e for part in done for e in part.samples], pad_token_id(self.processor)),
-                        sum(part.seconds for part in done), [w for part in done for w in part.warnings])
-
-    def first_batch(self, stop: threading.Event | None = None) -> dict[str, torch.Tensor] | None:
-        """The first batch once encoded, for a look at it before the consumer takes it (a warm-up's forward, on
-        another thread): collated here from the workers' results, apart from the consumer's copy, and not pinned.
-        None inline (nothing is encoded before the consumer asks), once the consumer has it, where it failed to
-        encode (the consumer raises that error), or when ``stop`` is set before it is encoded.  Read only."""
-        if not self.first_parts or self.next_index:
-            return None
-        while stop is not None and not stop.is_set():
-            if not futures.wait(self.first_parts, timeout=0.02).not_done:
-                break
-        if stop is not None and stop.is_set():
-            return None
-        try:
-            return self._collated(self.first_parts).batch
-        except Exception:  # an encoding error, a closed stream: the consumer's to say
-            return None
+            encoded = done[0]
+        else:
+            encoded = _Encoded(collate([e for part in done for e in part.samples], pad_token_id(self.processor)),
+                               sum(part.seconds for part in done), [w for part in done for w in part.warnings])
+        return self._pinned_if_asked(encoded)
 
     def _pinned_if_asked(self, encoded: _Encoded) -> _Encoded:
         if self.pin:

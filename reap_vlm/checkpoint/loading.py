@@ -79,7 +79,9 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
 
     config = AutoConfig.from_pretrained(str(path))
     if quant is not None:  # the weights are dequantized below: build the plain model
-        drop_quantization(config, family)
+        for cfg in family.config_sections(config):
+            if hasattr(cfg, "quantization_config"):
+                delattr(cfg, "quantization_config")
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=dtype)
     keys, installed = None, set()
@@ -96,13 +98,6 @@ def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: str
     check_loading_info(path, {"missing_keys": [k for k in missing if k not in installed],
                               "unexpected_keys": unexpected})
     return model.to(device).eval()
-
-
-def drop_quantization(config, family) -> None:
-    """A transformers config of a quantized checkpoint made that of its plain model (in place)."""
-    for cfg in family.config_sections(config):
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
 
 
 def head_weight_name(model) -> str:

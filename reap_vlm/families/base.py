@@ -199,14 +199,6 @@ class ModelFamily:
         """Decoder layers with a sparse MoE block."""
         raise NotImplementedError
 
-    def replica_layers(self, config: dict, layer_types: list[str] | None = None) -> int:
-        """Decoder layers a warm-up replica keeps (``reap_vlm/score/warmup.py``): the first ones, up to the first MoE
-        layer and the first layer of every kind of attention (``layer_types``, transformers' when its config derives
-        them, else config.json's), so that it runs each kind of layer the model has."""
-        kinds = list(layer_types or self.text_section(config).get("layer_types") or [])
-        firsts = [kinds.index(kind) for kind in set(kinds)] + self.moe_layers(config)[:1]
-        return max(firsts, default=0) + 1
-
     def sizes(self, config: dict) -> dict[str, int]:
         text = self.text_section(config)
         inter = int(text["moe_intermediate_size"])

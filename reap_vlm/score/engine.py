@@ -43,17 +43,6 @@ def choose_engine(ckpt: Checkpoint, device: str, requested: str, *, free_bytes: 
     return "layerwise" if model_bytes(ckpt) > AUTO_MEMORY_FRACTION * free_bytes else "model"
 
 
-def forward_batch(base, config, observer: ReapObserver, batch: dict[str, torch.Tensor], device: str | torch.device,
-                  dtype: torch.dtype) -> TokenMasks:
-    """One encoded batch (on the host) through ``base`` (the family's multimodal model, no LM head) with ``observer``
-    fed; returns its token masks.  The masks and counts come from the host copy: no device sync between batches."""
-    family = observer.family
-    masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], config))
-    observer.use_masks(masks.to(device))
-    base(**to_model(batch, device, dtype, non_blocking=True), use_cache=False)
-    return masks
-
-
 def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size: int, max_seq_len: int,
                 max_pixels: int, resume: ResumeState | None, checkpoint_every: int, device: str,
                 encode_workers: int = 0, stream: BatchStream | None = None) -> dict:
@@ -78,7 +67,11 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
     with stream, tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True) as bar, \
             observer.attached(family.moe_blocks(model)), inference():
         for i, batch in enumerate(stream, start=done):
-            masks = forward_batch(base, model.config, observer, batch, device, model.dtype)
+            # masks and counts from the host copy: no device sync between batches
+            masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
+            batch = to_model(batch, device, model.dtype, non_blocking=True)
+            observer.use_masks(masks.to(device))
+            base(**batch, use_cache=False)
             tokens += masks.n_valid
             positions += batch["attention_mask"].numel()
             bar.update(1)

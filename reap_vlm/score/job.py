@@ -111,9 +111,8 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
         stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
                              settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
                              pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype)
+    warm.tune(done)
     with stream:
-        warm.tune(done)
-        warm.first_forward(stream)
         t_model = time.perf_counter()
         model = load_model(ckpt.path, dtype=dtype, device=device, spread=warm.spread)
         found = [layer for layer, _ in ckpt.family.moe_blocks(model)]

@@ -152,13 +152,12 @@ _TEXT_INPUTS_CONSUMED = ("input_ids", "inputs_embeds", "attention_mask", "positi
                          "use_cache")
 
 
-def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype, config=None) -> nn.Module:
-    """The whole model (of ``config``, a transformers config; default the checkpoint's) on the meta device (buffers,
-    e.g. rotary frequencies, real on the CPU)."""
+def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+    """The whole model on the meta device (buffers, e.g. rotary frequencies, real on the CPU)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    config = config or AutoConfig.from_pretrained(str(ckpt.path))
+    config = AutoConfig.from_pretrained(str(ckpt.path))
     with init_empty_weights(include_buffers=False):
         model = ckpt.family.auto_model().from_config(config, dtype=dtype)
     model.requires_grad_(False)

@@ -315,7 +315,7 @@ class KernelWarmUp:
         experts = SimpleNamespace(act_fn=torch.nn.functional.silu)
         saved, x = (dict(_state), dict(_choice)), None
         try:
-            with side_stream(device):
+            with _side_stream(device):
                 experts.gate_up_proj = torch.randn(self.shape, dtype=self.dtype, device=device).mul_(scale)
                 experts.down_proj = torch.randn(num, hidden, two_i // 2, dtype=self.dtype, device=device).mul_(scale)
                 x = torch.randn(max([first, *rows]), hidden, dtype=self.dtype, device=device)
@@ -337,15 +337,12 @@ class KernelWarmUp:
 
 
 @contextmanager
-def side_stream(device: torch.device):
-    """On a GPU: a stream of its own on ``device``, synchronized at the end, an error's too: what the caller frees
-    next is no longer in use (nothing to do on the CPU)."""
+def _side_stream(device: torch.device):
+    """On a GPU: a stream of its own on ``device``, synchronized at the end (nothing to do on the CPU)."""
     with _on(device), torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else nullcontext():
-        try:
-            yield
-        finally:
-            if device.type == "cuda":
-                torch.cuda.current_stream().synchronize()
+        yield
+        if device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
 
 
 def compiled_kernels() -> int:

@@ -18,26 +18,17 @@ from functools import partial
 from types import SimpleNamespace
 
 import torch
-from torch import nn
 
-from ..calibration.ahead import BatchStream
-from ..checkpoint.loading import drop_quantization, free_memory_bytes, spreads
+from ..checkpoint.loading import free_memory_bytes, spreads
 from ..checkpoint.reader import Checkpoint
-from ..inference import inference
 from ..settings import Settings
 from .distributed import DistContext
-from .engine import forward_batch, model_bytes
-from .hooks import ReapObserver
-from .layerwise import _buffers_to, _release, build_skeleton
+from .engine import model_bytes
 from .norms import CUDA_CHUNK_CAP, tokens_per_chunk
-from .stats import ExpertStats
-from .triton_experts import side_stream
 
 log = logging.getLogger(__name__)
 
 RESERVE_CAP = 16 << 30  # bytes the first forwards may take from PyTorch's cache instead of the driver
-REPLICA = "first batch on a replica"  # the step's name in run.warm_up
-REPLICA_MARGIN = 4 << 30  # bytes the replica's forward may take besides its weights
 
 
 class WarmUp:
@@ -180,13 +171,12 @@ class ScoringWarmUp:
     def __init__(self, settings: Settings, ckpt: Checkpoint, engine: str, dtype: torch.dtype, device: str,
                  dist: DistContext):
         self.steps = WarmUp()
-        self.engine, self.ckpt, self.settings, self.dtype = engine, ckpt, settings, dtype
+        self.engine, self.ckpt, self.settings = engine, ckpt, settings
         self.spread = not dist.enabled and engine == "model"  # load_model's spread
         self.counts: list[int] = []
         self.kernels = None
         self.devices: list[torch.device] = []  # the GPUs the model will use
         self.reserved = 0
-        self.model_loaded = threading.Event()  # what the replica's forward stops at
         if not device.startswith("cuda"):
             return
         self.steps.add("cuda libraries", lambda: start_cuda_libraries(device, dtype, **model_widths(ckpt)))
@@ -215,31 +205,9 @@ class ScoringWarmUp:
         chunk = tokens_per_chunk(min(left // 2, CUDA_CHUNK_CAP), self.kernels.reference_bytes_per_row)
         self.steps.add("fused kernels tuned", partial(self.kernels.tune, counts, left // 4, chunk))
 
-    def first_forward(self, stream: BatchStream) -> None:
-        """Run ``stream``'s first batch through a replica of the model (``build_replica``) with this run's observer,
-        on a side stream while the model loads: what a fresh process's first forward does once (CUDA loading each
-        kernel, cuBLAS choosing algorithms for these shapes, the allocator growing) is then done by the time the
-        scoring starts.  It stops where it is once the model is loaded (``loaded``): the replica's forward takes
-        about a second and a half on an H200, longer than a small model's load, and the scoring is not to wait for
-        it.  The whole-model engine only, where the loaded model leaves room for twice the replica's weights and
-        ``REPLICA_MARGIN``."""
-        if not self.devices or self.engine != "model":
-            return
-        replica = build_replica(self.ckpt, self.dtype)  # here: transformers' from_config sets process-wide state
-        base = self.ckpt.family.multimodal_model(replica)
-        left = free_memory_bytes(self.devices[0]) - model_bytes(self.ckpt) // len(self.devices)
-        if left < 2 * _parameter_bytes(base) + REPLICA_MARGIN:
-            self.steps.results[REPLICA] = {"skipped": "no room beside the model"}
-            return
-        self.steps.add(REPLICA, partial(replica_forward, replica, self.ckpt,
-                                        partial(stream.first_batch, self.model_loaded), self.settings.scoring_mode,
-                                        self.devices[0], self.dtype, min(left // 4, CUDA_CHUNK_CAP),
-                                        self.model_loaded))
-
     def loaded(self) -> None:
-        self.model_loaded.set()
         self.steps.wait()
-        if len(self.devices) == 1 and self.devices[0].type == "cuda":  # spread: the memory is the loader's plan
+        if len(self.devices) == 1:  # a model spread over GPUs: their memory is the loader's plan
             self.reserved = reserve_memory(self.devices[0])
 
     def abandon(self) -> None:
@@ -258,92 +226,6 @@ class ScoringWarmUp:
 
     def __exit__(self, *exc) -> None:
         self.steps.__exit__(*exc)
-
-
-def build_replica(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
-    """The checkpoint's model with its first ``family.replica_layers`` decoder layers only and the rest whole (the
-    vision tower), unquantized, on the meta device."""
-    from transformers import AutoConfig
-
-    family = ckpt.family
-    config = AutoConfig.from_pretrained(str(ckpt.path))
-    drop_quantization(config, family)
-    text = family.text_section(config)
-    layers, keep = text.num_hidden_layers, family.replica_layers(ckpt.config, getattr(text, "layer_types", None))
-    for name, value in list(vars(text).items()):
-        if isinstance(value, list) and len(value) == layers:  # one setting per layer (layer_types, ...)
-            setattr(text, name, value[:keep])
-    text.num_hidden_layers = keep
-    return build_skeleton(ckpt, dtype, config)
-
-
-class _Stopped(Exception):
-    """The replica's forward stopped between two modules (``replica_forward``'s ``stop``)."""
-
-
-def replica_forward(replica: nn.Module, ckpt: Checkpoint, first_batch: Callable[[], dict | None], mode: str,
-                    device: torch.device, dtype: torch.dtype, chunk_bytes: int,
-                    stop: threading.Event | None = None) -> dict:
-    """The batch ``first_batch`` gives (``BatchStream.first_batch``) through ``replica`` (random weights of a trained
-    model's scale, given here and taken back after) with an observer of ``mode``, as ``run_batches`` runs it; on a
-    side stream of ``device``, its weights given while the batch is encoded.  Once ``stop`` is set, no further
-    module of the replica starts."""
-    family = ckpt.family
-    base = family.multimodal_model(replica)
-    started = [0]
-
-    def check(module, args):
-        if stop is not None and stop.is_set():
-            raise _Stopped
-        started[0] += 1
-
-    hooks = [module.register_forward_pre_hook(check) for module in base.modules()]
-    result = {"decoder_layers": family.text_section(replica.config).num_hidden_layers}
-    try:
-        with side_stream(device):
-            _give_weights(base, device)
-            batch = first_batch()
-            if batch is None:
-                skipped = "no first batch" if stop is None or not stop.is_set() else "the model loaded first"
-                return {"skipped": skipped}
-            blocks = list(family.moe_blocks(replica))
-            stats = ExpertStats.empty([layer for layer, _ in blocks], ckpt.num_experts, device)
-            observer = ReapObserver(family, stats, mode, chunk_budget_bytes=chunk_bytes)
-            with observer.attached(blocks), inference():
-                masks = forward_batch(base, replica.config, observer, batch, device, dtype)
-            result.update(tokens=masks.n_valid, observed=[stats.layers[layer].n_tokens for layer, _ in blocks])
-    except _Stopped:
-        result["stopped"] = f"the model loaded after {started[0]} of the replica's module calls"
-    finally:
-        for hook in hooks:
-            hook.remove()
-        _release(base)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # blocks freed on that stream would serve no other: back to the driver
-    return result
-
-
-def _give_weights(module: nn.Module, device: torch.device) -> None:
-    """Random weights for ``module``'s meta parameters, its buffers moved to ``device``.  The weights are views of
-    one allocation: one per parameter took 0.65 s on an H200 while a model loaded."""
-    meta = [(sub, name, p) for sub in module.modules() for name, p in sub._parameters.items()
-            if p is not None and p.device.type == "meta"]
-    sizes = [-(-p.numel() * p.element_size() // _ALIGN) * _ALIGN for _, _, p in meta]
-    flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-    offset = 0
-    for (sub, name, p), size in zip(meta, sizes):
-        weight = flat[offset:offset + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
-        weight.normal_(0.0, 0.02) if weight.is_floating_point() else weight.zero_()
-        sub._parameters[name] = nn.Parameter(weight, requires_grad=False)
-        offset += size
-    _buffers_to(module, device)
-
-
-_ALIGN = 256  # bytes: each weight's start in the one allocation, as the allocator aligns its blocks
-
-
-def _parameter_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _gpus(device: str, spread: bool) -> list[torch.device]:
