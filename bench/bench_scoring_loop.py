@@ -18,6 +18,10 @@ load, then per set, every row over the same length-sorted batches:
 * ``engine, N processes`` / ``N threads``: the loop fed by ``BatchStream`` as reap.py feeds it;
 * ``forward beside N processes`` / ``threads``: the plain forward over pre-encoded batches while a stream of the
   same kind encodes the set on the side (its batches thrown away): the encoding's cost to the loop, alone;
+* ``... main thread alone on its core``: ``--apart``: the forward, and the forward beside N processes, with the
+  main thread pinned to one CPU whose core (its hyperthread siblings too) the encoding processes are kept off: does
+  sharing a core with an encoding process slow the forward's launches?  (A bench-only experiment: the processes'
+  affinity is set from here, after they start.)
 * ``switch interval``: the threads rows again with Python's thread switch interval shortened (``--switch-intervals``):
   each op the forward launches lets the GIL go and takes it back, waiting up to the interval while an encoding
   thread runs Python.
@@ -36,7 +40,7 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -116,8 +120,9 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
     def plain(obs: ReapObserver | None = None):
         return lambda: forward_batches(model, family, batches, device, obs)
 
-    def beside(kind: str) -> dict:
-        """The plain forward (timed alone) while ``kind`` workers encode the set on the side."""
+    def beside(kind: str, apart: bool = False) -> dict:
+        """The plain forward (timed alone) while ``kind`` workers encode the set on the side; ``apart``: the main
+        thread alone on its core (``alone_on_a_core``)."""
         stop = threading.Event()
 
         def drain(stream) -> None:
@@ -130,8 +135,9 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
             next(stream)  # the workers are running
             drainer = threading.Thread(target=drain, args=(stream,))
             drainer.start()
+            pids = list(stream.processes.pool._processes) if apart and stream.processes is not None else []
             try:
-                with inference():
+                with inference(), alone_on_a_core(pids) if apart else nullcontext():
                     row = timed(device, plain())
             finally:
                 stop.set()
@@ -143,6 +149,9 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
         rows["forward, first pass"] = timed(device, plain())
         rows["forward"] = timed(device, plain())  # every length seen once
         log(f"  forward: first pass {rows['forward, first pass']}, then {rows['forward']}")
+    if args.rows == "beside":
+        return beside_rows(args, rows, workers, beside)
+    with inference():
         obs = observer(args.mode)
         with obs.attached(family.moe_blocks(model)):
             rows[f"forward + {args.mode} observer"] = timed(device, plain(obs))
@@ -156,9 +165,7 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
         rows[f"engine, {workers} {kind}"] = timed(device, lambda kind=kind: engine(BatchStream(
             *stream_args, workers=workers, kind=kind, pin=pin, pixel_dtype=dtype)))
         log(f"  engine {kind}: {rows[f'engine, {workers} {kind}']}")
-    for kind in ("processes", "threads"):
-        rows[f"forward beside {workers} {kind}"] = beside(kind)
-        log(f"  forward beside {kind}: {rows[f'forward beside {workers} {kind}']}")
+    beside_rows(args, rows, workers, beside)
     for ms in args.switch_intervals:
         with switch_interval(ms / 1e3):
             rows[f"engine, {workers} threads, switch interval {ms:g} ms"] = timed(device, lambda: engine(BatchStream(
@@ -166,6 +173,58 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
             rows[f"forward beside {workers} threads, switch interval {ms:g} ms"] = beside("threads")
         log(f"  switch interval {ms:g} ms: {rows[f'engine, {workers} threads, switch interval {ms:g} ms']}")
     return rows
+
+
+def beside_rows(args, rows: dict, workers: int, beside) -> dict:
+    """The forward beside encoding workers, and with ``--apart`` the main thread alone on its core."""
+    kinds = ("processes",) if args.rows == "beside" else ("processes", "threads")
+    for kind in kinds:
+        rows[f"forward beside {workers} {kind}"] = beside(kind)
+        log(f"  forward beside {kind}: {rows[f'forward beside {workers} {kind}']}")
+    if args.apart:
+        cpu = max(os.sched_getaffinity(0))
+        log(f"  CPU {cpu}'s core: CPUs {sorted(core_of(cpu))}")
+        for turn in (1, 2):  # alternated, twice: the rows differ by a few percent
+            rows[f"forward beside {workers} processes ({turn})"] = beside("processes")
+            rows[f"forward beside {workers} processes, main thread alone on its core ({turn})"] = beside(
+                "processes", apart=True)
+            log(f"  turn {turn}: {rows[f'forward beside {workers} processes ({turn})']}, apart "
+                f"{rows[f'forward beside {workers} processes, main thread alone on its core ({turn})']}")
+    return rows
+
+
+def core_of(cpu: int) -> set[int]:
+    """``cpu`` and its hyperthread siblings (Linux's topology files; ``cpu`` alone where they are missing)."""
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    if not path.is_file():
+        return {cpu}
+    found: set[int] = set()
+    for part in path.read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return found
+
+
+@contextmanager
+def alone_on_a_core(pids: list[int]):
+    """The calling thread pinned to the last allowed CPU, the processes ``pids`` kept off that CPU's core; yields
+    (the CPU, its core).  Restored after."""
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    core = core_of(cpu) & allowed
+    before = {pid: os.sched_getaffinity(pid) for pid in pids}
+    for pid in pids:
+        os.sched_setaffinity(pid, (allowed - core) or allowed)
+    os.sched_setaffinity(0, {cpu})  # 0: the calling thread
+    try:
+        yield cpu, sorted(core)
+    finally:
+        os.sched_setaffinity(0, allowed)
+        for pid, mask in before.items():
+            try:
+                os.sched_setaffinity(pid, mask)
+            except ProcessLookupError:
+                pass
 
 
 @contextmanager
@@ -209,6 +268,9 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--mode", default="routed")
     parser.add_argument("--workers", type=int, default=0, help="encoding workers (0: reap.py's auto)")
+    parser.add_argument("--apart", action="store_true", help="the rows with the main thread alone on its core")
+    parser.add_argument("--rows", default="all", choices=("all", "beside"),
+                        help="beside: only the forward's and the forward-beside-workers rows (with --apart's)")
     parser.add_argument("--switch-intervals", type=lambda v: [float(x) for x in v.split(",") if x], default="0.1,1",
                         help="Python thread switch intervals in ms (default 5) to run the threads rows under too")
     args = parser.parse_args()

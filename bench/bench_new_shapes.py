@@ -1,0 +1,152 @@
+"""What a warm process still pays for each new batch shape (issue 18): reap.py's loop runs ~7% slower per batch
+than its baseline on the image-heavy set, and the baseline has seen every shape before.  Plain forwards of the
+whole model over the image set's batches (each batch a new padded length and a new count of image patches), in
+one warm process: per setting, a group of batches not seen before, a first pass then a second; then a profile of
+one new batch against the same batch again, the ops whose main-thread time differs most.
+
+Run on the GPU machine from the repository root (one GPU):
+
+    PYTHONUNBUFFERED=1 python3 bench/bench_new_shapes.py --out $OUT      # about 1.5 device-minutes
+    python3 bench/bench_new_shapes.py --tiny --out /tmp/shapes           # CPU, tiny shapes, < 1 min
+
+The checkpoint and calibration set are bench_end_to_end.py's (same ``--workdir``, reused when present).  Settings
+(``--settings``):
+
+* ``reap.py's kernels``: ``reap_vlm.inference.inference()`` as reap.py runs every forward;
+* ``cuDNN off``: the same with cuDNN disabled altogether (the vision tower's patch embedding is a Conv3d, which
+  cuDNN plans per input shape).  Not run by default: on an H200 PyTorch's own Conv3d took minutes for ten batches
+  (run 26, bench/RESULTS_scoring.md), so cuDNN stays.
+
+Writes ``RESULTS_new_shapes.md`` / ``.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_end_to_end import (  # noqa: E402
+    forward_batches,
+    log,
+    pre_encode,
+    shared_arguments,
+    spec_for,
+    sync,
+    write_calibration,
+    write_model,
+)
+
+from reap_vlm.calibration.ahead import default_workers  # noqa: E402
+from reap_vlm.calibration.files import load_calibration  # noqa: E402
+from reap_vlm.calibration.order import length_order  # noqa: E402
+from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
+from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
+from reap_vlm.inference import inference  # noqa: E402
+
+SETTINGS = {"reap.py's kernels": nullcontext, "cuDNN off": lambda: torch.backends.cudnn.flags(enabled=False)}
+
+
+def timed(model, family, batches: list[dict], device: str, setting) -> list[float]:
+    times = []
+    with inference(), setting():
+        for batch in batches:
+            t0 = time.perf_counter()
+            forward_batches(model, family, [batch], device)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def profile(model, family, batch: dict, device: str) -> list[tuple[str, float, float]]:
+    """(op, self CPU ms on a new batch, on the same batch again) for the ops that differ most."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def self_cpu() -> dict[str, float]:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            timed(model, family, [batch], device, nullcontext)
+        return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+
+    first, second = self_cpu(), self_cpu()
+    rows = [(k, v, second.get(k, 0.0)) for k, v in first.items()]
+    return sorted(rows, key=lambda r: r[2] - r[1])[:12]
+
+
+def table(results: dict) -> str:
+    lines = [f"# New batch shapes in a warm process ({results['device']}, {results['shape']})", "",
+             f"image set, batches of {results['batch_size']}, plain forwards; per setting {results['per_group']} "
+             "batches of shapes not seen before in the process, a first pass then a second.", "",
+             "| setting | first pass ms/batch | second pass ms/batch | first over second |", "|---|---|---|---|"]
+    for name, r in results["settings"].items():
+        a, b = sum(r["first_ms"]) / len(r["first_ms"]), sum(r["second_ms"]) / len(r["second_ms"])
+        lines.append(f"| {name} | {a:.0f} | {b:.0f} | {a / b:.3f}x |")
+    if results.get("profile"):
+        lines += ["", "One new batch, then again: the ops whose self CPU time differs most (reap.py's kernels)", "",
+                  "| op | first ms | again ms |", "|---|---|---|"]
+        lines += [f"| {op} | {a:.2f} | {b:.2f} |" for op, a, b in results["profile"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shared_arguments(parser, "2; --tiny 1")
+    parser.add_argument("--image-samples", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--per-group", type=int, default=10, help="new batches per setting")
+    parser.add_argument("--settings", default="reap.py's kernels", help=f"of: {', '.join(SETTINGS)}")
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.tiny:
+        args.image_samples, args.batch_size, args.max_seq_len, args.per_group = 24, 2, 512, 3
+        args.workdir += "-tiny"
+    workdir = Path(args.workdir)
+    log("writing the checkpoint and calibration set in", workdir)
+    write_model(workdir / "model", spec_for(args), args.tiny, args.device)
+    calib = write_calibration(workdir / "calibration", "image", args.image_samples,
+                              (0.05, 0.2) if args.tiny else (1.0, 4.0))
+    ckpt = Checkpoint(workdir / "model")
+    processor = load_processor(ckpt.path)
+    samples = load_calibration(calib, args.image_samples).samples
+    order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
+    batches, _, _ = pre_encode(processor, order.samples, args, ckpt.family, default_workers(),
+                               args.device == "cuda")
+    model = load_model(ckpt.path, dtype=getattr(torch, args.dtype), device=args.device)
+    log(f"{len(batches)} batches encoded, model loaded")
+    timed(model, ckpt.family, batches[:2], args.device, nullcontext)  # the process's first forwards apart
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, vision {args.vision}",
+               "batch_size": args.batch_size, "per_group": args.per_group, "settings": {}}
+    start = 2
+    for name in args.settings.split(","):
+        setting = SETTINGS[name]
+        group = batches[start:start + args.per_group]
+        start += args.per_group
+        first = timed(model, ckpt.family, group, args.device, setting)
+        second = timed(model, ckpt.family, group, args.device, setting)
+        results["settings"][name] = {"first_ms": [round(t * 1e3, 1) for t in first],
+                                     "second_ms": [round(t * 1e3, 1) for t in second],
+                                     "tokens": [int(b["attention_mask"].sum()) for b in group]}
+        log(name, results["settings"][name])
+    if start < len(batches):
+        results["profile"] = profile(model, ckpt.family, batches[start], args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "RESULTS_new_shapes.json").write_text(json.dumps(results, indent=2))
+    (out / "RESULTS_new_shapes.md").write_text(table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
