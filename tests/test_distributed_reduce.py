@@ -13,6 +13,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -162,3 +163,43 @@ def test_one_collective_reduce_is_bitwise_the_layer_by_layer_one(tmp_path):
 def test_a_failed_rank_ends_the_wait(tmp_path):
     waiting, _ = _spawn("failed_rank", tmp_path)
     assert waiting["raised"] == "rank 1 of 2 failed (its own error says why); this rank stops too"
+
+
+
+def test_a_restarted_job_meets_afresh(monkeypatch):
+    """torchrun's store outlives a restart (``--max-restarts``): what the first attempt left there (an arrival, a
+    failure) neither lets the second attempt's ranks through early nor fails them.  (A real torchrun restart on gloo
+    is left out: torch's own gloo setup reads the first attempt's addresses from the store and fails at times.)"""
+    from reap_vlm.score import distributed
+
+    store = dist.HashStore()
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setattr(distributed, "_ARRIVALS", iter([0, 0, 1]))  # each attempt's first meeting: the same count
+    rank0 = DistContext(0, 2)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    store.add(distributed._key("arrived/reduce/0"), 1)  # attempt 0: rank 1 arrived, then failed
+    distributed._announce_failure(1)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    done = threading.Event()
+    waiting = threading.Thread(target=lambda: (rank0.arrive("reduce"), done.set()))
+    waiting.start()
+    time.sleep(0.3)
+    assert waiting.is_alive() and not done.is_set()  # neither through on attempt 0's arrival nor failed by its failure
+    store.add(distributed._key("arrived/reduce/0"), 1)  # rank 1 of attempt 1 arrives
+    waiting.join(5)
+    assert done.is_set()
+    distributed._announce_failure(0)
+    distributed._announce_failure(1)  # a rank that stops on hearing of rank 0's failure does not take the blame
+    assert store.get(distributed._key("failed")) == b"0"
+
+
+def test_a_rank_whose_first_collective_failed_refuses_to_reduce():
+    """The other ranks' first collectives may have gone through: one of them would be matched with this rank's
+    reduce, so the rank stops with the reason before any collective."""
+    import pytest
+
+    ctx = DistContext(1, 2)
+    ctx._link.error = "DistBackendError: NCCL error"
+    with pytest.raises(ReapError, match=r"rank 1: NCCL's first collective failed \(DistBackendError: NCCL error\)"):
+        ctx.all_reduce(_random_stats(1))

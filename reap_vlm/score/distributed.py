@@ -36,7 +36,7 @@ from .stats import MAXIMA, ExpertStats
 log = logging.getLogger(__name__)
 
 _ARRIVALS = itertools.count()  # the n-th meeting of a process has the same key on every rank
-_FAILED = "reap_vlm/failed"  # store key: the rank that failed, for the ranks waiting in ``arrive``
+_FAILED = "failed"  # store key (``_key``): the rank that failed, for the ranks waiting in ``arrive``
 _POLL_MAX_S = 0.05  # the longest pause between two looks at the store: the delay the last rank's arrival may see
 _STOP_JOIN_S = 5.0  # how long a failing rank waits for the first collective before leaving without tearing down
 
@@ -96,16 +96,17 @@ class DistContext:
     def connect(self, device: str) -> None:
         """Issue the group's first collective (a 1-element all-reduce on ``device``) on a daemon thread, for the
         communicator it forms.  Every rank must call it at the same point, before any other collective; ``settle``
-        joins it.  A failure is logged: the reduce then forms the communicator, as without it."""
+        joins it.  A failure is logged, and the reduce refuses to run: the other ranks' collectives may have been
+        issued, and one of them would be matched with this rank's reduce."""
         link = self._link
 
         def first() -> None:
             t0 = time.perf_counter()
             try:
                 _first_collective(device, self.world_size)
-            except Exception as exc:  # best effort: the reduce's own collective forms the communicator
+            except Exception as exc:  # said at once; the reduce raises it (``all_reduce``)
                 link.error = f"{type(exc).__name__}: {exc}"
-                log.warning("the communicator was not formed ahead (%s); the reduce forms it", link.error)
+                log.warning("NCCL's first collective failed on rank %d: %s", self.rank, link.error)
             link.seconds = round(time.perf_counter() - t0, 3)
 
         link.thread = threading.Thread(target=first, name="reap-dist-connect", daemon=True)
@@ -150,12 +151,12 @@ class DistContext:
         group's timeout.  Every rank makes the same calls in the same order.  A rank killed meanwhile is
         torchrun's to end us; one that failed (``stop(ok=False)``) makes this raise."""
         store = dist.distributed_c10d._get_default_store()  # torch has no public way to the default group's store
-        key = f"reap_vlm/arrived/{what}/{next(_ARRIVALS)}"
+        key = _key(f"arrived/{what}/{next(_ARRIVALS)}")
         store.add(key, 1)
         pause = 0.001
         while store.add(key, 0) < self.world_size:  # add(key, 0) reads the count without blocking
-            if store.check([_FAILED]):
-                raise ReapError(f"rank {store.get(_FAILED).decode()} of {self.world_size} failed (its own error "
+            if store.check([_key(_FAILED)]):
+                raise ReapError(f"rank {store.get(_key(_FAILED)).decode()} of {self.world_size} failed (its own error "
                                 "says why); this rank stops too")
             time.sleep(pause)
             pause = min(2 * pause, _POLL_MAX_S)
@@ -183,6 +184,10 @@ class DistContext:
         if not self.enabled:
             return
         self.settle()
+        if self._link.error:
+            raise ReapError(f"rank {self.rank}: NCCL's first collective failed ({self._link.error}), so the ranks "
+                            "cannot reduce safely; check the GPUs and NCCL (NCCL_DEBUG=INFO says more), then rerun: "
+                            "the scored batches resume")
         self.arrive("reduce")
         reduce_stats(stats)
 
@@ -241,9 +246,17 @@ def _first_collective(device: str, world_size: int) -> None:
         raise RuntimeError(f"the first all-reduce gave {total}, not {world_size}")
 
 
+def _key(name: str) -> str:
+    """A store key of this run's attempt: torchrun's store outlives a restart (``--max-restarts``), so a key of
+    an earlier attempt (its arrivals, its failure) would let ranks through early or fail them at once."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return f"reap_vlm/{run}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+
+
 def _announce_failure(rank: int) -> None:
     """Tell the ranks waiting in ``arrive`` that this one failed (best effort: the store may be gone)."""
     try:
-        dist.distributed_c10d._get_default_store().set(_FAILED, str(rank))
+        # the first failure only: a rank that stops because it heard of another's must not take the blame
+        dist.distributed_c10d._get_default_store().compare_set(_key(_FAILED), "", str(rank))
     except Exception as exc:  # the rank fails anyway; its own error is the one to show
         log.debug("could not announce the failure: %s", exc)
