@@ -197,8 +197,6 @@ def test_a_restarted_job_meets_afresh(monkeypatch):
 def test_a_rank_whose_first_collective_failed_refuses_to_reduce():
     """The other ranks' first collectives may have gone through: one of them would be matched with this rank's
     reduce, so the rank stops with the reason before any collective."""
-    import pytest
-
     ctx = DistContext(1, 2)
     ctx._link.error = "DistBackendError: NCCL error"
     with pytest.raises(ReapError, match=r"rank 1: NCCL's first collective failed \(DistBackendError: NCCL error\)"):
