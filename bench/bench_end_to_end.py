@@ -326,8 +326,7 @@ def forward_over(model, family, batches: list[dict], device: str, observer: Reap
 def baselines(args, model_dir: Path, calib: Path, modes: list[str], clock: Clock) -> dict:
     ckpt = Checkpoint(model_dir)
     processor = load_processor(model_dir)
-    samples = load_calibration(calib, args.set_samples[calib.stem]).samples
-    order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
+    order = reap_order(processor, calib, args.set_samples[calib.stem], args, ckpt.family)
     cuda = args.device == "cuda"
     batches, wall, cpu = pre_encode(processor, order.samples, args, ckpt.family, default_workers(), cuda)
     res = {"pre_encode_wall_s": wall, "pre_encode_cpu_s": cpu, "encode_threads": default_workers(),
@@ -486,6 +485,20 @@ def table(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------- main
 
 
+def bench_device(args) -> None:
+    """``args.device`` and ``args.dtype``: bfloat16 on a GPU, float32 on the CPU (``--tiny``; bf16 matmuls on the
+    CPU are slow)."""
+    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+
+
+def reap_order(processor, calib: Path, count: int, args, family):
+    """The first ``count`` samples of ``calib`` in reap.py's order (its default sort window, 16; no image budget):
+    a ``BatchOrder``."""
+    samples = load_calibration(calib, count).samples
+    return length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, family)[0]
+
+
 def shared_arguments(parser: argparse.ArgumentParser, minutes: str) -> None:
     """The options of the benches that build on this one's checkpoint and calibration sets (``--workdir``);
     ``minutes``: the default time budget, said in the help."""
@@ -522,8 +535,7 @@ def main() -> None:
     parser.add_argument("--gpus", default="auto", help="auto (2 when two are visible), 1 or 2")
     parser.add_argument("--skip-baselines", action="store_true")
     args = parser.parse_args()
-    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    args.dtype = "bfloat16" if args.device == "cuda" else "float32"  # bf16 matmuls on the CPU are slow
+    bench_device(args)
     if args.tiny:
         args.samples = min(args.samples, 12)
         args.image_samples = min(args.image_samples, 12)

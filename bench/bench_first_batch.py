@@ -42,9 +42,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_end_to_end import (  # noqa: E402
     Clock,
+    bench_device,
     forward_batches,
     log,
     pre_encode,
+    reap_order,
     shared_arguments,
     spec_for,
     sync,
@@ -53,8 +55,6 @@ from bench_end_to_end import (  # noqa: E402
 )
 
 from reap_vlm.calibration.ahead import default_workers  # noqa: E402
-from reap_vlm.calibration.files import load_calibration  # noqa: E402
-from reap_vlm.calibration.order import length_order  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.inference import inference  # noqa: E402
@@ -80,8 +80,7 @@ def one_variant(args) -> dict:
     calib = Path(args.workdir) / "calibration" / "image.json"
     ckpt = Checkpoint(model_dir)
     processor = load_processor(model_dir)
-    samples = load_calibration(calib, args.image_samples).samples
-    order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
+    order = reap_order(processor, calib, args.image_samples, args, ckpt.family)
     cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype)
     batches, _, _ = pre_encode(processor, order.samples[:args.batches * args.batch_size], args, ckpt.family,
@@ -144,8 +143,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # the child process's
     args = parser.parse_args()
-    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    bench_device(args)
     if args.tiny:
         args.image_samples, args.batch_size, args.max_seq_len = 12, 4, 512
         args.workdir += "-tiny"

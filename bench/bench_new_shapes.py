@@ -36,9 +36,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_end_to_end import (  # noqa: E402
+    bench_device,
     forward_batches,
     log,
     pre_encode,
+    reap_order,
     shared_arguments,
     spec_for,
     sync,
@@ -47,8 +49,6 @@ from bench_end_to_end import (  # noqa: E402
 )
 
 from reap_vlm.calibration.ahead import default_workers  # noqa: E402
-from reap_vlm.calibration.files import load_calibration  # noqa: E402
-from reap_vlm.calibration.order import length_order  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.inference import inference  # noqa: E402
@@ -106,8 +106,7 @@ def main() -> None:
     parser.add_argument("--per-group", type=int, default=10, help="new batches per setting")
     parser.add_argument("--settings", default="reap.py's kernels", help=f"of: {', '.join(SETTINGS)}")
     args = parser.parse_args()
-    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    bench_device(args)
     if args.tiny:
         args.image_samples, args.batch_size, args.max_seq_len, args.per_group = 24, 2, 512, 3
         args.workdir += "-tiny"
@@ -118,8 +117,7 @@ def main() -> None:
                               (0.05, 0.2) if args.tiny else (1.0, 4.0))
     ckpt = Checkpoint(workdir / "model")
     processor = load_processor(ckpt.path)
-    samples = load_calibration(calib, args.image_samples).samples
-    order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
+    order = reap_order(processor, calib, args.image_samples, args, ckpt.family)
     batches, _, _ = pre_encode(processor, order.samples, args, ckpt.family, default_workers(),
                                args.device == "cuda")
     model = load_model(ckpt.path, dtype=getattr(torch, args.dtype), device=args.device)

@@ -51,8 +51,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_end_to_end import (  # noqa: E402
     VISION,
+    bench_device,
     forward_batches,
     log,
+    reap_order,
     spec_for,
     sync,
     write_calibration,
@@ -60,8 +62,6 @@ from bench_end_to_end import (  # noqa: E402
 )
 
 from reap_vlm.calibration.ahead import BatchStream, default_workers  # noqa: E402
-from reap_vlm.calibration.files import load_calibration  # noqa: E402
-from reap_vlm.calibration.order import length_order  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.inference import inference  # noqa: E402
@@ -274,8 +274,7 @@ def main() -> None:
     parser.add_argument("--switch-intervals", type=lambda v: [float(x) for x in v.split(",") if x], default="0.1,1",
                         help="Python thread switch intervals in ms (default 5) to run the threads rows under too")
     args = parser.parse_args()
-    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    bench_device(args)
     if args.tiny:
         args.samples, args.image_samples, args.batch_size, args.max_seq_len = 12, 8, 4, 512
         args.workdir += "-tiny"
@@ -294,8 +293,7 @@ def main() -> None:
     for kind in args.sets.split(","):
         # the end-to-end bench's sets are a superset: its first samples are this set
         calib = write_calibration(workdir / "calibration", kind, counts[kind], megapixels)
-        samples = load_calibration(calib, counts[kind]).samples
-        order, _ = length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, ckpt.family)
+        order = reap_order(processor, calib, counts[kind], args, ckpt.family)
         log(f"{kind}: pre-encoding {len(order.samples)} samples")
         with BatchStream(processor, order.samples, args.batch_size, args.max_seq_len, 0, ckpt.family,
                          workers=default_workers(), kind="threads", pin=args.device == "cuda",

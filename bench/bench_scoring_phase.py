@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_end_to_end import (  # noqa: E402
     Clock,
+    bench_device,
     forward_batches,
     log,
     shared_arguments,
@@ -291,8 +292,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="processes", help="other kinds of encoding worker, again ('' for none)")
     parser.add_argument("--profile", action="store_true", help="the main thread's ops, again and baseline")
     args = parser.parse_args()
-    args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    bench_device(args)
     if args.tiny:
         args.samples, args.batch_size, args.max_seq_len = min(args.samples, 12), min(args.batch_size, 4), 512
         args.workdir += "-tiny"
