@@ -299,6 +299,18 @@ def forward_batches(model, family, batches: list[dict], device: str, observer: R
         base(**batch, use_cache=False)
 
 
+def timed_forwards(model, family, batches: list[dict], device: str) -> list[float]:
+    """Seconds of each batch's forward (``forward_batches``, reap.py's kernels), synchronized one by one."""
+    times = []
+    with inference():
+        for batch in batches:
+            t0 = time.perf_counter()
+            forward_batches(model, family, [batch], device)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def forward_over(model, family, batches: list[dict], device: str, observer: ReapObserver | None,
                  passes: int = 1, kernels=inference) -> tuple[float, float]:
     """Seconds for the model's forward over ``batches`` (copied from pinned memory as the engine does), warm, and
@@ -492,6 +504,12 @@ def bench_device(args) -> None:
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"
 
 
+def bench_identity(args) -> dict:
+    """A results file's device and checkpoint shape."""
+    return {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, vision {args.vision}"}
+
+
 def reap_order(processor, calib: Path, count: int, args, family):
     """The first ``count`` samples of ``calib`` in reap.py's order (its default sort window, 16; no image budget):
     a ``BatchOrder``."""
@@ -554,9 +572,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     modes = args.modes.split(",")
     shm = shm_free_bytes()
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "gpus_visible": gpus_visible, "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, "
-               f"vision {args.vision}", "samples": {kind: args.set_samples[kind] for kind in args.sets.split(",")},
+    results = {**bench_identity(args), "gpus_visible": gpus_visible,
+               "samples": {kind: args.set_samples[kind] for kind in args.sets.split(",")},
                "batch_size": args.batch_size,
                "max_seq_len": args.max_seq_len, "dtype": args.dtype, "cpus": os.cpu_count(),
                "shm_free_gib": None if shm is None else round(shm / 2**30, 1), "sets": {}, "not_run": clock.skipped}

@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_end_to_end import (  # noqa: E402
     Clock,
     bench_device,
-    forward_batches,
+    bench_identity,
     log,
     pre_encode,
     reap_order,
     shared_arguments,
     spec_for,
-    sync,
+    timed_forwards,
     write_calibration,
     write_model,
 )
@@ -57,21 +57,9 @@ from bench_end_to_end import (  # noqa: E402
 from reap_vlm.calibration.ahead import default_workers  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
-from reap_vlm.inference import inference  # noqa: E402
 from reap_vlm.score.warmup import model_widths, reserve_memory, start_cuda_libraries  # noqa: E402
 
 VARIANTS = ("cold", "libs", "reserve", "libs+reserve", "model")
-
-
-def timed_forwards(model, family, batches: list[dict], device: str) -> list[float]:
-    times = []
-    with inference():
-        for batch in batches:
-            t0 = time.perf_counter()
-            forward_batches(model, family, [batch], device)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def one_variant(args) -> dict:
@@ -155,9 +143,7 @@ def main() -> None:
     log("writing the checkpoint and calibration sets in", workdir)
     write_model(workdir / "model", spec_for(args), args.tiny, args.device)
     write_calibration(workdir / "calibration", "image", args.image_samples, (0.05, 0.2) if args.tiny else (1.0, 4.0))
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, vision {args.vision}",
-               "batch_size": args.batch_size, "variants": [], "not_run": clock.skipped}
+    results = {**bench_identity(args), "batch_size": args.batch_size, "variants": [], "not_run": clock.skipped}
     passed = [f"--workdir={args.workdir.removesuffix('-tiny')}", f"--layers={args.layers}", f"--vision={args.vision}",
               f"--image-samples={args.image_samples}", f"--batch-size={args.batch_size}",
               f"--max-seq-len={args.max_seq_len}", f"--batches={args.batches}",

@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,49 +37,28 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_end_to_end import (  # noqa: E402
     bench_device,
-    forward_batches,
+    bench_identity,
     log,
     pre_encode,
     reap_order,
     shared_arguments,
     spec_for,
-    sync,
+    timed_forwards,
     write_calibration,
     write_model,
 )
+from bench_first_pass import profile  # noqa: E402
 
 from reap_vlm.calibration.ahead import default_workers  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
-from reap_vlm.inference import inference  # noqa: E402
 
 SETTINGS = {"reap.py's kernels": nullcontext, "cuDNN off": lambda: torch.backends.cudnn.flags(enabled=False)}
 
 
 def timed(model, family, batches: list[dict], device: str, setting) -> list[float]:
-    times = []
-    with inference(), setting():
-        for batch in batches:
-            t0 = time.perf_counter()
-            forward_batches(model, family, [batch], device)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def profile(model, family, batch: dict, device: str) -> list[tuple[str, float, float]]:
-    """(op, self CPU ms on a new batch, on the same batch again) for the ops that differ most."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    def self_cpu() -> dict[str, float]:
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            timed(model, family, [batch], device, nullcontext)
-        return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
-
-    first, second = self_cpu(), self_cpu()
-    rows = [(k, v, second.get(k, 0.0)) for k, v in first.items()]
-    return sorted(rows, key=lambda r: r[2] - r[1])[:12]
+    with setting():
+        return timed_forwards(model, family, batches, device)
 
 
 def table(results: dict) -> str:
@@ -123,9 +102,7 @@ def main() -> None:
     model = load_model(ckpt.path, dtype=getattr(torch, args.dtype), device=args.device)
     log(f"{len(batches)} batches encoded, model loaded")
     timed(model, ckpt.family, batches[:2], args.device, nullcontext)  # the process's first forwards apart
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, vision {args.vision}",
-               "batch_size": args.batch_size, "per_group": args.per_group, "settings": {}}
+    results = {**bench_identity(args), "batch_size": args.batch_size, "per_group": args.per_group, "settings": {}}
     start = 2
     for name in args.settings.split(","):
         setting = SETTINGS[name]
@@ -138,7 +115,8 @@ def main() -> None:
                                      "tokens": [int(b["attention_mask"].sum()) for b in group]}
         log(name, results["settings"][name])
     if start < len(batches):
-        results["profile"] = profile(model, ckpt.family, batches[start], args.device)
+        forward = partial(timed_forwards, model, ckpt.family, device=args.device)
+        results["profile"] = profile(forward, batches[start:start + 1], args.device == "cuda")[:12]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "RESULTS_new_shapes.json").write_text(json.dumps(results, indent=2))

@@ -18,10 +18,11 @@ load, then per set, every row over the same length-sorted batches:
 * ``engine, N processes`` / ``N threads``: the loop fed by ``BatchStream`` as reap.py feeds it;
 * ``forward beside N processes`` / ``threads``: the plain forward over pre-encoded batches while a stream of the
   same kind encodes the set on the side (its batches thrown away): the encoding's cost to the loop, alone;
-* ``... main thread alone on its core``: ``--apart``: the forward, and the forward beside N processes, with the
-  main thread pinned to one CPU whose core (its hyperthread siblings too) the encoding processes are kept off: does
-  sharing a core with an encoding process slow the forward's launches?  (A bench-only experiment: the processes'
-  affinity is set from here, after they start.)
+* ``forward beside N processes, main thread alone on its core``: ``--apart``: the forward beside N processes with
+  the main thread pinned to one CPU whose core (its hyperthread siblings too) the processes are kept off, alternated
+  twice with the same row unpinned: does sharing a core with an encoding process slow the forward's launches?  (A
+  bench-only experiment: the processes' affinity is set from here, after they start.)  ``--rows beside``: only the
+  forward's rows and these.
 * ``switch interval``: the threads rows again with Python's thread switch interval shortened (``--switch-intervals``):
   each op the forward launches lets the GIL go and takes it back, waiting up to the interval while an encoding
   thread runs Python.
@@ -52,6 +53,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_end_to_end import (  # noqa: E402
     VISION,
     bench_device,
+    bench_identity,
     forward_batches,
     log,
     reap_order,
@@ -286,10 +288,8 @@ def main() -> None:
     ckpt = Checkpoint(model_dir)
     processor = load_processor(model_dir)
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, vision {args.vision}",
-               "batch_size": args.batch_size, "max_seq_len": args.max_seq_len, "dtype": args.dtype,
-               "mode": args.mode, "cpus": len(os.sched_getaffinity(0)), "sets": {}}
+    results = {**bench_identity(args), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
+               "dtype": args.dtype, "mode": args.mode, "cpus": len(os.sched_getaffinity(0)), "sets": {}}
     for kind in args.sets.split(","):
         # the end-to-end bench's sets are a superset: its first samples are this set
         calib = write_calibration(workdir / "calibration", kind, counts[kind], megapixels)

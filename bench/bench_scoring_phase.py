@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_end_to_end import (  # noqa: E402
     Clock,
     bench_device,
+    bench_identity,
     forward_batches,
     log,
     shared_arguments,
@@ -302,9 +303,7 @@ def main() -> None:
     model = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
     calib = write_calibration(workdir / "calibration", args.set, args.samples,
                               (0.05, 0.2) if args.tiny else (1.0, 4.0))
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "shape": "tiny" if args.tiny else f"30B-A3B, {args.layers} MoE layers, vision {args.vision}",
-               "set": args.set, "samples": args.samples, "batch_size": args.batch_size,
+    results = {**bench_identity(args), "set": args.set, "samples": args.samples, "batch_size": args.batch_size,
                "max_seq_len": args.max_seq_len, "dtype": args.dtype, "cpus": os.cpu_count(),
                "modes": {}, "not_run": clock.skipped}
     log("inputs ready")

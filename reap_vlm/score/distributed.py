@@ -172,10 +172,8 @@ class DistContext:
         return balanced_shares(costs, self.world_size)[self.rank]
 
     def my_samples(self, samples: list, batch_size: int, costs: list[float] | None = None) -> list:
-        """This rank's samples, grouped so that its batches are exactly the single-process batches it owns (the
-        last, short batch, if any, is the last of its owner's, since each rank's batches keep their order)."""
-        return [s for b in self.my_batches(num_batches(samples, batch_size), costs)
-                for s in samples[b * batch_size:(b + 1) * batch_size]]
+        """This rank's samples (``samples_of`` its ``my_batches``)."""
+        return samples_of(samples, batch_size, self.my_batches(num_batches(samples, batch_size), costs))
 
     def all_reduce(self, stats: ExpertStats) -> None:
         """Sum every rank's float64 sums and token counts into every rank's ``stats``; the maxima (``MAXIMA``)
@@ -190,6 +188,12 @@ class DistContext:
                             "the scored batches resume")
         self.arrive("reduce")
         reduce_stats(stats)
+
+
+def samples_of(samples: list, batch_size: int, batches: list[int]) -> list:
+    """The samples of ``batches`` (indices, increasing), grouped so that their batches of ``batch_size`` are exactly
+    the single-process batches (the last, short batch, if any, is the last of its owner's)."""
+    return [s for b in batches for s in samples[b * batch_size:(b + 1) * batch_size]]
 
 
 def balanced_shares(costs: list[float], world_size: int) -> list[list[int]]:

@@ -22,7 +22,7 @@ from ..outputs import check_output_folder, output_lock
 from ..safeguards import select_for_run
 from ..selection import num_to_keep
 from ..settings import Settings
-from .distributed import DistContext
+from .distributed import DistContext, samples_of
 from .engine import choose_engine, run_batches
 from .hooks import ReapObserver
 from .layerwise import run_layerwise
@@ -175,7 +175,7 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     costs = padded_positions(order.lengths, settings.batch_size)  # the ranks' shares balanced by them
     share = dist.my_batches(num_batches(order.samples, settings.batch_size), costs)
     resume = _resume_state(settings, ckpt, calib, order, dtype, dist, share)
-    samples = dist.my_samples(order.samples, settings.batch_size, costs)
+    samples = samples_of(order.samples, settings.batch_size, share)
     warm.batches(order.batch_tokens(samples, settings.batch_size))
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
                          encoding, warm)
