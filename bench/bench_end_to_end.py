@@ -52,6 +52,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reap_vlm.calibration.ahead import BatchStream, default_workers, shm_free_bytes  # noqa: E402
-from reap_vlm.calibration.encode import encode_batch, open_image  # noqa: E402
+from reap_vlm.calibration.encode import encode_batch, open_image, to_model  # noqa: E402
 from reap_vlm.calibration.files import load_calibration  # noqa: E402
 from reap_vlm.calibration.order import length_order  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
@@ -274,10 +275,12 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
 # ----------------------------------------------------------------------------------------------- baselines
 
 
-def pre_encode(processor, samples, args, family, workers: int, pin: bool) -> tuple[list[dict], float, float]:
+def pre_encode(processor, samples, args, family, workers: int, pin: bool,
+               model_config: dict | None) -> tuple[list[dict], float, float]:
+    """The batches as reap.py's stream gives them (with the inputs computed on the host, given the config)."""
     t0 = time.perf_counter()
     with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, family, workers=workers,
-                     pin=pin, pixel_dtype=getattr(torch, args.dtype)) as stream:
+                     pin=pin, pixel_dtype=getattr(torch, args.dtype), model_config=model_config) as stream:
         batches = list(stream)
     return batches, time.perf_counter() - t0, stream.encode_seconds
 
@@ -293,7 +296,7 @@ def forward_batches(model, family, batches: list[dict], device: str, observer: R
     base = family.multimodal_model(model)
     for batch in batches:
         masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_model(batch, device, model.dtype, non_blocking=True, host=family.host_side(batch, model))
         if observer is not None:
             observer.use_masks(masks.to(device))
         base(**batch, use_cache=False)
@@ -340,7 +343,8 @@ def baselines(args, model_dir: Path, calib: Path, modes: list[str], clock: Clock
     processor = load_processor(model_dir)
     order = reap_order(processor, calib, args.set_samples[calib.stem], args, ckpt.family)
     cuda = args.device == "cuda"
-    batches, wall, cpu = pre_encode(processor, order.samples, args, ckpt.family, default_workers(), cuda)
+    batches, wall, cpu = pre_encode(processor, order.samples, args, ckpt.family, default_workers(), cuda,
+                                    ckpt.config)
     res = {"pre_encode_wall_s": wall, "pre_encode_cpu_s": cpu, "encode_threads": default_workers(),
            "tokens": sum(int(b["attention_mask"].sum()) for b in batches), "batches": len(batches)}
     log(f"  pre-encoded {len(batches)} batches: {wall:.1f}s wall, {cpu:.1f}s summed over threads")
@@ -515,6 +519,36 @@ def reap_order(processor, calib: Path, count: int, args, family):
     a ``BatchOrder``."""
     samples = load_calibration(calib, count).samples
     return length_order(processor, samples, args.batch_size, 16, args.max_seq_len, 0, family)[0]
+
+
+@dataclass
+class LoadedBench:
+    """What the benches built on this one's checkpoint and sets start from: the model loaded in this process."""
+
+    args: argparse.Namespace
+    workdir: Path
+    out: Path
+    ckpt: Checkpoint
+    processor: object
+    model: torch.nn.Module
+
+    def order(self, kind: str, counts: dict[str, int]):
+        """The ``kind`` set's first ``counts[kind]`` samples (written when missing) in reap.py's order."""
+        megapixels = (0.05, 0.2) if self.args.tiny else (1.0, 4.0)
+        calib = write_calibration(self.workdir / "calibration", kind, counts[kind], megapixels)
+        return reap_order(self.processor, calib, counts[kind], self.args, self.ckpt.family)
+
+
+def loaded_bench(args) -> LoadedBench:
+    """``--tiny``'s sizes set on ``args``, the checkpoint written when missing, then loaded."""
+    if args.tiny:
+        args.samples, args.image_samples, args.batch_size, args.max_seq_len = 12, 8, 4, 512
+        args.workdir += "-tiny"
+    workdir, out = Path(args.workdir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
+    model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    return LoadedBench(args, workdir, out, Checkpoint(model_dir), load_processor(model_dir), model)
 
 
 def shared_arguments(parser: argparse.ArgumentParser, minutes: str) -> None:

@@ -72,7 +72,7 @@ def one_variant(args) -> dict:
     cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype)
     batches, _, _ = pre_encode(processor, order.samples[:args.batches * args.batch_size], args, ckpt.family,
-                               default_workers(), cuda)
+                               default_workers(), cuda, ckpt.config)
     warm_s = [0.0]
 
     def libraries():

@@ -98,7 +98,7 @@ def main() -> None:
     processor = load_processor(ckpt.path)
     order = reap_order(processor, calib, args.image_samples, args, ckpt.family)
     batches, _, _ = pre_encode(processor, order.samples, args, ckpt.family, default_workers(),
-                               args.device == "cuda")
+                               args.device == "cuda", ckpt.config)
     model = load_model(ckpt.path, dtype=getattr(torch, args.dtype), device=args.device)
     log(f"{len(batches)} batches encoded, model loaded")
     timed(model, ckpt.family, batches[:2], args.device, nullcontext)  # the process's first forwards apart

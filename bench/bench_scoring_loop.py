@@ -55,16 +55,12 @@ from bench_end_to_end import (  # noqa: E402
     bench_device,
     bench_identity,
     forward_batches,
+    loaded_bench,
     log,
-    reap_order,
-    spec_for,
     sync,
-    write_calibration,
-    write_model,
 )
 
 from reap_vlm.calibration.ahead import BatchStream, default_workers  # noqa: E402
-from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.inference import inference  # noqa: E402
 from reap_vlm.score.engine import run_batches  # noqa: E402
@@ -133,7 +129,7 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
                     break
 
         with BatchStream(*stream_args, workers=workers, kind=kind, pin=device.startswith("cuda"),
-                         pixel_dtype=dtype) as stream:
+                         pixel_dtype=dtype, model_config=ckpt.config) as stream:
             next(stream)  # the workers are running
             drainer = threading.Thread(target=drain, args=(stream,))
             drainer.start()
@@ -165,13 +161,14 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
     rows["engine, pre-encoded"] = timed(device, lambda: engine(PreEncoded(batches)))
     for kind in ("processes", "threads"):
         rows[f"engine, {workers} {kind}"] = timed(device, lambda kind=kind: engine(BatchStream(
-            *stream_args, workers=workers, kind=kind, pin=pin, pixel_dtype=dtype)))
+            *stream_args, workers=workers, kind=kind, pin=pin, pixel_dtype=dtype, model_config=ckpt.config)))
         log(f"  engine {kind}: {rows[f'engine, {workers} {kind}']}")
     beside_rows(args, rows, workers, beside)
     for ms in args.switch_intervals:
         with switch_interval(ms / 1e3):
             rows[f"engine, {workers} threads, switch interval {ms:g} ms"] = timed(device, lambda: engine(BatchStream(
-                *stream_args, workers=workers, kind="threads", pin=pin, pixel_dtype=dtype)))
+                *stream_args, workers=workers, kind="threads", pin=pin, pixel_dtype=dtype,
+                model_config=ckpt.config)))
             rows[f"forward beside {workers} threads, switch interval {ms:g} ms"] = beside("threads")
         log(f"  switch interval {ms:g} ms: {rows[f'engine, {workers} threads, switch interval {ms:g} ms']}")
     return rows
@@ -277,35 +274,26 @@ def main() -> None:
                         help="Python thread switch intervals in ms (default 5) to run the threads rows under too")
     args = parser.parse_args()
     bench_device(args)
-    if args.tiny:
-        args.samples, args.image_samples, args.batch_size, args.max_seq_len = 12, 8, 4, 512
-        args.workdir += "-tiny"
-    workdir, out = Path(args.workdir), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
+    bench = loaded_bench(args)
+    model, ckpt, processor = bench.model, bench.ckpt, bench.processor
     counts = {"text": args.samples, "image": args.image_samples}
-    megapixels = (0.05, 0.2) if args.tiny else (1.0, 4.0)
-    ckpt = Checkpoint(model_dir)
-    processor = load_processor(model_dir)
-    model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     results = {**bench_identity(args), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
                "dtype": args.dtype, "mode": args.mode, "cpus": len(os.sched_getaffinity(0)), "sets": {}}
     for kind in args.sets.split(","):
         # the end-to-end bench's sets are a superset: its first samples are this set
-        calib = write_calibration(workdir / "calibration", kind, counts[kind], megapixels)
-        order = reap_order(processor, calib, counts[kind], args, ckpt.family)
+        order = bench.order(kind, counts)
         log(f"{kind}: pre-encoding {len(order.samples)} samples")
         with BatchStream(processor, order.samples, args.batch_size, args.max_seq_len, 0, ckpt.family,
                          workers=default_workers(), kind="threads", pin=args.device == "cuda",
-                         pixel_dtype=getattr(torch, args.dtype)) as stream:
+                         pixel_dtype=getattr(torch, args.dtype), model_config=ckpt.config) as stream:
             batches = list(stream)
         rows = loop_rows(args, model, ckpt, processor, order.samples, batches)
         results["sets"][kind] = {"batches": len(batches), "rows": rows}
         del batches
     text = table(results)
     print("\n" + text)
-    (out / "RESULTS_scoring_loop.md").write_text(text)
-    (out / "RESULTS_scoring_loop.json").write_text(json.dumps(results, indent=2))
+    (bench.out / "RESULTS_scoring_loop.md").write_text(text)
+    (bench.out / "RESULTS_scoring_loop.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def baseline_row(args, mode: str, model_dir: Path, calib: Path, order: list[int]
         samples = [samples[i] for i in order]
     pin = args.device.startswith("cuda")
     with BatchStream(processor, samples, args.batch_size, args.max_seq_len, max_pixels, family,
-                     workers=default_workers(), pin=pin, pixel_dtype=getattr(torch, args.dtype)) as stream:
+                     workers=default_workers(), pin=pin, pixel_dtype=getattr(torch, args.dtype),
+                     model_config=ckpt.config) as stream:  # as reap.py's stream gives them
         batches = list(stream)
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     observer = None if mode == "routed" else ReapObserver(

@@ -53,9 +53,9 @@ def _encode_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith(("reap-encode", "reap-pin"))]
 
 
-def _fake_pinned(batch: dict) -> dict:
-    """Pinning's stand-in where no CUDA is: a copy, on the pinning thread all the same."""
-    return {k: v.clone() for k, v in batch.items()}
+def _fake_pinned(batch: dict, floor: int = 0) -> dict:
+    """Pinning's stand-in where no CUDA is: the same packing into one buffer, on the pinning thread all the same."""
+    return ahead.packed(batch, pin_memory=False, floor=floor)
 
 
 def test_encoding_ahead_gives_the_inline_batches_in_order(tiny_model, calibration):
@@ -110,11 +110,15 @@ def test_only_the_next_batches_are_pinned_on_one_thread(tiny_model, calibration,
     made: dict = {}
     pinned = []  # per call: (thread, consumer's next batch)
 
-    def pin(batch):
+    def pin(batch, floor):
         pinned.append((threading.current_thread().name, getattr(made.get("stream"), "next_index", 0)))
-        return _fake_pinned(batch)
+        floors.add(floor)
+        return _fake_pinned(batch, floor)
 
+    floors, reserved = set(), []
     monkeypatch.setattr(ahead, "_pinned", pin)
+    monkeypatch.setattr(ahead, "_reserve_pinned", lambda *args: reserved.append(
+        (threading.current_thread().name, len(pinned), *args)))
     with BatchStream(processor, samples, 2, 256, 0, None, workers=2, kind=kind, pin=True) as stream:
         made["stream"] = stream
         for part in [f for parts in list(stream.pending) for f in parts]:
@@ -127,6 +131,15 @@ def test_only_the_next_batches_are_pinned_on_one_thread(tiny_model, calibration,
     assert len(pinned) == len(inline)
     assert {thread for thread, _ in pinned} == {"reap-pin_0"}
     assert max(index - consumer for index, (_, consumer) in enumerate(pinned)) <= ahead.PIN_AHEAD
+    # every batch into a buffer of one size, the largest a batch can take, reserved before the first batch's
+    bound = ahead.batch_bytes_bound(processor, None, 2, 256, None)
+    assert floors == {bound} and reserved == [("reap-pin_0", 0, bound, ahead.PIN_BUFFERS)]
+    monkeypatch.setattr(ahead, "PIN_FLOOR_MAX", bound - 1)  # too large to reserve: each batch its own size
+    reserved.clear()
+    floors.clear()
+    with BatchStream(processor, samples, 2, 256, 0, None, workers=2, kind=kind, pin=True) as stream:
+        _assert_same_batches(list(stream), inline)
+    assert floors == {0} and not reserved
 
 
 def _encoded_with_warnings(make) -> tuple[list[dict], list[str]]:

@@ -94,7 +94,7 @@ class _Encoded:
 
 
 def _encode_timed(processor, chunk: list, encode_args: tuple, pixel_dtype: torch.dtype | None,
-                  apart: bool = False) -> _Encoded:
+                  model_config: dict | None, apart: bool = False) -> _Encoded:
     """``chunk``'s padded batch, or (``apart``) its samples for the stream to collate: the same tensors."""
     t0 = time.perf_counter()
     samples = [encode_sample(processor, s, *encode_args) for s in chunk]
@@ -104,7 +104,17 @@ def _encode_timed(processor, chunk: list, encode_args: tuple, pixel_dtype: torch
         samples = [_cast_pixels(e, pixel_dtype) for e in samples]
     if apart:
         return _Encoded(None, time.perf_counter() - t0, samples=samples)
-    return _Encoded(collate(samples, pad_token_id(processor)), time.perf_counter() - t0)
+    return _Encoded(model_batch(samples, processor, encode_args[2], model_config), time.perf_counter() - t0)
+
+
+def model_batch(samples: list[EncodedSample], processor, family: ModelFamily | None,
+                model_config: dict | None) -> dict[str, torch.Tensor]:
+    """The padded batch of ``samples`` and, given the model's ``model_config``, the inputs its forward would
+    otherwise derive on the device (``ModelFamily.model_inputs``)."""
+    batch = collate(samples, pad_token_id(processor))
+    if model_config is not None:
+        batch.update((family or family_for_processor(processor)).model_inputs(batch, model_config))
+    return batch
 
 
 def _cast_pixels(sample: EncodedSample, dtype: torch.dtype) -> EncodedSample:
@@ -114,8 +124,40 @@ def _cast_pixels(sample: EncodedSample, dtype: torch.dtype) -> EncodedSample:
     return dataclasses.replace(sample, pixel_values=pixels.to(dtype))
 
 
-def _pinned(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.pin_memory() for k, v in batch.items()}
+PIN_ALIGN = 64  # bytes: each tensor's offset in a batch's page-locked buffer, a multiple of any element size
+# Page-locked buffers reserved before the first batch (see BatchStream's ``pin_floor``): those pinned ahead, the one
+# in use and one whose copy may still run.
+PIN_BUFFERS = PIN_AHEAD + 2
+PIN_FLOOR_MAX = 512 << 20  # bytes: above this, buffers of each batch's own size (the reserve would take too much)
+
+
+def _pinned(batch: dict[str, torch.Tensor], floor: int = 0) -> dict[str, torch.Tensor]:
+    """The batch's tensors as views of one page-locked buffer of at least ``floor`` bytes.  One allocation per
+    batch, not one per tensor, and of one size for every batch: each new one is a cudaHostAlloc holding CUDA's
+    driver lock (see PIN_AHEAD), which PyTorch's cache saves only for a size it holds (by powers of two) once a
+    buffer's copies are done.  A batch with the model's inputs (``model_batch``) holds ten tensors."""
+    return packed(batch, pin_memory=True, floor=floor)
+
+
+def _reserve_pinned(nbytes: int, count: int) -> None:
+    """``count`` page-locked buffers of ``nbytes`` into PyTorch's cache, for the batches to reuse (an error here,
+    on the pinning thread, is never read: the batches then allocate their own)."""
+    buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+    del buffers
+
+
+def packed(batch: dict[str, torch.Tensor], pin_memory: bool, floor: int = 0) -> dict[str, torch.Tensor]:
+    """``batch``'s tensors copied into one buffer (of at least ``floor`` bytes), each a view of it at an offset
+    aligned to ``PIN_ALIGN``."""
+    sizes = [-(-t.nbytes // PIN_ALIGN) * PIN_ALIGN for t in batch.values()]
+    buffer = torch.empty(max(sum(sizes), floor), dtype=torch.uint8, pin_memory=pin_memory)
+    pinned, offset = {}, 0
+    for (key, tensor), size in zip(batch.items(), sizes):
+        view = buffer[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        pinned[key] = view
+        offset += size
+    return pinned
 
 
 def _result(future: Future) -> _Encoded:
@@ -136,7 +178,8 @@ def _died(exc: BrokenProcessPool) -> ReapError:
 _PROCESS: dict = {}  # a worker process's processor and encoding arguments, set once by _process_start
 
 
-def _process_start(processor, encode_args: tuple, pixel_dtype: torch.dtype | None) -> None:
+def _process_start(processor, encode_args: tuple, pixel_dtype: torch.dtype | None,
+                   model_config: dict | None) -> None:
     """``processor``: the object itself (forked) or its pickle (spawned)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes the pool
     torch.set_num_threads(1)  # see _one_op_thread
@@ -146,7 +189,7 @@ def _process_start(processor, encode_args: tuple, pixel_dtype: torch.dtype | Non
                      daemon=True).start()
     if isinstance(processor, bytes):
         processor = pickle.loads(processor)
-    _PROCESS.update(processor=processor, encode_args=encode_args, pixel_dtype=pixel_dtype)
+    _PROCESS.update(processor=processor, encode_args=encode_args, pixel_dtype=pixel_dtype, model_config=model_config)
 
 
 def _exit_with_parent(sentinel) -> None:
@@ -162,7 +205,7 @@ def _process_encode(chunk: list, apart: bool = False) -> _Encoded:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         encoded = _encode_timed(_PROCESS["processor"], chunk, _PROCESS["encode_args"], _PROCESS["pixel_dtype"],
-                                apart)
+                                _PROCESS["model_config"], apart)
     encoded.warnings = [(str(w.message), w.category) for w in caught]
     return encoded
 
@@ -219,13 +262,14 @@ class EncodingProcesses:
     memory."""
 
     def __init__(self, processor, workers: int, batch_size: int, max_seq_len: int, max_pixels: int,
-                 family: ModelFamily | None, *, pixel_dtype: torch.dtype | None = None):
+                 family: ModelFamily | None, *, pixel_dtype: torch.dtype | None = None,
+                 model_config: dict | None = None):
         self.workers = workers
         self.encode_args, self.pixel_dtype = (max_seq_len, max_pixels, family), pixel_dtype
         self._check_shm(processor, batch_size)
         method = start_method()
         initargs = (processor if method == "fork" else self._processor_bytes(processor), self.encode_args,
-                    pixel_dtype)
+                    pixel_dtype, model_config)
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                         initializer=_process_start, initargs=initargs)
         for _ in range(workers):
@@ -273,6 +317,8 @@ class BatchStream:
     processes (``kind``) up to ``AHEAD_PER_WORKER * workers`` batches ahead of the consumer (``workers`` 0:
     inline, when asked).  ``pixel_dtype``: the dtype pixel values are cast to (the model's).
 
+    ``model_config``: the model's config.json; each batch then also holds the inputs the model's forward would
+    derive from it on the device (``ModelFamily.model_inputs``), computed by the workers.
     Encoding starts at construction, so batches are ready by the time a model finishes loading.  ``pin``: the
     batches come in page-locked memory, so that ``.to("cuda", non_blocking=True)`` overlaps the forward before; one
     thread pins the next ``PIN_AHEAD`` (see there why no more).
@@ -281,12 +327,13 @@ class BatchStream:
 
     def __init__(self, processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int,
                  max_pixels: int, family: ModelFamily | None, *, workers: int, pin: bool = False,
-                 kind: str = "threads", pixel_dtype: torch.dtype | None = None):
+                 kind: str = "threads", pixel_dtype: torch.dtype | None = None, model_config: dict | None = None):
         if kind not in ENCODE_WORKER_KINDS[1:]:
             raise ValueError(f"kind {kind!r}: threads or processes")
         self.chunks = batch_chunks(samples, batch_size)
         self.encode_args = (max_seq_len, max_pixels, family)
         self.processor, self.pin, self.workers, self.pixel_dtype = processor, pin, workers, pixel_dtype
+        self.model_config = model_config
         self.kind = kind if workers > 0 else "inline"
         self.next_index = 0  # the next batch to hand out
         self.submitted = 0
@@ -306,9 +353,14 @@ class BatchStream:
                                                   initializer=_one_op_thread)
             elif self.kind == "processes":
                 self.processes = EncodingProcesses(processor, workers, batch_size, *self.encode_args,
-                                                   pixel_dtype=pixel_dtype)
+                                                   pixel_dtype=pixel_dtype, model_config=model_config)
+            # every batch pinned into a buffer of one size: the largest a batch can take, unless too large
+            bound = batch_bytes_bound(processor, family, batch_size, max_seq_len, pixel_dtype) if pin else 0
+            self.pin_floor = bound if bound <= PIN_FLOOR_MAX else 0
             if pin and self.kind != "inline":
                 self.pinner = ThreadPoolExecutor(1, thread_name_prefix="reap-pin")
+                if self.pin_floor:  # while the model loads: none of the loop's launches waits on these
+                    self.pinner.submit(_reserve_pinned, self.pin_floor, PIN_BUFFERS)
             self._fill()
         except BaseException:
             self.close()
@@ -324,7 +376,7 @@ class BatchStream:
     def _submit(self, chunk: list, apart: bool = False) -> Future:
         if self.threads is not None:
             return self.threads.submit(lambda: _encode_timed(self._processor(), chunk, self.encode_args,
-                                                             self.pixel_dtype, apart))
+                                                             self.pixel_dtype, self.model_config, apart))
         return self.processes.submit(chunk, apart)
 
     def _fill(self) -> None:
@@ -358,13 +410,16 @@ class BatchStream:
         if len(done) == 1 and done[0].batch is not None:
             encoded = done[0]
         else:
-            encoded = _Encoded(collate([e for part in done for e in part.samples], pad_token_id(self.processor)),
-                               sum(part.seconds for part in done), [w for part in done for w in part.warnings])
+            t0 = time.perf_counter()
+            batch = model_batch([e for part in done for e in part.samples], self.processor, self.encode_args[2],
+                                self.model_config)
+            encoded = _Encoded(batch, sum(part.seconds for part in done) + time.perf_counter() - t0,
+                               [w for part in done for w in part.warnings])
         return self._pinned_if_asked(encoded)
 
     def _pinned_if_asked(self, encoded: _Encoded) -> _Encoded:
         if self.pin:
-            encoded.batch = _pinned(encoded.batch)
+            encoded.batch = _pinned(encoded.batch, self.pin_floor)
         return encoded
 
     def __len__(self) -> int:
@@ -379,7 +434,7 @@ class BatchStream:
         t0 = time.perf_counter()
         if self.kind == "inline":
             encoded = self._pinned_if_asked(_encode_timed(self.processor, self.chunks[self.next_index],
-                                                          self.encode_args, self.pixel_dtype))
+                                                          self.encode_args, self.pixel_dtype, self.model_config))
         else:
             encoded = self.pinning.popleft().result() if self.pinner else self._joined(self.pending.popleft())
             self._fill()

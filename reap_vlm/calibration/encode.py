@@ -222,11 +222,12 @@ def batch_chunks(samples: list, batch_size: int) -> list[list]:
     return [samples[start:start + batch_size] for start in range(0, len(samples), batch_size)]
 
 
-def to_model(batch: dict[str, torch.Tensor], device, dtype: torch.dtype,
-             non_blocking: bool = False) -> dict[str, torch.Tensor]:
+def to_model(batch: dict[str, torch.Tensor], device, dtype: torch.dtype, non_blocking: bool = False,
+             host: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """A batch on ``device`` with its pixel values in the model's ``dtype`` (Llama-4's processor gives bfloat16,
-    which its vision tower takes as they come; the Qwen/GLM towers cast them themselves, the same values)."""
-    return {k: v.to(device, dtype, non_blocking=non_blocking) if k == "pixel_values"
+    which its vision tower takes as they come; the Qwen/GLM towers cast them themselves, the same values), but for
+    the keys in ``host`` (``ModelFamily.host_side``)."""
+    return {k: v if k in host else v.to(device, dtype, non_blocking=non_blocking) if k == "pixel_values"
             else v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
 
 

@@ -423,6 +423,17 @@ class ModelFamily:
         merge = self.vision_merge_size(processor)
         return int(grid_thw.prod(dim=-1).sum()) // (merge * merge)
 
+    def host_side(self, batch: dict[str, torch.Tensor], model: nn.Module) -> set[str]:
+        """Keys of ``batch`` (one with ``model_inputs``) that stay on the host when it moves to ``model``."""
+        return set()
+
+    def model_inputs(self, batch: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        """Tensors the model's forward would derive from ``batch`` on its device, computed on the host instead
+        (by the encoding workers), the same values; the model takes them as keyword arguments and skips its own
+        computation.  What it saves is not the arithmetic but the device-to-host reads that computation makes:
+        each one stops the host until the device has caught up.  {} where the family has none."""
+        return {}
+
     # ------------------------------------------------------------------ layer-wise face
     # Used by ``reap_vlm.score.layerwise``: the model is a skeleton on the meta device and one decoder
     # layer at a time gets real weights.

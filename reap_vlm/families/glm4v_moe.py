@@ -43,6 +43,7 @@ GLM_BOX = BoxFormat(1000.0, frozenset({"bbox2d", "bbox", "box"}))
 class Glm4vMoeFamily(Qwen3VLMoeFamily):
     """GLM-4.5V: what differs from Qwen3-VL-MoE, whose image handling (grid_thw, merge size) it shares."""
 
+    rope_index_model = None  # its vision tower and positions are GLM's own: computed by the model
     routing_description = ("sigmoid scores; experts chosen by score + e_score_correction_bias (grouped top-k); "
                            "weights = the chosen scores without the bias, renormalised, times routed_scaling_factor")
 

@@ -32,6 +32,7 @@ from .qwen3_vl_moe import QWEN3_VL_MOE, Qwen3VLMoeFamily
 class Qwen3_5MoeFamily(Qwen3VLMoeFamily):
     """Qwen3-VL-MoE's routing, tokens and layer-wise faces; the MTP layer left out of the pruned checkpoint."""
 
+    rope_index_model = ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeModel")
     routing_description = ("softmax over all experts, top-k, renormalised; the sigmoid-gated shared expert runs on "
                            "every token, is never pruned and does not count")
 

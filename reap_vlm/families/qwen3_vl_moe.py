@@ -11,6 +11,10 @@ the first decoder layers.  Grounding answers are ``{"bbox_2d": [x1, y1, x2, y2]}
 
 from __future__ import annotations
 
+import importlib
+import warnings
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -43,6 +47,61 @@ class Qwen3VLMoeFamily(Qwen3MoeFamily):
         if start_id is None:
             start_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
         return start_id
+
+    # -------------------------------------------------------------- inputs computed on the host
+
+    # The model class whose ``get_rope_index`` gives the 3-D positions (module, class); None: the model computes
+    # every input itself.
+    rope_index_model: tuple[str, str] | None = ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+                                                "Qwen3VLMoeModel")
+
+    def model_inputs(self, batch: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        """For a batch with images: the vision tower's position-embedding taps and weights, rotary positions and
+        image boundaries (transformers' ``vision_utils``, which the tower calls itself), and the decoder's 3-D
+        positions (the model's own ``get_rope_index``, on a stand-in holding its config).  A batch of text alone
+        needs none: its positions take no read."""
+        grid = batch.get("image_grid_thw")
+        if grid is None or "mm_token_type_ids" not in batch or self.rope_index_model is None:
+            return {}
+        try:
+            return self._vision_inputs(batch, grid, config)
+        except (ImportError, AttributeError, TypeError, KeyError) as exc:  # another transformers' helpers
+            warnings.warn(f"{self.name}: the model computes its positions on the device ({exc})", stacklevel=2)
+            return {}
+
+    def _vision_inputs(self, batch: dict[str, torch.Tensor], grid: torch.Tensor, config: dict) -> dict:
+        from transformers import vision_utils
+
+        vision = config["vision_config"]
+        merge = vision["spatial_merge_size"]
+        taps, weights = vision_utils.get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=int(vision["num_position_embeddings"] ** 0.5), mode="bilinear",
+            align_corners=True, spatial_merge_size=merge)
+        positions, _ = self._rope_index(merge)(batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=grid,
+                                               attention_mask=batch["attention_mask"])
+        return {"image_interp_indices": taps, "image_interp_weights": weights,
+                "image_position_ids": vision_utils.get_vision_position_ids(grid, merge),
+                "image_cu_seqlens": vision_utils.get_vision_cu_seqlens(grid), "position_ids": positions}
+
+    def host_side(self, batch: dict[str, torch.Tensor], model: nn.Module) -> set[str]:
+        """Given the precomputed inputs, the images' sizes are read only as Python lists (the embeddings' split), so
+        they stay on the host; so do their boundaries, which SDPA and eager vision attention read in each vision
+        block (flash attention takes them on the device)."""
+        if "image_cu_seqlens" not in batch:
+            return set()
+        from transformers.utils.generic import is_flash_attention_requested
+
+        if is_flash_attention_requested(self.multimodal_model(model).visual.config):
+            return {"image_grid_thw"}
+        return {"image_grid_thw", "image_cu_seqlens"}
+
+    def _rope_index(self, spatial_merge_size: int):
+        module, name = self.rope_index_model
+        model_class = getattr(importlib.import_module(module), name)
+        stand_in = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(
+            spatial_merge_size=spatial_merge_size)))
+        stand_in.get_vision_position_ids = lambda *a, **k: model_class.get_vision_position_ids(stand_in, *a, **k)
+        return lambda *a, **k: model_class.get_rope_index(stand_in, *a, **k)
 
     # -------------------------------------------------------------- layer-wise
 

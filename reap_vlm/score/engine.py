@@ -59,7 +59,7 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
         remaining = samples[done * batch_size:]  # batches already summed are not even encoded again
         stream = BatchStream(processor, remaining, batch_size, max_seq_len, max_pixels, family,
                              workers=encode_workers, pin=torch.device(device).type == "cuda",
-                             pixel_dtype=model.dtype)
+                             pixel_dtype=model.dtype, model_config=model.config.to_dict())
     if len(stream) != total - done:
         raise ValueError(f"the batch stream holds {len(stream)} batches, {total - done} remain")
     tokens = positions = 0
@@ -69,7 +69,7 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
         for i, batch in enumerate(stream, start=done):
             # masks and counts from the host copy: no device sync between batches
             masks = TokenMasks.of(batch["attention_mask"], family.visual_token_mask(batch["input_ids"], model.config))
-            batch = to_model(batch, device, model.dtype, non_blocking=True)
+            batch = to_model(batch, device, model.dtype, non_blocking=True, host=family.host_side(batch, model))
             observer.use_masks(masks.to(device))
             base(**batch, use_cache=False)
             tokens += masks.n_valid

@@ -110,7 +110,7 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
     with warm.steps.quiet() if kind == "processes" else nullcontext():  # forked between two warm-up steps
         stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
                              settings.max_seq_len, settings.max_pixels, ckpt.family, workers=workers,
-                             pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype)
+                             pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype, model_config=ckpt.config)
     warm.tune(done)
     with stream:
         t_model = time.perf_counter()

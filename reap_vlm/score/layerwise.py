@@ -398,7 +398,7 @@ def run_layerwise(ckpt: Checkpoint, processor, samples, observer: ReapObserver, 
     remaining = samples[done * batch_size:]
     # pixels cast in the workers as to_model would cast them here: the same values, half the bytes handed over
     it = BatchStream(processor, remaining, batch_size, max_seq_len, max_pixels, observer.family,
-                     workers=encode_workers, kind=encode_kind, pixel_dtype=dtype)
+                     workers=encode_workers, kind=encode_kind, pixel_dtype=dtype, model_config=ckpt.config)
     completed, tokens, positions = done, 0, 0
     try:
         with observer.attached(observer.family.moe_blocks(lw.model)), inference():
@@ -442,7 +442,7 @@ def _form_group(lw: LayerwiseModel, it, limit: int, mode: str, batch_tokens: int
             batch = next(it, None)
             if batch is None:
                 break
-            state = lw.capture(to_model(batch, lw.device, lw.dtype))
+            state = lw.capture(to_model(batch, lw.device, lw.dtype, host=lw.family.host_side(batch, lw.model)))
             if on_host and cuda:
                 state = state.to("cpu", pin=True)
             group.append(state)
