@@ -14,6 +14,7 @@ from reap_vlm.calibration.encode import encode_sample, to_model
 from reap_vlm.calibration.files import load_calibration
 from reap_vlm.checkpoint.loading import load_model, load_processor
 from reap_vlm.checkpoint.reader import Checkpoint
+from reap_vlm.errors import ReapError
 from reap_vlm.fixtures.families import FIXTURES
 from reap_vlm.inference import inference
 from reap_vlm.score.engine import run_batches
@@ -68,6 +69,10 @@ def test_inputs_from_the_host_give_the_models_own_output(vision_case):
     for key in ("image_position_ids", "position_ids", "image_interp_weights"):
         wrong = dict(given, **{key: given[key].flip(0)})
         assert not torch.equal(_last_hidden(model, family, wrong), want), key
+    # a vision tower that resamples its positions otherwise (another transformers) is said, not run wrong
+    model.model.visual.interpolation_mode = "bicubic"
+    with pytest.raises(ReapError, match="resamples its positions"):
+        family.host_side(given, model)
     # a batch of text alone needs none
     assert model_batch(encoded[2:], processor, family, config).keys() == model_batch(encoded[2:], processor, family,
                                                                                        None).keys()

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ..errors import ReapError
 from .base import NORMALIZED_1000, ExpertTensorLayout, ThinkingFormat
 from .qwen3_moe import Qwen3MoeFamily
 
@@ -54,6 +55,9 @@ class Qwen3VLMoeFamily(Qwen3MoeFamily):
     # every input itself.
     rope_index_model: tuple[str, str] | None = ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
                                                 "Qwen3VLMoeModel")
+    # How the vision tower resamples its learned position grid to each image (its ``interpolation_mode`` and
+    # ``interpolation_align_corners``): the taps and weights computed ahead follow it, and ``host_side`` checks it.
+    vision_interpolation = ("bilinear", True)
 
     def model_inputs(self, batch: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """For a batch with images: the vision tower's position-embedding taps and weights, rotary positions and
@@ -74,9 +78,10 @@ class Qwen3VLMoeFamily(Qwen3MoeFamily):
 
         vision = config["vision_config"]
         merge = vision["spatial_merge_size"]
+        mode, align_corners = self.vision_interpolation
         taps, weights = vision_utils.get_vision_interpolation_indices_and_weights(
-            grid, num_grid_per_side=int(vision["num_position_embeddings"] ** 0.5), mode="bilinear",
-            align_corners=True, spatial_merge_size=merge)
+            grid, num_grid_per_side=int(vision["num_position_embeddings"] ** 0.5), mode=mode,
+            align_corners=align_corners, spatial_merge_size=merge)
         positions, _ = self._rope_index(merge)(batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=grid,
                                                attention_mask=batch["attention_mask"])
         return {"image_interp_indices": taps, "image_interp_weights": weights,
@@ -91,7 +96,13 @@ class Qwen3VLMoeFamily(Qwen3MoeFamily):
             return set()
         from transformers.utils.generic import is_flash_attention_requested
 
-        if is_flash_attention_requested(self.multimodal_model(model).visual.config):
+        visual = self.multimodal_model(model).visual
+        found = (getattr(visual, "interpolation_mode", None), getattr(visual, "interpolation_align_corners", None))
+        if found != self.vision_interpolation:
+            raise ReapError(f"this transformers' {self.name} vision tower resamples its positions as {found}, "
+                            f"reap-vlm computes them ahead as {self.vision_interpolation}; use transformers 5.17 "
+                            "(requirements.txt) or a reap-vlm that knows this version")
+        if is_flash_attention_requested(visual.config):
             return {"image_grid_thw"}
         return {"image_grid_thw", "image_cu_seqlens"}
 
