@@ -280,7 +280,8 @@ def pre_encode(processor, samples, args, family, workers: int, pin: bool,
     """The batches as reap.py's stream gives them (with the inputs computed on the host, given the config)."""
     t0 = time.perf_counter()
     with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, family, workers=workers,
-                     pin=pin, pixel_dtype=getattr(torch, args.dtype), model_config=model_config) as stream:
+                     pin=pin, pixel_dtype=getattr(torch, args.dtype), model_config=model_config,
+                     same_size_buffers=False) as stream:  # every batch kept: each pinned at its own size
         batches = list(stream)
     return batches, time.perf_counter() - t0, stream.encode_seconds
 

@@ -119,7 +119,7 @@ def set_rows(args, model, ckpt: Checkpoint, processor, samples: list, clock: Clo
     family, device, dtype = ckpt.family, args.device, getattr(torch, args.dtype)
     pin = device.startswith("cuda")
     with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, family, workers=default_workers(),
-                     kind="threads", pin=pin, pixel_dtype=dtype) as stream:
+                     kind="threads", pin=pin, pixel_dtype=dtype, same_size_buffers=False) as stream:
         plain = list(stream)
     t0 = time.process_time()
     extra = [family.model_inputs(b, ckpt.config) for b in plain]

@@ -285,7 +285,8 @@ def main() -> None:
         log(f"{kind}: pre-encoding {len(order.samples)} samples")
         with BatchStream(processor, order.samples, args.batch_size, args.max_seq_len, 0, ckpt.family,
                          workers=default_workers(), kind="threads", pin=args.device == "cuda",
-                         pixel_dtype=getattr(torch, args.dtype), model_config=ckpt.config) as stream:
+                         pixel_dtype=getattr(torch, args.dtype), model_config=ckpt.config,
+                         same_size_buffers=False) as stream:  # every batch kept: each pinned at its own size
             batches = list(stream)
         rows = loop_rows(args, model, ckpt, processor, order.samples, batches)
         results["sets"][kind] = {"batches": len(batches), "rows": rows}

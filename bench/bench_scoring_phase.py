@@ -183,7 +183,7 @@ def baseline_row(args, mode: str, model_dir: Path, calib: Path, order: list[int]
     pin = args.device.startswith("cuda")
     with BatchStream(processor, samples, args.batch_size, args.max_seq_len, max_pixels, family,
                      workers=default_workers(), pin=pin, pixel_dtype=getattr(torch, args.dtype),
-                     model_config=ckpt.config) as stream:  # as reap.py's stream gives them
+                     model_config=ckpt.config, same_size_buffers=False) as stream:  # kept: each its own size
         batches = list(stream)
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     observer = None if mode == "routed" else ReapObserver(

@@ -89,7 +89,7 @@ def test_an_unknown_transformers_leaves_the_inputs_to_the_model(vision_case, mon
         warnings.simplefilter("always")
         batch = model_batch(encoded, processor, family, Checkpoint(path).config)
     assert batch.keys() == model_batch(encoded, processor, family, None).keys()
-    assert any("computes its positions on the device" in str(w.message) for w in caught)
+    assert any("could not be computed ahead" in str(w.message) for w in caught)
 
 
 @pytest.mark.parametrize("kind", ["threads", "processes"])
@@ -148,3 +148,34 @@ def test_a_batch_packs_into_one_buffer_with_the_same_tensors(tiny_model, calibra
         got = out[key]
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), key
         assert (got.data_ptr() - next(iter(storages))) % PIN_ALIGN == 0, key
+
+
+def test_image_tokens_without_their_image_leave_the_inputs_to_the_model(tiny_model, calibration):
+    """A text that holds a literal image placeholder token, beside a sample with an image: the image tokens and
+    the images disagree, so nothing is computed ahead (get_rope_index's StopIteration would end the stream) and
+    the model says what is wrong, as without the inputs."""
+    processor, ckpt = load_processor(tiny_model), Checkpoint(tiny_model)
+    samples = load_calibration(calibration / "calibration_data.json", 100).samples
+    encoded = [encode_sample(processor, s, 256, 0, ckpt.family) for s in samples if s.images][:1]
+    image_id = ckpt.config["image_token_id"]
+    text = encoded[0].input_ids[:5].clone()
+    text[2] = image_id
+    encoded.append(type(encoded[0])(text, None, None, torch.tensor([0, 0, 1, 0, 0], dtype=torch.int32)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = model_batch(encoded, processor, ckpt.family, ckpt.config)
+    assert "position_ids" not in batch
+    assert any("could not be computed ahead" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="do not match"):
+        _last_hidden(load_model(tiny_model), ckpt.family, batch)
+
+
+def test_a_batch_state_moves_to_page_locked_host_memory():
+    """The layer-wise engine's host storage (``storage host``): a batch's state pinned on the way to the host
+    (pageable where no pinned memory is to be had, as here without CUDA)."""
+    from reap_vlm.score.layerwise import BatchState
+
+    state = BatchState(torch.ones(2, 3), [{"position_ids": torch.arange(3)}], {"visual_pos_masks": None}, None, 6)
+    moved = state.to("cpu", pin=True)
+    assert torch.equal(moved.hidden, state.hidden)
+    assert torch.equal(moved.layer_kwargs[0]["position_ids"], torch.arange(3))

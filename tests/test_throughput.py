@@ -133,6 +133,7 @@ def test_only_the_next_batches_are_pinned_on_one_thread(tiny_model, calibration,
     assert max(index - consumer for index, (_, consumer) in enumerate(pinned)) <= ahead.PIN_AHEAD
     # every batch into a buffer of one size, the largest a batch can take, reserved before the first batch's
     bound = ahead.batch_bytes_bound(processor, None, 2, 256, None)
+    bound += bound // 16 + ahead.PIN_ALIGN * 16  # the model's inputs and the alignment
     assert floors == {bound} and reserved == [("reap-pin_0", 0, bound, ahead.PIN_BUFFERS)]
     monkeypatch.setattr(ahead, "PIN_FLOOR_MAX", bound - 1)  # too large to reserve: each batch its own size
     reserved.clear()
@@ -140,6 +141,25 @@ def test_only_the_next_batches_are_pinned_on_one_thread(tiny_model, calibration,
     with BatchStream(processor, samples, 2, 256, 0, None, workers=2, kind=kind, pin=True) as stream:
         _assert_same_batches(list(stream), inline)
     assert floors == {0} and not reserved
+    with BatchStream(processor, samples, 2, 256, 0, None, workers=2, kind=kind, pin=True,
+                     same_size_buffers=False) as stream:  # a consumer keeping every batch: each its own size
+        list(stream)
+    assert floors == {0} and not reserved
+
+
+def test_a_stopiteration_from_encoding_is_an_error_not_the_streams_end(tiny_model, calibration, monkeypatch):
+    """Raised inside ``__next__``, a StopIteration would end the iteration: batches silently lost."""
+    processor = load_processor(tiny_model)
+    samples = _samples(calibration)
+
+    def encode(*args):
+        raise StopIteration
+
+    monkeypatch.setattr(ahead, "encode_sample", encode)
+    for workers in (0, 2):
+        with BatchStream(processor, samples, 2, 256, 0, None, workers=workers) as stream:
+            with pytest.raises(RuntimeError, match="encoding batch 0 raised StopIteration"):
+                list(stream)
 
 
 def _encoded_with_warnings(make) -> tuple[list[dict], list[str]]:

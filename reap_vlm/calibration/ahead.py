@@ -321,13 +321,15 @@ class BatchStream:
     derive from it on the device (``ModelFamily.model_inputs``), computed by the workers.
     Encoding starts at construction, so batches are ready by the time a model finishes loading.  ``pin``: the
     batches come in page-locked memory, so that ``.to("cuda", non_blocking=True)`` overlaps the forward before; one
-    thread pins the next ``PIN_AHEAD`` (see there why no more).
+    thread pins the next ``PIN_AHEAD`` (see there why no more), each into a buffer of the largest batch's size
+    (``same_size_buffers`` False: of its own size, for a consumer that keeps every batch).
     Use as a context manager or call ``close``: a consumer that stops early (a kill, an error) leaves no thread or
     process behind."""
 
     def __init__(self, processor, samples: list[CalibrationSample], batch_size: int, max_seq_len: int,
                  max_pixels: int, family: ModelFamily | None, *, workers: int, pin: bool = False,
-                 kind: str = "threads", pixel_dtype: torch.dtype | None = None, model_config: dict | None = None):
+                 kind: str = "threads", pixel_dtype: torch.dtype | None = None, model_config: dict | None = None,
+                 same_size_buffers: bool = True):
         if kind not in ENCODE_WORKER_KINDS[1:]:
             raise ValueError(f"kind {kind!r}: threads or processes")
         self.chunks = batch_chunks(samples, batch_size)
@@ -354,13 +356,15 @@ class BatchStream:
             elif self.kind == "processes":
                 self.processes = EncodingProcesses(processor, workers, batch_size, *self.encode_args,
                                                    pixel_dtype=pixel_dtype, model_config=model_config)
-            # every batch pinned into a buffer of one size: the largest a batch can take, unless too large
+            # every batch pinned into a buffer of one size: the largest a batch can take (with the model's inputs
+            # and the alignment: a 1/16 margin), unless too large, or unless the consumer keeps every batch
             bound = batch_bytes_bound(processor, family, batch_size, max_seq_len, pixel_dtype) if pin else 0
-            self.pin_floor = bound if bound <= PIN_FLOOR_MAX else 0
+            bound += bound // 16 + PIN_ALIGN * 16
+            self.pin_floor = bound if pin and same_size_buffers and bound <= PIN_FLOOR_MAX else 0
             if pin and self.kind != "inline":
                 self.pinner = ThreadPoolExecutor(1, thread_name_prefix="reap-pin")
                 if self.pin_floor:  # while the model loads: none of the loop's launches waits on these
-                    self.pinner.submit(_reserve_pinned, self.pin_floor, PIN_BUFFERS)
+                    self.pinner.submit(_reserve_pinned, self.pin_floor, min(PIN_BUFFERS, len(self.chunks)))
             self._fill()
         except BaseException:
             self.close()
@@ -432,12 +436,15 @@ class BatchStream:
         if self.next_index >= len(self.chunks):
             raise StopIteration
         t0 = time.perf_counter()
-        if self.kind == "inline":
-            encoded = self._pinned_if_asked(_encode_timed(self.processor, self.chunks[self.next_index],
-                                                          self.encode_args, self.pixel_dtype, self.model_config))
-        else:
-            encoded = self.pinning.popleft().result() if self.pinner else self._joined(self.pending.popleft())
-            self._fill()
+        try:
+            if self.kind == "inline":
+                encoded = self._pinned_if_asked(_encode_timed(self.processor, self.chunks[self.next_index],
+                                                              self.encode_args, self.pixel_dtype, self.model_config))
+            else:
+                encoded = self.pinning.popleft().result() if self.pinner else self._joined(self.pending.popleft())
+                self._fill()
+        except StopIteration as exc:  # raised by an encoding step, it would end the iteration: batches lost
+            raise RuntimeError(f"encoding batch {self.next_index} raised StopIteration") from exc
         waited = time.perf_counter() - t0
         self.wait_seconds += waited
         if self.next_index == 0:

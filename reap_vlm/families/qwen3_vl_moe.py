@@ -69,8 +69,12 @@ class Qwen3VLMoeFamily(Qwen3MoeFamily):
             return {}
         try:
             return self._vision_inputs(batch, grid, config)
-        except (ImportError, AttributeError, TypeError, KeyError) as exc:  # another transformers' helpers
-            warnings.warn(f"{self.name}: the model computes its positions on the device ({exc})", stacklevel=2)
+        # Another transformers' helpers, or a batch whose image tokens and images disagree (get_rope_index's
+        # StopIteration, which would end a stream's iteration): left to the model, which says what is wrong.
+        except (ImportError, AttributeError, TypeError, KeyError, ValueError, IndexError, RuntimeError,
+                StopIteration) as exc:
+            warnings.warn(f"{self.name}: the model computes its positions itself, they could not be computed ahead "
+                          f"({type(exc).__name__}: {exc})", stacklevel=2)
             return {}
 
     def _vision_inputs(self, batch: dict[str, torch.Tensor], grid: torch.Tensor, config: dict) -> dict:

@@ -45,6 +45,7 @@ from ..errors import ReapError
 from ..inference import inference
 from .hooks import ReapObserver, TokenMasks
 from .layer_loader import LayerLoader, to_device
+from .layer_loader import pin as page_locked
 from .resume import ResumeState, last_batch
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class BatchState:
         def move(t: torch.Tensor) -> torch.Tensor:
             if device.type == "cpu":
                 t = t.to("cpu")
-                return pin(t) if pin else t
+                return page_locked(t) if pin else t
             return t.to(device, non_blocking=True)
 
         memo: dict = {}
@@ -150,6 +151,13 @@ class _Reached(Exception):
 
 _TEXT_INPUTS_CONSUMED = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "past_key_values",
                          "use_cache")
+
+
+def _without_vision_inputs(kwargs: dict) -> dict:
+    """The keyword arguments less the vision tower's inputs computed ahead (``ModelFamily.model_inputs``'s
+    ``image_*``), which the multimodal forward also hands the text model, whose layers ignore them: not kept per
+    batch and layer, nor moved with each group."""
+    return {k: v for k, v in kwargs.items() if not k.startswith("image_")}
 
 
 def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
@@ -255,11 +263,11 @@ class LayerwiseModel:
         last = len(self.layers) - 1
 
         def text_hook(module, args, kwargs):
-            caught["text"] = kwargs
+            caught["text"] = _without_vision_inputs(kwargs)
 
         def stand_in(i: int):
             def forward(*args, **kwargs):
-                kwargs = dict(kwargs)
+                kwargs = _without_vision_inputs(kwargs)
                 hidden = args[0] if args else kwargs.pop("hidden_states")
                 caught.setdefault("hidden", hidden)
                 caught["layers"].append(kwargs)
