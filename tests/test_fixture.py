@@ -119,3 +119,24 @@ def test_calibration_set_files(calibration, name):
         if "image" in item:
             assert (calibration / item["image"]).is_file() and item["regions"]
             assert Image.open(calibration / item["image"]).format == "PNG"
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_moe", "qwen3_moe", "qwen3_5_moe", "glm4v_moe", "llama4"])
+def test_no_family_fixture_weight_is_left_uninitialised(name, tmp_path, monkeypatch):
+    """Every weight is drawn (a layer built alone is never initialised by transformers, its parameters are
+    torch.empty's memory: another checkpoint on every build): with torch.empty handing out NaNs, none is left."""
+    from safetensors.torch import load_file
+
+    from reap_vlm.fixtures.families import FIXTURES
+
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    folder = FIXTURES[name].build(tmp_path / "release")
+    for shard in sorted(folder.glob("*.safetensors")):
+        for key, tensor in load_file(shard).items():
+            assert not tensor.is_floating_point() or torch.isfinite(tensor.float()).all(), key
