@@ -50,8 +50,10 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,11 +277,12 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
 # ----------------------------------------------------------------------------------------------- baselines
 
 
-def pre_encode(processor, samples, args, family, workers: int, pin: bool,
-               model_config: dict | None) -> tuple[list[dict], float, float]:
-    """The batches as reap.py's stream gives them (with the inputs computed on the host, given the config)."""
+def pre_encode(processor, samples, args, family, workers: int, pin: bool, model_config: dict | None,
+               max_pixels: int = 0) -> tuple[list[dict], float, float]:
+    """The batches as reap.py's stream gives them (with the inputs computed on the host, given the config): the
+    batches, the wall seconds and the encoding seconds summed over the ``workers`` threads."""
     t0 = time.perf_counter()
-    with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, family, workers=workers,
+    with BatchStream(processor, samples, args.batch_size, args.max_seq_len, max_pixels, family, workers=workers,
                      pin=pin, pixel_dtype=getattr(torch, args.dtype), model_config=model_config,
                      same_size_buffers=False) as stream:  # every batch kept: each pinned at its own size
         batches = list(stream)
@@ -301,6 +304,29 @@ def forward_batches(model, family, batches: list[dict], device: str, observer: R
         if observer is not None:
             observer.use_masks(masks.to(device))
         base(**batch, use_cache=False)
+
+
+@contextmanager
+def encoding_beside(stream_args: tuple, workers: int, kind: str, pixel_dtype, pin: bool, model_config: dict):
+    """Within the block, ``workers`` encoding workers of ``kind`` encode ``stream_args``' samples on the side, as
+    reap.py's do beside its loop, their batches thrown away; yields their ``BatchStream``."""
+    stop = threading.Event()
+    with BatchStream(*stream_args, workers=workers, kind=kind, pin=pin, pixel_dtype=pixel_dtype,
+                     model_config=model_config) as stream:
+        next(stream)  # the workers are running
+
+        def drain() -> None:
+            for _ in stream:
+                if stop.is_set():
+                    break
+
+        drainer = threading.Thread(target=drain)
+        drainer.start()
+        try:
+            yield stream
+        finally:
+            stop.set()
+            drainer.join()
 
 
 def timed_forwards(model, family, batches: list[dict], device: str) -> list[float]:

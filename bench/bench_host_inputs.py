@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 import warnings
 from collections import Counter
@@ -46,14 +45,16 @@ from bench_end_to_end import (  # noqa: E402
     Clock,
     bench_device,
     bench_identity,
+    encoding_beside,
     forward_batches,
     loaded_bench,
     log,
+    pre_encode,
     shared_arguments,
     sync,
 )
 
-from reap_vlm.calibration.ahead import BatchStream, default_workers  # noqa: E402
+from reap_vlm.calibration.ahead import default_workers  # noqa: E402
 from reap_vlm.calibration.encode import to_model  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
 from reap_vlm.inference import inference  # noqa: E402
@@ -93,34 +94,10 @@ def last_hidden(model, family, batch: dict, device: str) -> torch.Tensor:
     return base(**moved, use_cache=False).last_hidden_state.float().cpu()
 
 
-class Beside:
-    """``workers`` encoding processes encoding ``stream_args``' samples on the side, their batches thrown away."""
-
-    def __init__(self, stream_args: tuple, workers: int, dtype, pin: bool, model_config: dict):
-        self.stream = BatchStream(*stream_args, workers=workers, kind="processes", pin=pin, pixel_dtype=dtype,
-                                  model_config=model_config)
-        self.stop = threading.Event()
-        next(self.stream)  # the workers are running
-        self.drainer = threading.Thread(target=self._drain)
-        self.drainer.start()
-
-    def _drain(self) -> None:
-        for _ in self.stream:
-            if self.stop.is_set():
-                break
-
-    def close(self) -> None:
-        self.stop.set()
-        self.drainer.join()
-        self.stream.close()
-
-
 def set_rows(args, model, ckpt: Checkpoint, processor, samples: list, clock: Clock) -> dict:
     family, device, dtype = ckpt.family, args.device, getattr(torch, args.dtype)
     pin = device.startswith("cuda")
-    with BatchStream(processor, samples, args.batch_size, args.max_seq_len, 0, family, workers=default_workers(),
-                     kind="threads", pin=pin, pixel_dtype=dtype, same_size_buffers=False) as stream:
-        plain = list(stream)
+    plain, _, _ = pre_encode(processor, samples, args, family, default_workers(), pin, None)  # model computes
     t0 = time.process_time()
     extra = [family.model_inputs(b, ckpt.config) for b in plain]
     host_cpu_s = time.process_time() - t0
@@ -152,11 +129,8 @@ def set_rows(args, model, ckpt: Checkpoint, processor, samples: list, clock: Clo
             for name, batches in variants.items():
                 if not clock.allows(f"{name} beside turn {turn}", 3 * one + 10):
                     return out
-                beside = Beside(stream_args, workers, dtype, pin, ckpt.config)  # as reap.py's workers
-                try:
+                with encoding_beside(stream_args, workers, "processes", dtype, pin, ckpt.config):  # as reap.py's
                     seconds = timed_pass(model, family, batches, device)
-                finally:
-                    beside.close()
                 out["rows"][name].setdefault("beside_s", []).append(seconds)
             log(f"  turn {turn} beside {workers} processes: {[out['rows'][n]['beside_s'][-1] for n in VARIANTS]}")
         for name, batches in variants.items():

@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -54,9 +53,11 @@ from bench_end_to_end import (  # noqa: E402
     VISION,
     bench_device,
     bench_identity,
+    encoding_beside,
     forward_batches,
     loaded_bench,
     log,
+    pre_encode,
     sync,
 )
 
@@ -121,26 +122,10 @@ def loop_rows(args, model, ckpt: Checkpoint, processor, samples: list, batches: 
     def beside(kind: str, apart: bool = False) -> dict:
         """The plain forward (timed alone) while ``kind`` workers encode the set on the side; ``apart``: the main
         thread alone on its core (``alone_on_a_core``)."""
-        stop = threading.Event()
-
-        def drain(stream) -> None:
-            for _ in stream:
-                if stop.is_set():
-                    break
-
-        with BatchStream(*stream_args, workers=workers, kind=kind, pin=device.startswith("cuda"),
-                         pixel_dtype=dtype, model_config=ckpt.config) as stream:
-            next(stream)  # the workers are running
-            drainer = threading.Thread(target=drain, args=(stream,))
-            drainer.start()
+        with encoding_beside(stream_args, workers, kind, dtype, device.startswith("cuda"), ckpt.config) as stream:
             pids = list(stream.processes.pool._processes) if apart and stream.processes is not None else []
-            try:
-                with inference(), alone_on_a_core(pids) if apart else nullcontext():
-                    row = timed(device, plain())
-            finally:
-                stop.set()
-                drainer.join()
-        return row
+            with inference(), alone_on_a_core(pids) if apart else nullcontext():
+                return timed(device, plain())
 
     with inference():
         forward_batches(model, family, batches[:1], device)  # the process's own first call apart
@@ -283,11 +268,8 @@ def main() -> None:
         # the end-to-end bench's sets are a superset: its first samples are this set
         order = bench.order(kind, counts)
         log(f"{kind}: pre-encoding {len(order.samples)} samples")
-        with BatchStream(processor, order.samples, args.batch_size, args.max_seq_len, 0, ckpt.family,
-                         workers=default_workers(), kind="threads", pin=args.device == "cuda",
-                         pixel_dtype=getattr(torch, args.dtype), model_config=ckpt.config,
-                         same_size_buffers=False) as stream:  # every batch kept: each pinned at its own size
-            batches = list(stream)
+        batches, _, _ = pre_encode(processor, order.samples, args, ckpt.family, default_workers(),
+                                   args.device == "cuda", ckpt.config)
         rows = loop_rows(args, model, ckpt, processor, order.samples, batches)
         results["sets"][kind] = {"batches": len(batches), "rows": rows}
         del batches

@@ -51,6 +51,7 @@ from bench_end_to_end import (  # noqa: E402
     bench_identity,
     forward_batches,
     log,
+    pre_encode,
     shared_arguments,
     spec_for,
     sync,
@@ -60,7 +61,7 @@ from bench_end_to_end import (  # noqa: E402
 
 import reap  # noqa: E402
 import reap_vlm.score.job as job  # noqa: E402
-from reap_vlm.calibration.ahead import BatchStream, default_workers  # noqa: E402
+from reap_vlm.calibration.ahead import default_workers  # noqa: E402
 from reap_vlm.calibration.files import load_calibration  # noqa: E402
 from reap_vlm.checkpoint.loading import load_model, load_processor  # noqa: E402
 from reap_vlm.checkpoint.reader import Checkpoint  # noqa: E402
@@ -180,11 +181,8 @@ def baseline_row(args, mode: str, model_dir: Path, calib: Path, order: list[int]
     samples = load_calibration(calib, args.samples).samples
     if order is not None:
         samples = [samples[i] for i in order]
-    pin = args.device.startswith("cuda")
-    with BatchStream(processor, samples, args.batch_size, args.max_seq_len, max_pixels, family,
-                     workers=default_workers(), pin=pin, pixel_dtype=getattr(torch, args.dtype),
-                     model_config=ckpt.config, same_size_buffers=False) as stream:  # kept: each its own size
-        batches = list(stream)
+    batches, _, _ = pre_encode(processor, samples, args, family, default_workers(), args.device.startswith("cuda"),
+                               ckpt.config, max_pixels)
     model = load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     observer = None if mode == "routed" else ReapObserver(
         family, ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, args.device), mode)

@@ -146,6 +146,15 @@ def _reserve_pinned(nbytes: int, count: int) -> None:
     del buffers
 
 
+def pin_floor(processor, family: ModelFamily | None, batch_size: int, max_seq_len: int,
+              pixel_dtype: torch.dtype | None) -> int:
+    """The size of every batch's page-locked buffer: the largest a batch can take (``batch_bytes_bound``, with a
+    1/16 margin for the model's inputs and the alignment), or 0 (each batch its own size) above PIN_FLOOR_MAX."""
+    bound = batch_bytes_bound(processor, family, batch_size, max_seq_len, pixel_dtype)
+    bound += bound // 16 + PIN_ALIGN * 16
+    return bound if bound <= PIN_FLOOR_MAX else 0
+
+
 def packed(batch: dict[str, torch.Tensor], pin_memory: bool, floor: int = 0) -> dict[str, torch.Tensor]:
     """``batch``'s tensors copied into one buffer (of at least ``floor`` bytes), each a view of it at an offset
     aligned to ``PIN_ALIGN``."""
@@ -356,11 +365,8 @@ class BatchStream:
             elif self.kind == "processes":
                 self.processes = EncodingProcesses(processor, workers, batch_size, *self.encode_args,
                                                    pixel_dtype=pixel_dtype, model_config=model_config)
-            # every batch pinned into a buffer of one size: the largest a batch can take (with the model's inputs
-            # and the alignment: a 1/16 margin), unless too large, or unless the consumer keeps every batch
-            bound = batch_bytes_bound(processor, family, batch_size, max_seq_len, pixel_dtype) if pin else 0
-            bound += bound // 16 + PIN_ALIGN * 16
-            self.pin_floor = bound if pin and same_size_buffers and bound <= PIN_FLOOR_MAX else 0
+            self.pin_floor = pin_floor(processor, family, batch_size, max_seq_len, pixel_dtype) \
+                if pin and same_size_buffers else 0
             if pin and self.kind != "inline":
                 self.pinner = ThreadPoolExecutor(1, thread_name_prefix="reap-pin")
                 if self.pin_floor:  # while the model loads: none of the loop's launches waits on these
