@@ -30,7 +30,9 @@ What it times, per set:
   apart) on the image-heavy set, and the processor's image preprocessing on the CPU against ``device="cuda"``
   (transformers' torchvision backend); measured in round 1, off by default;
 * with two GPUs visible: reap.py under ``torchrun --nproc-per-node 2`` in both modes, its speed-up over one GPU
-  (scoring + reduce, which holds the wait for the other rank) and its scores against the one-GPU run's.
+  (one GPU's scoring + reduce over the slowest rank's scoring + the reduce's own time, from ``run.ranks``; in
+  brackets over rank 0's scoring + reduce, whose wait for the other rank also holds the ranks' difference in load
+  time) and its scores against the one-GPU run's.
 
 Targets (issue 18): routed scoring <= 1.1x the plain forward, full scoring <= 1.1x the full observer, on both
 sets; two GPUs >= 1.9x one.  The ratio is given twice: against the warm baseline, and against the baseline with
@@ -271,7 +273,7 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
             "padding_file_order": run.get("padding_share_file_order_estimated"),
             "tokens": meta["num_tokens"]["total"], "image_tokens": meta["num_tokens"]["image"],
             "reap": meta["metrics"]["reap"], "keep": meta["experts_to_keep"], "warm_up": run.get("warm_up"),
-            "model_load_s": run.get("model_load_seconds")}
+            "model_load_s": run.get("model_load_seconds"), "ranks": run.get("ranks")}
 
 
 # ----------------------------------------------------------------------------------------------- baselines
@@ -467,6 +469,23 @@ def _ratios(r: dict, base: dict, ref_key: str) -> str:
     return text
 
 
+def speed_up(one: dict, many: dict) -> str:
+    """One GPU's (scoring + reduce) over the ranks': the slowest rank's scoring plus the reduce's own time (rank 0's
+    reduce less its wait for the last rank); in brackets over rank 0's scoring + reduce, which also holds the ranks'
+    difference in load time; then each rank's scoring seconds."""
+    single = one["scoring_s"] + one["reduce_s"]
+    whole = f"{single / (many['scoring_s'] + many['reduce_s']):.2f}x"
+    ranks = many.get("ranks")
+    if not ranks:  # a reap.py that did not record them
+        return whole
+    waited = max(r["finished_after_first_s"] for r in ranks) - ranks[0]["finished_after_first_s"]
+    own_reduce = max(many["reduce_s"] - waited, 0.0)
+    slowest = max(r["scoring"] for r in ranks)
+    skew = max(r["load"] for r in ranks) - min(r["load"] for r in ranks)
+    scored = " / ".join(f"{r['scoring']:.2f}" for r in ranks)
+    return f"**{single / (slowest + own_reduce):.2f}x** ({whole}), ranks scored {scored} s, load skew {skew:.2f} s"
+
+
 def table(results: dict) -> str:
     lines = [f"# End-to-end REAP scoring ({results['device']}, {results['shape']})", "",
              "samples: " + ", ".join(f"{n} {kind}" for kind, n in results["samples"].items()) +
@@ -486,8 +505,8 @@ def table(results: dict) -> str:
             if run_name.endswith("2gpu"):
                 one = s["runs"].get(run_name.removesuffix(" 2gpu"))
                 ratio = "" if not one else (
-                    f"{(one['scoring_s'] + one['reduce_s']) / (r['scoring_s'] + r['reduce_s']):.2f}x speed-up, "
-                    f"rel diff {r.get('rel_diff_vs_1gpu', float('nan')):.1e}, same keep {r.get('same_keep')}")
+                    f"{speed_up(one, r)} speed-up, rel diff {r.get('rel_diff_vs_1gpu', float('nan')):.1e}, "
+                    f"same keep {r.get('same_keep')}")
             else:  # per token: the inline runs score fewer samples
                 ratio = _ratios(r, base, "plain_forward" if run_name.startswith("routed") else "full_observer")
             padding = f"{r['padding_share']:.1%}" if r.get("padding_share") is not None else ""

@@ -76,6 +76,12 @@ def test_two_gloo_ranks_equal_one_rank(tiny_model, calibration, tmp_path, mode):
     double, run = _reap(args, 2, tmp_path / "two")
     assert double["run"]["world_size"] == 2
     assert double["num_tokens"] == single["num_tokens"]
+    ranks = double["run"]["ranks"]  # each rank's share and times, handed to rank 0 at the reduce
+    assert "ranks" not in single["run"] and len(ranks) == 2
+    assert sum(r["batches"] for r in ranks) == single["run"]["batches"] and all(r["batches"] for r in ranks)
+    assert sum(r["tokens"] for r in ranks) == single["num_tokens"]["total"]
+    assert all(r["load"] > 0 and r["scoring"] > 0 for r in ranks)
+    assert min(r["finished_after_first_s"] for r in ranks) == 0.0
     assert {"max_activation", "max_activation_image", "max_activation_text"} <= set(single["metrics"])
     for name, values in single["metrics"].items():  # the maxima reduced with max (a sum would exceed them)
         np.testing.assert_allclose(np.array(double["metrics"][name]), np.array(values), rtol=1e-12, err_msg=name)

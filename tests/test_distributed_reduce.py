@@ -95,6 +95,7 @@ def _late_rank(ctx: DistContext) -> dict:
 def _bitwise(ctx: DistContext) -> dict:
     stats = _random_stats(ctx.rank)
     reference = copy.deepcopy(stats)
+    ctx.settle()  # the first collective's thread done first: the reference's collectives would race it (gloo fails)
     _reduce_layer_by_layer(reference)
     ctx.all_reduce(stats)
     same = [layer == other and all(torch.equal(stats.layers[layer].sums[n], reference.layers[other].sums[n])

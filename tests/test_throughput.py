@@ -24,6 +24,7 @@ from reap_vlm.calibration.order import length_order, padding_share
 from reap_vlm.checkpoint.loading import load_model, load_processor
 from reap_vlm.checkpoint.reader import Checkpoint
 from reap_vlm.errors import ReapError
+from reap_vlm.score.distributed import DistContext
 from reap_vlm.score.engine import run_batches
 from reap_vlm.score.hooks import ReapObserver
 from reap_vlm.score.job import run_reap
@@ -694,6 +695,49 @@ def test_reap_py_warms_up_while_it_loads_and_scores_only_once_the_warm_up_is_don
     else:
         assert "tuned" not in report
     assert warmed["metrics"] == plain["metrics"]
+
+
+def test_the_full_modes_kernels_are_tuned_at_the_largest_batch_before_the_lengths_are_known(tiny_model, tmp_path,
+                                                                                           monkeypatch):
+    """On a GPU (faked: the steps' device work stood in for), the fused kernels are compiled, then tuned at once at
+    the largest batch (--batch-size x --max-seq-len), with the room the loaded model will leave; the batches' own
+    lengths are tuned once known.  The layer-wise engine tunes nothing ahead."""
+    import reap_vlm.score.warmup as warmup
+
+    tuned: list[tuple[list[int], int, int]] = []
+
+    class Kernels:
+        reference_bytes_per_row = 1 << 10
+
+        def compile(self):
+            return {"kernels": 2}
+
+        def tune(self, counts, room, chunk):
+            tuned.append((list(counts), room, chunk))
+            return {"buckets": len(counts)}
+
+    ckpt = Checkpoint(tiny_model)
+    monkeypatch.setattr(ckpt.family, "full_scoring_warm_up", lambda *args: Kernels())
+    monkeypatch.setattr(warmup, "start_cuda_libraries", lambda *args, **kwargs: {})
+    monkeypatch.setattr(warmup, "spreads", lambda *args: False)
+    monkeypatch.setattr(warmup, "free_memory_bytes", lambda device: 10 << 30)
+    monkeypatch.setattr(warmup, "model_bytes", lambda ckpt: 2 << 30)
+    settings = _settings(tiny_model, tmp_path / "unused.json", tmp_path / "out", scoring_mode="full", batch_size=4,
+                         max_seq_len=96)
+    for engine in ("model", "layerwise"):
+        tuned.clear()
+        with warmup.ScoringWarmUp(settings, ckpt, engine, torch.bfloat16, "cuda:0", DistContext()) as warm:
+            warm.batches([300, 200, 90])
+            warm.tune(1)
+        report = warm.report()["warm_up"]
+        if engine == "layerwise":
+            assert tuned == [] and "fused kernels tuned, largest batch" not in report
+            continue
+        room = (10 << 30) - (2 << 30)
+        chunk = warmup.tokens_per_chunk(min(room // 2, warmup.CUDA_CHUNK_CAP), Kernels.reference_bytes_per_row)
+        assert tuned == [([4 * 96], room // 4, chunk), ([200, 90], room // 4, chunk)]
+        assert list(report)[:4] == ["cuda libraries", "fused kernels compiled", "fused kernels tuned, largest batch",
+                                    "fused kernels tuned"]
 
 
 def test_a_ranks_estimated_batch_tokens_are_its_encoded_batches(tiny_model, calibration):

@@ -18,6 +18,7 @@ only for the ranks' start.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -36,6 +37,7 @@ from .stats import MAXIMA, ExpertStats
 log = logging.getLogger(__name__)
 
 _ARRIVALS = itertools.count()  # the n-th meeting of a process has the same key on every rank
+_TIMINGS = itertools.count()  # the same for the ranks' timings handed over at a reduce
 _FAILED = "failed"  # store key (``_key``): the rank that failed, for the ranks waiting in ``arrive``
 _POLL_MAX_S = 0.05  # the longest pause between two looks at the store: the delay the last rank's arrival may see
 _STOP_JOIN_S = 5.0  # how long a failing rank waits for the first collective before leaving without tearing down
@@ -175,19 +177,27 @@ class DistContext:
         """This rank's samples (``samples_of`` its ``my_batches``)."""
         return samples_of(samples, batch_size, self.my_batches(num_batches(samples, batch_size), costs))
 
-    def all_reduce(self, stats: ExpertStats) -> None:
+    def all_reduce(self, stats: ExpertStats, timing: dict | None = None) -> list[dict]:
         """Sum every rank's float64 sums and token counts into every rank's ``stats``; the maxima (``MAXIMA``)
         are reduced with max.  The ranks first meet (``arrive``), so no collective waits for a rank still
-        scoring."""
+        scoring.  ``timing``: this rank's figures (JSON-able), returned with every other rank's, in rank order
+        (alone: nothing), so rank 0 can say how long each rank scored and how long the others waited for it."""
         if not self.enabled:
-            return
+            return []
         self.settle()
         if self._link.error:
             raise ReapError(f"rank {self.rank}: NCCL's first collective failed ({self._link.error}), so the ranks "
                             "cannot reduce safely; check the GPUs and NCCL (NCCL_DEBUG=INFO says more), then rerun: "
                             "the scored batches resume")
-        self.arrive("reduce")
+        store = dist.distributed_c10d._get_default_store()
+        key = _key(f"timing/{next(_TIMINGS)}")
+        if timing is not None:
+            store.set(f"{key}/{self.rank}", json.dumps(timing))
+        self.arrive("reduce")  # every rank's timing is set before it arrives
         reduce_stats(stats)
+        if timing is None:
+            return []
+        return [json.loads(store.get(f"{key}/{rank}")) for rank in range(self.world_size)]
 
 
 def samples_of(samples: list, batch_size: int, batches: list[int]) -> list:

@@ -144,6 +144,14 @@ def _order_record(order: BatchOrder, given: BatchOrder, batch_size: int) -> dict
             "padding_share_file_order_estimated": round(padding_share(given.lengths, batch_size), 4)}
 
 
+def _rank_record(ranks: list[dict]) -> list[dict]:
+    """reap_metadata.json's ``run.ranks``: each rank's load and scoring seconds, batches and tokens, and how long
+    after the first rank to finish scoring it finished (the others' wait for it before the reduce)."""
+    first = min(r["scoring_ended"] for r in ranks)
+    return [{**{k: v for k, v in r.items() if k != "scoring_ended"},
+             "finished_after_first_s": round(r["scoring_ended"] - first, 3)} for r in ranks]
+
+
 def _output_bytes(ckpt: Checkpoint, dist: DistContext) -> int:
     """What reap.py writes: metadata (a few numbers per expert), heatmap, saved sums (one set per rank)."""
     cells = len(ckpt.moe_layers) * ckpt.num_experts
@@ -180,8 +188,12 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
                          encoding, warm)
     t_score = time.perf_counter()
-    dist.all_reduce(stats)
+    ranks = dist.all_reduce(stats, {"load": round(t_load - t0, 3), "scoring": round(t_score - t_load, 3),
+                                    "scoring_ended": time.time(), "batches": len(share),
+                                    "tokens": run.get("tokens_this_run", 0)})
     run.update(_order_record(order, given, settings.batch_size))
+    if ranks:
+        run["ranks"] = _rank_record(ranks)
 
     metrics = stats.metrics(settings.scoring_mode)
     check_finite(metrics, dtype)

@@ -44,6 +44,7 @@ _SUMS = (
     "count_image", "reap_image_sum", "count_text", "reap_text_sum",
 )
 MAXIMA = ("max_image", "max_text")  # combined by max, not sum
+_BY_MODALITY = {"count": ("count_text", "count_image"), "reap_sum": ("reap_text_sum", "reap_image_sum")}
 
 
 METRICS_BY_MODE = {
@@ -86,12 +87,37 @@ class LayerStats:
             self.sums = {k: torch.zeros(self.num_experts, dtype=torch.float64, device=self.device)
                          for k in (*_SUMS, *MAXIMA)}
 
-    def _add(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
-        self.sums[name].index_add_(0, ids.reshape(-1), values.reshape(-1).to(torch.float64))
+    def _slots(self, ids: torch.Tensor, image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Each routed pair's slot among 3 x E: its expert among text tokens, among image tokens, or (a padding
+        row) in the third block, which is dropped; so one scatter serves both modalities and no value is masked."""
+        block = torch.where(valid, image.long(), 2)
+        return (ids + self.num_experts * block[:, None]).reshape(-1)
 
-    def _max(self, name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
-        # values are >= 0 and masked rows are 0, so they never raise a maximum
-        self.sums[name].scatter_reduce_(0, ids.reshape(-1), values.reshape(-1), reduce="amax")
+    def _add_pairs(self, slots: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Per-pair float64 ``values`` summed per slot in one index_add, then added to the per-modality sums
+        (``<name>_text`` / ``<name>_image``, when kept) and to the totals (``<name>``) in one foreach add.  Four
+        values per pair where there were eight index_adds of masked ones: on an H200 the routed forward of a text
+        batch went from 1.052x to 1.039x a plain one (bench_routed_observer.py)."""
+        e = self.num_experts
+        acc = torch.zeros(len(values), 3 * e, dtype=torch.float64, device=slots.device)
+        acc.index_add_(1, slots, torch.stack([v.reshape(-1) for v in values.values()]))
+        text, image = acc[:, :e], acc[:, e:2 * e]
+        targets, sources = [], []
+        for row, total in enumerate(values):
+            split = _BY_MODALITY.get(total)
+            if split is not None:
+                targets += [self.sums[split[0]], self.sums[split[1]]]
+                sources += [text[row], image[row]]
+            targets.append(self.sums[total])
+            sources.append(text[row] + image[row])
+        torch._foreach_add_(targets, sources)
+
+    def _max_pairs(self, slots: torch.Tensor, peaks: torch.Tensor) -> None:
+        # peaks are >= 0, so the zeros a slot starts from never raise a maximum
+        e = self.num_experts
+        acc = torch.zeros(3 * e, dtype=peaks.dtype, device=slots.device)
+        acc.scatter_reduce_(0, slots, peaks.reshape(-1), reduce="amax")
+        torch._foreach_maximum_([self.sums["max_text"], self.sums["max_image"]], [acc[:e], acc[e:2 * e]])
 
     def observe(self, *, router_logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 valid: torch.Tensor, image: torch.Tensor, routed_norms: torch.Tensor | None = None,
@@ -103,25 +129,19 @@ class LayerStats:
         routed_max[t, i] = max_h |E_{topk_ids[t, i]}(x_t)_h|; each may hold every row or only the valid ones.
         ``n_valid`` / ``n_image`` (the counts of valid and valid image rows), when given, spare a device sync.
 
-        Rows are masked with ``torch.where`` rather than selected, so no step waits on the device
-        (adding exact zeros leaves float64 sums as they were).
+        Padding rows go to a slot that is dropped (``_slots``), or are masked with ``torch.where`` rather than
+        selected, so no step waits on the device.
         """
         device = self.sums["count"].device
         f64 = torch.float64
         valid = valid.to(device).reshape(-1).bool()
         image = image.to(device).reshape(-1).bool() & valid
-        text = valid & ~image
         ids = topk_ids.to(device)
+        slots = self._slots(ids, image, valid)
         rows = valid[:, None]
         zero = torch.zeros((), dtype=f64, device=device)
-        ones = rows.expand_as(ids).to(f64)
-        image_w = image[:, None].expand_as(ids).to(f64)
-        text_w = text[:, None].expand_as(ids).to(f64)
-        gates = torch.where(rows, topk_weights.to(device, f64), zero)
-        self._add("count", ids, ones)
-        self._add("weighted_frequency", ids, gates)
-        self._add("count_image", ids, image_w)
-        self._add("count_text", ids, text_w)
+        gates = topk_weights.to(device, f64)
+        pairs = {"count": torch.ones_like(gates), "weighted_frequency": gates}
         probs = torch.softmax(router_logits.to(device).float(), dim=-1).to(f64)
         probs = torch.where(rows, probs, zero)
         self.sums["soft_frequency"] += probs.sum(dim=0)
@@ -132,16 +152,11 @@ class LayerStats:
             if routed_norms is None:
                 routed_norms = torch.gather(all_norms, 1, ids)
         if routed_norms is not None:
-            norms = torch.where(rows, _full_rows(routed_norms.to(device, f64), valid), zero)
-            saliency = gates * norms
-            self._add("reap_sum", ids, saliency)
-            self._add("ean_sum", ids, norms)
-            self._add("reap_image_sum", ids, saliency * image_w)
-            self._add("reap_text_sum", ids, saliency * text_w)
+            norms = _full_rows(routed_norms.to(device, f64), valid)
+            pairs.update(ean_sum=norms, reap_sum=gates * norms)
+        self._add_pairs(slots, pairs)
         if routed_max is not None:
-            peaks = _full_rows(routed_max.to(device, f64), valid)
-            self._max("max_image", ids, torch.where(image[:, None], peaks, zero))
-            self._max("max_text", ids, torch.where(text[:, None], peaks, zero))
+            self._max_pairs(slots, _full_rows(routed_max.to(device, f64), valid))
         self.n_tokens += int(valid.sum()) if n_valid is None else int(n_valid)
         self.n_image_tokens += int(image.sum()) if n_image is None else int(n_image)
 

@@ -164,9 +164,10 @@ def reserve_memory(device: str | torch.device) -> int:
 
 class ScoringWarmUp:
     """reap.py's warm-up, started once the device and dtype are known: CUDA's libraries and, in full mode, the fused
-    kernels compiled at once; the kernels tuned once the batches' lengths are known (``batches``, then ``tune``;
-    it overlaps the model's load); everything joined, then memory reserved, once the model is loaded (``loaded``,
-    in the scoring phase: the first batch would disturb the tuning's timings).  ``steps``: the ``WarmUp``."""
+    kernels compiled, then tuned at the largest batch, both at once, and at the batches' own lengths once known
+    (``batches``, then ``tune``; it overlaps the model's load); everything joined, then memory reserved, once the
+    model is loaded (``loaded``, in the scoring phase: the first batch would disturb the tuning's timings).
+    ``steps``: the ``WarmUp``."""
 
     def __init__(self, settings: Settings, ckpt: Checkpoint, engine: str, dtype: torch.dtype, device: str,
                  dist: DistContext):
@@ -188,6 +189,10 @@ class ScoringWarmUp:
                 log.warning("the fused kernels are not warmed up (%s); the first batch does it", exc)
         if self.kernels is not None:
             self.steps.add("fused kernels compiled", self.kernels.compile)
+            if engine == "model":  # the largest batch's bucket at once, before the lengths are known: tuned after
+                # them, during the load, it kept an image run's first batch waiting 1.4 s (bench_end_to_end.py)
+                largest = settings.batch_size * settings.max_seq_len
+                self.steps.add("fused kernels tuned, largest batch", partial(self._tune, [largest], self._room()))
 
     def batches(self, token_counts: list[int]) -> None:
         """This rank's batches' estimated valid tokens, in order."""
@@ -201,9 +206,17 @@ class ScoringWarmUp:
         if self.kernels is None or self.engine != "model":
             return
         counts = self.counts[done:] or [self.settings.batch_size * self.settings.max_seq_len]
-        left = max(free_memory_bytes(self.devices[0]) - model_bytes(self.ckpt) // len(self.devices), 0)
+        self.steps.add("fused kernels tuned", partial(self._tune, counts, self._room()))
+
+    def _room(self) -> int:
+        """Bytes of the first GPU left once the model is loaded (asked before the load begins)."""
+        return max(free_memory_bytes(self.devices[0]) - model_bytes(self.ckpt) // len(self.devices), 0)
+
+    def _tune(self, counts: list[int], left: int) -> dict:
+        """``KernelWarmUp.tune`` for batches of ``counts`` rows, in the chunks ``left`` bytes give; a bucket tuned by
+        an earlier step costs one call (Triton's autotuning and the path's choice are kept per process)."""
         chunk = tokens_per_chunk(min(left // 2, CUDA_CHUNK_CAP), self.kernels.reference_bytes_per_row)
-        self.steps.add("fused kernels tuned", partial(self.kernels.tune, counts, left // 4, chunk))
+        return self.kernels.tune(counts, left // 4, chunk)
 
     def loaded(self) -> None:
         self.steps.wait()
