@@ -192,7 +192,7 @@ class ScoringWarmUp:
             if engine == "model":  # the largest batch's bucket at once, before the lengths are known: tuned after
                 # them, during the load, it kept an image run's first batch waiting 1.4 s (bench_end_to_end.py)
                 largest = settings.batch_size * settings.max_seq_len
-                self.steps.add("fused kernels tuned, largest batch", partial(self._tune, [largest], self._room()))
+                self.steps.add("fused kernels tuned, largest batch", partial(self._tune, [largest]))
 
     def batches(self, token_counts: list[int]) -> None:
         """This rank's batches' estimated valid tokens, in order."""
@@ -209,12 +209,15 @@ class ScoringWarmUp:
         self.steps.add("fused kernels tuned", partial(self._tune, counts, self._room()))
 
     def _room(self) -> int:
-        """Bytes of the first GPU left once the model is loaded (asked before the load begins)."""
+        """Bytes of the first GPU left once the model is loaded, asked before the load begins (or, for the tuning at
+        the largest batch, when the warm-up thread gets to it: with the load begun meanwhile, an underestimate)."""
         return max(free_memory_bytes(self.devices[0]) - model_bytes(self.ckpt) // len(self.devices), 0)
 
-    def _tune(self, counts: list[int], left: int) -> dict:
-        """``KernelWarmUp.tune`` for batches of ``counts`` rows, in the chunks ``left`` bytes give; a bucket tuned by
-        an earlier step costs one call (Triton's autotuning and the path's choice are kept per process)."""
+    def _tune(self, counts: list[int], left: int | None = None) -> dict:
+        """``KernelWarmUp.tune`` for batches of ``counts`` rows, in the chunks ``left`` bytes give (None: asked now,
+        on the warm-up thread, so the main thread does not wait for CUDA's start); a bucket tuned by an earlier step
+        costs one call (Triton's autotuning and the path's choice are kept per process)."""
+        left = self._room() if left is None else left
         chunk = tokens_per_chunk(min(left // 2, CUDA_CHUNK_CAP), self.kernels.reference_bytes_per_row)
         return self.kernels.tune(counts, left // 4, chunk)
 
