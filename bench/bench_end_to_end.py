@@ -608,6 +608,16 @@ def shared_arguments(parser: argparse.ArgumentParser, minutes: str) -> None:
     parser.add_argument("--vision", default="full", choices=tuple(VISION))
 
 
+def set_arguments(parser: argparse.ArgumentParser, sets: str) -> None:
+    """The calibration sets of the benches that time forwards over pre-encoded batches in a loaded model
+    (``loaded_bench``): run 28's 512 text-heavy and 128 image-heavy samples, batches of 8 up to 2,048 tokens."""
+    parser.add_argument("--sets", default=sets)
+    parser.add_argument("--samples", type=int, default=512, help="text-heavy set")
+    parser.add_argument("--image-samples", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shared_arguments(parser, "8.5; --tiny 2.5")

@@ -50,6 +50,7 @@ from bench_end_to_end import (  # noqa: E402
     loaded_bench,
     log,
     pre_encode,
+    set_arguments,
     shared_arguments,
     sync,
 )
@@ -170,11 +171,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shared_arguments(parser, "6")
-    parser.add_argument("--sets", default="image,text")
-    parser.add_argument("--samples", type=int, default=512, help="text-heavy set")
-    parser.add_argument("--image-samples", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
+    set_arguments(parser, "image,text")
     parser.add_argument("--workers", type=int, default=0, help="encoding processes beside (0: reap.py's auto)")
     parser.add_argument("--turns", type=int, default=2)
     args = parser.parse_args()

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -49,14 +48,16 @@ from bench_end_to_end import (  # noqa: E402
     loaded_bench,
     log,
     pre_encode,
+    set_arguments,
     shared_arguments,
     sync,
 )
 from bench_host_inputs import timed_pass  # noqa: E402
+from bench_scoring import Timer  # noqa: E402
 
 from reap_vlm.calibration.ahead import default_workers  # noqa: E402
 from reap_vlm.families import fused_experts  # noqa: E402
-from reap_vlm.families.base import float32_norm  # noqa: E402
+from reap_vlm.families.base import float32_norm, peaks_by_abs, peaks_by_aminmax  # noqa: E402
 from reap_vlm.inference import inference  # noqa: E402
 from reap_vlm.score.hooks import ReapObserver  # noqa: E402
 from reap_vlm.score.stats import ExpertStats, LayerStats  # noqa: E402
@@ -67,54 +68,37 @@ F64 = torch.float64
 # ----------------------------------------------------------------------------------------------- part 1
 
 
-def reference_sums(batch: dict, experts: int) -> dict[str, torch.Tensor]:
-    """LayerStats' routed sums of one batch the plain way (and the way it was until run 35): on the CPU, float64,
-    padding rows masked to zero, one index_add per sum."""
-    valid = batch["valid"].cpu()
-    image = batch["image"].cpu() & valid
-    ids = batch["topk_ids"].cpu().reshape(-1)
-    per_pair = {"valid": valid, "image": image, "text": valid & ~image}
-    masks = {k: v[:, None].expand_as(batch["topk_ids"]).reshape(-1).double() for k, v in per_pair.items()}
-    gates = batch["topk_weights"].cpu().double().reshape(-1) * masks["valid"]
-    norms = batch["routed_norms"].cpu().double().reshape(-1) * masks["valid"]
-    peaks = batch["routed_max"].cpu().double().reshape(-1)
-    columns = {"count": masks["valid"], "weighted_frequency": gates, "count_image": masks["image"],
-               "count_text": masks["text"], "ean_sum": norms, "reap_sum": gates * norms,
-               "reap_image_sum": gates * norms * masks["image"], "reap_text_sum": gates * norms * masks["text"]}
-    sums = {k: torch.zeros(experts, dtype=F64).index_add_(0, ids, v) for k, v in columns.items()}
-    for name, mask in (("max_image", masks["image"]), ("max_text", masks["text"])):
-        sums[name] = torch.zeros(experts, dtype=F64).scatter_reduce_(0, ids, peaks * mask, reduce="amax")
+def masked_columns(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The routed pairs' experts, and each sum's and maximum's per-pair float64 values with padding rows (and the
+    other modality's, where split) masked to zero: LayerStats' sums the plain way, as they were added until run 35."""
+    valid = batch["valid"]
+    image = batch["image"] & valid
+    masks = {k: v[:, None].expand_as(batch["topk_ids"]).reshape(-1).to(F64)
+             for k, v in {"valid": valid, "image": image, "text": valid & ~image}.items()}
+    gates = batch["topk_weights"].to(F64).reshape(-1) * masks["valid"]
+    norms = batch["routed_norms"].to(F64).reshape(-1) * masks["valid"]
+    peaks = batch["routed_max"].to(F64).reshape(-1)
+    sums = {"count": masks["valid"], "weighted_frequency": gates, "count_image": masks["image"],
+            "count_text": masks["text"], "ean_sum": norms, "reap_sum": gates * norms,
+            "reap_image_sum": gates * norms * masks["image"], "reap_text_sum": gates * norms * masks["text"]}
+    return batch["topk_ids"].reshape(-1), sums, {"max_image": peaks * masks["image"], "max_text": peaks * masks["text"]}
+
+
+def add_masked(sums: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+    """``masked_columns`` added to ``sums``: one index_add per sum, one scatter per maximum."""
+    ids, columns, maxima = masked_columns(batch)
+    for name, values in columns.items():
+        sums[name].index_add_(0, ids, values)
+    for name, values in maxima.items():
+        sums[name].scatter_reduce_(0, ids, values, reduce="amax")
     return sums
 
 
-def eight_index_adds(stats: LayerStats, batch: dict) -> None:
-    """The device work of the sums until run 35: each per-pair value masked, then one index_add per sum."""
-    valid = batch["valid"]
-    image = batch["image"] & valid
-    ids = batch["topk_ids"].reshape(-1)
-    zero = torch.zeros((), dtype=F64, device=ids.device)
-    rows = valid[:, None].expand_as(batch["topk_ids"])
-    ones, image_w = rows.to(F64), (image[:, None] & rows).to(F64)
-    text_w = ones - image_w
-    gates = torch.where(rows, batch["topk_weights"].to(F64), zero)
-    norms = torch.where(rows, batch["routed_norms"].to(F64), zero)
-    saliency = gates * norms
-    for name, v in (("count", ones), ("weighted_frequency", gates), ("count_image", image_w), ("count_text", text_w),
-                    ("reap_sum", saliency), ("ean_sum", norms), ("reap_image_sum", saliency * image_w),
-                    ("reap_text_sum", saliency * text_w)):
-        stats.sums[name].index_add_(0, ids, v.reshape(-1))
-    peaks = batch["routed_max"].to(F64)
-    for name, mask in (("max_image", image), ("max_text", valid & ~image)):
-        stats.sums[name].scatter_reduce_(0, ids, torch.where(mask[:, None], peaks, zero).reshape(-1), reduce="amax")
-
-
-def peaks_abs(y: torch.Tensor) -> torch.Tensor:
-    return y.abs().amax(dim=-1).float()
-
-
-def peaks_aminmax(y: torch.Tensor) -> torch.Tensor:
-    low, high = torch.aminmax(y, dim=-1)
-    return torch.maximum(high, low.neg()).float()
+def reference_sums(batch: dict, experts: int) -> dict[str, torch.Tensor]:
+    """LayerStats' routed sums and maxima of one batch the plain way, on the CPU."""
+    batch = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    _, columns, maxima = masked_columns(batch)
+    return add_masked({name: torch.zeros(experts, dtype=F64) for name in (*columns, *maxima)}, batch)
 
 
 @contextmanager
@@ -129,21 +113,7 @@ def patched(owner, name: str, value):
 
 def timed_call(fn: Callable, device: str, reps: int) -> float:
     """Median milliseconds of ``fn`` (CUDA events on a GPU), after two warm calls."""
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
+    return 1e3 * Timer(torch.device(device))(fn, reps=reps)
 
 
 def synthetic_batch(rows: int, experts: int, top_k: int, hidden: int, dtype, device: str) -> dict:
@@ -174,13 +144,13 @@ def parts_alone(args, experts: int, top_k: int, hidden: int) -> dict:
         "its sums and maxima alone: slots, one index_add and one scatter (reap.py)": timed_call(
             lambda: added_by_slots(stats, batch), args.device, args.reps),
         "the same, one index_add per sum (until run 35)": timed_call(
-            lambda: eight_index_adds(stats, batch), args.device, args.reps)}
+            lambda: add_masked(stats.sums, batch), args.device, args.reps)}
     out["output_stats_ms"] = {
         "norm alone": timed_call(lambda: float32_norm(y), args.device, args.reps),
-        "peaks: abs, amax (until run 35)": timed_call(lambda: peaks_abs(y), args.device, args.reps),
-        "peaks: aminmax (reap.py)": timed_call(lambda: peaks_aminmax(y), args.device, args.reps),
+        "peaks: abs, amax (until run 35)": timed_call(lambda: peaks_by_abs(y), args.device, args.reps),
+        "peaks: aminmax (reap.py)": timed_call(lambda: peaks_by_aminmax(y), args.device, args.reps),
     }
-    out["peaks_equal"] = torch.equal(peaks_abs(y), peaks_aminmax(y))
+    out["peaks_equal"] = torch.equal(peaks_by_abs(y), peaks_by_aminmax(y))
     log(f"  parts alone: {out}")
     return out
 
@@ -217,7 +187,7 @@ def skip_observe(self, **kwargs) -> None:
 
 
 def stats_before(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return float32_norm(y), peaks_abs(y)
+    return float32_norm(y), peaks_by_abs(y)
 
 
 def variants(ckpt, model, device: str) -> dict[str, Callable]:
@@ -310,11 +280,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shared_arguments(parser, "4")
-    parser.add_argument("--sets", default="text,image")
-    parser.add_argument("--samples", type=int, default=512, help="text-heavy set (run 28's)")
-    parser.add_argument("--image-samples", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
+    set_arguments(parser, "text,image")
     parser.add_argument("--rows", type=int, default=12288, help="tokens of the synthetic batch (part 1)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--turns", type=int, default=2)

@@ -58,6 +58,7 @@ from bench_end_to_end import (  # noqa: E402
     loaded_bench,
     log,
     pre_encode,
+    set_arguments,
     sync,
 )
 
@@ -245,11 +246,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/reap_e2e")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vision", default="full", choices=tuple(VISION))
-    parser.add_argument("--sets", default="text,image")
-    parser.add_argument("--samples", type=int, default=512, help="text-heavy set")
-    parser.add_argument("--image-samples", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
+    set_arguments(parser, "text,image")
     parser.add_argument("--mode", default="routed")
     parser.add_argument("--workers", type=int, default=0, help="encoding workers (0: reap.py's auto)")
     parser.add_argument("--apart", action="store_true", help="the rows with the main thread alone on its core")

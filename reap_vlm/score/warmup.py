@@ -191,8 +191,7 @@ class ScoringWarmUp:
             self.steps.add("fused kernels compiled", self.kernels.compile)
             if engine == "model":  # the largest batch's bucket at once, before the lengths are known: tuned after
                 # them, during the load, it kept an image run's first batch waiting 1.4 s (bench_end_to_end.py)
-                largest = settings.batch_size * settings.max_seq_len
-                self.steps.add("fused kernels tuned, largest batch", partial(self._tune, [largest]))
+                self.steps.add("fused kernels tuned, largest batch", partial(self._tune, [self._largest]))
 
     def batches(self, token_counts: list[int]) -> None:
         """This rank's batches' estimated valid tokens, in order."""
@@ -205,8 +204,13 @@ class ScoringWarmUp:
         free."""
         if self.kernels is None or self.engine != "model":
             return
-        counts = self.counts[done:] or [self.settings.batch_size * self.settings.max_seq_len]
+        counts = self.counts[done:] or [self._largest]
         self.steps.add("fused kernels tuned", partial(self._tune, counts, self._room()))
+
+    @property
+    def _largest(self) -> int:
+        """Rows of the largest batch the settings allow."""
+        return self.settings.batch_size * self.settings.max_seq_len
 
     def _room(self) -> int:
         """Bytes of the first GPU left once the model is loaded, asked before the load begins (or, for the tuning at
