@@ -31,8 +31,8 @@ What it times, per set:
   (transformers' torchvision backend); measured in round 1, off by default;
 * with two GPUs visible: reap.py under ``torchrun --nproc-per-node 2`` in both modes, its speed-up over one GPU
   (one GPU's scoring + reduce over the slowest rank's scoring + the reduce's own time, from ``run.ranks``; in
-  brackets over rank 0's scoring + reduce, whose wait for the other rank also holds the ranks' difference in load
-  time) and its scores against the one-GPU run's.
+  brackets over the first rank's start of scoring to the last one's end, and over rank 0's scoring + reduce, whose
+  wait for the other rank also holds the ranks' start skew) and its scores against the one-GPU run's.
 
 Targets (issue 18): routed scoring <= 1.1x the plain forward, full scoring <= 1.1x the full observer, on both
 sets; two GPUs >= 1.9x one.  The ratio is given twice: against the warm baseline, and against the baseline with
@@ -45,6 +45,7 @@ Writes ``RESULTS_end_to_end.md`` and ``.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -469,10 +470,39 @@ def _ratios(r: dict, base: dict, ref_key: str) -> str:
     return text
 
 
+def repeat_name(name: str, turn: int) -> str:
+    """A run's name in the results: the first of a kind plain, the n-th repeat with " #n"."""
+    return name if turn == 0 else f"{name} #{turn + 1}"
+
+
+def spread(results: dict) -> list[str]:
+    """One line per set and run repeated (``--repeats``): its target ratios or speed-ups, lowest to highest."""
+    lines = []
+    for name, s in results["sets"].items():
+        groups: dict[str, list[str]] = {}
+        for run_name, r in s.get("runs", {}).items():
+            if r is not None:
+                groups.setdefault(run_name.split(" #")[0], []).append(run_name)
+        for group, names in groups.items():
+            if len(names) < 2:
+                continue
+            if " 2gpu" in group:
+                one = s["runs"].get(group.removesuffix(" 2gpu"))
+                figures = [speed_up(one, s["runs"][n]).split("x")[0].strip("*") + "x" for n in names] if one else []
+            else:
+                ref = "plain_forward" if group.startswith("routed") else "full_observer"
+                figures = [_ratios(s["runs"][n], s.get("baselines", {}), ref).split(" ")[0] for n in names]
+            figures = [f for f in figures if f not in ("", "x")]  # no baseline to compare with
+            if figures:
+                lines.append(f"- {name}, {group}, {len(names)} runs: {', '.join(sorted(figures))}")
+    return ["", "Repeated runs (target ratio or speed-up, lowest to highest):", *lines] if lines else []
+
+
 def speed_up(one: dict, many: dict) -> str:
     """One GPU's (scoring + reduce) over the ranks': the slowest rank's scoring plus the reduce's own time (rank 0's
-    reduce less its wait for the last rank); in brackets over rank 0's scoring + reduce, which also holds the ranks'
-    difference in load time; then each rank's scoring seconds."""
+    reduce less its wait for the last rank); in brackets over the span from the first rank's start of scoring to
+    the last one's end (the ranks' start skew in it) plus the reduce's own time, and over rank 0's scoring +
+    reduce; then each rank's scoring seconds and start after the first."""
     single = one["scoring_s"] + one["reduce_s"]
     whole = f"{single / (many['scoring_s'] + many['reduce_s']):.2f}x"
     ranks = many.get("ranks")
@@ -481,9 +511,11 @@ def speed_up(one: dict, many: dict) -> str:
     waited = max(r["finished_after_first_s"] for r in ranks) - ranks[0]["finished_after_first_s"]
     own_reduce = max(many["reduce_s"] - waited, 0.0)
     slowest = max(r["scoring"] for r in ranks)
-    skew = max(r["load"] for r in ranks) - min(r["load"] for r in ranks)
+    span = max(r.get("started_after_first_s", 0.0) + r["scoring"] for r in ranks)
     scored = " / ".join(f"{r['scoring']:.2f}" for r in ranks)
-    return f"**{single / (slowest + own_reduce):.2f}x** ({whole}), ranks scored {scored} s, load skew {skew:.2f} s"
+    started = " / ".join(f"{r.get('started_after_first_s', 0.0):.2f}" for r in ranks)
+    return (f"**{single / (slowest + own_reduce):.2f}x** (first start to last end {single / (span + own_reduce):.2f}x, "
+            f"rank 0 {whole}), ranks scored {scored} s, started {started} s after the first")
 
 
 def table(results: dict) -> str:
@@ -502,8 +534,8 @@ def table(results: dict) -> str:
         for run_name, r in s.get("runs", {}).items():
             if r is None:
                 continue
-            if run_name.endswith("2gpu"):
-                one = s["runs"].get(run_name.removesuffix(" 2gpu"))
+            if " 2gpu" in run_name:  # against the first one-GPU run of its mode
+                one = s["runs"].get(run_name.split(" 2gpu")[0])
                 ratio = "" if not one else (
                     f"{speed_up(one, r)} speed-up, rel diff {r.get('rel_diff_vs_1gpu', float('nan')):.1e}, "
                     f"same keep {r.get('same_keep')}")
@@ -539,6 +571,7 @@ def table(results: dict) -> str:
     if gpu:
         lines += ["", f"Image preprocessing of {gpu['images']} decoded photos: CPU {gpu['cpu_s']:.2f}s, "
                       f"device=cuda {gpu['cuda_s']:.2f}s (pixels on {gpu['cuda_pixel_device']})"]
+    lines += spread(results)
     if results["not_run"]:
         lines += ["", "Not run: " + "; ".join(results["not_run"])]
     return "\n".join(lines) + "\n"
@@ -642,6 +675,8 @@ def main() -> None:
     parser.add_argument("--inline-samples", type=int, default=96, help="samples of the inline runs")
     parser.add_argument("--gpus", default="auto", help="auto (2 when two are visible), 1 or 2")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1, help="reap.py runs per set, mode and GPU count: the "
+                        "table gives each and their spread")
     args = parser.parse_args()
     bench_device(args)
     if args.tiny:
@@ -700,13 +735,14 @@ def main() -> None:
     for kind, calib in calibs.items():  # one GPU, then the baselines, per set
         res = results["sets"].setdefault(kind, {"runs": {}})
         for mode in modes:
-            run(kind, calib, mode, mode, 1)
+            for turn in range(args.repeats):
+                run(kind, calib, repeat_name(mode, turn), mode, 1)
         if not args.skip_baselines and clock.allows(f"baselines on {kind}", 1.5 * estimate(kind)):
             log(f"baselines over pre-encoded batches, {kind} set")
             res["baselines"] = baselines(args, model, calib, args.observer_modes.split(","), clock)
     for kind, calib in calibs.items() if two else ():
-        for mode in modes:
-            r = run(kind, calib, f"{mode} 2gpu", mode, 2)
+        for mode, turn in itertools.product(modes, range(args.repeats)):
+            r = run(kind, calib, repeat_name(f"{mode} 2gpu", turn), mode, 2)
             one = results["sets"][kind]["runs"].get(mode)
             if r and one:
                 r["rel_diff_vs_1gpu"] = max_rel(one["reap"], r["reap"])

@@ -18,9 +18,9 @@ import torch
 
 import reap_vlm.calibration.ahead as ahead
 from reap_vlm.calibration.ahead import BatchStream
-from reap_vlm.calibration.encode import batches, encode_sample
+from reap_vlm.calibration.encode import batches, encode_sample, num_batches
 from reap_vlm.calibration.files import CalibrationSample, load_calibration
-from reap_vlm.calibration.order import length_order, padding_share
+from reap_vlm.calibration.order import ForwardCost, length_order, padded_positions, padding_share
 from reap_vlm.checkpoint.loading import load_model, load_processor
 from reap_vlm.checkpoint.reader import Checkpoint
 from reap_vlm.errors import ReapError
@@ -372,7 +372,10 @@ def test_estimated_lengths_are_the_encoded_lengths_and_windows_sort_longest_firs
     processor = load_processor(tiny_model)
     samples = _samples(calibration)
     order, given = length_order(processor, samples, 2, 2, 256)
-    assert given.lengths == [encode_sample(processor, s, 256).input_ids.numel() for s in samples]  # no shrinking
+    encoded = [encode_sample(processor, s, 256).input_ids for s in samples]
+    assert given.lengths == [ids.numel() for ids in encoded]  # no shrinking
+    assert given.image_tokens == [int((ids == processor.image_token_id).sum()) for ids in encoded]
+    assert 0 < sum(given.image_tokens) < sum(given.lengths)
     position = {id(s): i for i, s in enumerate(samples)}  # the two files' indices overlap
     moved = [position[id(s)] for s in order.samples]
     assert moved != list(range(len(samples)))
@@ -387,6 +390,20 @@ def test_estimated_lengths_are_the_encoded_lengths_and_windows_sort_longest_firs
     for window, batch_size in ((0, 4), (8, 1)):  # off, or nothing to pad
         unsorted, _ = length_order(processor, samples, batch_size, window, 256)
         assert unsorted.samples == samples and unsorted.window == 0
+
+
+def test_a_batch_costs_its_padded_positions_and_its_image_tokens_through_the_vision_tower(tiny_model, calibration):
+    processor = load_processor(tiny_model)
+    order, _ = length_order(processor, _samples(calibration), 2, 8, 256)
+    cost = ForwardCost(per_position=3.0, per_image_token=7.0)
+    costs = order.batch_costs(2, cost)
+    assert len(costs) == num_batches(order.samples, 2)
+    for b, got in enumerate(costs):
+        lengths, images = order.lengths[2 * b:2 * b + 2], order.image_tokens[2 * b:2 * b + 2]
+        assert got == 3.0 * max(lengths) * len(lengths) + 7.0 * sum(images)
+    assert order.batch_costs(2, ForwardCost(1.0)) == padded_positions(order.lengths, 2)  # no vision: positions
+    unsorted, _ = length_order(processor, _samples(calibration), 2, 0, 256)
+    assert unsorted.batch_costs(2, cost) == []  # not estimated: torchrun shares round-robin
 
 
 def test_a_sample_known_too_long_goes_straight_to_smaller_images_with_the_same_result(tiny_model, tmp_path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -135,22 +136,40 @@ class Checkpoint:
                     yield key, f.get_tensor(key)
 
 
-def loaded_bytes(ckpt: Checkpoint, keys, dtype: torch.dtype) -> int:
-    """Bytes that tensors ``keys`` take in memory in ``dtype`` (from the safetensors headers; quantized weights
-    counted dequantized)."""
+def weight_counts(ckpt: Checkpoint, keys) -> Iterator[tuple[str, int]]:
+    """(key, weights the tensor holds) for ``keys``, from the safetensors headers: a quantized checkpoint's packed
+    integer tensors count each packed weight."""
     by_shard: dict[str, list[str]] = {}
     for key in keys:
         by_shard.setdefault(ckpt.weight_map[key], []).append(key)
-    item = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     bits = ckpt.quant_format.weight_bits if ckpt.quantization else 8
-    packed = {"I32": 32 // bits, "U32": 32 // bits, "I8": 8 // bits, "U8": 8 // bits}  # weights per element
-    total = 0
+    packed = {"I32": 32 // bits, "U32": 32 // bits, "I8": 8 // bits, "U8": 8 // bits} if ckpt.quantization else {}
     for shard, names in by_shard.items():
         with safe_open(ckpt.path / shard, "pt") as f:
             for key in names:
                 view = f.get_slice(key)
-                numel = 1
-                for d in view.get_shape():
-                    numel *= d
-                total += numel * item * (packed.get(view.get_dtype(), 1) if ckpt.quantization else 1)
-    return total
+                yield key, math.prod(view.get_shape()) * packed.get(view.get_dtype(), 1)
+
+
+def loaded_bytes(ckpt: Checkpoint, keys, dtype: torch.dtype) -> int:
+    """Bytes that tensors ``keys`` take in memory in ``dtype`` (from the safetensors headers; quantized weights
+    counted dequantized)."""
+    item = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    return sum(count for _, count in weight_counts(ckpt, keys)) * item
+
+
+def weights_per_token(ckpt: Checkpoint) -> tuple[float, int]:
+    """(weights one token position goes through in the language model, weights one vision patch goes through in
+    the vision tower): the multiply-adds of a forward per token, about.  An expert's weights count top_k /
+    num_experts (the share of tokens routed to it); the embeddings, looked up, count nothing."""
+    family = ckpt.family
+    embeddings = family.embedding_key.rsplit(".", 1)[0] + "."
+    in_layers = {k for keys in family.keys_by_layer(ckpt.weight_map).values() for k in keys}
+    vision = [k for k in family.prelayer_keys(ckpt.weight_map) if not k.startswith(embeddings)]
+    routed_share = ckpt.top_k / ckpt.num_experts
+    language = 0.0
+    for key, count in weight_counts(ckpt, in_layers):
+        role = family.classify(key).role
+        if role is not KeyRole.DROPPED:
+            language += count * (routed_share if role in (KeyRole.PER_EXPERT, KeyRole.FUSED_EXPERTS) else 1.0)
+    return language, sum(count for _, count in weight_counts(ckpt, vision))

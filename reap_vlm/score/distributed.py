@@ -165,7 +165,7 @@ class DistContext:
 
     def my_batches(self, num_batches: int, costs: list[float] | None = None) -> list[int]:
         """Batch indices this rank scores, in increasing order.  Without ``costs``, round-robin (shares differ by at
-        most one batch); with ``costs`` (one estimate per batch, e.g. ``order.padded_positions``; the same on every
+        most one batch); with ``costs`` (one estimate per batch, e.g. ``BatchOrder.batch_costs``; the same on every
         rank), ``balanced_shares``."""
         if not costs:
             return list(range(self.rank, num_batches, self.world_size))

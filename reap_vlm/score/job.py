@@ -11,10 +11,10 @@ from pathlib import Path
 from ..calibration.ahead import BatchStream, default_workers, shm_problem, worker_kind
 from ..calibration.encode import num_batches
 from ..calibration.files import CalibrationSet, load_calibration, require_text_only
-from ..calibration.order import BatchOrder, length_order, padded_positions, padding_share
+from ..calibration.order import BatchOrder, ForwardCost, length_order, padding_share
 from ..checkpoint.integrity import check_checkpoint_folder
 from ..checkpoint.loading import load_model, load_processor, resolve_device, resolve_dtype
-from ..checkpoint.reader import Checkpoint
+from ..checkpoint.reader import Checkpoint, weights_per_token
 from ..errors import ReapError
 from ..inference import ATTENTION
 from ..metadata import REAP_VERSION, RunInputs, build_metadata, check_finite, write_metadata
@@ -134,6 +134,13 @@ def _run_reap(settings: Settings, dist: DistContext, device: str) -> dict:
         return _score_and_write(settings, dist, device, ckpt, t0)
 
 
+def forward_cost(ckpt: Checkpoint, processor) -> ForwardCost:
+    """The checkpoint's forward cost per token position and per image token (``weights_per_token``)."""
+    language, vision_patch = weights_per_token(ckpt)
+    patches = ckpt.family.vision_merge_size(processor) ** 2 if ckpt.family.has_vision else 0
+    return ForwardCost(language, vision_patch * patches)
+
+
 def _order_record(order: BatchOrder, given: BatchOrder, batch_size: int) -> dict:
     """How the batches were formed, for reap_metadata.json's "run": the sort window, the order (calibration
     indices) when sorted, and the padding the estimated lengths give in this order and in the file's."""
@@ -146,10 +153,12 @@ def _order_record(order: BatchOrder, given: BatchOrder, batch_size: int) -> dict
 
 def _rank_record(ranks: list[dict]) -> list[dict]:
     """reap_metadata.json's ``run.ranks``: each rank's load and scoring seconds, batches and tokens, and how long
-    after the first rank to finish scoring it finished (the others' wait for it before the reduce)."""
-    first = min(r["scoring_ended"] for r in ranks)
-    return [{**{k: v for k, v in r.items() if k != "scoring_ended"},
-             "finished_after_first_s": round(r["scoring_ended"] - first, 3)} for r in ranks]
+    after the first rank to start (or finish) scoring it started (finished): a late start is a slow load, a late
+    finish without one a slow share; the other ranks wait for the last to finish before the reduce."""
+    first = {end: min(r[f"scoring_{end}"] for r in ranks) for end in ("started", "ended")}
+    return [{**{k: v for k, v in r.items() if not k.startswith("scoring_")},
+             "started_after_first_s": round(r["scoring_started"] - first["started"], 3),
+             "finished_after_first_s": round(r["scoring_ended"] - first["ended"], 3)} for r in ranks]
 
 
 def _output_bytes(ckpt: Checkpoint, dist: DistContext) -> int:
@@ -180,16 +189,18 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     observer = ReapObserver(ckpt.family, stats, settings.scoring_mode)
     order, given = length_order(processor, calib.samples, settings.batch_size, settings.sort_window,
                                 settings.max_seq_len, settings.max_pixels, ckpt.family)
-    costs = padded_positions(order.lengths, settings.batch_size)  # the ranks' shares balanced by them
-    share = dist.my_batches(num_batches(order.samples, settings.batch_size), costs)
+    costs = order.batch_costs(settings.batch_size, forward_cost(ckpt, processor)) if dist.enabled else None
+    share = dist.my_batches(num_batches(order.samples, settings.batch_size), costs)  # balanced by their costs
     resume = _resume_state(settings, ckpt, calib, order, dtype, dist, share)
     samples = samples_of(order.samples, settings.batch_size, share)
     warm.batches(order.batch_tokens(samples, settings.batch_size))
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
                          encoding, warm)
     t_score = time.perf_counter()
+    ended = time.time()
     ranks = dist.all_reduce(stats, {"load": round(t_load - t0, 3), "scoring": round(t_score - t_load, 3),
-                                    "scoring_ended": time.time(), "batches": len(share),
+                                    "scoring_started": ended - (t_score - t_load), "scoring_ended": ended,
+                                    "batches": len(share),
                                     "tokens": run.get("tokens_this_run", 0)})
     run.update(_order_record(order, given, settings.batch_size))
     if ranks:
