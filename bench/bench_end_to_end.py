@@ -274,7 +274,8 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
             "padding_file_order": run.get("padding_share_file_order_estimated"),
             "tokens": meta["num_tokens"]["total"], "image_tokens": meta["num_tokens"]["image"],
             "reap": meta["metrics"]["reap"], "keep": meta["experts_to_keep"], "warm_up": run.get("warm_up"),
-            "model_load_s": run.get("model_load_seconds"), "ranks": run.get("ranks")}
+            "model_load_s": run.get("model_load_seconds"), "ranks": run.get("ranks"),
+            "load_steps": run.get("load_steps")}
 
 
 # ----------------------------------------------------------------------------------------------- baselines
@@ -729,6 +730,9 @@ def main() -> None:
             log(f"  scoring {r['scoring_s']:.2f}s, waited {r['encode_wait_s']:.2f}s for batches "
                 f"({r['encode_workers']} {r['encode_kind']}), padding {r['padding_share']:.1%}; model load "
                 f"{r['model_load_s']}s; warm-up {json.dumps(r['warm_up'])}")
+            log(f"  load steps s: {json.dumps(r['load_steps'])}")
+            for rank, figures in enumerate(r["ranks"] or []):
+                log(f"  rank {rank}: {json.dumps(figures)}")
         results["sets"][kind]["runs"][name] = r
         return r
 

@@ -84,6 +84,9 @@ def test_two_gloo_ranks_equal_one_rank(tiny_model, calibration, tmp_path, mode):
     for end in ("started", "finished"):  # a late start tells a slow load from a slow share
         assert min(r[f"{end}_after_first_s"] for r in ranks) == 0.0 <= max(r[f"{end}_after_first_s"] for r in ranks)
     assert not any(key.startswith("scoring_") for r in ranks for key in r)  # the clock readings left out
+    for r in ranks:  # each rank's load, step by step: why one started after another
+        assert sum(r["load_steps"].values()) == pytest.approx(r["load"], abs=0.01)
+    assert ranks[0]["load_steps"].keys() == ranks[1]["load_steps"].keys() == double["run"]["load_steps"].keys()
     assert {"max_activation", "max_activation_image", "max_activation_text"} <= set(single["metrics"])
     for name, values in single["metrics"].items():  # the maxima reduced with max (a sum would exceed them)
         np.testing.assert_allclose(np.array(double["metrics"][name]), np.array(values), rtol=1e-12, err_msg=name)

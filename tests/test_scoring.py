@@ -53,6 +53,12 @@ def test_kept_experts_are_top_k_by_criterion_and_metadata_is_complete(tiny_model
         assert key in meta, key
     assert meta["mean_scores"] == meta["metrics"]["ean"]
     assert (tmp_path / "reap_heatmap.png").stat().st_size > 1000
+    # the load phase's steps, in order, add up to its seconds (each from the end of the one before)
+    steps = meta["run"]["load_steps"]
+    assert list(steps) == ["checks", "calibration", "processor", "sums on the device", "batch order", "saved sums",
+                           "encoding started", "model"]
+    assert all(v >= 0 for v in steps.values()) and steps["model"] == meta["run"]["model_load_seconds"]
+    assert sum(steps.values()) == pytest.approx(meta["timings"]["load"], abs=0.01)
 
 
 def test_text_only_calibration_counts_no_image_tokens(tiny_model, calibration, tmp_path):

@@ -32,6 +32,23 @@ from .stats import METRICS_BY_MODE, ExpertStats
 from .warmup import ScoringWarmUp
 
 
+class LoadSteps:
+    """Seconds of the load phase's steps, each from the end of the one before (reap_metadata.json's
+    ``run.load_steps``, and each rank's in ``run.ranks``): where a load's time goes, and why one torchrun rank
+    started scoring after another."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> float:
+        """The step ``name`` ended now; returns the time."""
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 3)
+        self.last = now
+        return now
+
+
 def check_criterion(settings: Settings) -> None:
     if settings.scoring_mode == "router" and not settings.explicitly_set("criterion"):
         settings.criterion = "frequency"  # the default (reap) needs expert outputs router mode does not compute
@@ -88,11 +105,11 @@ def encode_workers(settings: Settings, processor, family, pixel_dtype) -> tuple[
 
 def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserver, samples: list,
            resume: ResumeState | None, engine: str, dtype, device: str, dist: DistContext,
-           encoding: tuple[int, str], warm: ScoringWarmUp) -> tuple[dict, float]:
+           encoding: tuple[int, str], warm: ScoringWarmUp, steps: LoadSteps) -> tuple[dict, float]:
     """Run the engine over this rank's samples; returns its counts and when loading ended."""
     total = num_batches(samples, settings.batch_size)
-    t_load = time.perf_counter()
     done = resume.load(observer.stats) if resume is not None else 0
+    t_load = steps.lap("saved sums")
     if done >= total:
         # scored before with these inputs (e.g. rerun for another --prune-ratio): select again, load nothing
         warm.abandon()
@@ -103,6 +120,7 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
     workers, kind = encoding
     if engine != "model":
         warm.steps.wait()  # compiled; no scratch to tune on (the engine plans its memory from what is free)
+        t_load = steps.lap("warm-up")
         run = run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
                             encode_kind=kind, **common)
         return {**run, **warm.report()}, t_load
@@ -113,25 +131,26 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
                              pin=device.startswith("cuda"), kind=kind, pixel_dtype=dtype, model_config=ckpt.config)
     warm.tune(done)
     with stream:
-        t_model = time.perf_counter()
+        steps.lap("encoding started")
         model = load_model(ckpt.path, dtype=dtype, device=device, spread=warm.spread)
         found = [layer for layer, _ in ckpt.family.moe_blocks(model)]
         if found != ckpt.moe_layers:
             raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {ckpt.moe_layers}")
-        t_load = time.perf_counter()
+        t_load = steps.lap("model")
         warm.loaded()
         run = run_batches(model, processor, samples, observer, stream=stream, **common)
-        return {**run, "model_load_seconds": round(t_load - t_model, 3), **warm.report()}, t_load
+        return {**run, "model_load_seconds": steps.seconds["model"], **warm.report()}, t_load
 
 
 def _run_reap(settings: Settings, dist: DistContext, device: str) -> dict:
-    t0 = time.perf_counter()
+    steps = LoadSteps()
     check_criterion(settings)
     ckpt = check_checkpoint_folder(settings.model_path)  # before the calibration is read or a model loaded
     check_output_folder(settings.output_path, "--output", {"model folder": ckpt.path},
                         needed=_output_bytes(ckpt, dist), what="reap.py's output")
     with output_lock(settings.output_path, "--output") if dist.is_main else nullcontext():
-        return _score_and_write(settings, dist, device, ckpt, t0)
+        steps.lap("checks")
+        return _score_and_write(settings, dist, device, ckpt, steps)
 
 
 def forward_cost(ckpt: Checkpoint, processor) -> ForwardCost:
@@ -167,7 +186,7 @@ def _output_bytes(ckpt: Checkpoint, dist: DistContext) -> int:
     return cells * (400 + 200 * dist.world_size) + (4 << 20)
 
 
-def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float) -> dict:
+def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, steps: LoadSteps) -> dict:
     keep = num_to_keep(ckpt.num_experts, settings.prune_ratio, settings.keep_multiple, ckpt.top_k)
     dtype = resolve_dtype(settings.dtype, device)
     engine = choose_engine(ckpt, device, settings.engine)
@@ -176,17 +195,20 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
                                  settings.skip_bad_samples)
         if not ckpt.family.has_vision:
             require_text_only(calib, ckpt.family.name)
+        steps.lap("calibration")
         processor = load_processor(ckpt.path)
         encoding = encode_workers(settings, processor, ckpt.family, dtype)
-        return _score_calibration(settings, dist, device, ckpt, t0, calib, processor, engine, dtype, keep,
+        steps.lap("processor")
+        return _score_calibration(settings, dist, device, ckpt, steps, calib, processor, engine, dtype, keep,
                                   encoding, warm)
 
 
-def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, t0: float,
+def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, steps: LoadSteps,
                        calib: CalibrationSet, processor, engine: str, dtype, keep: int,
                        encoding: tuple[int, str], warm: ScoringWarmUp) -> dict:
     stats = ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, device)
     observer = ReapObserver(ckpt.family, stats, settings.scoring_mode)
+    steps.lap("sums on the device")  # on a GPU, after CUDA's start (the warm-up thread's first step)
     order, given = length_order(processor, calib.samples, settings.batch_size, settings.sort_window,
                                 settings.max_seq_len, settings.max_pixels, ckpt.family)
     costs = order.batch_costs(settings.batch_size, forward_cost(ckpt, processor)) if dist.enabled else None
@@ -194,15 +216,17 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     resume = _resume_state(settings, ckpt, calib, order, dtype, dist, share)
     samples = samples_of(order.samples, settings.batch_size, share)
     warm.batches(order.batch_tokens(samples, settings.batch_size))
+    steps.lap("batch order")
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
-                         encoding, warm)
+                         encoding, warm, steps)
+    t0 = steps.start
     t_score = time.perf_counter()
     ended = time.time()
     ranks = dist.all_reduce(stats, {"load": round(t_load - t0, 3), "scoring": round(t_score - t_load, 3),
                                     "scoring_started": ended - (t_score - t_load), "scoring_ended": ended,
-                                    "batches": len(share),
+                                    "batches": len(share), "load_steps": steps.seconds,
                                     "tokens": run.get("tokens_this_run", 0)})
-    run.update(_order_record(order, given, settings.batch_size))
+    run.update(_order_record(order, given, settings.batch_size), load_steps=steps.seconds)
     if ranks:
         run["ranks"] = _rank_record(ranks)
 
