@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from reap_vlm.errors import ReapError
+from reap_vlm.score import triton_experts
 from reap_vlm.score.job import run_reap
 from reap_vlm.score.resume import stop_after
 from reap_vlm.selection import num_to_keep, select_experts
@@ -110,6 +112,51 @@ def test_a_finished_run_selects_again_without_loading_the_model(tiny_model, cali
     assert again["run"]["resumed_from"] == again["run"]["batches"]
     assert again["metrics"] == fresh["metrics"] and again["experts_to_keep"] == fresh["experts_to_keep"]
     assert again["num_experts_to_keep"] != run_reap(first)["num_experts_to_keep"]
+
+
+@pytest.fixture
+def kernel_choices():
+    """The fused kernels' timed choices, emptied for the test and put back after it."""
+    kernels = (triton_experts._gate_up_act, triton_experts._down_sq)
+    saved = dict(triton_experts._choice), [dict(k.cache) for k in kernels]
+    triton_experts._choice.clear()
+    for kernel in kernels:
+        kernel.cache.clear()
+    yield kernels
+    triton_experts._choice.clear()
+    triton_experts._choice.update(saved[0])
+    for kernel, cache in zip(kernels, saved[1]):
+        kernel.cache.clear()
+        kernel.cache.update(cache)
+
+
+def test_a_resumed_run_takes_the_kernel_choices_its_sums_were_made_with(tiny_model, calibration, tmp_path,
+                                                                        kernel_choices):
+    """On a GPU the full mode times the fused kernels against bmm, and each kernel's configs, once per process; a
+    resumed process that timed again could round the norms otherwise.  The saved state holds the choices, and the
+    resumed run takes them over those its own warm-up made."""
+    up, down = kernel_choices
+    path_key = ((12, 64, 48), torch.bfloat16, "cuda:0")
+    up_key, down_key = (48, 32, 7, "torch.bfloat16"), (48, 32, 11, "torch.float32")
+    triton_experts._choice[path_key] = "triton"  # as the killed run's first batch decided
+    up.cache[up_key], down.cache[down_key] = up.configs[1], down.configs[2]
+    record = triton_experts.tuning()
+    resumable = _settings(tiny_model, calibration / "calibration_data.json", tmp_path, batch_size=2, resume=True,
+                          checkpoint_every=1)
+    with stop_after(2):
+        run_reap(resumable)
+    triton_experts._choice[path_key] = "bmm"  # the resumed process's own warm-up timed otherwise
+    up.cache.clear()
+    down.cache[down_key] = down.configs[0]
+    resumed = run_reap(resumable)
+    assert resumed["run"]["resumed_from"] == 2 and resumed["run"]["kernel_choices_resumed"] == 3
+    assert triton_experts._choice[path_key] == "triton"
+    assert up.cache[up_key] is up.configs[1] and down.cache[down_key] is down.configs[2]
+    assert triton_experts.tuning() == record
+    # a record of other kernels (another version's configs) is left alone: those choices are timed again
+    assert triton_experts.use_tuning({"configs": {"_down_sq": [[[1, 2], len(down.configs)]], "gone": [[[1], 0]]}}) == 0
+    assert "kernel_choices_resumed" not in run_reap(_settings(tiny_model, calibration / "calibration_data.json",
+                                                              tmp_path / "fresh", batch_size=2))["run"]
 
 
 def test_num_to_keep():

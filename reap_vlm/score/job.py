@@ -22,6 +22,7 @@ from ..outputs import check_output_folder, output_lock
 from ..safeguards import select_for_run
 from ..selection import num_to_keep
 from ..settings import Settings
+from . import triton_experts
 from .distributed import DistContext, samples_of
 from .engine import choose_engine, run_batches
 from .hooks import ReapObserver
@@ -121,9 +122,10 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
     if engine != "model":
         warm.steps.wait()  # compiled; no scratch to tune on (the engine plans its memory from what is free)
         t_load = steps.lap("warm-up")
+        taken = _resumed_tuning(resume, done)
         run = run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
                             encode_kind=kind, **common)
-        return {**run, **warm.report()}, t_load
+        return {**run, **warm.report(), **taken}, t_load
     # the first batches are encoded while the model loads
     with warm.steps.quiet() if kind == "processes" else nullcontext():  # forked between two warm-up steps
         stream = BatchStream(processor, samples[done * settings.batch_size:], settings.batch_size,
@@ -138,8 +140,17 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
             raise ReapError(f"the model has MoE blocks at layers {found}, but config.json says {ckpt.moe_layers}")
         t_load = steps.lap("model")
         warm.loaded()
+        taken = _resumed_tuning(resume, done)
         run = run_batches(model, processor, samples, observer, stream=stream, **common)
-        return {**run, "model_load_seconds": steps.seconds["model"], **warm.report()}, t_load
+        return {**run, "model_load_seconds": steps.seconds["model"], **warm.report(), **taken}, t_load
+
+
+def _resumed_tuning(resume: ResumeState | None, done: int) -> dict:
+    """A resumed run takes the kernel choices its saved sums were made with (over any the warm-up timed), so that
+    its norms round as the uninterrupted run's; for ``run``: how many it took."""
+    if resume is None or not done:
+        return {}
+    return {"kernel_choices_resumed": triton_experts.use_tuning(resume.saved_tuning())}
 
 
 def _run_reap(settings: Settings, dist: DistContext, device: str) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.fsutil import atomic_save
+from . import triton_experts
 from .stats import ExpertStats
 
 STATE_NAME = "reap_state.pt"
@@ -103,7 +104,14 @@ class ResumeState:
             return None
         return state
 
+    def saved_tuning(self) -> dict:
+        """The timed kernel choices the loaded state's run made (``triton_experts.tuning``); {} when none."""
+        return (self._state or {}).get("kernels", {})
+
     def save(self, stats: ExpertStats, batches_done: int) -> None:
-        state = {"fingerprint": self.fingerprint, "batches_done": batches_done, "stats": stats.state_dict()}
+        """The sums after ``batches_done`` batches, with the kernel choices timed so far: a resumed run takes them
+        instead of timing again, so its norms round as the uninterrupted run's do."""
+        state = {"fingerprint": self.fingerprint, "batches_done": batches_done, "stats": stats.state_dict(),
+                 "kernels": triton_experts.tuning()}
         atomic_save(self.path, lambda tmp: torch.save(state, tmp))
         self._read, self._state = False, None

@@ -236,6 +236,39 @@ def checked_norms(experts, x: torch.Tensor, reference) -> torch.Tensor | None:
         return None
 
 
+def tuning() -> dict:
+    """This process's timed choices, JSON-able (a resume state keeps them): the path per expert shape, dtype and
+    device (``fastest``'s race), and each kernel's autotuned config per key, by its index in the kernel's configs.
+    Both pick how the norms are rounded, so a resumed run that timed again could differ from the uninterrupted one
+    in float32 rounding."""
+    record: dict = {"paths": [[list(shape), str(dtype), device, path] for (shape, dtype, device), path
+                              in _choice.items()]}
+    if triton is not None:
+        record["configs"] = {kernel.base_fn.__name__: [[list(key), kernel.configs.index(config)]
+                                                       for key, config in kernel.cache.items()
+                                                       if config in kernel.configs]
+                             for kernel in (_gate_up_act, _down_sq)}
+    return record
+
+
+def use_tuning(record: dict) -> int:
+    """Take the choices of ``tuning``'s ``record`` (a resumed run's: before its first call, and over any the
+    warm-up timed); returns how many were taken.  A record of other kernels (another reap-vlm version or
+    Triton) is left alone, and the choices are timed again."""
+    taken = 0
+    for shape, dtype, device, path in record.get("paths", []):
+        _choice[(tuple(shape), getattr(torch, dtype.removeprefix("torch.")), device)] = path
+        taken += 1
+    kernels = {kernel.base_fn.__name__: kernel for kernel in (_gate_up_act, _down_sq)} if triton is not None else {}
+    for name, entries in record.get("configs", {}).items():
+        kernel = kernels.get(name)
+        for key, index in entries if kernel is not None else ():
+            if 0 <= index < len(kernel.configs):
+                kernel.cache[tuple(key)] = kernel.configs[index]
+                taken += 1
+    return taken
+
+
 def bucket_of(rows: int) -> int:
     """The autotuning's key for a call on ``rows`` rows: tuned once per power-of-two row count up to 8,192; above,
     one bucket (the grid holds thousands of tiles per expert there, and one config serves all)."""
