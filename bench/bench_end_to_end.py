@@ -495,7 +495,8 @@ def spread(results: dict) -> list[str]:
                 figures = [_ratios(s["runs"][n], s.get("baselines", {}), ref).split(" ")[0] for n in names]
             figures = [f for f in figures if f not in ("", "x")]  # no baseline to compare with
             if figures:
-                lines.append(f"- {name}, {group}, {len(names)} runs: {', '.join(sorted(figures))}")
+                figures.sort(key=lambda f: float(f.rstrip("x")))
+                lines.append(f"- {name}, {group}, {len(names)} runs: {', '.join(figures)}")
     return ["", "Repeated runs (target ratio or speed-up, lowest to highest):", *lines] if lines else []
 
 

@@ -93,17 +93,35 @@ def run_to_end(args, cmd: list[str], name: str, clock: Clock) -> dict | None:
 def run_killed(args, cmd: list[str], clock: Clock) -> int:
     """Start ``cmd``, SIGKILL it once its saved state covers ``--kill-after`` batches; the batches it covers."""
     out = Path(cmd[cmd.index("--output") + 1])
-    proc = subprocess.Popen(cmd, env=environment(args, "killed"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    log_file = out.parent / "killed.log"  # not a pipe: one nobody reads while it runs would fill and block it
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as sink:
+        proc = subprocess.Popen(cmd, env=environment(args, "killed"), cwd=ROOT, stdout=sink, stderr=sink)
     while proc.poll() is None and saved_batches(out) < args.kill_after and clock.left() > 5:
         time.sleep(0.05)
     if proc.poll() is not None:
-        log("the run ended before it could be killed:", proc.stderr.read()[-2000:])
+        log("the run ended before it could be killed:", log_file.read_text()[-2000:])
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = saved_batches(out)
     log(f"killed: its state covers {done} batches")
     return done
+
+
+def saved_choices(out: Path) -> dict:
+    """The kernel choices a run's state was saved with, by what they are for: {("path", shape, dtype, device): path,
+    (kernel, key): config}."""
+    record = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True).get("kernels", {})
+    choices = {("path", str(shape), dtype, device): path for shape, dtype, device, path in record.get("paths", [])}
+    for kernel, entries in record.get("configs", {}).items():
+        choices.update({(kernel, str(key)): json.dumps(kwargs, sort_keys=True) for key, kwargs in entries})
+    return choices
+
+
+def same_choices(a: dict, b: dict) -> str:
+    """Whether two processes timed the same choices where both timed one."""
+    common = set(a) & set(b)
+    return f"{'yes' if all(a[k] == b[k] for k in common) else 'no'} ({len(common)} compared)"
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -117,7 +135,9 @@ def table(results: dict) -> str:
     lines = [f"# A killed full-mode run, resumed ({results['device']}, {results['shape']})", "",
              f"text set, {results['samples']} samples, batch {results['batch_size']}, state saved every "
              f"{results['checkpoint_every']} batches, killed once it covered {results['killed_at']}; every reap.py "
-             "with a Triton cache of its own. Compared with the uninterrupted run, every metric:", "",
+             "with a Triton cache of its own. The uninterrupted and the killed process timed the same kernel "
+             f"choices: {results.get('same_choices_whole_and_killed')}. Compared with the uninterrupted run, every "
+             "metric:", "",
              "| run | resumed from | kernel choices taken | bitwise | max rel diff | same keep |",
              "|---|---|---|---|---|---|"]
     for name, row in results["rows"].items():
@@ -156,6 +176,8 @@ def main() -> None:
     killed_cmd = reap_command(args, model, calib, runs / "killed")
     if whole and clock.allows("killed and resumed runs", 3 * 30):
         results["killed_at"] = run_killed(args, killed_cmd, clock)
+        results["same_choices_whole_and_killed"] = same_choices(saved_choices(runs / "whole"),
+                                                                saved_choices(runs / "killed"))
         dropped = runs / "dropped"
         shutil.copytree(runs / "killed", dropped)
         state = torch.load(dropped / STATE_NAME, map_location="cpu", weights_only=True)

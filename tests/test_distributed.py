@@ -7,13 +7,17 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from reap_vlm.calibration.order import padded_positions
+from reap_vlm.checkpoint.reader import Checkpoint, forward_weights
+from reap_vlm.errors import ReapError
 from reap_vlm.score.distributed import DistContext, balanced_shares
+from reap_vlm.score.job import _check_plans, forward_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +70,29 @@ def test_balanced_samples_keep_the_single_process_batches():
     # batches 0, 3, 5 (18 + 10 + 3 = 31 positions) and 1, 2, 4 (14 + 12 + 8 = 34)
     assert shares == [[0, 1, 6, 7, 10], [2, 3, 4, 5, 8, 9]]
     assert padded_positions([], 2) == []
+
+
+def test_every_rank_computes_the_same_forward_cost_whatever_its_hash_seed(tiny_model):
+    """The shares are balanced by each batch's cost, computed on every rank: set iteration differs from process to
+    process (PYTHONHASHSEED), and a float sum over it would too (the fixture's 12 experts make top_k / num_experts
+    inexact), so the cost is summed in whole numbers."""
+    code = ("import sys; from reap_vlm.checkpoint.reader import Checkpoint; from reap_vlm.score.job import "
+            "forward_cost; print(forward_cost(Checkpoint(sys.argv[1]), None, False))")
+    costs = {subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": seed}, cwd=ROOT).stdout for seed in ("1", "2", "3")}
+    assert len(costs) == 1 and "per_position=" in costs.pop()
+    ckpt = Checkpoint(tiny_model)
+    weights, cost = forward_weights(ckpt), forward_cost(ckpt, None, False)
+    assert all(type(n) is int for n in (*weights, *astuple(cost)))  # exact, in any order
+    assert cost.per_position == weights.dense * ckpt.num_experts + weights.routed * ckpt.top_k
+
+
+def test_ranks_that_formed_different_shares_stop_before_anything_is_written():
+    same = [{"plan": "ab12", "load": 1.0}, {"plan": "ab12", "load": 2.0}]
+    _check_plans(same)
+    assert same == [{"load": 1.0}, {"load": 2.0}]  # the digests are not kept in run.ranks
+    with pytest.raises(ReapError, match="formed different batch orders or shares"):
+        _check_plans([{"plan": "ab12"}, {"plan": "cd34"}])
 
 
 @pytest.mark.parametrize("mode", ["full"])

@@ -23,7 +23,7 @@ from reap_vlm.calibration.encode import collate, encode_sample, to_model
 from reap_vlm.calibration.files import load_calibration
 from reap_vlm.check.masked_routing import masked_routing
 from reap_vlm.checkpoint.loading import check_loading_info, load_model, load_processor, tokenizer_of
-from reap_vlm.checkpoint.reader import Checkpoint, weights_per_token
+from reap_vlm.checkpoint.reader import Checkpoint, forward_weights
 from reap_vlm.errors import ReapError
 from reap_vlm.fixtures.families import FIXTURES, FamilyFixture
 from reap_vlm.fixtures.quantized import quantize_checkpoint
@@ -254,26 +254,29 @@ def test_pruned_quantized_release_equals_the_masked_dequantized_original(name, f
     assert torch.allclose(_logits(load_model(tmp_path / "pruned"), batch), masked, atol=1e-5, rtol=0)
 
 
-def test_weights_per_token_are_the_loaded_models_by_part(case):
-    """torchrun's shares are balanced by a forward's cost (``weights_per_token``, read from the safetensors
-    headers): the decoder layers' weights, each routed expert's counted top_k / num_experts, and the vision tower's
-    (the embeddings, looked up, left out), as the loaded model holds them."""
+def test_forward_weights_are_the_loaded_models_by_part(case):
+    """torchrun's shares are balanced by a forward's cost (``forward_weights``, read from the safetensors headers):
+    the decoder layers' weights but the routed experts', the routed experts' (all), the vision tower's run on every
+    patch and those run once per image token (the embeddings, looked up, left out), as the loaded model holds
+    them."""
     _, fixture, path, _ = case
     ckpt, family = Checkpoint(path), fixture.family
     model = load_model(path)
     module_names = {id(module): name for name, module in model.named_modules()}
-    routed = {f"{module_names[id(experts)]}.{key}" for experts in (family.experts_of(b) for _, b in
-                                                                  family.moe_blocks(model))
-              for key in experts.state_dict()}
+    routed_names = {f"{module_names[id(experts)]}.{key}" for experts in (family.experts_of(b) for _, b in
+                                                                        family.moe_blocks(model))
+                    for key in experts.state_dict()}
     embeddings = family.embedding_key.rsplit(".", 1)[0] + "."
-    language = vision = 0.0
+    dense = routed = patch = token = 0
     for name, tensor in model.state_dict().items():  # parameters and stored buffers (a router's score bias)
         if family.layer_of_key(name) is not None:
-            language += tensor.numel() * (ckpt.top_k / ckpt.num_experts if name in routed else 1.0)
+            routed += tensor.numel() if name in routed_names else 0
+            dense += 0 if name in routed_names else tensor.numel()
         elif name.startswith(family.prelayer_prefixes()) and not name.startswith(embeddings):
-            vision += tensor.numel()
-    assert routed and language > 0 and (vision > 0) == family.has_vision
-    assert weights_per_token(ckpt) == pytest.approx((language, vision), rel=1e-12)
+            patch += tensor.numel() if name.startswith(family.vision_per_patch) else 0
+            token += 0 if name.startswith(family.vision_per_patch) else tensor.numel()
+    assert routed and dense and (patch > 0) == (token > 0) == family.has_vision
+    assert forward_weights(ckpt) == (dense, routed, patch, token)
 
 
 @pytest.mark.parametrize("name,fmt", QUANTIZED)
@@ -283,9 +286,9 @@ def test_a_quantized_release_weighs_about_its_dequantized_reference(name, fmt, t
     fixture = FIXTURES[name]
     source = fixture.build(tmp_path / "source", per_expert=True)
     quantized, reference = quantize_checkpoint(source, tmp_path / "q", fmt, tmp_path / "q-ref")
-    got, want = weights_per_token(Checkpoint(quantized)), weights_per_token(Checkpoint(reference))
-    assert want[0] <= got[0] <= 1.15 * want[0]
-    assert want[1] <= got[1] <= 1.15 * want[1]
+    got, want = forward_weights(Checkpoint(quantized)), forward_weights(Checkpoint(reference))
+    for part, (g, w) in zip(got._fields, zip(got, want)):
+        assert w <= g <= 1.15 * w, part
 
 
 @pytest.mark.parametrize("name", TEXT_ONLY)

@@ -57,8 +57,8 @@ def test_kept_experts_are_top_k_by_criterion_and_metadata_is_complete(tiny_model
     assert (tmp_path / "reap_heatmap.png").stat().st_size > 1000
     # the load phase's steps, in order, add up to its seconds (each from the end of the one before)
     steps = meta["run"]["load_steps"]
-    assert list(steps) == ["checks", "calibration", "processor", "sums on the device", "batch order", "saved sums",
-                           "encoding started", "model"]
+    assert list(steps) == ["checks", "calibration", "processor", "sums on the device", "batch order",
+                           "resume identity", "saved sums", "encoding started", "model"]
     assert all(v >= 0 for v in steps.values()) and steps["model"] == meta["run"]["model_load_seconds"]
     assert sum(steps.values()) == pytest.approx(meta["timings"]["load"], abs=0.01)
 
@@ -134,10 +134,12 @@ def test_a_resumed_run_takes_the_kernel_choices_its_sums_were_made_with(tiny_mod
                                                                         kernel_choices):
     """On a GPU the full mode times the fused kernels against bmm, and each kernel's configs, once per process; a
     resumed process that timed again could round the norms otherwise.  The saved state holds the choices, and the
-    resumed run takes them over those its own warm-up made."""
+    resumed run takes them over those its own warm-up made, where they were timed on the same GPUs and Triton."""
     up, down = kernel_choices
     path_key = ((12, 64, 48), torch.bfloat16, "cuda:0")
-    up_key, down_key = (48, 32, 7, "torch.bfloat16"), (48, 32, 11, "torch.float32")
+    # the autotuner's keys: H, INTER, the token bucket, then every tensor argument's dtype
+    up_key = (48, 32, 7, "torch.bfloat16", "torch.bfloat16", "torch.bfloat16")
+    down_key = (48, 32, 11, "torch.bfloat16", "torch.bfloat16", "torch.float32")
     triton_experts._choice[path_key] = "triton"  # as the killed run's first batch decided
     up.cache[up_key], down.cache[down_key] = up.configs[1], down.configs[2]
     record = triton_experts.tuning()
@@ -153,10 +155,35 @@ def test_a_resumed_run_takes_the_kernel_choices_its_sums_were_made_with(tiny_mod
     assert triton_experts._choice[path_key] == "triton"
     assert up.cache[up_key] is up.configs[1] and down.cache[down_key] is down.configs[2]
     assert triton_experts.tuning() == record
-    # a record of other kernels (another version's configs) is left alone: those choices are timed again
-    assert triton_experts.use_tuning({"configs": {"_down_sq": [[[1, 2], len(down.configs)]], "gone": [[[1], 0]]}}) == 0
     assert "kernel_choices_resumed" not in run_reap(_settings(tiny_model, calibration / "calibration_data.json",
                                                               tmp_path / "fresh", batch_size=2))["run"]
+
+
+def test_kernel_choices_timed_elsewhere_are_timed_again(kernel_choices, monkeypatch, caplog):
+    up, _ = kernel_choices
+    up.cache[(48, 32, 7, "torch.bfloat16", "torch.bfloat16", "torch.bfloat16")] = up.configs[1]
+    triton_experts._choice[((12, 64, 48), torch.bfloat16, "cuda:0")] = "triton"
+    monkeypatch.setattr(triton_experts, "gpu_identity", lambda device: "NVIDIA H200 (sm_90)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    record = triton_experts.tuning()
+    assert record["gpus"] == {"cuda:0": "NVIDIA H200 (sm_90)"} and record["triton"] == triton_experts.triton.__version__
+
+    def taken(changed: dict) -> int:
+        triton_experts._choice.clear()
+        up.cache.clear()
+        return triton_experts.use_tuning({**record, **changed})
+
+    assert taken({}) == 2
+    monkeypatch.setattr(triton_experts, "gpu_identity", lambda device: "NVIDIA H100 80GB HBM3 (sm_90)")
+    assert taken({}) == 0 and not triton_experts._choice and not up.cache  # another GPU: none
+    monkeypatch.setattr(triton_experts, "gpu_identity", lambda device: "NVIDIA H200 (sm_90)")
+    assert taken({"triton": "0.0.1"}) == 1 and not up.cache  # another Triton: the path only
+    other = {"_gate_up_act": [[[48, 32, 7], {**up.configs[1].all_kwargs(), "BK": 3}]]}
+    assert taken({"configs": other}) == 1 and not up.cache  # a config the kernel does not have: timed again
+    with caplog.at_level("WARNING"):
+        assert triton_experts.use_tuning({"paths": [[1, 2]]}) == 0
+    assert "cannot be read" in caplog.text
 
 
 def test_num_to_keep():

@@ -52,7 +52,7 @@ class BatchOrder:
     window: int  # batches per sorted window (0: calibration order)
     image_tokens: list[int] = field(default_factory=list)  # estimated image tokens of each, same order
 
-    def batch_costs(self, batch_size: int, cost: ForwardCost) -> list[float]:
+    def batch_costs(self, batch_size: int, cost: ForwardCost) -> list[int]:
         """Each batch's estimated forward cost (``ForwardCost``), in batch order; empty when not estimated."""
         images = [sum(chunk) for chunk in batch_chunks(self.image_tokens, batch_size)]
         return [positions * cost.per_position + image * cost.per_image_token
@@ -73,13 +73,14 @@ class BatchOrder:
 
 @dataclass(frozen=True)
 class ForwardCost:
-    """A forward's cost, about, in weights gone through (multiply-adds): per token position of a padded batch
-    (the language model's) and per image token (the vision tower's, over the patches merged into it).  The
-    attention's terms in the sequence length are left out.  Positions alone leave the vision tower out: on the
-    bench's text set (a 4-layer language model) they gave one of two ranks 6% more photo tokens, ~2% more work."""
+    """A forward's cost, about, in weights gone through (multiply-adds), in whole numbers (every torchrun rank must
+    get the same sums): per token position of a padded batch (the language model's) and per image token (the
+    vision tower's, over the patches merged into it).  The attention's terms in the sequence length are left out.
+    Positions alone leave the vision tower out: on the bench's text set (a 4-layer language model) they gave one
+    of two ranks 6% more photo tokens, ~2% more work."""
 
-    per_position: float
-    per_image_token: float = 0.0
+    per_position: int
+    per_image_token: int = 0
 
 
 def padded_positions(lengths: list[int], batch_size: int) -> list[int]:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -158,18 +159,32 @@ def loaded_bytes(ckpt: Checkpoint, keys, dtype: torch.dtype) -> int:
     return sum(count for _, count in weight_counts(ckpt, keys)) * item
 
 
-def weights_per_token(ckpt: Checkpoint) -> tuple[float, int]:
-    """(weights one token position goes through in the language model, weights one vision patch goes through in
-    the vision tower): the multiply-adds of a forward per token, about.  An expert's weights count top_k /
-    num_experts (the share of tokens routed to it); the embeddings, looked up, count nothing."""
+class ForwardWeights(NamedTuple):
+    """Weights a forward goes through, by how often (``forward_weights``): the multiply-adds per token, about."""
+
+    dense: int  # per token position, in the decoder layers but the routed experts
+    routed: int  # the decoder layers' routed experts, all of them (a token goes through top_k of num_experts)
+    vision_patch: int  # per vision patch: the vision tower's blocks and patch embedding
+    vision_token: int  # per image token: the rest of the vision part (mergers, projectors), embeddings left out
+
+
+def forward_weights(ckpt: Checkpoint) -> ForwardWeights:
+    """The checkpoint's ``ForwardWeights``, from the safetensors headers.  Whole numbers, so that every torchrun
+    rank, whatever order its set of keys comes in, gets the same."""
     family = ckpt.family
     embeddings = family.embedding_key.rsplit(".", 1)[0] + "."
-    in_layers = {k for keys in family.keys_by_layer(ckpt.weight_map).values() for k in keys}
-    vision = [k for k in family.prelayer_keys(ckpt.weight_map) if not k.startswith(embeddings)]
-    routed_share = ckpt.top_k / ckpt.num_experts
-    language = 0.0
+    in_layers = sorted(k for keys in family.keys_by_layer(ckpt.weight_map).values() for k in keys)
+    vision = sorted(k for k in family.prelayer_keys(ckpt.weight_map) if not k.startswith(embeddings))
+    dense = routed = patch = token = 0
     for key, count in weight_counts(ckpt, in_layers):
         role = family.classify(key).role
-        if role is not KeyRole.DROPPED:
-            language += count * (routed_share if role in (KeyRole.PER_EXPERT, KeyRole.FUSED_EXPERTS) else 1.0)
-    return language, sum(count for _, count in weight_counts(ckpt, vision))
+        if role in (KeyRole.PER_EXPERT, KeyRole.FUSED_EXPERTS):
+            routed += count
+        elif role is not KeyRole.DROPPED:
+            dense += count
+    for key, count in weight_counts(ckpt, vision):
+        if key.startswith(family.vision_per_patch):
+            patch += count
+        else:
+            token += count
+    return ForwardWeights(dense, routed, patch, token)

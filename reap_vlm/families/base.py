@@ -153,6 +153,10 @@ class ModelFamily:
     # layers for speculative decoding): never scored, left out of the pruned checkpoint (``KeyRole.DROPPED``),
     # the config told so by ``config_after_pruning``.  The family's docstring says why.
     dropped_prefixes: tuple[str, ...] = ()
+    # Key prefixes of the vision tower's parts that run on every patch (its blocks, the patch embedding); the rest
+    # of the pre-layer part but the embeddings (mergers, projectors) runs once per image token.  For the forward's
+    # cost estimate that balances torchrun's shares (``checkpoint.reader.forward_weights``).
+    vision_per_patch: tuple[str, ...] = ()
 
     def derived(self, cls: type[ModelFamily], **changes) -> ModelFamily:
         """A family of class ``cls`` (a subclass that computes some things its own way) with this family's data

@@ -179,6 +179,7 @@ LLAMA4 = Llama4Family(
     top_k_key="num_experts_per_tok",
     embedding_key="language_model.model.embed_tokens.weight",
     prelayer=("vision_model.", "multi_modal_projector.", "language_model.model.embed_tokens."),
+    vision_per_patch=("vision_model.model.layers.", "vision_model.patch_embedding."),
     box_format=NORMALIZED_1000,
     auto_model_class="AutoModelForImageTextToText",
     has_vision=True,

@@ -152,6 +152,7 @@ QWEN3_VL_MOE = Qwen3VLMoeFamily(
     top_k_key="num_experts_per_tok",
     embedding_key="model.language_model.embed_tokens.weight",
     prelayer=("model.visual.", "model.language_model.embed_tokens."),
+    vision_per_patch=("model.visual.blocks.", "model.visual.patch_embed."),
     box_format=NORMALIZED_1000,
     auto_model_class="AutoModelForImageTextToText",
     has_vision=True,

@@ -211,7 +211,7 @@ def balanced_shares(costs: list[float], world_size: int) -> list[list[int]]:
     lowest rank.  Sorted batches come longest first, so round-robin gives rank 0 the longest of every N: on the
     bench's text-heavy set (bench_end_to_end.py, 1,024 samples, batches of 8) the busiest rank held 1.038x the mean
     rank's padded positions on 2 ranks and 1.216x on 8, under this rule 1.001x and 1.014x."""
-    load = [0.0] * world_size
+    load = [0] * world_size  # whole-number costs add exactly
     owned: list[list[int]] = [[] for _ in range(world_size)]
     for batch, cost in enumerate(costs):
         rank = min(range(world_size), key=lambda r: (load[r], r))

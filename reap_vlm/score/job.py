@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import warnings
@@ -14,7 +16,7 @@ from ..calibration.files import CalibrationSet, load_calibration, require_text_o
 from ..calibration.order import BatchOrder, ForwardCost, length_order, padding_share
 from ..checkpoint.integrity import check_checkpoint_folder
 from ..checkpoint.loading import load_model, load_processor, resolve_device, resolve_dtype
-from ..checkpoint.reader import Checkpoint, weights_per_token
+from ..checkpoint.reader import Checkpoint, forward_weights
 from ..errors import ReapError
 from ..inference import ATTENTION
 from ..metadata import REAP_VERSION, RunInputs, build_metadata, check_finite, write_metadata
@@ -121,7 +123,6 @@ def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserv
     workers, kind = encoding
     if engine != "model":
         warm.steps.wait()  # compiled; no scratch to tune on (the engine plans its memory from what is free)
-        t_load = steps.lap("warm-up")
         taken = _resumed_tuning(resume, done)
         run = run_layerwise(ckpt, processor, samples, observer, dtype=dtype, encode_workers=workers,
                             encode_kind=kind, **common)
@@ -164,11 +165,15 @@ def _run_reap(settings: Settings, dist: DistContext, device: str) -> dict:
         return _score_and_write(settings, dist, device, ckpt, steps)
 
 
-def forward_cost(ckpt: Checkpoint, processor) -> ForwardCost:
-    """The checkpoint's forward cost per token position and per image token (``weights_per_token``)."""
-    language, vision_patch = weights_per_token(ckpt)
-    patches = ckpt.family.vision_merge_size(processor) ** 2 if ckpt.family.has_vision else 0
-    return ForwardCost(language, vision_patch * patches)
+def forward_cost(ckpt: Checkpoint, processor, images: bool) -> ForwardCost:
+    """The checkpoint's forward cost per token position and, where the batches hold ``images``, per image token
+    (``forward_weights``), times num_experts: a token goes through top_k of the routed experts' weights."""
+    weights, experts = forward_weights(ckpt), ckpt.num_experts
+    per_position = weights.dense * experts + weights.routed * ckpt.top_k
+    if not images:
+        return ForwardCost(per_position)
+    patches = ckpt.family.vision_merge_size(processor) ** 2
+    return ForwardCost(per_position, (weights.vision_patch * patches + weights.vision_token) * experts)
 
 
 def _order_record(order: BatchOrder, given: BatchOrder, batch_size: int) -> dict:
@@ -179,6 +184,21 @@ def _order_record(order: BatchOrder, given: BatchOrder, batch_size: int) -> dict
     return {"sort_window": order.window, "sample_order": order.indices,
             "padding_share_estimated": round(padding_share(order.lengths, batch_size), 4),
             "padding_share_file_order_estimated": round(padding_share(given.lengths, batch_size), 4)}
+
+
+def _plan(order: BatchOrder, costs: list[int] | None) -> str:
+    """A digest of what every torchrun rank's share is computed from: the batch order and the batches' costs."""
+    return hashlib.sha256(json.dumps([order.indices, costs]).encode()).hexdigest()[:16]
+
+
+def _check_plans(ranks: list[dict]) -> None:
+    """Every rank formed the same batches and shares, or their sums would count some batches twice and others not
+    at all: an error before anything is written (the saved sums are kept, but under these shares)."""
+    plans = [r.pop("plan") for r in ranks]
+    if len(set(plans)) > 1:
+        raise ReapError(f"the torchrun ranks formed different batch orders or shares (digests {', '.join(plans)}), "
+                        "so their sums cannot be added; make sure every rank reads the same calibration file, images "
+                        "and model folder, then rerun with --no-resume")
 
 
 def _rank_record(ranks: list[dict]) -> list[dict]:
@@ -222,12 +242,14 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     steps.lap("sums on the device")  # on a GPU, after CUDA's start (the warm-up thread's first step)
     order, given = length_order(processor, calib.samples, settings.batch_size, settings.sort_window,
                                 settings.max_seq_len, settings.max_pixels, ckpt.family)
-    costs = order.batch_costs(settings.batch_size, forward_cost(ckpt, processor)) if dist.enabled else None
+    costs = (order.batch_costs(settings.batch_size, forward_cost(ckpt, processor, any(order.image_tokens)))
+             if dist.enabled else None)
     share = dist.my_batches(num_batches(order.samples, settings.batch_size), costs)  # balanced by their costs
-    resume = _resume_state(settings, ckpt, calib, order, dtype, dist, share)
     samples = samples_of(order.samples, settings.batch_size, share)
     warm.batches(order.batch_tokens(samples, settings.batch_size))
     steps.lap("batch order")
+    resume = _resume_state(settings, ckpt, calib, order, dtype, dist, share)
+    steps.lap("resume identity")  # the shards' headers hashed
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
                          encoding, warm, steps)
     t0 = steps.start
@@ -236,7 +258,8 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     ranks = dist.all_reduce(stats, {"load": round(t_load - t0, 3), "scoring": round(t_score - t_load, 3),
                                     "scoring_started": ended - (t_score - t_load), "scoring_ended": ended,
                                     "batches": len(share), "load_steps": steps.seconds,
-                                    "tokens": run.get("tokens_this_run", 0)})
+                                    "tokens": run.get("tokens_this_run", 0), "plan": _plan(order, costs)})
+    _check_plans(ranks)
     run.update(_order_record(order, given, settings.batch_size), load_steps=steps.seconds)
     if ranks:
         run["ranks"] = _rank_record(ranks)

@@ -22,6 +22,7 @@ experts of the model's shape while the model loads (``KernelWarmUp``, from ``rea
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -236,37 +237,55 @@ def checked_norms(experts, x: torch.Tensor, reference) -> torch.Tensor | None:
         return None
 
 
+def gpu_identity(device: str) -> str | None:
+    """The GPU ``device`` ("cuda:N") names, model and compute capability; None where there is no such GPU."""
+    index = torch.device(device).index or 0
+    if not device.startswith("cuda") or not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
+
+
 def tuning() -> dict:
     """This process's timed choices, JSON-able (a resume state keeps them): the path per expert shape, dtype and
-    device (``fastest``'s race), and each kernel's autotuned config per key, by its index in the kernel's configs.
-    Both pick how the norms are rounded, so a resumed run that timed again could differ from the uninterrupted one
-    in float32 rounding."""
-    record: dict = {"paths": [[list(shape), str(dtype), device, path] for (shape, dtype, device), path
+    device (``fastest``'s race), and each kernel's autotuned config per key, with the GPUs and the Triton they were
+    timed on.  Both pick how the norms are rounded, so a resumed run that timed again could round otherwise."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    record: dict = {"gpus": {f"cuda:{i}": gpu_identity(f"cuda:{i}") for i in range(visible)},
+                    "paths": [[list(shape), str(dtype), device, path] for (shape, dtype, device), path
                               in _choice.items()]}
     if triton is not None:
-        record["configs"] = {kernel.base_fn.__name__: [[list(key), kernel.configs.index(config)]
-                                                       for key, config in kernel.cache.items()
-                                                       if config in kernel.configs]
+        record["triton"] = triton.__version__
+        record["configs"] = {kernel.base_fn.__name__: [[list(key), config.all_kwargs()]
+                                                       for key, config in kernel.cache.items()]
                              for kernel in (_gate_up_act, _down_sq)}
     return record
 
 
 def use_tuning(record: dict) -> int:
     """Take the choices of ``tuning``'s ``record`` (a resumed run's: before its first call, and over any the
-    warm-up timed); returns how many were taken.  A record of other kernels (another reap-vlm version or
-    Triton) is left alone, and the choices are timed again."""
-    taken = 0
-    for shape, dtype, device, path in record.get("paths", []):
-        _choice[(tuple(shape), getattr(torch, dtype.removeprefix("torch.")), device)] = path
-        taken += 1
-    kernels = {kernel.base_fn.__name__: kernel for kernel in (_gate_up_act, _down_sq)} if triton is not None else {}
-    for name, entries in record.get("configs", {}).items():
-        kernel = kernels.get(name)
-        for key, index in entries if kernel is not None else ():
-            if 0 <= index < len(kernel.configs):
-                kernel.cache[tuple(key)] = kernel.configs[index]
-                taken += 1
-    return taken
+    warm-up timed) where they were timed on the same GPUs and Triton; returns how many were taken.  Others (another
+    GPU, Triton or kernel's configs, a damaged record) are left alone, and timed again."""
+    try:
+        if any(gpu_identity(device) != identity for device, identity in record.get("gpus", {}).items()):
+            return 0  # timed on other GPUs
+        taken = 0
+        for shape, dtype, device, path in record.get("paths", []):
+            _choice[(tuple(shape), getattr(torch, dtype.removeprefix("torch.")), device)] = path
+            taken += 1
+        if triton is None or record.get("triton") != triton.__version__:
+            return taken
+        for kernel in (_gate_up_act, _down_sq):
+            by_value = {json.dumps(c.all_kwargs(), sort_keys=True): c for c in kernel.configs}
+            for key, kwargs in record.get("configs", {}).get(kernel.base_fn.__name__, []):
+                config = by_value.get(json.dumps(kwargs, sort_keys=True))
+                if config is not None:
+                    kernel.cache[tuple(key)] = config
+                    taken += 1
+        return taken
+    except (AttributeError, TypeError, ValueError) as exc:
+        log.warning("the saved kernel choices cannot be read (%s); timing them again", exc)
+        return 0
 
 
 def bucket_of(rows: int) -> int:
