@@ -3,13 +3,16 @@
 On a GPU the full mode times its paths once per process (the fused Triton kernels against cuBLAS's batched
 matmuls, and each kernel's autotuning configs), and the choice decides how the expert norms are rounded.  A resumed
 run takes the choices saved with its sums (``ResumeState.save``, ``triton_experts.use_tuning``).  Each reap.py here
-runs with a Triton cache of its own, so that nothing is shared on disk and every process times again:
+is bitwise the run it continues, and two fresh processes time the paths and configs again (and may round
+otherwise).  So the uninterrupted run and the killed one share a Triton cache (the configs timed once, read back
+from disk), and the resumed runs each get a fresh one, where everything would be timed again:
 
-* ``whole``: uninterrupted;
-* ``killed``: the same, killed (SIGKILL) once its saved state covers ``--kill-after`` batches;
-* ``resumed``: the killed run's command again;
+* ``whole``: uninterrupted (Triton cache A);
+* ``killed``: the same (cache A), killed (SIGKILL) once its saved state covers ``--kill-after`` batches; the bench
+  checks from the two saved states that both timed the same choices;
+* ``resumed``: the killed run's command again (a fresh cache);
 * ``resumed, choices dropped``: the same from a copy of the killed state with the saved choices taken out (what a
-  resumed run did before they were saved).
+  resumed run did before they were saved; a fresh cache).
 
 Run on the GPU machine from the repository root (one GPU; the checkpoint and calibration sets are
 bench_end_to_end.py's, same ``--workdir``, written when missing):
@@ -60,9 +63,9 @@ def reap_command(args, model: Path, calib: Path, out: Path) -> list[str]:
             "--checkpoint-every", str(args.checkpoint_every), "--device", args.device, "--dtype", args.dtype]
 
 
-def environment(args, name: str) -> dict:
-    """reap.py's environment: a Triton cache of its own (every process times its choices again)."""
-    cache = Path(args.workdir) / "triton" / f"{name}-{time.time_ns()}"
+def environment(args, cache_name: str) -> dict:
+    """reap.py's environment, with the Triton cache ``cache_name`` (the bench's own, emptied at its start)."""
+    cache = Path(args.workdir) / "resume_runs" / "triton" / cache_name
     return {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
             "TRITON_CACHE_DIR": str(cache)}
 
@@ -77,9 +80,9 @@ def saved_batches(out: Path) -> int:
         return 0
 
 
-def run_to_end(args, cmd: list[str], name: str, clock: Clock) -> dict | None:
+def run_to_end(args, cmd: list[str], name: str, cache_name: str, clock: Clock) -> dict | None:
     t0 = time.perf_counter()
-    result = subprocess.run(cmd, env=environment(args, name), cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run(cmd, env=environment(args, cache_name), cwd=ROOT, capture_output=True, text=True,
                             timeout=max(10, clock.left()))
     if result.returncode != 0:
         log(f"{name} failed:", result.stderr[-2000:])
@@ -96,7 +99,7 @@ def run_killed(args, cmd: list[str], clock: Clock) -> int:
     log_file = out.parent / "killed.log"  # not a pipe: one nobody reads while it runs would fill and block it
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as sink:
-        proc = subprocess.Popen(cmd, env=environment(args, "killed"), cwd=ROOT, stdout=sink, stderr=sink)
+        proc = subprocess.Popen(cmd, env=environment(args, "shared"), cwd=ROOT, stdout=sink, stderr=sink)
     while proc.poll() is None and saved_batches(out) < args.kill_after and clock.left() > 5:
         time.sleep(0.05)
     if proc.poll() is not None:
@@ -134,8 +137,8 @@ def compare(a: dict, b: dict) -> dict:
 def table(results: dict) -> str:
     lines = [f"# A killed full-mode run, resumed ({results['device']}, {results['shape']})", "",
              f"text set, {results['samples']} samples, batch {results['batch_size']}, state saved every "
-             f"{results['checkpoint_every']} batches, killed once it covered {results['killed_at']}; every reap.py "
-             "with a Triton cache of its own. The uninterrupted and the killed process timed the same kernel "
+             f"{results['checkpoint_every']} batches, killed once it covered {results['killed_at']}; the uninterrupted "
+             "and the killed run share a Triton cache, each resumed run has a fresh one. The two timed the same kernel "
              f"choices: {results.get('same_choices_whole_and_killed')}. Compared with the uninterrupted run, every "
              "metric:", "",
              "| run | resumed from | kernel choices taken | bitwise | max rel diff | same keep |",
@@ -172,7 +175,7 @@ def main() -> None:
     shutil.rmtree(runs, ignore_errors=True)
     results = {**bench_identity(args), "samples": args.samples, "batch_size": args.batch_size,
                "checkpoint_every": args.checkpoint_every, "killed_at": None, "rows": {}, "not_run": clock.skipped}
-    whole = run_to_end(args, reap_command(args, model, calib, runs / "whole"), "whole", clock)
+    whole = run_to_end(args, reap_command(args, model, calib, runs / "whole"), "whole", "shared", clock)
     killed_cmd = reap_command(args, model, calib, runs / "killed")
     if whole and clock.allows("killed and resumed runs", 3 * 30):
         results["killed_at"] = run_killed(args, killed_cmd, clock)
@@ -185,7 +188,7 @@ def main() -> None:
         torch.save(state, dropped / STATE_NAME)
         for name, cmd in (("resumed", killed_cmd),
                           ("resumed, choices dropped", reap_command(args, model, calib, dropped))):
-            meta = run_to_end(args, cmd, name, clock)
+            meta = run_to_end(args, cmd, name, name, clock)
             if meta:
                 results["rows"][name] = {"resumed_from": meta["run"]["resumed_from"],
                                          "taken": meta["run"].get("kernel_choices_resumed"), **compare(whole, meta)}
