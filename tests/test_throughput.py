@@ -18,7 +18,14 @@ import torch
 
 import reap_vlm.calibration.ahead as ahead
 from reap_vlm.calibration.ahead import BatchStream
-from reap_vlm.calibration.encode import batches, encode_sample, num_batches
+from reap_vlm.calibration.encode import (
+    batches,
+    encode_sample,
+    num_batches,
+    render_text,
+    text_token_count,
+    text_token_counts,
+)
 from reap_vlm.calibration.files import CalibrationSample, load_calibration
 from reap_vlm.calibration.order import ForwardCost, length_order, padded_positions, padding_share
 from reap_vlm.checkpoint.loading import load_model, load_processor
@@ -373,7 +380,9 @@ def test_estimated_lengths_are_the_encoded_lengths_and_windows_sort_longest_firs
     samples = _samples(calibration)
     order, given = length_order(processor, samples, 2, 2, 256)
     encoded = [encode_sample(processor, s, 256).input_ids for s in samples]
-    assert given.lengths == [ids.numel() for ids in encoded]  # no shrinking
+    assert given.lengths == [ids.numel() for ids in encoded]  # no shrinking; the texts tokenized in one call
+    texts = [render_text(processor, s) for s in samples]
+    assert text_token_counts(processor, texts) == [text_token_count(processor, t) for t in texts]
     assert given.image_tokens == [int((ids == processor.image_token_id).sum()) for ids in encoded]
     assert 0 < sum(given.image_tokens) < sum(given.lengths)
     position = {id(s): i for i, s in enumerate(samples)}  # the two files' indices overlap

@@ -62,6 +62,13 @@ def text_token_count(processor, text: str) -> int:
     return len(tokenizer_of(processor)(text)["input_ids"])
 
 
+def text_token_counts(processor, texts: list[str]) -> list[int]:
+    """``text_token_count`` of each of ``texts``, in one call: the Rust tokenizer spreads them over the cores (1,024
+    texts of 100-2,000 tokens: 0.64 s against 1.08 s one by one on 2 cores).  The encoding processes forked later
+    turn the tokenizer's parallelism off before they use it (``ahead._process_start``)."""
+    return [len(ids) for ids in tokenizer_of(processor)(texts)["input_ids"]] if texts else []
+
+
 def image_token_count(processor, width: int, height: int) -> int | None:
     """Placeholder tokens the processor gives a ``width`` x ``height`` image (its own count, the one vLLM asks
     for), or None for a processor that cannot say."""

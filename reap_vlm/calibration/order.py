@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ReapError
 from ..families import ModelFamily, family_for_processor
-from .encode import batch_chunks, capped_size, image_token_count, render_text, text_token_count
+from .encode import batch_chunks, capped_size, image_token_count, render_text, text_token_counts
 from .files import CalibrationSample
 
 
@@ -31,11 +31,10 @@ def image_size(path) -> tuple[int, int]:
 
 
 def estimated_tokens(processor, sample: CalibrationSample, max_seq_len: int, max_pixels: int,
-                     family: ModelFamily) -> tuple[int, int]:
+                     family: ModelFamily, text_tokens: int) -> tuple[int, int]:
     """(tokens ``encode_sample`` will give ``sample``, of which image tokens), about: exact for text, close for
-    images (a sort key and a cost estimate)."""
-    total = text_token_count(processor, render_text(processor, sample))
-    image = 0
+    images (a sort key and a cost estimate); ``text_tokens``: its rendered text's (``text_token_counts``)."""
+    total, image = text_tokens, 0
     for path in sample.images:  # each image's one placeholder in the text becomes its tokens
         width, height = capped_size(*image_size(path), max_pixels)
         count = image_token_count(processor, width, height)
@@ -105,8 +104,9 @@ def length_order(processor, samples: list[CalibrationSample], batch_size: int, w
         given = BatchOrder(list(samples), [], 0)  # no estimate needed
         return given, given
     family = family or family_for_processor(processor)
-    lengths, images = zip(*(estimated_tokens(processor, s, max_seq_len, max_pixels, family) for s in samples)) \
-        if samples else ((), ())
+    texts = text_token_counts(processor, [render_text(processor, s) for s in samples])
+    lengths, images = zip(*(estimated_tokens(processor, s, max_seq_len, max_pixels, family, n)
+                            for s, n in zip(samples, texts))) if samples else ((), ())
     given = BatchOrder(list(samples), list(lengths), 0, list(images))
     span = window * batch_size
     order: list[int] = []
