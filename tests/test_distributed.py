@@ -87,12 +87,12 @@ def test_every_rank_computes_the_same_forward_cost_whatever_its_hash_seed(tiny_m
     assert cost.per_position == weights.dense * ckpt.num_experts + weights.routed * ckpt.top_k
 
 
-def test_ranks_that_formed_different_shares_stop_before_anything_is_written():
-    same = [{"plan": "ab12", "load": 1.0}, {"plan": "ab12", "load": 2.0}]
-    _check_plans(same)
-    assert same == [{"load": 1.0}, {"load": 2.0}]  # the digests are not kept in run.ranks
-    with pytest.raises(ReapError, match="formed different batch orders or shares"):
-        _check_plans([{"plan": "ab12"}, {"plan": "cd34"}])
+def test_ranks_that_formed_different_shares_stop_before_anything_is_scored():
+    _check_plans(["ab12", "ab12"])
+    _check_plans(["ab12"])
+    with pytest.raises(ReapError, match="formed different batches or shares"):
+        _check_plans(["ab12", "cd34"])
+    assert DistContext(0, 1).agree("plan", "ab12") == ["ab12"]  # alone: nothing handed over
 
 
 @pytest.mark.parametrize("mode", ["full"])

@@ -119,7 +119,17 @@ def _failed_rank(ctx: DistContext) -> dict:
     return {"raised": None}
 
 
-CASES = {"late_rank": _late_rank, "bitwise": _bitwise, "failed_rank": _failed_rank}
+def _agree(ctx: DistContext) -> dict:
+    """Each rank hands over its value; rank 1 comes later, and the second exchange has keys of its own."""
+    if ctx.rank == 1:
+        time.sleep(0.5)
+    out = {"differ": ctx.agree("plan", f"digest-{ctx.rank}"), "same": ctx.agree("plan", "digest")}
+    ctx.settle()
+    dist.barrier()  # rank 0 holds this test's store: it must not exit while rank 1 still reads from it
+    return out
+
+
+CASES = {"late_rank": _late_rank, "bitwise": _bitwise, "failed_rank": _failed_rank, "agree": _agree}
 
 
 def _worker(rank: int, port: int, case: str, folder: str) -> None:
@@ -159,6 +169,13 @@ def test_one_collective_reduce_is_bitwise_the_layer_by_layer_one(tmp_path):
         assert rank["names"] and rank["same"] == [True] * 4, rank
         assert rank["counts"] == rank["reference_counts"]
         assert rank["counts"][0] == [1_000_003 * 3, 7_001 * 5]
+
+
+def test_every_rank_gets_every_ranks_value_in_rank_order(tmp_path):
+    """What reap.py compares before scoring (each rank's batch order and shares, ``job._check_plans``): every rank
+    sees the same list, so every rank stops, or none."""
+    for rank in _spawn("agree", tmp_path):
+        assert rank["differ"] == ["digest-0", "digest-1"] and rank["same"] == ["digest", "digest"]
 
 
 def test_a_failed_rank_ends_the_wait(tmp_path):

@@ -164,9 +164,7 @@ def test_kernel_choices_timed_elsewhere_are_timed_again(kernel_choices, monkeypa
     up.cache[(48, 32, 7, "torch.bfloat16", "torch.bfloat16", "torch.bfloat16")] = up.configs[1]
     triton_experts._choice[((12, 64, 48), torch.bfloat16, "cuda:0")] = "triton"
     monkeypatch.setattr(triton_experts, "gpu_identity", lambda device: "NVIDIA H200 (sm_90)")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    record = triton_experts.tuning()
+    record = triton_experts.tuning()  # the GPUs the paths were timed on
     assert record["gpus"] == {"cuda:0": "NVIDIA H200 (sm_90)"} and record["triton"] == triton_experts.triton.__version__
 
     def taken(changed: dict) -> int:
@@ -181,9 +179,14 @@ def test_kernel_choices_timed_elsewhere_are_timed_again(kernel_choices, monkeypa
     assert taken({"triton": "0.0.1"}) == 1 and not up.cache  # another Triton: the path only
     other = {"_gate_up_act": [[[48, 32, 7], {**up.configs[1].all_kwargs(), "BK": 3}]]}
     assert taken({"configs": other}) == 1 and not up.cache  # a config the kernel does not have: timed again
+    assert taken({"gpus": {"garbage": "x"}}) == 0  # no such GPU here
+    assert taken({"gpus": None}) == 0 and "timed on other GPUs" in caplog.text
+    # a damaged record: nothing of it is taken, not even the entries before the damage
+    good = [list(path) for path in record["paths"]]
     with caplog.at_level("WARNING"):
-        assert triton_experts.use_tuning({"paths": [[1, 2]]}) == 0
-    assert "cannot be read" in caplog.text
+        assert taken({"paths": [*good, [1, 2]]}) == 0 and taken({"paths": [[[1], "torch.nope", "cuda:0", "bmm"]]}) == 0
+    assert "cannot be read" in caplog.text and not triton_experts._choice and not up.cache
+    assert triton_experts.use_tuning({}) == 0  # a state saved before the choices were
 
 
 def test_num_to_keep():

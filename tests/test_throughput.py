@@ -382,7 +382,9 @@ def test_estimated_lengths_are_the_encoded_lengths_and_windows_sort_longest_firs
     encoded = [encode_sample(processor, s, 256).input_ids for s in samples]
     assert given.lengths == [ids.numel() for ids in encoded]  # no shrinking; the texts tokenized in one call
     texts = [render_text(processor, s) for s in samples]
-    assert text_token_counts(processor, texts) == [text_token_count(processor, t) for t in texts]
+    one_by_one = [text_token_count(processor, t) for t in texts]
+    assert text_token_counts(processor, texts) == one_by_one
+    assert text_token_counts(processor, texts * 100) == one_by_one * 100  # past one call's 512 texts
     assert given.image_tokens == [int((ids == processor.image_token_id).sum()) for ids in encoded]
     assert 0 < sum(given.image_tokens) < sum(given.lengths)
     position = {id(s): i for i, s in enumerate(samples)}  # the two files' indices overlap

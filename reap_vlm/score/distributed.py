@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _ARRIVALS = itertools.count()  # the n-th meeting of a process has the same key on every rank
 _TIMINGS = itertools.count()  # the same for the ranks' timings handed over at a reduce
+_AGREED = itertools.count()  # the same for the values compared by ``agree``
 _FAILED = "failed"  # store key (``_key``): the rank that failed, for the ranks waiting in ``arrive``
 _POLL_MAX_S = 0.05  # the longest pause between two looks at the store: the delay the last rank's arrival may see
 _STOP_JOIN_S = 5.0  # how long a failing rank waits for the first collective before leaving without tearing down
@@ -162,6 +163,17 @@ class DistContext:
                                 "says why); this rank stops too")
             time.sleep(pause)
             pause = min(2 * pause, _POLL_MAX_S)
+
+    def agree(self, what: str, value: str) -> list[str]:
+        """Every rank's ``value`` of ``what``, in rank order (alone: this one's), handed over through the store once
+        every rank has come here (``arrive``): for checks that the ranks computed the same thing."""
+        if not self.enabled:
+            return [value]
+        store = dist.distributed_c10d._get_default_store()
+        key = _key(f"agreed/{what}/{next(_AGREED)}")
+        store.set(f"{key}/{self.rank}", value)
+        self.arrive(f"agreed/{what}")  # every rank's value is set before it arrives
+        return [store.get(f"{key}/{rank}").decode() for rank in range(self.world_size)]
 
     def my_batches(self, num_batches: int, costs: list[float] | None = None) -> list[int]:
         """Batch indices this rank scores, in increasing order.  Without ``costs``, round-robin (shares differ by at

@@ -186,19 +186,22 @@ def _order_record(order: BatchOrder, given: BatchOrder, batch_size: int) -> dict
             "padding_share_file_order_estimated": round(padding_share(given.lengths, batch_size), 4)}
 
 
-def _plan(order: BatchOrder, costs: list[int] | None) -> str:
-    """A digest of what every torchrun rank's share is computed from: the batch order and the batches' costs."""
-    return hashlib.sha256(json.dumps([order.indices, costs]).encode()).hexdigest()[:16]
+def _plan(order: BatchOrder, costs: list[int] | None, settings: Settings, ckpt: Checkpoint,
+          dist: DistContext) -> str:
+    """A digest of what every torchrun rank's share and sums are formed from: the batch order, the batch size, the
+    batches' costs, the world, and the layout of the sums (MoE layers, experts, mode)."""
+    parts = [order.indices, settings.batch_size, costs, dist.world_size, ckpt.moe_layers, ckpt.num_experts,
+             settings.scoring_mode]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _check_plans(ranks: list[dict]) -> None:
+def _check_plans(plans: list[str]) -> None:
     """Every rank formed the same batches and shares, or their sums would count some batches twice and others not
-    at all: an error before anything is written (the saved sums are kept, but under these shares)."""
-    plans = [r.pop("plan") for r in ranks]
+    at all (or not even add up): an error on every rank before anything is scored."""
     if len(set(plans)) > 1:
-        raise ReapError(f"the torchrun ranks formed different batch orders or shares (digests {', '.join(plans)}), "
-                        "so their sums cannot be added; make sure every rank reads the same calibration file, images "
-                        "and model folder, then rerun with --no-resume")
+        raise ReapError(f"the torchrun ranks formed different batches or shares (digests {', '.join(plans)}), so "
+                        "their sums cannot be added; give every rank the same settings, calibration file, images and "
+                        "model folder, then rerun")
 
 
 def _rank_record(ranks: list[dict]) -> list[dict]:
@@ -248,6 +251,7 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     samples = samples_of(order.samples, settings.batch_size, share)
     warm.batches(order.batch_tokens(samples, settings.batch_size))
     steps.lap("batch order")
+    _check_plans(dist.agree("plan", _plan(order, costs, settings, ckpt, dist)))  # before anything is scored
     resume = _resume_state(settings, ckpt, calib, order, dtype, dist, share)
     steps.lap("resume identity")  # the shards' headers hashed
     run, t_load = _score(settings, ckpt, processor, observer, samples, resume, engine, dtype, device, dist,
@@ -258,8 +262,7 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     ranks = dist.all_reduce(stats, {"load": round(t_load - t0, 3), "scoring": round(t_score - t_load, 3),
                                     "scoring_started": ended - (t_score - t_load), "scoring_ended": ended,
                                     "batches": len(share), "load_steps": steps.seconds,
-                                    "tokens": run.get("tokens_this_run", 0), "plan": _plan(order, costs)})
-    _check_plans(ranks)
+                                    "tokens": run.get("tokens_this_run", 0)})
     run.update(_order_record(order, given, settings.batch_size), load_steps=steps.seconds)
     if ranks:
         run["ranks"] = _rank_record(ranks)

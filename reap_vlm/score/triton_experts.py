@@ -237,10 +237,12 @@ def checked_norms(experts, x: torch.Tensor, reference) -> torch.Tensor | None:
         return None
 
 
-def gpu_identity(device: str) -> str | None:
+def gpu_identity(device) -> str | None:
     """The GPU ``device`` ("cuda:N") names, model and compute capability; None where there is no such GPU."""
-    index = torch.device(device).index or 0
-    if not device.startswith("cuda") or not torch.cuda.is_available() or index >= torch.cuda.device_count():
+    if not isinstance(device, str) or not device.startswith("cuda:") or not device[5:].isdigit():
+        return None
+    index = int(device[5:])
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
         return None
     major, minor = torch.cuda.get_device_capability(index)
     return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
@@ -248,10 +250,13 @@ def gpu_identity(device: str) -> str | None:
 
 def tuning() -> dict:
     """This process's timed choices, JSON-able (a resume state keeps them): the path per expert shape, dtype and
-    device (``fastest``'s race), and each kernel's autotuned config per key, with the GPUs and the Triton they were
-    timed on.  Both pick how the norms are rounded, so a resumed run that timed again could round otherwise."""
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    record: dict = {"gpus": {f"cuda:{i}": gpu_identity(f"cuda:{i}") for i in range(visible)},
+    device (``fastest``'s race), and each kernel's autotuned config per key, with the GPUs they were timed on (those
+    of the paths, and the current one where CUDA has started) and the Triton.  Both pick how the norms are rounded,
+    so a resumed run that timed again could round otherwise."""
+    devices = {device for _, _, device in _choice}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # no CUDA started for a run on the CPU
+        devices.add(f"cuda:{torch.cuda.current_device()}")
+    record: dict = {"gpus": {device: gpu_identity(device) for device in sorted(devices)},
                     "paths": [[list(shape), str(dtype), device, path] for (shape, dtype, device), path
                               in _choice.items()]}
     if triton is not None:
@@ -265,27 +270,42 @@ def tuning() -> dict:
 def use_tuning(record: dict) -> int:
     """Take the choices of ``tuning``'s ``record`` (a resumed run's: before its first call, and over any the
     warm-up timed) where they were timed on the same GPUs and Triton; returns how many were taken.  Others (another
-    GPU, Triton or kernel's configs, a damaged record) are left alone, and timed again."""
+    GPU, Triton or kernel's configs) are left alone and timed again; a damaged record is taken not at all."""
+    if not record:  # nothing saved (a state from before choices were saved)
+        return 0
     try:
-        if any(gpu_identity(device) != identity for device, identity in record.get("gpus", {}).items()):
-            return 0  # timed on other GPUs
-        taken = 0
-        for shape, dtype, device, path in record.get("paths", []):
-            _choice[(tuple(shape), getattr(torch, dtype.removeprefix("torch.")), device)] = path
-            taken += 1
-        if triton is None or record.get("triton") != triton.__version__:
-            return taken
+        paths, configs = _read_tuning(record)
+    except Exception as exc:  # a damaged file's: whatever it is, timing again is safe
+        log.warning("the saved kernel choices cannot be read (%s); timing them again", exc)
+        return 0
+    if paths is None:
+        log.warning("the saved kernel choices were timed on other GPUs (%s); timing them again", record.get("gpus"))
+        return 0
+    _choice.update(paths)
+    for kernel, key, config in configs:
+        kernel.cache[key] = config
+    return len(paths) + len(configs)
+
+
+def _read_tuning(record: dict) -> tuple[dict | None, list]:
+    """``use_tuning``'s record read whole before anything is taken: (paths, or None when timed on other GPUs,
+    [(kernel, key, config)] of the configs this Triton and these kernels have)."""
+    gpus = record.get("gpus")
+    if not isinstance(gpus, dict) or any(gpu_identity(device) != identity for device, identity in gpus.items()):
+        return None, []
+    paths = {(tuple(shape), getattr(torch, dtype.removeprefix("torch.")), device): path
+             for shape, dtype, device, path in record.get("paths", [])}
+    if not all(isinstance(dtype, torch.dtype) and path in ("triton", "bmm") for (_, dtype, _), path in paths.items()):
+        raise ValueError("unknown dtype or path")
+    configs = []
+    if triton is not None and record.get("triton") == triton.__version__:
         for kernel in (_gate_up_act, _down_sq):
             by_value = {json.dumps(c.all_kwargs(), sort_keys=True): c for c in kernel.configs}
             for key, kwargs in record.get("configs", {}).get(kernel.base_fn.__name__, []):
                 config = by_value.get(json.dumps(kwargs, sort_keys=True))
                 if config is not None:
-                    kernel.cache[tuple(key)] = config
-                    taken += 1
-        return taken
-    except (AttributeError, TypeError, ValueError) as exc:
-        log.warning("the saved kernel choices cannot be read (%s); timing them again", exc)
-        return 0
+                    configs.append((kernel, tuple(key), config))
+    return paths, configs
 
 
 def bucket_of(rows: int) -> int:
