@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 import warnings
@@ -190,9 +188,8 @@ def _plan(order: BatchOrder, costs: list[int] | None, settings: Settings, ckpt: 
           dist: DistContext) -> str:
     """A digest of what every torchrun rank's share and sums are formed from: the batch order, the batch size, the
     batches' costs, the world, and the layout of the sums (MoE layers, experts, mode)."""
-    parts = [order.indices, settings.batch_size, costs, dist.world_size, ckpt.moe_layers, ckpt.num_experts,
-             settings.scoring_mode]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return fingerprint(samples=order.indices, batch_size=settings.batch_size, costs=costs, world=dist.world_size,
+                       layers=ckpt.moe_layers, experts=ckpt.num_experts, mode=settings.scoring_mode)[:16]
 
 
 def _check_plans(plans: list[str]) -> None:
