@@ -32,7 +32,16 @@ What it times, per set:
 * with two GPUs visible: reap.py under ``torchrun --nproc-per-node 2`` in both modes, its speed-up over one GPU
   (one GPU's scoring + reduce over the slowest rank's scoring + the reduce's own time, from ``run.ranks``; in
   brackets over the first rank's start of scoring to the last one's end, and over rank 0's scoring + reduce, whose
-  wait for the other rank also holds the ranks' start skew) and its scores against the one-GPU run's.
+  wait for the other rank also holds the ranks' start skew) and its scores against the one-GPU run's;
+* ``--rank-shares N`` (where fewer than two GPUs are visible): each of N torchrun ranks' shares, formed as reap.py
+  forms them (length order, batch costs, ``balanced_shares``), written as a calibration file of its own in that
+  order and scored alone on one GPU (a fresh reap.py each, ``--sort-window 0``: the file's order, so the rank's
+  batches). Their frequencies must add up to the whole set's, exactly (the same samples scored); the whole set's
+  scoring over the slowest share's is the speed-up N GPUs would give if each rank ran as it does alone (no NCCL, no
+  second process on the host). A prediction, not the two-GPU measurement; for routed mode (a full-mode share would
+  tune its kernels at the largest batch only: without a sort window no lengths are estimated). The bench's sets
+  hold texts and chat items, encoded alike at any index (a grounding item's region and template are drawn by its
+  index, which a share file changes).
 
 Targets (issue 18): routed scoring <= 1.1x the plain forward, full scoring <= 1.1x the full observer, on both
 sets; two GPUs >= 1.9x one.  The ratio is given twice: against the warm baseline, and against the baseline with
@@ -79,7 +88,9 @@ from reap_vlm.fixtures.tiny import (  # noqa: E402
     write_tokenizer,
 )
 from reap_vlm.inference import inference  # noqa: E402
+from reap_vlm.score.distributed import balanced_shares, samples_of  # noqa: E402
 from reap_vlm.score.hooks import ReapObserver, TokenMasks  # noqa: E402
+from reap_vlm.score.job import forward_cost  # noqa: E402
 from reap_vlm.score.stats import ExpertStats  # noqa: E402
 
 SHAPE_30B = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32,
@@ -273,9 +284,54 @@ def reap_run(args, model: Path, calib: Path, mode: str, gpus: int, clock: Clock,
             "padding_share": run.get("padding_share"),
             "padding_file_order": run.get("padding_share_file_order_estimated"),
             "tokens": meta["num_tokens"]["total"], "image_tokens": meta["num_tokens"]["image"],
-            "reap": meta["metrics"]["reap"], "keep": meta["experts_to_keep"], "warm_up": run.get("warm_up"),
+            "reap": meta["metrics"]["reap"], "frequency": meta["metrics"]["frequency"],
+            "keep": meta["experts_to_keep"], "warm_up": run.get("warm_up"),
             "model_load_s": run.get("model_load_seconds"), "ranks": run.get("ranks"),
-            "load_steps": run.get("load_steps")}
+            "load_steps": run.get("load_steps"), "scoring_steps": run.get("scoring_steps"),
+            "first_batch_device_s": run.get("first_batch_device_seconds")}
+
+
+def share_files(args, model: Path, calib: Path, world: int) -> list[Path]:
+    """Each of ``world`` torchrun ranks' samples, as reap.py forms its share (its default sort window, the batch
+    costs, ``balanced_shares``), written in that order as a calibration file beside ``calib`` (the images' paths
+    stay valid); ``args.set_samples`` gets each file's count."""
+    ckpt, processor = Checkpoint(model), load_processor(model)
+    order = reap_order(processor, calib, args.set_samples[calib.stem], args, ckpt.family)
+    costs = order.batch_costs(args.batch_size, forward_cost(ckpt, processor, any(order.image_tokens)))
+    items = json.loads(calib.read_text())
+    files = []
+    for rank, share in enumerate(balanced_shares(costs, world)):
+        indices = samples_of(order.indices, args.batch_size, share)
+        path = calib.with_name(f"{calib.stem}-rank{rank}of{world}.json")
+        path.write_text(json.dumps([items[i] for i in indices]))
+        args.set_samples[path.stem] = len(indices)
+        files.append(path)
+    return files
+
+
+def share_name(mode: str, rank: int, world: int) -> str:
+    return f"{mode} share {rank} of {world}"
+
+
+def shares_added(one: dict, shares: list[dict]) -> bool:
+    """The shares' per-expert frequencies add up to the whole run's, exactly: they scored the same samples (the
+    batches are the rank's by construction: ``share_files`` writes them in order, reap.py keeps it)."""
+    added = [[sum(column) for column in zip(*rows)] for rows in zip(*(r["frequency"] for r in shares))]
+    return added == one["frequency"]
+
+
+def predicted(runs: dict, modes: list[str], repeats: int, world: int) -> list[dict]:
+    """Per mode and repeat: the whole set's scoring over the slowest of its ``world`` shares', each scored alone on
+    one GPU, and whether their frequencies add up to the whole run's."""
+    found = []
+    for mode, turn in itertools.product(modes, range(repeats)):
+        one = runs.get(repeat_name(mode, turn))
+        shares = [runs.get(repeat_name(share_name(mode, r, world), turn)) for r in range(world)]
+        if one and all(shares):
+            scored = [r["scoring_s"] for r in shares]
+            found.append({"run": repeat_name(mode, turn), "speed_up": round(one["scoring_s"] / max(scored), 3),
+                          "shares_scoring_s": scored, "add_up": shares_added(one, shares)})
+    return found
 
 
 # ----------------------------------------------------------------------------------------------- baselines
@@ -520,6 +576,15 @@ def speed_up(one: dict, many: dict) -> str:
             f"rank 0 {whole}), ranks scored {scored} s, started {started} s after the first")
 
 
+def predictions(results: dict) -> list[str]:
+    """``--rank-shares``: the speed-ups the shares scored alone predict (``predicted``)."""
+    lines = [f"- {name}, {p['run']}: **{p['speed_up']:.2f}x**, shares scored "
+             f"{' / '.join(f'{t:.2f}' for t in p['shares_scoring_s'])} s, frequencies add up to the whole run's: "
+             f"{p['add_up']}" for name, s in results["sets"].items() for p in s.get("predicted", [])]
+    return ["", f"{results['rank_shares']} ranks' shares, each scored alone on one GPU (the whole set's scoring over "
+                "the slowest share's; a prediction, not a torchrun run):", *lines] if lines else []
+
+
 def table(results: dict) -> str:
     lines = [f"# End-to-end REAP scoring ({results['device']}, {results['shape']})", "",
              "samples: " + ", ".join(f"{n} {kind}" for kind, n in results["samples"].items()) +
@@ -573,6 +638,7 @@ def table(results: dict) -> str:
     if gpu:
         lines += ["", f"Image preprocessing of {gpu['images']} decoded photos: CPU {gpu['cpu_s']:.2f}s, "
                       f"device=cuda {gpu['cuda_s']:.2f}s (pixels on {gpu['cuda_pixel_device']})"]
+    lines += predictions(results)
     lines += spread(results)
     if results["not_run"]:
         lines += ["", "Not run: " + "; ".join(results["not_run"])]
@@ -679,6 +745,8 @@ def main() -> None:
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--repeats", type=int, default=1, help="reap.py runs per set, mode and GPU count: the "
                         "table gives each and their spread")
+    parser.add_argument("--rank-shares", type=int, default=0, help="where two GPUs are not visible: each of N "
+                        "torchrun ranks' shares scored alone on one GPU, and the speed-up they predict")
     args = parser.parse_args()
     bench_device(args)
     if args.tiny:
@@ -703,7 +771,8 @@ def main() -> None:
                "samples": {kind: args.set_samples[kind] for kind in args.sets.split(",")},
                "batch_size": args.batch_size,
                "max_seq_len": args.max_seq_len, "dtype": args.dtype, "cpus": os.cpu_count(),
-               "shm_free_gib": None if shm is None else round(shm / 2**30, 1), "sets": {}, "not_run": clock.skipped}
+               "shm_free_gib": None if shm is None else round(shm / 2**30, 1), "sets": {}, "not_run": clock.skipped,
+               "rank_shares": 0 if two else args.rank_shares}
     if not two:
         clock.skipped.append(f"torchrun on 2 GPUs ({gpus_visible} visible)")
 
@@ -732,6 +801,8 @@ def main() -> None:
                 f"({r['encode_workers']} {r['encode_kind']}), padding {r['padding_share']:.1%}; model load "
                 f"{r['model_load_s']}s; warm-up {json.dumps(r['warm_up'])}")
             log(f"  load steps s: {json.dumps(r['load_steps'])}")
+            log(f"  scoring steps s: {json.dumps(r['scoring_steps'])}, first batch done on the device "
+                f"{r['first_batch_device_s']}s")
             for rank, figures in enumerate(r["ranks"] or []):
                 log(f"  rank {rank}: {json.dumps(figures)}")
         results["sets"][kind]["runs"][name] = r
@@ -752,6 +823,14 @@ def main() -> None:
             if r and one:
                 r["rel_diff_vs_1gpu"] = max_rel(one["reap"], r["reap"])
                 r["same_keep"] = one["keep"] == r["keep"]
+    for kind, calib in calibs.items() if results["rank_shares"] > 1 else ():
+        files = share_files(args, model, calib, args.rank_shares)
+        for mode, turn in itertools.product(modes, range(args.repeats)):
+            for rank, share in enumerate(files):
+                run(kind, share, repeat_name(share_name(mode, rank, len(files)), turn), mode, 1,
+                    ("--sort-window", "0"))
+        results["sets"][kind]["predicted"] = predicted(results["sets"][kind]["runs"], modes, args.repeats,
+                                                       len(files))
     for kind, calib in calibs.items() if args.other_kind and "routed" in modes else ():
         other = "threads"  # auto: processes where /dev/shm has room
         run(kind, calib, f"routed {other}", "routed", 1, ("--encode-workers-kind", other))
@@ -768,8 +847,8 @@ def main() -> None:
     for s in results["sets"].values():  # the per-expert scores were kept only for the 2-GPU comparison
         for r in s["runs"].values():
             if r:
-                r.pop("reap", None)
-                r.pop("keep", None)
+                for key in ("reap", "frequency", "keep"):
+                    r.pop(key, None)
     text = table(results)
     print("\n" + text)
     (out / "RESULTS_end_to_end.md").write_text(text)

@@ -110,9 +110,11 @@ def test_two_gloo_ranks_equal_one_rank(tiny_model, calibration, tmp_path, mode):
     assert all(r["load"] > 0 and r["scoring"] > 0 for r in ranks)
     for end in ("started", "finished"):  # a late start tells a slow load from a slow share
         assert min(r[f"{end}_after_first_s"] for r in ranks) == 0.0 <= max(r[f"{end}_after_first_s"] for r in ranks)
-    assert not any(key.startswith("scoring_") for r in ranks for key in r)  # the clock readings left out
-    for r in ranks:  # each rank's load, step by step: why one started after another
+    assert not {"scoring_started", "scoring_ended"} & {key for r in ranks for key in r}  # the clock readings left out
+    for r in ranks:  # each rank's load and scoring, step by step: why one started or ended after another
         assert sum(r["load_steps"].values()) == pytest.approx(r["load"], abs=0.01)
+        assert list(r["scoring_steps"]) == ["first batch", "other batches", "stream closed"]
+        assert sum(r["scoring_steps"].values()) <= r["scoring"] + 0.003  # each rounded to the millisecond
     assert ranks[0]["load_steps"].keys() == ranks[1]["load_steps"].keys() == double["run"]["load_steps"].keys()
     assert {"max_activation", "max_activation_image", "max_activation_text"} <= set(single["metrics"])
     for name, values in single["metrics"].items():  # the maxima reduced with max (a sum would exceed them)

@@ -61,6 +61,13 @@ def test_kept_experts_are_top_k_by_criterion_and_metadata_is_complete(tiny_model
                            "resume identity", "saved sums", "encoding started", "model"]
     assert all(v >= 0 for v in steps.values()) and steps["model"] == meta["run"]["model_load_seconds"]
     assert sum(steps.values()) == pytest.approx(meta["timings"]["load"], abs=0.01)
+    # and the scoring phase's: the loop's steps, within the phase (each lap rounded to the millisecond); on the CPU
+    # no device event
+    scoring = meta["run"]["scoring_steps"]
+    assert list(scoring) == ["first batch", "other batches", "stream closed"] and scoring["first batch"] > 0
+    assert sum(scoring.values()) == pytest.approx(meta["run"]["seconds"], abs=0.002)
+    assert sum(scoring.values()) <= meta["timings"]["scoring"] + 0.002
+    assert "first_batch_device_seconds" not in meta["run"]
 
 
 def test_text_only_calibration_counts_no_image_tokens(tiny_model, calibration, tmp_path):
@@ -84,6 +91,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, calibration,
     assert partial["run"]["resumed_from"] == 0 and not (tmp_path / "killed" / "reap_metadata.json").exists()
     resumed = run_reap(resumable)
     assert resumed["run"]["resumed_from"] == 2
+    assert resumed["run"]["scoring_steps"]["first batch"] > 0  # the first batch of this run: the third
     assert resumed["metrics"] == whole["metrics"]  # bitwise: same batches, same float64 sums
     assert resumed["experts_to_keep"] == whole["experts_to_keep"]
     # A different input (another batch size) must not reuse the state.

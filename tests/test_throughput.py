@@ -752,6 +752,7 @@ def test_the_full_modes_kernels_are_tuned_at_the_largest_batch_before_the_length
     ckpt = Checkpoint(tiny_model)
     monkeypatch.setattr(ckpt.family, "full_scoring_warm_up", lambda *args: Kernels())
     monkeypatch.setattr(warmup, "start_cuda_libraries", lambda *args, **kwargs: {})
+    monkeypatch.setattr(warmup, "load_forward_kernels", lambda *args, **kwargs: {})
     monkeypatch.setattr(warmup, "spreads", lambda *args: False)
     monkeypatch.setattr(warmup, "free_memory_bytes", lambda device: 10 << 30)
     monkeypatch.setattr(warmup, "model_bytes", lambda ckpt: 2 << 30)
@@ -769,8 +770,8 @@ def test_the_full_modes_kernels_are_tuned_at_the_largest_batch_before_the_length
         room = (10 << 30) - (2 << 30)
         chunk = warmup.tokens_per_chunk(min(room // 2, warmup.CUDA_CHUNK_CAP), Kernels.reference_bytes_per_row)
         assert tuned == [([4 * 96], room // 4, chunk), ([200, 90], room // 4, chunk)]
-        assert list(report)[:4] == ["cuda libraries", "fused kernels compiled", "fused kernels tuned, largest batch",
-                                    "fused kernels tuned"]
+        assert list(report)[:5] == ["cuda libraries", "fused kernels compiled", "fused kernels tuned, largest batch",
+                                    "forward kernels", "fused kernels tuned"]
 
 
 def test_a_ranks_estimated_batch_tokens_are_its_encoded_batches(tiny_model, calibration):
@@ -913,4 +914,30 @@ def test_cuda_libraries_start_at_the_models_widths(tiny_model):
 
     text = json.loads((tiny_model / "config.json").read_text())["text_config"]
     assert model_widths(Checkpoint(tiny_model)) == {"hidden": text["hidden_size"], "heads": text["num_attention_heads"],
-                                                   "head_dim": text["head_dim"]}
+                                                   "head_dim": text["head_dim"],
+                                                   "intermediate": text["moe_intermediate_size"],
+                                                   "experts": text["num_experts"], "top_k": text["num_experts_per_tok"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_forward_kernels_warm_up_runs_every_op_at_the_models_widths(tiny_model, dtype):
+    """Every op of the list is valid at a model's widths (an error would end the step early, silently but for the
+    log: the ops after it would load in the first batch); the grouped matmul where torch has it, in bf16."""
+    from reap_vlm.score.warmup import load_forward_kernels, model_widths
+
+    ops = load_forward_kernels("cpu", dtype, **model_widths(Checkpoint(tiny_model)))["ops"]
+    assert ops == 36 + (dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"))
+
+
+@pytest.mark.parametrize("hidden,intermediate,experts,top_k", [(32, 24, 12, 3), (63, 30, 12, 3), (100, 30, 7, 2),
+                                                               (2, 3, 4, 8)])
+def test_the_forward_kernels_warm_up_keeps_in_range_at_any_width(hidden, intermediate, experts, top_k):
+    """Narrow, odd or unaligned widths, fewer experts than top_k: every op still runs (an index out of range would be
+    a device-side assert on a GPU, which ends the process); the grouped matmul only where its strides allow."""
+    from reap_vlm.score.warmup import load_forward_kernels
+
+    for dtype in (torch.float32, torch.bfloat16):
+        ops = load_forward_kernels("cpu", dtype, hidden=hidden, intermediate=intermediate, experts=experts,
+                                   top_k=top_k)["ops"]
+        aligned = hidden % 8 == intermediate % 8 == 0
+        assert ops == 36 + (dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"))

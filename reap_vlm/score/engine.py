@@ -16,6 +16,7 @@ from ..errors import ReapError
 from ..inference import inference
 from ..settings import ENGINES
 from .hooks import ReapObserver, TokenMasks
+from .laps import Laps
 from .resume import ResumeState, last_batch
 
 
@@ -63,7 +64,8 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
     if len(stream) != total - done:
         raise ValueError(f"the batch stream holds {len(stream)} batches, {total - done} remain")
     tokens = positions = 0
-    start = time.perf_counter()
+    steps, first = Laps(), FirstBatch(device, model)
+    start = steps.start
     with stream, tqdm(total=total, initial=done, desc="REAP scoring", unit="batch", dynamic_ncols=True) as bar, \
             observer.attached(family.moe_blocks(model)), inference():
         for i, batch in enumerate(stream, start=done):
@@ -72,6 +74,9 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
             batch = to_model(batch, device, model.dtype, non_blocking=True, host=family.host_side(batch, model))
             observer.use_masks(masks.to(device))
             base(**batch, use_cache=False)
+            if i == done:
+                steps.lap("first batch")  # taken from the stream and its kernels launched (each loaded at its first)
+                first.ended()
             tokens += masks.n_valid
             positions += batch["attention_mask"].numel()
             bar.update(1)
@@ -81,5 +86,35 @@ def run_batches(model, processor, samples, observer: ReapObserver, *, batch_size
                 resume.save(observer.stats, completed)
             if completed >= end:
                 break
+        steps.lap("other batches")
+    steps.lap("stream closed")  # the encoding workers ended, the hooks off
     return {"batches": total, "resumed_from": done, "tokens_this_run": tokens,
-            "seconds": time.perf_counter() - start, **stream.report(positions, tokens)}
+            "seconds": time.perf_counter() - start, **stream.report(positions, tokens),
+            "scoring_steps": steps.seconds, **first.report()}
+
+
+class FirstBatch:
+    """On one GPU, when the first batch's work ended on the device, from the loop's start
+    (``run.first_batch_device_seconds``): with ``run.scoring_steps``' host figure, whether a fresh process's first
+    batch waits for the host (kernels loaded at their first launch) or for the device.  Read after the loop, when
+    its events have long completed: no sync between batches.  Left out for a model spread over GPUs (its first
+    layers' GPU would not say when the batch ended)."""
+
+    def __init__(self, device: str, model):
+        spread = len(set((getattr(model, "hf_device_map", None) or {0: 0}).values())) > 1
+        self.stream = torch.cuda.current_stream(device) if torch.device(device).type == "cuda" and not spread else None
+        self.events, self.recorded = [], False
+        if self.stream is not None:
+            self.events = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+            self.events[0].record(self.stream)
+
+    def ended(self) -> None:
+        if self.events:
+            self.events[1].record(self.stream)
+            self.recorded = True
+
+    def report(self) -> dict:
+        if not self.recorded:
+            return {}
+        self.events[1].synchronize()
+        return {"first_batch_device_seconds": round(self.events[0].elapsed_time(self.events[1]) / 1e3, 3)}

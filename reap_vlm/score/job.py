@@ -26,28 +26,12 @@ from . import triton_experts
 from .distributed import DistContext, samples_of
 from .engine import choose_engine, run_batches
 from .hooks import ReapObserver
+from .laps import Laps
 from .layerwise import run_layerwise
 from .report import write_heatmap
 from .resume import STATE_NAME, ResumeState, files_signature, fingerprint, last_batch, weights_signature
 from .stats import METRICS_BY_MODE, ExpertStats
 from .warmup import ScoringWarmUp
-
-
-class LoadSteps:
-    """Seconds of the load phase's steps, each from the end of the one before (reap_metadata.json's
-    ``run.load_steps``, and each rank's in ``run.ranks``): where a load's time goes, and why one torchrun rank
-    started scoring after another."""
-
-    def __init__(self):
-        self.start = self.last = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def lap(self, name: str) -> float:
-        """The step ``name`` ended now; returns the time."""
-        now = time.perf_counter()
-        self.seconds[name] = round(now - self.last, 3)
-        self.last = now
-        return now
 
 
 def check_criterion(settings: Settings) -> None:
@@ -106,7 +90,7 @@ def encode_workers(settings: Settings, processor, family, pixel_dtype) -> tuple[
 
 def _score(settings: Settings, ckpt: Checkpoint, processor, observer: ReapObserver, samples: list,
            resume: ResumeState | None, engine: str, dtype, device: str, dist: DistContext,
-           encoding: tuple[int, str], warm: ScoringWarmUp, steps: LoadSteps) -> tuple[dict, float]:
+           encoding: tuple[int, str], warm: ScoringWarmUp, steps: Laps) -> tuple[dict, float]:
     """Run the engine over this rank's samples; returns its counts and when loading ended."""
     total = num_batches(samples, settings.batch_size)
     done = resume.load(observer.stats) if resume is not None else 0
@@ -153,7 +137,7 @@ def _resumed_tuning(resume: ResumeState | None, done: int) -> dict:
 
 
 def _run_reap(settings: Settings, dist: DistContext, device: str) -> dict:
-    steps = LoadSteps()
+    steps = Laps()
     check_criterion(settings)
     ckpt = check_checkpoint_folder(settings.model_path)  # before the calibration is read or a model loaded
     check_output_folder(settings.output_path, "--output", {"model folder": ckpt.path},
@@ -206,7 +190,7 @@ def _rank_record(ranks: list[dict]) -> list[dict]:
     after the first rank to start (or finish) scoring it started (finished): a late start is a slow load, a late
     finish without one a slow share; the other ranks wait for the last to finish before the reduce."""
     first = {end: min(r[f"scoring_{end}"] for r in ranks) for end in ("started", "ended")}
-    return [{**{k: v for k, v in r.items() if not k.startswith("scoring_")},
+    return [{**{k: v for k, v in r.items() if k not in ("scoring_started", "scoring_ended")},
              "started_after_first_s": round(r["scoring_started"] - first["started"], 3),
              "finished_after_first_s": round(r["scoring_ended"] - first["ended"], 3)} for r in ranks]
 
@@ -217,7 +201,7 @@ def _output_bytes(ckpt: Checkpoint, dist: DistContext) -> int:
     return cells * (400 + 200 * dist.world_size) + (4 << 20)
 
 
-def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, steps: LoadSteps) -> dict:
+def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, steps: Laps) -> dict:
     keep = num_to_keep(ckpt.num_experts, settings.prune_ratio, settings.keep_multiple, ckpt.top_k)
     dtype = resolve_dtype(settings.dtype, device)
     engine = choose_engine(ckpt, device, settings.engine)
@@ -234,7 +218,7 @@ def _score_and_write(settings: Settings, dist: DistContext, device: str, ckpt: C
                                   encoding, warm)
 
 
-def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, steps: LoadSteps,
+def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt: Checkpoint, steps: Laps,
                        calib: CalibrationSet, processor, engine: str, dtype, keep: int,
                        encoding: tuple[int, str], warm: ScoringWarmUp) -> dict:
     stats = ExpertStats.empty(ckpt.moe_layers, ckpt.num_experts, device)
@@ -259,6 +243,7 @@ def _score_calibration(settings: Settings, dist: DistContext, device: str, ckpt:
     ranks = dist.all_reduce(stats, {"load": round(t_load - t0, 3), "scoring": round(t_score - t_load, 3),
                                     "scoring_started": ended - (t_score - t_load), "scoring_ended": ended,
                                     "batches": len(share), "load_steps": steps.seconds,
+                                    "scoring_steps": run.get("scoring_steps", {}),
                                     "tokens": run.get("tokens_this_run", 0)})
     run.update(_order_record(order, given, settings.batch_size), load_steps=steps.seconds)
     if ranks:

@@ -1,10 +1,12 @@
 """Work a fresh process's first batch would otherwise do, done on a side thread while reap.py reads its inputs and
 loads the model: CUDA's libraries started, the full mode's fused kernels compiled and autotuned
-(``ModelFamily.full_scoring_warm_up``); and, once the model is loaded, GPU memory taken into PyTorch's cache.
+(``ModelFamily.full_scoring_warm_up``), the forward's other kernels loaded; and, once the model is loaded, GPU
+memory taken into PyTorch's cache.
 
-Measured on an H200 (bench/RESULTS_first_batch.md): a fresh process's first forward of a 30B-A3B-shaped model took
-2.1 s against 0.42 s warm; the libraries started ahead and the memory reserved brought it to 0.9 s.  Best effort: a
-step that fails is logged, and the first batch does its work, as without it."""
+Measured on an H200 (bench/RESULTS_first_batch.md, RESULTS_first_batch_profile_run47.md): a fresh process's first
+forward of a 30B-A3B-shaped model took 2.1 s against 0.42 s warm; the libraries started ahead and the memory
+reserved brought it to 0.9 s, the forward's kernels loaded ahead to 0.51 s.  Best effort: a step that fails is
+logged, and the first batch does its work, as without it."""
 
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ import torch
 
 from ..checkpoint.loading import free_memory_bytes, spreads
 from ..checkpoint.reader import Checkpoint
+from ..families.base import output_stats
 from ..settings import Settings
 from .distributed import DistContext
 from .engine import model_bytes
 from .norms import CUDA_CHUNK_CAP, tokens_per_chunk
+from .stats import LayerStats
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +134,7 @@ class WarmUp:
 
 
 def start_cuda_libraries(device: str | torch.device, dtype: torch.dtype, hidden: int = 2048, heads: int = 32,
-                         head_dim: int = 128) -> dict:
+                         head_dim: int = 128, **_) -> dict:
     """cuBLAS, cuBLASLt, cuDNN and the attention kernels started in ``dtype`` at the model's widths, on the default
     stream (their handles and workspaces are kept per stream and handed to the next thread that asks)."""
     from ..inference import inference
@@ -146,6 +150,54 @@ def start_cuda_libraries(device: str | torch.device, dtype: torch.dtype, hidden:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     torch.cuda.synchronize(device)
     return {}
+
+
+def load_forward_kernels(device: str | torch.device, dtype: torch.dtype, hidden: int = 2048, intermediate: int = 768,
+                         experts: int = 128, top_k: int = 8, **_) -> dict:
+    """Launch once, on small tensors, the kernels an MoE transformer's forward launches besides the matmuls and the
+    attention: ids compared, masks filled and scattered, norms in float32, the router's softmax and top-k, gathers,
+    sorts, scans and histograms, rotary cos/sin, activations, reap.py's own observer (its sums, on scratch, as
+    routed and full mode add them), and last the experts' grouped matmul at their widths.  CUDA loads a kernel at its
+    first launch: in a fresh process's first batch these loads held the host ~0.3 s while the GPU waited, one of
+    them 163 ms (bench_first_batch.py --profile).  Each op's kernel is picked by its dtypes and layout, so these are
+    the forward's own combinations; an op not matched costs its first batch as before.  Every index is in range at
+    any width (a device-side assert would end the process, not the step)."""
+    f, n, cuda = torch.nn.functional, 64, torch.device(device).type == "cuda"
+    ids = torch.arange(n, device=device)
+    mask = ids == 3
+    rows = mask[:, None]
+    x = torch.randn(n, hidden, dtype=dtype, device=device)
+    xf = x.float()
+    even = hidden // 2 * 2
+    launched = [ids.int(), torch.arange(n, device=device, dtype=torch.int32), ids // 2, ids[:, None] >= ids[None, :],
+                mask & mask, torch.sort(ids.flip(0)), torch.cumsum(ids.int(), 0, dtype=torch.int32),
+                torch.histc(ids.int() if cuda else ids.float(), bins=experts, min=0, max=experts - 1)]
+    for t in (x, xf):
+        launched += [t.masked_fill(rows, 0.0), torch.where(rows, t, t), t * t, t + t, -t,
+                     t[:, :even:2] * t[:, 1:even:2], torch.cat([t, t], -1), t.sum(-1)]
+    norm = torch.ones(hidden, dtype=dtype, device=device)
+    probs = torch.softmax(torch.randn(n, experts, device=device), -1)
+    weights, chosen = torch.topk(probs, min(top_k, experts), -1)
+    launched += [x.masked_scatter(rows.expand_as(x), x), xf.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt(),
+                 xf / (xf.abs() + 1), xf.cos(), xf.sin(), f.silu(x), f.gelu(x, approximate="tanh"), f.gelu(x),
+                 f.layer_norm(x, (hidden,), norm, norm), x[ids.flip(0)],
+                 torch.gather(xf, 1, torch.arange(min(4, hidden), device=device).expand(n, -1)), output_stats(x)]
+    order = torch.empty_like(ids)
+    order[ids.flip(0)] = ids
+    x[ids.flip(0)] = x.clone()
+    norms, scratch = torch.rand(n, weights.shape[1], device=device), LayerStats(experts, device)
+    for every in (None, torch.rand(n, experts, device=device)):  # routed mode's sums, then full mode's
+        scratch.observe(router_logits=probs, topk_ids=chosen, topk_weights=weights, valid=ids < n - 4, image=mask,
+                        routed_norms=norms if every is None else None, all_norms=every, routed_max=norms,
+                        n_valid=n - 4, n_image=1)
+    # transformers' grouped_mm experts (bf16 only; its strides must be 16-byte multiples), two experts' weights
+    if hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16 and hidden % 8 == intermediate % 8 == 0:
+        w = torch.empty(2, 2 * intermediate, hidden, dtype=dtype, device=device)
+        offsets = torch.tensor([n // 2, n], dtype=torch.int32, device=device)
+        launched.append(torch._grouped_mm(x, w.transpose(-1, -2), offs=offsets))
+    if cuda:
+        torch.cuda.current_stream(device).synchronize()  # this step's work only, not the loader's copies
+    return {"ops": len(launched)}
 
 
 def reserve_memory(device: str | torch.device) -> int:
@@ -192,6 +244,9 @@ class ScoringWarmUp:
             if engine == "model":  # the largest batch's bucket at once, before the lengths are known: tuned after
                 # them, during the load, it kept an image run's first batch waiting 1.4 s (bench_end_to_end.py)
                 self.steps.add("fused kernels tuned, largest batch", partial(self._tune, [self._largest]))
+        # after the fused kernels, which a full-mode first batch would wait longer for; on every GPU the model uses
+        self.steps.add("forward kernels", lambda: [load_forward_kernels(gpu, dtype, **model_widths(ckpt))
+                                                   for gpu in self.devices][-1])
 
     def batches(self, token_counts: list[int]) -> None:
         """This rank's batches' estimated valid tokens, in order."""
@@ -257,6 +312,7 @@ def _gpus(device: str, spread: bool) -> list[torch.device]:
 
 
 def model_widths(ckpt: Checkpoint) -> dict[str, int]:
-    """The decoder's hidden size, attention heads and head size (``start_cuda_libraries``' shapes)."""
+    """The decoder's hidden size, attention heads and head size, an expert's intermediate size, the experts and
+    top_k (the shapes of ``start_cuda_libraries`` and ``load_forward_kernels``)."""
     dims = ckpt.family.decoder_dims(SimpleNamespace(**ckpt.family.text_section(ckpt.config)))
-    return {"hidden": dims["hidden"], "heads": dims["heads"], "head_dim": dims["head_dim"]}
+    return {key: dims[key] for key in ("hidden", "heads", "head_dim", "intermediate", "experts", "top_k")}
