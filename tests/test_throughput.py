@@ -752,7 +752,9 @@ def test_the_full_modes_kernels_are_tuned_at_the_largest_batch_before_the_length
     ckpt = Checkpoint(tiny_model)
     monkeypatch.setattr(ckpt.family, "full_scoring_warm_up", lambda *args: Kernels())
     monkeypatch.setattr(warmup, "start_cuda_libraries", lambda *args, **kwargs: {})
-    monkeypatch.setattr(warmup, "load_forward_kernels", lambda *args, **kwargs: {})
+    loaded_on = []
+    monkeypatch.setattr(warmup, "load_forward_kernels",
+                        lambda gpu, *args, **kwargs: loaded_on.append(gpu) or {"ops": 3})
     monkeypatch.setattr(warmup, "spreads", lambda *args: False)
     monkeypatch.setattr(warmup, "free_memory_bytes", lambda device: 10 << 30)
     monkeypatch.setattr(warmup, "model_bytes", lambda ckpt: 2 << 30)
@@ -772,6 +774,7 @@ def test_the_full_modes_kernels_are_tuned_at_the_largest_batch_before_the_length
         assert tuned == [([4 * 96], room // 4, chunk), ([200, 90], room // 4, chunk)]
         assert list(report)[:5] == ["cuda libraries", "fused kernels compiled", "fused kernels tuned, largest batch",
                                     "forward kernels", "fused kernels tuned"]
+        assert report["forward kernels"]["ops"] == 3 and loaded_on[-1] == torch.device("cuda", 0)  # the model's GPU
 
 
 def test_a_ranks_estimated_batch_tokens_are_its_encoded_batches(tiny_model, calibration):

@@ -7,6 +7,8 @@ import time
 
 
 class Laps:
+    """``lap(name)`` at the end of each step; ``seconds`` by step, ``start`` when the phase began."""
+
     def __init__(self):
         self.start = self.last = time.perf_counter()
         self.seconds: dict[str, float] = {}

@@ -245,8 +245,12 @@ class ScoringWarmUp:
                 # them, during the load, it kept an image run's first batch waiting 1.4 s (bench_end_to_end.py)
                 self.steps.add("fused kernels tuned, largest batch", partial(self._tune, [self._largest]))
         # after the fused kernels, which a full-mode first batch would wait longer for; on every GPU the model uses
-        self.steps.add("forward kernels", lambda: [load_forward_kernels(gpu, dtype, **model_widths(ckpt))
-                                                   for gpu in self.devices][-1])
+        self.steps.add("forward kernels", partial(self._forward_kernels, dtype))
+
+    def _forward_kernels(self, dtype: torch.dtype) -> dict:
+        """``load_forward_kernels`` on every GPU the model will use (each loads its own)."""
+        widths = model_widths(self.ckpt)
+        return {"ops": sum(load_forward_kernels(gpu, dtype, **widths)["ops"] for gpu in self.devices)}
 
     def batches(self, token_counts: list[int]) -> None:
         """This rank's batches' estimated valid tokens, in order."""
