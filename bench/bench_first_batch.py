@@ -186,7 +186,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3, help="batches timed per process")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # the child process's
-    parser.add_argument("--profile", action="store_true", help="also the first batch's CUDA calls, profiled")
+    parser.add_argument("--profile", action="store_true",
+                        help="per variant, one more fresh process whose first batch's CUDA runtime and driver calls "
+                             "are profiled, cold then warm")
     args = parser.parse_args()
     bench_device(args)
     if args.tiny:
