@@ -47,11 +47,13 @@ def test_batches_are_shared_round_robin_and_disjoint():
     assert [DistContext(r, 3).my_batches(6, costs=[]) for r in range(3)] == [[0, 3], [1, 4], [2, 5]]  # no costs
 
 
-def test_balanced_shares_give_each_batch_to_the_least_loaded_rank():
+def test_balanced_shares_give_the_costliest_batch_first_to_the_least_loaded_rank():
     costs = [16, 16, 16, 12, 9, 4, 16, 14, 2]
-    # 0->r0 16 | 1->r1 16 | 2->r0 (tie, lowest) 32 | 3->r1 28 | 4->r1 37 | 5->r0 36 | 6->r0 52 | 7->r1 51 | 8->r1 53
-    assert balanced_shares(costs, 2) == [[0, 2, 5, 6], [1, 3, 4, 7, 8]]
-    assert balanced_shares(costs, 3) == [[0, 3, 8], [1, 4, 7], [2, 5, 6]]
+    # by decreasing cost: 0->r0 16 | 1->r1 16 | 2->r0 (tie, lowest) 32 | 6->r1 32 | 7->r0 46 | 3->r1 44 | 4->r1 53
+    # | 5->r0 50 | 8->r0 52
+    assert balanced_shares(costs, 2) == [[0, 2, 5, 7, 8], [1, 3, 4, 6]]
+    # 3 ranks end at 34 / 34 / 37; in batch order (the rule before) they ended at 30 / 39 / 36
+    assert balanced_shares(costs, 3) == [[0, 6, 8], [1, 5, 7], [2, 3, 4]]
     shares = [DistContext(r, 3).my_batches(len(costs), costs) for r in range(3)]
     assert shares == balanced_shares(costs, 3)
     assert sorted(sum(shares, [])) == list(range(len(costs)))  # disjoint and complete

@@ -219,17 +219,20 @@ def samples_of(samples: list, batch_size: int, batches: list[int]) -> list:
 
 
 def balanced_shares(costs: list[float], world_size: int) -> list[list[int]]:
-    """Each rank's batches: in batch order, each batch goes to the rank with the least cost so far, ties to the
-    lowest rank.  Sorted batches come longest first, so round-robin gives rank 0 the longest of every N: on the
-    bench's text-heavy set (bench_end_to_end.py, 1,024 samples, batches of 8) the busiest rank held 1.038x the mean
-    rank's padded positions on 2 ranks and 1.216x on 8, under this rule 1.001x and 1.014x."""
+    """Each rank's batches, in increasing order.  Costliest first: the batches by decreasing cost (ties by index),
+    each to the rank with the least cost so far (ties to the lowest rank).  Each batch's forward timed on an H200
+    (bench/bench_batch_costs.py, run 51: bench_end_to_end.py's sets, shares by reap.py's estimate), the slowest of 2 /
+    4 / 8 ranks held 1.002 / 1.010 / 1.025x the mean rank's seconds on the text-heavy set and 1.011 / 1.018 /
+    1.113x on the image-heavy one (24 batches); giving the batches out in batch order instead, 1.002 / 1.018 /
+    1.039x and 1.020 / 1.030 / 1.113x.  Round-robin gave rank 0 the longest of every N (sorted batches come longest
+    first): 1.038x the mean rank's padded positions on 2 ranks, 1.216x on 8."""
     load = [0] * world_size  # whole-number costs add exactly
     owned: list[list[int]] = [[] for _ in range(world_size)]
-    for batch, cost in enumerate(costs):
+    for batch in sorted(range(len(costs)), key=lambda b: (-costs[b], b)):
         rank = min(range(world_size), key=lambda r: (load[r], r))
-        load[rank] += cost
+        load[rank] += costs[batch]
         owned[rank].append(batch)
-    return owned
+    return [sorted(batches) for batches in owned]
 
 
 def reduce_stats(stats: ExpertStats) -> None:
