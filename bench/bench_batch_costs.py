@@ -49,6 +49,7 @@ from bench_end_to_end import (  # noqa: E402
     timed_forwards,
     write_calibration,
     write_model,
+    write_results,
 )
 
 from reap_vlm.calibration.ahead import default_workers  # noqa: E402
@@ -168,11 +169,7 @@ def main() -> None:
         cost = forward_cost(ckpt, processor, any(order.image_tokens))
         results["sets"][kind] = {"batches": records, "shares": shares_by(records, order, args.batch_size, cost,
                                                                          worlds)}
-    text = table(results)
-    print("\n" + text)
-    (out / "RESULTS_batch_costs.md").write_text(text)
-    (out / "RESULTS_batch_costs.json").write_text(json.dumps(results, indent=1))
-    log(f"written {out}/RESULTS_batch_costs.md and .json")
+    write_results(out, "RESULTS_batch_costs", table(results), results)
 
 
 if __name__ == "__main__":

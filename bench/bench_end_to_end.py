@@ -648,6 +648,14 @@ def table(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------- main
 
 
+def write_results(out: Path, name: str, text: str, results: dict) -> None:
+    """A bench's table printed and written to ``out/name.md``, its figures to ``out/name.json``."""
+    print("\n" + text)
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    log(f"written {out}/{name}.md and .json")
+
+
 def bench_device(args) -> None:
     """``args.device`` and ``args.dtype``: bfloat16 on a GPU, float32 on the CPU (``--tiny``; bf16 matmuls on the
     CPU are slow)."""
@@ -849,11 +857,7 @@ def main() -> None:
             if r:
                 for key in ("reap", "frequency", "keep"):
                     r.pop(key, None)
-    text = table(results)
-    print("\n" + text)
-    (out / "RESULTS_end_to_end.md").write_text(text)
-    (out / "RESULTS_end_to_end.json").write_text(json.dumps(results, indent=2))
-    log(f"written {out}/RESULTS_end_to_end.md and .json")
+    write_results(out, "RESULTS_end_to_end", table(results), results)
 
 
 if __name__ == "__main__":
