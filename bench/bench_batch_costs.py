@@ -19,8 +19,9 @@ Then per set and rank count (``--worlds``): each rank's batches as reap.py gives
 the speed-up N ranks would give over one (the whole set's seconds over the slowest rank's; the per-process costs
 apart).  Against the same rule over the measured times themselves (what a perfect estimate would give) and over
 padded positions alone.  ``--measured FILE``: the forwards' seconds from an earlier run's
-JSON, the shares from this code's estimate (the processor, checkpoint headers and sets are rebuilt here; the batches'
-samples are checked to be the same).
+JSON, the shares from this code's estimate (the processor, checkpoint and sets are rebuilt here, ~2 minutes and 6 GB
+of disk at full size; the batches' samples are checked to be the same).
+A set is timed only while ``--max-minutes`` leaves it ~90 s (skipped ones are said so).
 Writes ``RESULTS_batch_costs.md`` / ``.json`` to ``--out``.
 """
 
@@ -38,15 +39,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_end_to_end import (  # noqa: E402
+    Clock,
     bench_device,
     bench_identity,
     log,
+    megapixels,
     pre_encode,
     reap_order,
     set_arguments,
     shared_arguments,
     spec_for,
     timed_forwards,
+    tiny_sizes,
     write_calibration,
     write_model,
     write_results,
@@ -124,6 +128,8 @@ def table(results: dict) -> str:
         for name, by_world in s["shares"].items():
             cells = [f"{by_world[w]['slowest_over_mean']:.3f} ({by_world[w]['speed_up']:.2f}x)" for w in worlds]
             lines.append(f"| {kind} | {len(s['batches'])} | {total:.2f} | {name} | " + " | ".join(cells) + " |")
+    if results["not_run"]:
+        lines += ["", "Not run: " + "; ".join(results["not_run"])]
     return "\n".join(lines) + "\n"
 
 
@@ -137,13 +143,12 @@ def main() -> None:
     parser.add_argument("--measured", default=None, help="an earlier run's JSON: its seconds, no forwards here")
     args = parser.parse_args()
     bench_device(args)
-    if args.tiny:
-        args.samples, args.image_samples, args.batch_size, args.max_seq_len = 12, 8, 4, 512
-        args.workdir += "-tiny"
+    tiny_sizes(args)
     earlier = json.loads(Path(args.measured).read_text()) if args.measured else None
     if earlier:
         args.batch_size, args.max_seq_len = earlier["batch_size"], earlier["max_seq_len"]
     worlds = [int(w) for w in args.worlds.split(",")]
+    clock = Clock(args.max_minutes or (1 if args.tiny else 6))
     workdir, out = Path(args.workdir), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log("writing the checkpoint and calibration sets in", workdir)
@@ -151,18 +156,20 @@ def main() -> None:
     ckpt, processor = Checkpoint(model_dir), load_processor(model_dir)
     model = None if earlier else load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     counts = {"text": args.samples, "image": args.image_samples}
-    megapixels = (0.05, 0.2) if args.tiny else (1.0, 4.0)
     results = {**(earlier or bench_identity(args)), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
-               "passes": earlier["passes"] if earlier else args.passes, "worlds": worlds, "sets": {}}
+               "passes": earlier["passes"] if earlier else args.passes, "worlds": worlds, "sets": {},
+               "not_run": clock.skipped}
     for kind in (earlier["sets"] if earlier else args.sets.split(",")):
-        count = len([i for r in earlier["sets"][kind]["batches"] for i in r["samples"]]) if earlier else counts[kind]
-        calib = write_calibration(workdir / "calibration", kind, count, megapixels)
+        count = sum(len(r["samples"]) for r in earlier["sets"][kind]["batches"]) if earlier else counts[kind]
+        calib = write_calibration(workdir / "calibration", kind, count, megapixels(args))
         order = reap_order(processor, calib, count, args, ckpt.family)
         if earlier:
             records = earlier["sets"][kind]["batches"]
             if [r["samples"] for r in records] != [[s.index for s in c] for c in batch_chunks(order.samples,
                                                                                             args.batch_size)]:
                 raise SystemExit(f"the {kind} set's batches differ from the measured run's: rebuild its workdir")
+        elif not clock.allows(f"the {kind} set", 10 if args.tiny else 90):  # encoding and 1 + passes passes
+            continue
         else:
             log(f"{kind} set: {count} samples")
             records = measure(args, model, ckpt, processor, order)

@@ -689,16 +689,25 @@ class LoadedBench:
 
     def order(self, kind: str, counts: dict[str, int]):
         """The ``kind`` set's first ``counts[kind]`` samples (written when missing) in reap.py's order."""
-        megapixels = (0.05, 0.2) if self.args.tiny else (1.0, 4.0)
-        calib = write_calibration(self.workdir / "calibration", kind, counts[kind], megapixels)
+        calib = write_calibration(self.workdir / "calibration", kind, counts[kind], megapixels(self.args))
         return reap_order(self.processor, calib, counts[kind], self.args, self.ckpt.family)
+
+
+def tiny_sizes(args) -> None:
+    """``--tiny``: the sets' sizes, batch and sequence budget set small on ``args``, in a workdir of their own."""
+    if args.tiny:
+        args.samples, args.image_samples, args.batch_size, args.max_seq_len = 12, 8, 4, 512
+        args.workdir += "-tiny"
+
+
+def megapixels(args) -> tuple[float, float]:
+    """The range of the sets' photo sizes: 1-4 MP, as a user's photos; tiny ones with ``--tiny``."""
+    return (0.05, 0.2) if args.tiny else (1.0, 4.0)
 
 
 def loaded_bench(args) -> LoadedBench:
     """``--tiny``'s sizes set on ``args``, the checkpoint written when missing, then loaded."""
-    if args.tiny:
-        args.samples, args.image_samples, args.batch_size, args.max_seq_len = 12, 8, 4, 512
-        args.workdir += "-tiny"
+    tiny_sizes(args)
     workdir, out = Path(args.workdir), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
@@ -786,8 +795,7 @@ def main() -> None:
 
     log("writing the checkpoint and calibration sets in", workdir)
     model = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
-    megapixels = (0.05, 0.2) if args.tiny else (1.0, 4.0)
-    calibs = {kind: write_calibration(workdir / "calibration", kind, args.set_samples[kind], megapixels)
+    calibs = {kind: write_calibration(workdir / "calibration", kind, args.set_samples[kind], megapixels(args))
               for kind in args.sets.split(",")}
     log(f"inputs ready ({clock.left():.0f}s left)")
 

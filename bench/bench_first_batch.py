@@ -54,6 +54,7 @@ from bench_end_to_end import (  # noqa: E402
     bench_device,
     bench_identity,
     log,
+    megapixels,
     pre_encode,
     reap_order,
     shared_arguments,
@@ -61,6 +62,7 @@ from bench_end_to_end import (  # noqa: E402
     timed_forwards,
     write_calibration,
     write_model,
+    write_results,
 )
 
 from reap_vlm.calibration.ahead import default_workers  # noqa: E402
@@ -201,7 +203,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     log("writing the checkpoint and calibration sets in", workdir)
     write_model(workdir / "model", spec_for(args), args.tiny, args.device)
-    write_calibration(workdir / "calibration", "image", args.image_samples, (0.05, 0.2) if args.tiny else (1.0, 4.0))
+    write_calibration(workdir / "calibration", "image", args.image_samples, megapixels(args))
     results = {**bench_identity(args), "batch_size": args.batch_size, "variants": [], "profiles": [],
                "not_run": clock.skipped}
     passed = [f"--workdir={args.workdir.removesuffix('-tiny')}", f"--layers={args.layers}", f"--vision={args.vision}",
@@ -233,9 +235,7 @@ def main() -> None:
         log(name, json.dumps(results["profiles" if profiled else "variants"][-1])[:3000])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "RESULTS_first_batch.json").write_text(json.dumps(results, indent=2))
-    (out / "RESULTS_first_batch.md").write_text(table(results))
-    print(table(results))
+    write_results(out, "RESULTS_first_batch", table(results), results)
 
 
 if __name__ == "__main__":

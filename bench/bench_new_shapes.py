@@ -39,6 +39,7 @@ from bench_end_to_end import (  # noqa: E402
     bench_device,
     bench_identity,
     log,
+    megapixels,
     pre_encode,
     reap_order,
     shared_arguments,
@@ -92,8 +93,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     log("writing the checkpoint and calibration set in", workdir)
     write_model(workdir / "model", spec_for(args), args.tiny, args.device)
-    calib = write_calibration(workdir / "calibration", "image", args.image_samples,
-                              (0.05, 0.2) if args.tiny else (1.0, 4.0))
+    calib = write_calibration(workdir / "calibration", "image", args.image_samples, megapixels(args))
     ckpt = Checkpoint(workdir / "model")
     processor = load_processor(ckpt.path)
     order = reap_order(processor, calib, args.image_samples, args, ckpt.family)

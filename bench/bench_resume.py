@@ -47,6 +47,7 @@ from bench_end_to_end import (  # noqa: E402
     bench_identity,
     log,
     max_rel,
+    megapixels,
     shared_arguments,
     spec_for,
     write_calibration,
@@ -169,8 +170,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     log("writing the checkpoint and the text set in", workdir)
     model = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
-    calib = write_calibration(workdir / "calibration", "text", args.samples,
-                              (0.05, 0.2) if args.tiny else (1.0, 4.0))
+    calib = write_calibration(workdir / "calibration", "text", args.samples, megapixels(args))
     runs = workdir / "resume_runs"
     shutil.rmtree(runs, ignore_errors=True)
     results = {**bench_identity(args), "samples": args.samples, "batch_size": args.batch_size,

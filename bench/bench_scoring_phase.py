@@ -51,6 +51,7 @@ from bench_end_to_end import (  # noqa: E402
     bench_identity,
     forward_batches,
     log,
+    megapixels,
     pre_encode,
     shared_arguments,
     spec_for,
@@ -300,8 +301,7 @@ def main() -> None:
     workdir, out = Path(args.workdir), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = write_model(workdir / "model", spec_for(args), args.tiny, args.device)
-    calib = write_calibration(workdir / "calibration", args.set, args.samples,
-                              (0.05, 0.2) if args.tiny else (1.0, 4.0))
+    calib = write_calibration(workdir / "calibration", args.set, args.samples, megapixels(args))
     results = {**bench_identity(args), "set": args.set, "samples": args.samples, "batch_size": args.batch_size,
                "max_seq_len": args.max_seq_len, "dtype": args.dtype, "cpus": os.cpu_count(),
                "modes": {}, "not_run": clock.skipped}
